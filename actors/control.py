@@ -1,0 +1,166 @@
+"""Turns a decoded protocol command into store calls and actor messages.
+
+Transports (socket, HTTP) own framing and auth; this owns meaning. Domain problems
+come back as `protocol.errors.JobdError` with a stable code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from actors.errors import InvalidArgs, UnknownKind
+from actors.handlers import lookup
+from actors.ports import NewJob, Store, StoreUnavailable
+from protocol import commands as c
+from protocol.errors import BadRequest, ErrorCode, JobdError, NotFound, Unavailable
+from protocol.framing import PROTOCOL_VERSION
+from protocol.jobs import AttemptError, DaemonView, JobSpec, JobView, QueueCounts
+from protocol.tree import TreeNode
+
+MAX_BATCH = 100_000
+
+
+class Control:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        server: str,
+        pong: Callable[[], c.Pong],
+        tree: Callable[[], TreeNode],
+        running_here: Callable[[], dict[str, tuple[int, int]]],
+        cancel_here: Callable[[int], Awaitable[None]],
+    ):
+        self._store = store
+        self._server = server
+        self._pong = pong
+        self._tree = tree
+        self._running_here = running_here
+        self._cancel_here = cancel_here
+
+    async def handle(self, cmd: c.Command) -> Any:
+        try:
+            return await self._handle(cmd)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def _handle(self, cmd: c.Command) -> Any:
+        match cmd:
+            case c.Hello():
+                return self.hello(cmd)
+            case c.Ping():
+                return self._pong()
+            case c.Tree():
+                return self._tree()
+            case c.Enqueue():
+                [done] = await self._store.enqueue_many([new_job(cmd.job)])
+                return c.EnqueueResult(id=done.id, created=done.created)
+            case c.EnqueueBatch():
+                if len(cmd.jobs) > MAX_BATCH:
+                    raise BadRequest(f"at most {MAX_BATCH} jobs per batch, got {len(cmd.jobs)}")
+                rows = []
+                for i, spec in enumerate(cmd.jobs):
+                    try:
+                        rows.append(new_job(spec))
+                    except JobdError as exc:
+                        exc.details["index"] = i
+                        raise
+                done = await self._store.enqueue_many(rows)
+                return c.BatchResult(ids=[d.id for d in done], created=sum(d.created for d in done))
+            case c.Get():
+                row = await self._store.get_job(cmd.job_id)
+                if row is None:
+                    raise NotFound(f"no job {cmd.job_id}", details={"id": cmd.job_id})
+                return job_view(row)
+            case c.Cancel():
+                found = await self._store.cancel(cmd.job_id)
+                if found is None:
+                    raise NotFound(f"no job {cmd.job_id}", details={"id": cmd.job_id})
+                was, now = found
+                if now == "cancelling":
+                    await self._cancel_here(cmd.job_id)
+                return c.CancelResult(id=cmd.job_id, was=was, state=now)
+            case c.Stats():
+                return await self.stats()
+            case c.Nodes():
+                rows = await self._store.list_daemons()
+                return c.NodesResult(daemons=[DaemonView(**r) for r in rows])
+        raise JobdError(f"unhandled command {type(cmd).__name__}", code=ErrorCode.UNKNOWN_COMMAND)
+
+    def hello(self, cmd: c.Hello) -> c.HelloResult:
+        if cmd.protocol < 1:
+            raise JobdError(
+                f"protocol {cmd.protocol} is not supported; this daemon speaks 1..{PROTOCOL_VERSION}",
+                code=ErrorCode.UNSUPPORTED_PROTOCOL,
+                details={"min": 1, "max": PROTOCOL_VERSION},
+            )
+        return c.HelloResult(
+            protocol=min(cmd.protocol, PROTOCOL_VERSION), server=self._server,
+            commands=c.COMMAND_NAMES,
+        )
+
+    async def stats(self) -> c.StatsResult:
+        counts: dict[str, dict[str, int]] = {}
+        for queue, state, n in await self._store.stats():
+            counts.setdefault(queue, {})[state] = n
+        here = self._running_here()
+        for queue in here:
+            counts.setdefault(queue, {})
+        return c.StatsResult(queues=[
+            QueueCounts(queue=q, counts=counts[q], running_here=here.get(q, (0, 0))[0],
+                        concurrency=here[q][1] if q in here else None)
+            for q in sorted(counts)
+        ])
+
+
+def new_job(spec: JobSpec) -> NewJob:
+    """Validate a spec against its handler's declaration (the edge: fail here, not later)."""
+    try:
+        jobdef = lookup(spec.kind)
+        args = jobdef.decode_args(spec.args)
+    except UnknownKind as exc:
+        raise JobdError(str(exc), code=ErrorCode.UNKNOWN_KIND, details={"kind": spec.kind}) from None
+    except InvalidArgs as exc:
+        raise JobdError(str(exc), code=ErrorCode.INVALID_ARGS, details={"kind": spec.kind}) from None
+    key = spec.key
+    if key is None and jobdef.key is not None:
+        key = str(jobdef.key(args))
+    delay_s = spec.delay_s
+    if spec.run_at is not None:
+        run_at = spec.run_at if spec.run_at.tzinfo else spec.run_at.replace(tzinfo=UTC)
+        delay_s = (run_at - datetime.now(UTC)).total_seconds()
+    max_attempts = spec.max_attempts or jobdef.max_attempts
+    if max_attempts < 1:
+        raise BadRequest("max_attempts must be at least 1")
+    return NewJob(
+        kind=spec.kind,
+        args=msgspec.json.encode(args).decode(),
+        queue=spec.queue or jobdef.queue,
+        key=key,
+        unique_key=spec.unique_key,
+        priority=spec.priority if spec.priority is not None else jobdef.priority,
+        delay_s=max(delay_s, 0.0) if delay_s is not None else None,
+        max_attempts=max_attempts,
+        tags=spec.tags,
+        timeout_s=spec.timeout_s or jobdef.timeout_s,
+    )
+
+
+def job_view(row: dict[str, Any]) -> JobView:
+    decode = msgspec.json.decode
+    return JobView(
+        id=row["id"], kind=row["kind"], queue=row["queue"], key=row["key"],
+        args=decode(row["args"]), state=row["state"], attempt=row["attempt"],
+        max_attempts=row["max_attempts"], priority=row["priority"],
+        unique_key=row["unique_key"], tags=list(row["tags"]), progress=row["progress"],
+        progress_note=row["progress_note"],
+        result=decode(row["result"]) if row["result"] is not None else None,
+        errors=msgspec.json.decode(row["errors"], type=list[AttemptError]),
+        run_at=row["run_at"], created_at=row["created_at"], started_at=row["started_at"],
+        finished_at=row["finished_at"], lease_owner=row["lease_owner"],
+        cancel_requested=row["cancel_requested"],
+    )

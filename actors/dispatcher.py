@@ -1,0 +1,189 @@
+"""One dispatcher per queue: claims batches while slots are free and runs each attempt.
+
+Woken by NOTIFY (through `Wake`), by a slot freeing up, or by the next delayed job
+coming due; polling is only the fallback for a lost notification.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from actors.clock import Clock
+from actors.mailbox import Actor, Mailbox
+from actors.ports import Observer, Outcome, Store, StoreUnavailable
+from actors.worker import CANCEL_REQUESTED, SHUTDOWN, Attempt, AttemptRunner
+
+log = logging.getLogger("jobd.dispatcher")
+
+
+class Wake(msgspec.Struct, tag="wake"):
+    """Jobs may be claimable now."""
+
+
+class CancelJob(msgspec.Struct, tag="cancel_job"):
+    job_id: int
+
+
+class Drain(msgspec.Struct, tag="drain"):
+    """Stop claiming; running attempts go on."""
+
+
+class Release(msgspec.Struct, tag="release"):
+    """Stop every running attempt and hand its job back (end of the drain grace)."""
+
+
+class Resize(msgspec.Struct, tag="resize"):
+    concurrency: int
+
+
+class Running(msgspec.Struct, tag="running"):
+    """Ask: how many attempts are running here."""
+
+
+DispatcherMsg = Wake | CancelJob | Drain | Release | Resize | Running
+
+
+class QueueSettings(msgspec.Struct, kw_only=True):
+    queue: str
+    concurrency: int
+    claim_batch: int
+    lease_s: float
+    poll_interval_s: float
+
+
+class Dispatcher(Actor[DispatcherMsg]):
+    def __init__(
+        self,
+        mailbox: Mailbox[DispatcherMsg],
+        settings: QueueSettings,
+        *,
+        daemon_id: str,
+        store: Store,
+        runner: AttemptRunner,
+        finish: Callable[[Outcome], Any],
+        kinds: Callable[[], list[str]],
+        observer: Observer,
+        clock: Clock,
+    ):
+        super().__init__(mailbox.name, mailbox)
+        self.settings = settings
+        self._daemon_id = daemon_id
+        self._store = store
+        self._runner = runner
+        self._finish = finish
+        self._kinds = kinds
+        self._observer = observer
+        self._clock = clock
+        self._attempts: dict[int, Attempt] = {}
+        self._wake = trio.Event()
+        self._draining = False
+
+    @property
+    def running(self) -> int:
+        return len(self._attempts)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._claim_loop)
+                task_status.started()
+                async for envelope in self.mailbox:
+                    await self.dispatch(envelope)
+                nursery.cancel_scope.cancel()
+        finally:
+            # A dispatcher that dies takes its attempts with it; their leases lapse and
+            # the reaper hands the jobs back, so nothing is lost.
+            self._attempts.clear()
+
+    async def handle(self, msg: DispatcherMsg) -> Any:
+        if isinstance(msg, Wake):
+            self._wake.set()
+        elif isinstance(msg, CancelJob):
+            attempt = self._attempts.get(msg.job_id)
+            if attempt is not None:
+                attempt.stop(CANCEL_REQUESTED)
+                return True
+            return False
+        elif isinstance(msg, Drain):
+            self._draining = True
+            self._wake.set()
+        elif isinstance(msg, Release):
+            self._draining = True
+            for attempt in list(self._attempts.values()):
+                attempt.stop(SHUTDOWN)
+        elif isinstance(msg, Resize):
+            self.settings.concurrency = msg.concurrency
+            self._wake.set()
+        elif isinstance(msg, Running):
+            return len(self._attempts)
+        return None
+
+    async def _claim_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            if self._draining:
+                await trio.sleep_forever()
+            free = self.settings.concurrency - len(self._attempts)
+            if free <= 0:
+                self._wake = trio.Event()  # set again when a slot frees
+                await self._wait(math.inf)
+                continue
+            asked = min(free, self.settings.claim_batch)
+            self._wake = trio.Event()
+            try:
+                claimed = await self._store.claim(
+                    self.settings.queue, asked, self._daemon_id, self.settings.lease_s,
+                    self._kinds(),
+                )
+                wait_s = self.settings.poll_interval_s
+                if len(claimed) < asked:
+                    due = await self._store.next_due(self.settings.queue, self._kinds())
+                    if due is not None:
+                        wait_s = max(0.0, min(wait_s, due))
+                backoff = 0.05
+            except StoreUnavailable as exc:
+                log.warning("claim failed: %s", exc, extra={"event": "claim.unavailable",
+                                                            "queue": self.settings.queue})
+                await self._clock.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if claimed:
+                self._observer.claim_batch(self.settings.queue, len(claimed))
+            for job in claimed:
+                attempt = Attempt(job)
+                self._attempts[job.id] = attempt
+                self._nursery.start_soon(self._run_attempt, attempt)
+            if len(claimed) < asked:
+                await self._wait(wait_s)
+            # else: more may be waiting; claim again once a slot frees (the loop top).
+
+    async def _wait(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._wake.wait()
+
+    async def _run_attempt(self, attempt: Attempt) -> None:
+        job = attempt.claimed
+        wait_s = max(0.0, (job.started_at - job.run_at).total_seconds())
+        self._observer.job_started(job.queue, job.kind, wait_s)
+        try:
+            outcome, label, run_s = await self._runner.run(attempt)
+            await self._finish(outcome)
+            self._observer.job_finished(job.queue, job.kind, _metric_outcome(outcome, label), run_s)
+        finally:
+            del self._attempts[job.id]
+            self._wake.set()
+
+
+def _metric_outcome(outcome: Outcome, label: str) -> str:
+    if label in ("timed_out", "released"):
+        return label
+    if outcome.state in ("completed", "failed", "cancelled"):
+        return outcome.state
+    return "retried"

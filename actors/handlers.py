@@ -1,0 +1,191 @@
+"""The handler API: `@job` declares a kind, `Context` is what a running handler sees."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from actors.errors import InvalidArgs, UnknownKind
+from actors.ports import Outcome, Transaction
+from protocol.durations import parse_duration
+
+
+def seconds(value: str | float | int | None) -> float | None:
+    return None if value is None else parse_duration(value)
+
+
+class JobDef(msgspec.Struct, kw_only=True):
+    kind: str
+    fn: Callable[..., Awaitable[Any]]
+    args_type: Any
+    queue: str = "default"
+    timeout_s: float | None = None
+    max_attempts: int = 3
+    priority: int = 0
+    key: Callable[[Any], str] | None = None
+    base_delays: dict[str, float] = {}
+
+    def decode_args(self, raw: bytes | str | dict[str, Any] | msgspec.Struct) -> Any:
+        """Args as the handler's type; InvalidArgs names the offending field."""
+        try:
+            if isinstance(raw, bytes | str):
+                return msgspec.json.decode(raw, type=self.args_type)
+            if isinstance(raw, msgspec.Struct):
+                raw = msgspec.to_builtins(raw)
+            return msgspec.convert(raw, self.args_type)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InvalidArgs(f"{self.kind}: {exc}") from exc
+
+
+_REGISTRY: dict[str, JobDef] = {}
+
+
+def job(
+    kind: str,
+    *,
+    queue: str = "default",
+    timeout: str | float | None = None,
+    max_attempts: int = 3,
+    priority: int = 0,
+    key: Callable[[Any], str] | None = None,
+    retry_delays: dict[str, float] | None = None,
+) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+    """Declare a handler. Its second parameter's annotation is the args type (a Struct)."""
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be >= 1")
+    timeout_s = seconds(timeout)
+
+    def register(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"handler for {kind!r} must be an async function")
+        params = list(inspect.signature(fn).parameters)
+        if len(params) != 2:
+            raise TypeError(f"handler for {kind!r} must take (ctx, args)")
+        hints = typing.get_type_hints(fn)
+        _REGISTRY[kind] = JobDef(
+            kind=kind, fn=fn, args_type=hints.get(params[1], dict[str, Any]), queue=queue,
+            timeout_s=timeout_s, max_attempts=max_attempts, priority=priority, key=key,
+            base_delays=dict(retry_delays or {}),
+        )
+        return fn
+
+    return register
+
+
+def lookup(kind: str) -> JobDef:
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise UnknownKind(f"unknown job kind {kind!r} (registered: {known})") from None
+
+
+def registered() -> dict[str, JobDef]:
+    return dict(_REGISTRY)
+
+
+class JobInfo(msgspec.Struct, kw_only=True):
+    """What a handler may know about its job (`ctx.job`)."""
+
+    id: int
+    kind: str
+    queue: str
+    key: str | None
+    attempt: int
+    max_attempts: int
+    tags: list[str]
+    unique_key: str | None
+    priority: int
+    run_at: datetime
+    created_at: datetime
+    errors: list[dict[str, Any]]
+
+
+class Context:
+    """Handed to every handler call. Progress is throttled and written in batches."""
+
+    def __init__(
+        self,
+        info: JobInfo,
+        token: int,
+        *,
+        report_progress: Callable[[int, int, float | None, str | None], None],
+        transaction: Callable[[], Any],
+        now: Callable[[], float],
+        progress_every_items: int,
+        progress_every_s: float,
+    ):
+        self.job = info
+        self._token = token
+        self._report = report_progress
+        self._transaction = transaction
+        self._now = now
+        self._every_items = progress_every_items
+        self._every_s = progress_every_s
+        self._calls_since_write = 0
+        self._last_write = -float("inf")
+        self.completed_in_transaction = False
+        self.result: Any = None
+
+    def progress(self, pct: float | None = None, note: str | None = None) -> bool:
+        """Record progress; written at most every N calls or T seconds. True if written."""
+        self._calls_since_write += 1
+        now = self._now()
+        due = (
+            self._calls_since_write >= self._every_items
+            or now - self._last_write >= self._every_s
+        )
+        if not due:
+            return False
+        self._calls_since_write = 0
+        self._last_write = now
+        pct = None if pct is None else max(0.0, min(100.0, float(pct)))
+        self._report(self.job.id, self._token, pct, note)
+        return True
+
+    def heartbeat(self) -> None:
+        """Renew the lease now (the daemon also renews leases on its own)."""
+        self._report(self.job.id, self._token, None, None)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[HandlerSQL]:
+        """SQL in one transaction on jobd's pool; `complete()` commits with your writes."""
+        async with self._transaction() as tx:
+            yield HandlerSQL(tx, self)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        async with self.transaction() as tx:
+            return await tx.execute(sql, *args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        async with self.transaction() as tx:
+            return await tx.fetch(sql, *args)
+
+
+class HandlerSQL:
+    def __init__(self, tx: Transaction, ctx: Context):
+        self._tx = tx
+        self._ctx = ctx
+        self.execute = tx.execute
+        self.fetch = tx.fetch
+        self.fetchrow = tx.fetchrow
+        self.fetchval = tx.fetchval
+
+    async def complete(self, result: Any = None) -> None:
+        """Finish the job in this transaction: both commit, or neither does."""
+        await self._tx.finish(
+            Outcome(
+                id=self._ctx.job.id,
+                token=self._ctx._token,
+                state="completed",
+                result=msgspec.json.encode(result).decode(),
+            )
+        )
+        self._ctx.completed_in_transaction = True
+        self._ctx.result = result

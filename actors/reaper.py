@@ -1,0 +1,98 @@
+"""Returns expired leases to the queue, enforces absolute timeouts, prunes finished jobs.
+
+Safe on every daemon at once: each statement takes its rows with SKIP LOCKED.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import trio
+import trio.lowlevel
+
+from actors.clock import Clock
+from actors.mailbox import Actor, Mailbox
+from actors.ports import Observer, Store, StoreUnavailable
+
+log = logging.getLogger("jobd.reaper")
+
+
+class Sweep(msgspec.Struct, tag="sweep"):
+    """Run one pass now (tests and `jobctl` use it; the timer sends it too)."""
+
+
+class RetentionRule(msgspec.Struct):
+    state: str
+    max_age_s: float
+    max_count: int
+
+
+class ReaperSettings(msgspec.Struct, kw_only=True):
+    interval_s: float = 5.0
+    timeout_grace_s: float = 60.0
+    batch: int = 1000
+    forget_daemons_after_s: float = 3600.0
+    retention: list[RetentionRule] = []
+
+
+class SweepReport(msgspec.Struct):
+    rescued: int = 0
+    failed_on_rescue: int = 0
+    timed_out: int = 0
+    promoted: int = 0
+    pruned: int = 0
+
+
+class Reaper(Actor[Sweep]):
+    def __init__(self, mailbox: Mailbox[Sweep], store: Store, settings: ReaperSettings,
+                 *, observer: Observer, clock: Clock):
+        super().__init__(mailbox.name, mailbox)
+        self._store = store
+        self.settings = settings
+        self._observer = observer
+        self._clock = clock
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.settings.interval_s):
+                envelope = await self.mailbox.receive()
+                await self.dispatch(envelope)
+                continue
+            try:
+                await self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("sweep skipped: %s", exc, extra={"event": "reaper.unavailable"})
+
+    async def handle(self, msg: Sweep) -> SweepReport:
+        return await self.sweep()
+
+    async def sweep(self) -> SweepReport:
+        """One pass; each step loops in small batches until it has nothing left."""
+        report = SweepReport()
+        batch = self.settings.batch
+        while swept := await self._store.rescue_expired(batch):
+            for row in swept:
+                self._observer.jobs_rescued(row.queue, row.kind, 1)
+            report.rescued += len(swept)
+            report.failed_on_rescue += sum(1 for r in swept if r.state == "failed")
+            if len(swept) < batch:
+                break
+        while overdue := await self._store.expire_overdue(batch, self.settings.timeout_grace_s):
+            report.timed_out += len(overdue)
+            if len(overdue) < batch:
+                break
+        report.promoted = await self._store.promote_due(batch * 10)
+        for rule in self.settings.retention:
+            while True:
+                n = await self._store.prune_finished(rule.state, rule.max_age_s, rule.max_count, batch)
+                report.pruned += n
+                if n < batch:
+                    break
+                await trio.lowlevel.checkpoint()  # let the daemon breathe between batches
+        await self._store.forget_dead_daemons(self.settings.forget_daemons_after_s)
+        if report.rescued or report.timed_out:
+            log.info("rescued %d, timed out %d", report.rescued, report.timed_out,
+                     extra={"event": "reaper.swept", **msgspec.structs.asdict(report)})
+        return report

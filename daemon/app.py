@@ -1,0 +1,362 @@
+"""The composition root: database, actor tree, control socket, signals, drain.
+
+Order of life: signals are caught first (so SIGTERM always drains), then the
+database (embedded or configured) is reached and migrated, the actors start, the
+control socket opens, and only then READY=1. Stopping reverses it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from actors import handlers
+from actors.batcher import Batcher
+from actors.clock import TrioClock
+from actors.control import Control
+from actors.dispatcher import (
+    CancelJob,
+    Dispatcher,
+    DispatcherMsg,
+    Drain,
+    QueueSettings,
+    Release,
+    Resize,
+    Wake,
+)
+from actors.heart import Beat, Heart
+from actors.mailbox import Mailbox
+from actors.ports import NullObserver, Outcome, ProgressUpdate, StoreUnavailable
+from actors.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
+from actors.registry import Registry
+from actors.supervisor import ChildSpec, Strategy, Supervisor
+from actors.worker import AttemptRunner
+from daemon import __version__
+from daemon.config import Config, ConfigError, load, parse_duration, socket_path
+from daemon.control_socket import ControlServer, open_listener
+from daemon.store import PgStore, bridge
+from daemon.systemd import Notifier, run_watchdog
+from protocol import commands as c
+
+log = logging.getLogger("jobd.app")
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None, state_dir: Path,
+                 notifier: Notifier):
+        self.config = config
+        self.config_path = config_path
+        self.state_dir = state_dir
+        self.notifier = notifier
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.clock = TrioClock()
+        self.observer = NullObserver()
+        self.registry = Registry()
+        self.draining = False
+        self.ready = False
+        self.store: PgStore | None = None
+        self.embedded: Any = None
+        self.dispatchers: dict[str, Dispatcher] = {}
+        self._dispatcher_boxes: dict[str, Mailbox[DispatcherMsg]] = {}
+        self._stop = trio.Event()
+
+    # -- life -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, signals)
+                interval = self.notifier.watchdog_interval()
+                if interval:
+                    nursery.start_soon(run_watchdog, self.notifier, interval)
+                try:
+                    await self._run_database()
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    async def _run_database(self) -> None:
+        url = self.config.database.url
+        if url is None:
+            url = await trio.to_thread.run_sync(self._start_embedded)
+        try:
+            async with bridge.open_loop():
+                db = self.config.database
+                self.store = PgStore(url, pool_min=db.pool_min, pool_max=db.pool_max,
+                                     timeout_s=parse_duration(db.timeout))
+                try:
+                    if await self._connect():
+                        await self._run_actors()
+                finally:
+                    await self.store.close()
+        finally:
+            if self.embedded is not None:
+                await trio.to_thread.run_sync(self.embedded.stop)
+                log.info("embedded Postgres stopped", extra={"event": "embedded.stopped"})
+
+    def _start_embedded(self) -> str:
+        from daemon.embedded_pg import EmbeddedPostgres
+
+        self.embedded = EmbeddedPostgres(self.state_dir)
+        self.embedded.start()
+        log.info("embedded Postgres running in %s", self.embedded.datadir,
+                 extra={"event": "embedded.started"})
+        return self.embedded.create_database("jobd")
+
+    async def _connect(self) -> bool:
+        """Retry until the database answers (or we are told to stop); False if stopped."""
+        assert self.store is not None
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                await self.store.connect()
+                await self.store.register_daemon(self.id, self.config.region, socket.gethostname(),
+                                                 os.getpid(), __version__)
+                return True
+            except StoreUnavailable as exc:
+                self.notifier.status(f"waiting for the database: {exc}")
+                log.warning("database not reachable, retrying in %.1fs: %s", backoff, exc,
+                            extra={"event": "store.unavailable"})
+                with trio.move_on_after(backoff):
+                    await self._stop.wait()
+                backoff = min(backoff * 2, 10.0)
+        return False
+
+    async def _run_actors(self) -> None:
+        assert self.store is not None
+        self.import_handlers()
+        root = self._build_tree()
+        control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
+                          tree=self.registry.tree, running_here=self._running_here,
+                          cancel_here=self._cancel_here)
+        sock = socket_path(self.config, self.state_dir)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(root.run)
+            listener = await open_listener(sock, self.config.control.socket_group)
+            server = ControlServer(control, max_connections=self.config.control.max_connections)
+            nursery.start_soon(server.serve, listener)
+            async with self.store.listen(["jobd_enqueued", "jobd_cancel"], self._on_notify):
+                self.ready = True
+                self.notifier.ready(self._status_line())
+                log.info("jobd %s ready (daemon %s, region %s, socket %s)", __version__, self.id,
+                         self.config.region, sock, extra={"event": "daemon.ready"})
+                await self._stop.wait()
+                await self._drain()
+                await root.stop()
+            nursery.cancel_scope.cancel()
+        sock.unlink(missing_ok=True)
+        try:
+            with trio.move_on_after(5):
+                await self.store.deregister_daemon(self.id)
+        except StoreUnavailable:
+            pass
+
+    async def _drain(self) -> None:
+        self.draining = True
+        self.ready = False
+        self.notifier.stopping("draining")
+        log.info("draining", extra={"event": "daemon.draining"})
+        for box in self._dispatcher_boxes.values():
+            await box.tell(Drain())
+        grace = parse_duration(self.config.daemon.drain_grace)
+        with trio.move_on_after(grace):
+            while any(d.running for d in self.dispatchers.values()):
+                await trio.sleep(0.05)
+        left = sum(d.running for d in self.dispatchers.values())
+        if left:
+            log.warning("drain grace over; releasing %d running jobs", left,
+                        extra={"event": "daemon.released", "jobs": left})
+            for box in self._dispatcher_boxes.values():
+                await box.tell(Release())
+            with trio.move_on_after(10):
+                while any(d.running for d in self.dispatchers.values()):
+                    await trio.sleep(0.05)
+        # Let the completer write what the workers handed it.
+        with trio.move_on_after(10):
+            while self._completer_box.qsize():
+                await trio.sleep(0.02)
+            await trio.sleep(0.05)
+
+    async def _signals(self, signals: Any) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+            else:
+                log.info("got %s", signal.Signals(signum).name, extra={"event": "daemon.signal"})
+                self._stop.set()
+
+    # -- the tree ------------------------------------------------------------------------
+
+    def _build_tree(self) -> Supervisor:
+        store, clock, cfg = self.store, self.clock, self.config
+        assert store is not None
+        jobs = cfg.jobs
+        lease_s = parse_duration(jobs.lease)
+        self._completer_box: Mailbox[Outcome] = Mailbox("completer", capacity=20_000)
+        progress_box: Mailbox[ProgressUpdate] = Mailbox("progress", capacity=20_000)
+        heart_box: Mailbox[Beat] = Mailbox("heart", capacity=16)
+        reaper_box: Mailbox[Sweep] = Mailbox("reaper", capacity=16)
+
+        async def finish(batch: list[Outcome]) -> None:
+            await store.finish_many(batch)
+
+        async def write_progress(batch: list[ProgressUpdate]) -> None:
+            latest = {u.id: u for u in batch}  # the newest update per job wins
+            await store.write_progress(list(latest.values()), lease_s)
+
+        def report_progress(job_id: int, token: int, pct: float | None, note: str | None) -> None:
+            try:
+                progress_box.tell_nowait(ProgressUpdate(job_id, token, pct, note))
+            except trio.WouldBlock:
+                pass  # progress is advisory; a full mailbox drops it, never the job
+
+        retention = [
+            RetentionRule(state, parse_duration(getattr(jobs.retention, f"{state}_max_age")),
+                          getattr(jobs.retention, f"{state}_max_count"))
+            for state in ("completed", "failed", "cancelled")
+        ]
+        runner = AttemptRunner(
+            clock=clock, report_progress=report_progress, transaction=store.transaction,
+            default_timeout_s=None, progress_every_items=jobs.progress_every_items,
+            progress_every_s=parse_duration(jobs.progress_every),
+            snooze_burns_attempt=jobs.snooze_burns_attempt,
+        )
+        pools = []
+        for queue in self.queue_names():
+            qcfg = cfg.queue(queue)
+            box: Mailbox[DispatcherMsg] = Mailbox(f"pool:{queue}", capacity=1000)
+            settings = QueueSettings(queue=queue, concurrency=qcfg.concurrency,
+                                     claim_batch=qcfg.claim_batch, lease_s=lease_s,
+                                     poll_interval_s=parse_duration(jobs.poll_interval))
+            self._dispatcher_boxes[queue] = box
+            pools.append(ChildSpec.for_actor(self._dispatcher_factory(box, settings, runner)))
+        children = [
+            ChildSpec.for_actor(lambda: Batcher(self._completer_box, finish, clock=clock,
+                                                max_items=2000)),
+            ChildSpec.for_actor(lambda: Batcher(progress_box, write_progress, clock=clock,
+                                                max_items=2000, max_wait_s=0.25)),
+            ChildSpec.for_actor(lambda: Heart(
+                heart_box, store, daemon_id=self.id, lease_s=lease_s,
+                interval_s=min(parse_duration(cfg.daemon.heartbeat), lease_s / 3),
+                status=lambda: (self._status_line(), self.draining),
+                cancel=self._cancel_nowait, clock=clock)),
+            ChildSpec.for_actor(lambda: Reaper(
+                reaper_box, store, ReaperSettings(
+                    interval_s=parse_duration(jobs.reaper_interval),
+                    timeout_grace_s=parse_duration(jobs.timeout_grace),
+                    retention=retention),
+                observer=self.observer, clock=clock)),
+            ChildSpec.for_supervisor(Supervisor(
+                "pools", pools, Strategy.ONE_FOR_ONE, registry=self.registry,
+                on_restart=self.observer.actor_restarted)),
+        ]
+        return Supervisor("root", children, Strategy.REST_FOR_ONE, max_restarts=5,
+                          max_seconds=30, registry=self.registry,
+                          on_restart=self.observer.actor_restarted)
+
+    def _dispatcher_factory(self, box: Mailbox[DispatcherMsg], settings: QueueSettings,
+                            runner: AttemptRunner):
+        def make() -> Dispatcher:
+            assert self.store is not None
+            dispatcher = Dispatcher(
+                box, settings, daemon_id=self.id, store=self.store, runner=runner,
+                finish=self._completer_box.tell, kinds=lambda: sorted(handlers.registered()),
+                observer=self.observer, clock=self.clock)
+            self.dispatchers[settings.queue] = dispatcher
+            return dispatcher
+
+        return make
+
+    def queue_names(self) -> list[str]:
+        declared = {d.queue for d in handlers.registered().values()}
+        return sorted(declared | set(self.config.queues) | {"default"})
+
+    # -- handlers, reload ------------------------------------------------------------------
+
+    def import_handlers(self, reload: bool = False) -> None:
+        """Import (or re-import) the configured modules; ConfigError names the one that failed."""
+        # Like `python -m`: modules next to where jobd was started are importable.
+        for path in [*self.config.handlers.paths, os.getcwd()]:
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        for name in self.config.handlers.modules:
+            module = sys.modules.get(name)
+            try:
+                if reload and module is not None:
+                    importlib.reload(module)
+                else:
+                    importlib.import_module(name)
+            except Exception as exc:
+                raise ConfigError(f"handlers.modules: cannot import {name!r}: {exc!r}") from exc
+        log.info("handlers: %s", ", ".join(sorted(handlers.registered())) or "none",
+                 extra={"event": "handlers.loaded"})
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the file; log level, queue concurrency and handlers change live."""
+        self.notifier.reloading()
+        try:
+            new = load(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc,
+                      extra={"event": "config.reload_failed"})
+            self.notifier.ready(self._status_line())
+            return
+        from daemon.logs import set_level
+
+        set_level(new.log.level)
+        self.config.log = new.log
+        self.config.queues = new.queues
+        self.config.handlers = new.handlers
+        for queue, box in self._dispatcher_boxes.items():
+            await box.tell(Resize(new.queue(queue).concurrency))
+        try:
+            self.import_handlers(reload=True)
+        except ConfigError:
+            log.exception("reloading handler modules failed", extra={"event": "handlers.reload_failed"})
+        log.info("config reloaded", extra={"event": "config.reloaded"})
+        self.notifier.ready(self._status_line())
+
+    # -- callbacks -------------------------------------------------------------------------
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == "jobd_enqueued":
+            targets = [self._dispatcher_boxes[payload]] if payload in self._dispatcher_boxes \
+                else self._dispatcher_boxes.values()
+            for box in targets:
+                try:
+                    box.tell_nowait(Wake())
+                except trio.WouldBlock:
+                    pass  # a full mailbox means it is busy; it will claim again anyway
+        elif channel == "jobd_cancel" and payload:
+            self._cancel_nowait(int(payload))
+
+    def _cancel_nowait(self, job_id: int) -> None:
+        for box in self._dispatcher_boxes.values():
+            try:
+                box.tell_nowait(CancelJob(job_id))
+            except trio.WouldBlock:
+                pass  # the heart's next beat finds the request again
+
+    async def _cancel_here(self, job_id: int) -> None:
+        self._cancel_nowait(job_id)
+
+    def _running_here(self) -> dict[str, tuple[int, int]]:
+        return {q: (d.running, d.settings.concurrency) for q, d in self.dispatchers.items()}
+
+    def _status_line(self) -> str:
+        running = sum(d.running for d in self.dispatchers.values())
+        state = "draining" if self.draining else "ready"
+        return f"{state}; {running} jobs running; region {self.config.region}"
+
+    def _pong(self) -> c.Pong:
+        return c.Pong(daemon_id=self.id, region=self.config.region, version=__version__,
+                      ready=self.ready and bool(self.store and self.store.healthy),
+                      draining=self.draining)

@@ -1,0 +1,184 @@
+"""One TOML file decoded into Structs; unknown keys and wrong types name their path.
+
+Precedence (highest first): command-line flags, `JOBD_DATABASE_URL` / `JOBD_LOG_LEVEL`,
+systemd credentials in `$CREDENTIALS_DIRECTORY` (`database-url`, `api-token`), the file,
+defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from protocol.durations import parse_duration
+
+EX_CONFIG = 78
+
+class ConfigError(Exception):
+    """A config file that jobd refuses; the message names the file and the key."""
+
+
+Duration = str | float | int
+_Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Database(_Strict):
+    url: str | None = None
+    pool_min: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    pool_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+    timeout: Duration = "30s"
+
+
+class Control(_Strict):
+    socket: str | None = None  # default: <state dir>/jobd.sock
+    socket_group: str | None = None
+    http: str | None = None  # "127.0.0.1:8080" or "unix:/path"
+    token_file: str | None = None
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+
+
+class Log(_Strict):
+    level: Annotated[str, msgspec.Meta(pattern=r"^(debug|info|warning|error)$")] = "info"
+    format: Annotated[str, msgspec.Meta(pattern=r"^(auto|json|human)$")] = "auto"
+
+
+class Handlers(_Strict):
+    modules: list[str] = []
+    paths: list[str] = []  # prepended to sys.path before importing, relative to the file
+
+
+class Queue(_Strict):
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
+    timeout: Duration | None = None  # per-attempt default for kinds that set none
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    claim_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
+
+
+class Retention(_Strict):
+    completed_max_age: Duration = "24h"
+    completed_max_count: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    failed_max_age: Duration = "7d"
+    failed_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    cancelled_max_age: Duration = "7d"
+    cancelled_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+
+
+class Jobs(_Strict):
+    lease: Duration = "30s"  # renewed every lease/3 while the daemon lives
+    poll_interval: Duration = "2s"  # fallback when NOTIFY is lost
+    timeout_grace: Duration = "60s"  # reaper's margin past a job's own timeout
+    reaper_interval: Duration = "5s"
+    progress_every_items: Annotated[int, msgspec.Meta(ge=1)] = 100
+    progress_every: Duration = "2s"
+    snooze_burns_attempt: bool = False
+    retention: Retention = msgspec.field(default_factory=Retention)
+
+
+class Daemon(_Strict):
+    drain_grace: Duration = "30s"
+    heartbeat: Duration = "5s"
+
+
+class Config(_Strict):
+    region: _Name = "default"
+    database: Database = msgspec.field(default_factory=Database)
+    control: Control = msgspec.field(default_factory=Control)
+    log: Log = msgspec.field(default_factory=Log)
+    daemon: Daemon = msgspec.field(default_factory=Daemon)
+    jobs: Jobs = msgspec.field(default_factory=Jobs)
+    handlers: Handlers = msgspec.field(default_factory=Handlers)
+    queues: dict[_Name, Queue] = {}
+
+    def queue(self, name: str) -> Queue:
+        return self.queues.get(name) or Queue()
+
+
+_DURATION_FIELDS = {
+    "database.timeout", "jobs.lease", "jobs.poll_interval", "jobs.timeout_grace",
+    "jobs.reaper_interval", "jobs.progress_every", "daemon.drain_grace", "daemon.heartbeat",
+}
+
+
+def load(path: Path | None, environ: dict[str, str] | None = None) -> Config:
+    """Read, decode, apply overrides, validate durations; ConfigError on any problem."""
+    environ = dict(os.environ if environ is None else environ)
+    where = str(path) if path else "<defaults>"
+    try:
+        config = (
+            msgspec.toml.decode(path.read_bytes(), type=Config) if path else Config()
+        )
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{where}: no such file") from exc
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if path:
+        base = path.parent
+        config.handlers.paths = [str((base / p).resolve()) for p in config.handlers.paths]
+    url = environ.get("JOBD_DATABASE_URL") or _credential(environ, "database-url")
+    if url:
+        config.database.url = url
+    if level := environ.get("JOBD_LOG_LEVEL"):
+        config.log.level = level
+    _validate(config, where)
+    return config
+
+
+def _validate(config: Config, where: str) -> None:
+    for dotted in sorted(_DURATION_FIELDS):
+        section, name = dotted.split(".")
+        _check_duration(getattr(getattr(config, section), name), f"$.{dotted}", where)
+    for name, queue in config.queues.items():
+        if queue.timeout is not None:
+            _check_duration(queue.timeout, f"$.queues.{name}.timeout", where)
+    retention = config.jobs.retention
+    for state in ("completed", "failed", "cancelled"):
+        _check_duration(getattr(retention, f"{state}_max_age"), f"$.jobs.retention.{state}_max_age", where)
+    if config.log.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{where}: log level must be debug|info|warning|error - at `$.log.level`")
+
+
+def _check_duration(value: Duration, path: str, where: str) -> None:
+    try:
+        parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc} - at `{path}`") from exc
+
+
+def _credential(environ: dict[str, str], name: str) -> str | None:
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    try:
+        return (Path(directory) / name).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def read_token(config: Config, environ: dict[str, str] | None = None) -> str | None:
+    environ = dict(os.environ if environ is None else environ)
+    if config.control.token_file:
+        try:
+            return Path(config.control.token_file).read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(f"control.token_file: {exc}") from exc
+    return _credential(environ, "api-token")
+
+
+def state_dir(flag: str | None, environ: dict[str, str] | None = None) -> Path:
+    environ = dict(os.environ if environ is None else environ)
+    chosen = flag or environ.get("JOBD_STATE_DIR") or environ.get("STATE_DIRECTORY")
+    if chosen:
+        # systemd may pass several colon-separated directories; the first is ours.
+        return Path(chosen.split(":")[0]).expanduser()
+    return Path.home() / ".local" / "state" / "jobd"
+
+
+def socket_path(config: Config, state: Path) -> Path:
+    return Path(config.control.socket) if config.control.socket else state / "jobd.sock"

@@ -1,0 +1,82 @@
+"""`jobd`: the daemon's entry point. Exit 0 on a clean stop, 78 on a bad config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from daemon import __version__
+from daemon.config import EX_CONFIG, ConfigError, load, state_dir
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobd", description="durable job daemon on trio and Postgres")
+    p.add_argument("--version", action="version", version=f"jobd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon (foreground; systemd Type=notify)")
+    check = sub.add_parser("check-config", help="validate a config file and exit 0 or 78")
+    for each in (run, check):
+        each.add_argument("--config", "-c", type=Path, default=_default_config(),
+                          help="TOML config file (default: $JOBD_CONFIG, else none)")
+    run.add_argument("--state-dir", help="state directory (default: $JOBD_STATE_DIR, "
+                     "$STATE_DIRECTORY, ~/.local/state/jobd)")
+    return p
+
+
+def _default_config() -> Path | None:
+    value = os.environ.get("JOBD_CONFIG")
+    return Path(value) if value else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"jobd: bad config: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "check-config":
+        print(f"{args.config or '<defaults>'}: ok")
+        return 0
+    from daemon.app import Daemon
+    from daemon.logs import configure_logging
+    from daemon.systemd import Notifier
+
+    directory = state_dir(args.state_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+    configure_logging(config.log.level, fmt=config.log.format,
+                      static={"service": "jobd", "region": config.region, "pid": os.getpid()})
+    daemon = Daemon(config, args.config, directory, Notifier.from_env())
+    try:
+        trio.run(daemon.run)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - the last line of defence: say why, exit
+        config_errors = _config_errors(exc)
+        if config_errors:
+            for error in config_errors:
+                print(f"jobd: bad config: {error}", file=sys.stderr)
+            return EX_CONFIG
+        import logging
+
+        logging.getLogger("jobd").critical("jobd stopped on an error: %s", exc, exc_info=True,
+                                           extra={"event": "daemon.crashed"})
+        return 1
+    return 0
+
+
+def _config_errors(exc: BaseException) -> list[ConfigError]:
+    if isinstance(exc, ConfigError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        found = [e for sub in exc.exceptions for e in _config_errors(sub)]
+        return found
+    return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

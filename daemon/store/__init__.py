@@ -1,0 +1,338 @@
+"""PgStore: jobd's only door to Postgres. One thin method per named statement."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+import trio
+
+from actors.ports import (
+    Claimed,
+    Enqueued,
+    NewJob,
+    Outcome,
+    ProgressUpdate,
+    StoreUnavailable,
+    Swept,
+)
+from daemon.store import bridge, migrate
+from daemon.store import queries as q
+
+log = logging.getLogger("jobd.store")
+
+
+class LeaseLost(Exception):
+    """A transactional finish matched no row: this attempt was rescued or cancelled."""
+
+
+class PgStore:
+    def __init__(self, url: str, *, pool_min: int = 2, pool_max: int = 10, timeout_s: float = 30.0):
+        self.url = url
+        self._pool_min = pool_min
+        self._pool_max = pool_max
+        self._timeout_s = timeout_s
+        self._pool: asyncpg.Pool | None = None
+        self.healthy = False
+        self.schema_version = 0
+
+    # -- life -------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the pool and apply migrations; raises StoreUnavailable while the DB is down."""
+        if self._pool is None:
+            self._pool = await bridge.create_pool(
+                self.url, self._pool_min, self._pool_max, self._timeout_s
+            )
+        await self._run(self._migrate)
+        self.healthy = True
+
+    async def _migrate(self, pool: asyncpg.Pool) -> None:
+        # A dedicated connection: the advisory lock is session-scoped.
+        connection = await asyncpg.connect(self.url, timeout=self._timeout_s)
+        try:
+            await migrate.apply(connection)
+            self.schema_version = await migrate.current_version(connection)
+        finally:
+            await connection.close()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with trio.move_on_after(5):
+                try:
+                    await bridge.call(pool.close)
+                except StoreUnavailable:
+                    pass
+            pool.terminate()
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(pool, *args)` on the asyncio side; track health for /readyz."""
+        if self._pool is None:
+            raise StoreUnavailable("store is not connected")
+        try:
+            result = await bridge.call(fn, self._pool, *args)
+        except StoreUnavailable:
+            self.healthy = False
+            raise
+        self.healthy = True
+        return result
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._run(_fetch, sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        return await self._run(_execute, sql, *args)
+
+    async def ping(self) -> None:
+        await self._run(_fetchval, "SELECT 1")
+
+    async def migrations_current(self) -> bool:
+        return self.schema_version >= migrate.latest_version()
+
+    # -- daemons ----------------------------------------------------------------
+
+    async def register_daemon(
+        self, daemon_id: str, region: str, host: str, pid: int, version: str
+    ) -> None:
+        await self._execute(q.REGISTER_DAEMON, daemon_id, region, host, pid, version)
+
+    async def heartbeat(
+        self, daemon_id: str, lease_s: float, status: str, draining: bool,
+        now: datetime | None = None,
+    ) -> int:
+        tag = await self._execute(q.HEARTBEAT, daemon_id, lease_s, status, draining, now)
+        return int(tag.split()[-1])
+
+    async def deregister_daemon(self, daemon_id: str) -> None:
+        await self._execute(q.DEREGISTER_DAEMON, daemon_id)
+
+    async def list_daemons(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self._fetch(q.LIST_DAEMONS)]
+
+    async def forget_dead_daemons(self, after_s: float, now: datetime | None = None) -> int:
+        tag = await self._execute(q.FORGET_DEAD_DAEMONS, after_s, now)
+        return int(tag.split()[-1])
+
+    # -- jobs -------------------------------------------------------------------
+
+    async def enqueue_many(self, jobs: list[NewJob]) -> list[Enqueued]:
+        if not jobs:
+            return []
+        columns = (
+            [j.queue for j in jobs],
+            [j.kind for j in jobs],
+            [j.args for j in jobs],
+            [j.key for j in jobs],
+            [j.unique_key for j in jobs],
+            [j.priority for j in jobs],
+            [j.delay_s for j in jobs],
+            [j.max_attempts for j in jobs],
+            # text[][] cannot be ragged, so each row's tags travel as one array literal.
+            [_array_literal(j.tags) for j in jobs],
+            [j.timeout_s for j in jobs],
+        )
+        rows = await self._fetch(q.ENQUEUE_MANY, *columns)
+        out = []
+        for job, row in zip(jobs, rows, strict=True):
+            job_id = row["id"]
+            if job_id is None:
+                # The unique-key holder was inserted by a transaction that committed
+                # after our snapshot; it is visible now.
+                job_id = await self._run(_fetchval, q.FIND_UNFINISHED_BY_UNIQUE_KEY, job.unique_key)
+            out.append(Enqueued(id=job_id, created=row["created"]))
+        return out
+
+    async def claim(
+        self, queue: str, limit: int, owner: str, lease_s: float, kinds: list[str],
+        now: datetime | None = None,
+    ) -> list[Claimed]:
+        rows = await self._fetch(q.CLAIM, queue, limit, owner, lease_s, now, kinds)
+        return [Claimed(**dict(r)) for r in rows]
+
+    async def next_due(self, queue: str, kinds: list[str]) -> float | None:
+        return await self._run(_fetchval, q.NEXT_DUE, queue, kinds)
+
+    async def finish_many(self, outcomes: list[Outcome]) -> set[int]:
+        if not outcomes:
+            return set()
+        rows = await self._fetch(q.FINISH_MANY, *_outcome_columns(outcomes))
+        return {r["id"] for r in rows}
+
+    async def write_progress(self, updates: list[ProgressUpdate], lease_s: float) -> None:
+        if updates:
+            await self._execute(
+                q.WRITE_PROGRESS,
+                [u.id for u in updates],
+                [u.token for u in updates],
+                [u.pct for u in updates],
+                [u.note for u in updates],
+                lease_s,
+            )
+
+    async def cancel(self, job_id: int) -> tuple[str, str] | None:
+        rows = await self._fetch(q.CANCEL, job_id)
+        return (rows[0]["was"], rows[0]["now"]) if rows else None
+
+    async def running_cancel_requests(self, daemon_id: str) -> list[int]:
+        return [r["id"] for r in await self._fetch(q.RUNNING_CANCEL_REQUESTS, daemon_id)]
+
+    async def get_job(self, job_id: int) -> dict[str, Any] | None:
+        rows = await self._fetch(q.GET_JOB, job_id)
+        return dict(rows[0]) if rows else None
+
+    async def stats(self) -> list[tuple[str, str, int]]:
+        return [(r["queue"], r["state"], r["n"]) for r in await self._fetch(q.STATS)]
+
+    # -- maintenance --------------------------------------------------------------
+
+    async def rescue_expired(self, limit: int, now: datetime | None = None) -> list[Swept]:
+        return [Swept(**dict(r)) for r in await self._fetch(q.RESCUE_EXPIRED, limit, now)]
+
+    async def expire_overdue(
+        self, limit: int, grace_s: float, now: datetime | None = None
+    ) -> list[Swept]:
+        rows = await self._fetch(q.EXPIRE_OVERDUE, limit, grace_s, now)
+        return [Swept(**dict(r)) for r in rows]
+
+    async def promote_due(self, limit: int, now: datetime | None = None) -> int:
+        return int((await self._execute(q.PROMOTE_DUE, limit, now)).split()[-1])
+
+    async def prune_finished(
+        self, state: str, max_age_s: float, max_count: int, limit: int,
+        now: datetime | None = None,
+    ) -> int:
+        tag = await self._execute(q.PRUNE_FINISHED, state, max_age_s, max_count, limit, now)
+        return int(tag.split()[-1])
+
+    # -- handler transactions and notifications ------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[HandlerTransaction]:
+        if self._pool is None:
+            raise StoreUnavailable("store is not connected")
+        connection = await bridge.call(self._pool.acquire)
+        try:
+            tx = connection.transaction()
+            await bridge.call(tx.start)
+            try:
+                yield HandlerTransaction(connection)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await bridge.call(tx.rollback)
+                raise
+            else:
+                await bridge.call(tx.commit)
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.call(self._pool.release, connection)
+
+    @asynccontextmanager
+    async def listen(
+        self, channels: list[str], on_notify: Callable[[str, str], None]
+    ) -> AsyncIterator[None]:
+        """Keep a dedicated LISTEN connection alive while the block runs.
+
+        After every (re)connect each channel gets an empty notification, because
+        anything sent while we were away was lost and waiters must re-check.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen_forever, channels, on_notify)
+            yield
+            nursery.cancel_scope.cancel()
+
+    async def _listen_forever(
+        self, channels: list[str], on_notify: Callable[[str, str], None]
+    ) -> None:
+        backoff = 0.1
+        while True:
+            lost = trio.Event()
+            connection = None
+            try:
+                connection = await bridge.connect(self.url, self._timeout_s)
+                connection.add_termination_listener(lambda _c, lost=lost: lost.set())
+                for channel in channels:
+                    await bridge.call(
+                        connection.add_listener,
+                        channel,
+                        lambda _c, _pid, ch, payload: on_notify(ch, payload),
+                    )
+                backoff = 0.1
+                for channel in channels:
+                    on_notify(channel, "")
+                while not lost.is_set():
+                    # A half-open TCP connection never terminates by itself; probe it.
+                    with trio.move_on_after(15):
+                        await lost.wait()
+                    if not lost.is_set():
+                        await bridge.call(connection.fetchval, "SELECT 1")
+            except StoreUnavailable as exc:
+                log.warning("LISTEN connection lost: %s", exc, extra={"event": "store.listen_lost"})
+            finally:
+                if connection is not None and not connection.is_closed():
+                    connection.terminate()
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+
+class HandlerTransaction:
+    """One connection in one transaction; see actors.ports.Transaction."""
+
+    def __init__(self, connection: asyncpg.Connection):
+        self._connection = connection
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await bridge.call(self._connection.execute, sql, *args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        return await bridge.call(self._connection.fetch, sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any:
+        return await bridge.call(self._connection.fetchrow, sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await bridge.call(self._connection.fetchval, sql, *args)
+
+    async def finish(self, outcome: Outcome) -> bool:
+        rows = await bridge.call(
+            self._connection.fetch, q.FINISH_MANY, *_outcome_columns([outcome])
+        )
+        if not rows:
+            raise LeaseLost(f"job {outcome.id}: this attempt no longer holds the lease")
+        return True
+
+
+def _outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:
+    return (
+        [o.id for o in outcomes],
+        [o.token for o in outcomes],
+        [o.state for o in outcomes],
+        [o.result for o in outcomes],
+        [o.delay_s for o in outcomes],
+        [o.error for o in outcomes],
+        [o.refund for o in outcomes],
+    )
+
+
+def _array_literal(items: list[str]) -> str:
+    return "{" + ",".join(msgspec.json.encode(i).decode() for i in items) + "}"
+
+
+async def _fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async with pool.acquire() as connection:
+        return await connection.fetch(sql, *args)
+
+
+async def _execute(pool: asyncpg.Pool, sql: str, *args: Any) -> str:
+    async with pool.acquire() as connection:
+        return await connection.execute(sql, *args)
+
+
+async def _fetchval(pool: asyncpg.Pool, sql: str, *args: Any) -> Any:
+    async with pool.acquire() as connection:
+        return await connection.fetchval(sql, *args)

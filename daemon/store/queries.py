@@ -1,0 +1,253 @@
+"""Every SQL statement jobd runs, by name.
+
+Time-sensitive statements read `coalesce($n::timestamptz, now())`: production passes
+NULL so all daemons share the database's clock; tests pass a pinned time.
+JSON travels as text and is cast in SQL, so msgspec does all encoding on our side.
+"""
+
+UNFINISHED = "('scheduled', 'available', 'running', 'waiting')"
+
+# -- daemons ---------------------------------------------------------------------
+
+REGISTER_DAEMON = """
+INSERT INTO jobd.daemons (id, region, host, pid, version, status)
+VALUES ($1, $2, $3, $4, $5, 'starting')
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), status = 'starting'
+"""
+
+# One statement per interval renews the daemon's heartbeat and every lease it holds.
+HEARTBEAT = """
+WITH d AS (
+    UPDATE jobd.daemons SET heartbeat_at = now(), status = $3, draining = $4 WHERE id = $1
+)
+UPDATE jobd.jobs SET lease_until = coalesce($5::timestamptz, now()) + $2 * interval '1 second'
+WHERE state = 'running' AND lease_owner = $1
+"""
+
+DEREGISTER_DAEMON = "DELETE FROM jobd.daemons WHERE id = $1"
+
+LIST_DAEMONS = """
+SELECT id, region, host, pid, version, started_at, heartbeat_at, draining, status
+FROM jobd.daemons ORDER BY region, started_at
+"""
+
+FORGET_DEAD_DAEMONS = """
+DELETE FROM jobd.daemons
+WHERE heartbeat_at < coalesce($2::timestamptz, now()) - $1 * interval '1 second'
+"""
+
+# -- enqueue ---------------------------------------------------------------------
+
+# Ids are drawn up front so each input row maps back to its job even when some rows
+# hit an unfinished job's unique key (ON CONFLICT DO NOTHING returns nothing for them).
+ENQUEUE_MANY = f"""
+WITH input AS (
+    SELECT nextval(pg_get_serial_sequence('jobd.jobs', 'id')) AS id, x.*
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                $7::double precision[], $8::int[], $9::text[], $10::double precision[])
+         WITH ORDINALITY AS x(queue, kind, args, key, unique_key, priority, delay_s,
+                              max_attempts, tags, timeout_s, ord)
+),
+ins AS (
+    INSERT INTO jobd.jobs (id, queue, kind, args, key, unique_key, priority, run_at, state,
+                           max_attempts, tags, timeout_s)
+    SELECT id, queue, kind, args::jsonb, key, unique_key, priority,
+           now() + coalesce(delay_s, 0) * interval '1 second',
+           CASE WHEN coalesce(delay_s, 0) > 0 THEN 'scheduled' ELSE 'available' END,
+           max_attempts, coalesce(tags::text[], '{{}}'), timeout_s
+    FROM input ORDER BY ord
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {UNFINISHED}
+    DO NOTHING
+    RETURNING id, unique_key
+)
+SELECT x.ord, coalesce(i.id, dup.id, ex.id) AS id, i.id IS NOT NULL AS created
+FROM input x
+LEFT JOIN ins i ON i.id = x.id
+LEFT JOIN ins dup ON i.id IS NULL AND dup.unique_key = x.unique_key
+LEFT JOIN jobd.jobs ex ON i.id IS NULL AND dup.id IS NULL
+    AND ex.unique_key = x.unique_key AND ex.state IN {UNFINISHED}
+ORDER BY x.ord
+"""
+
+FIND_UNFINISHED_BY_UNIQUE_KEY = f"""
+SELECT id FROM jobd.jobs WHERE unique_key = $1 AND state IN {UNFINISHED}
+"""
+
+# -- claim, finish, progress -------------------------------------------------------
+
+CLAIMED_COLUMNS = """
+j.id, j.queue, j.kind, j.args::text AS args, j.key, j.priority, j.attempt, j.max_attempts,
+j.lease_token, j.timeout_s, j.tags, j.errors::text AS errors, j.unique_key, j.run_at,
+j.created_at, j.started_at
+"""
+
+# Only kinds this daemon has handlers for, so daemons with different handler sets
+# can share a queue during a rolling deploy.
+CLAIM = f"""
+WITH picked AS (
+    SELECT id FROM jobd.jobs
+    WHERE queue = $1 AND state IN ('available', 'scheduled')
+      AND run_at <= coalesce($5::timestamptz, now())
+      AND kind = ANY($6::text[])
+    ORDER BY priority, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobd.jobs j
+SET state = 'running', attempt = j.attempt + 1, lease_token = j.lease_token + 1,
+    lease_owner = $3, lease_until = coalesce($5::timestamptz, now()) + $4 * interval '1 second',
+    started_at = coalesce($5::timestamptz, now()), progress = NULL, progress_note = NULL
+FROM picked WHERE j.id = picked.id
+RETURNING {CLAIMED_COLUMNS}
+"""
+
+# Seconds until the next job of this queue is due, on the database's clock.
+NEXT_DUE = """
+SELECT extract(epoch FROM min(run_at) - now())::float8 FROM jobd.jobs
+WHERE queue = $1 AND state IN ('available', 'scheduled') AND kind = ANY($2::text[])
+"""
+
+# The lease token fences every finish: a row whose token moved on (rescued and
+# re-claimed) is not touched, and its id is missing from RETURNING.
+FINISH_MANY = """
+UPDATE jobd.jobs j SET
+    state = x.state,
+    result = coalesce(x.result::jsonb, j.result),
+    run_at = CASE WHEN x.delay_s IS NULL THEN j.run_at
+                  ELSE now() + x.delay_s * interval '1 second' END,
+    errors = CASE WHEN x.error IS NULL THEN j.errors
+                  ELSE j.errors || jsonb_build_array(x.error::jsonb) END,
+    attempt = j.attempt - x.refund,
+    finished_at = CASE WHEN x.state IN ('completed', 'failed', 'cancelled') THEN now() END,
+    progress = CASE WHEN x.state = 'completed' THEN 100 ELSE j.progress END,
+    lease_owner = NULL, lease_until = NULL, cancel_requested = false
+FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::double precision[],
+            $6::text[], $7::int[]) AS x(id, token, state, result, delay_s, error, refund)
+WHERE j.id = x.id AND j.lease_token = x.token AND j.state = 'running'
+RETURNING j.id
+"""
+
+WRITE_PROGRESS = """
+UPDATE jobd.jobs j SET
+    progress = coalesce(x.pct, j.progress), progress_note = coalesce(x.note, j.progress_note),
+    lease_until = now() + $5 * interval '1 second'
+FROM unnest($1::bigint[], $2::int[], $3::real[], $4::text[]) AS x(id, token, pct, note)
+WHERE j.id = x.id AND j.lease_token = x.token AND j.state = 'running'
+"""
+
+# -- cancel ---------------------------------------------------------------------
+
+CANCEL = """
+WITH target AS (
+    SELECT id, state FROM jobd.jobs WHERE id = $1 FOR UPDATE
+), queued AS (
+    UPDATE jobd.jobs j SET state = 'cancelled', finished_at = now()
+    FROM target t WHERE j.id = t.id AND t.state IN ('scheduled', 'available', 'waiting')
+    RETURNING j.id
+), running AS (
+    UPDATE jobd.jobs j SET cancel_requested = true
+    FROM target t WHERE j.id = t.id AND t.state = 'running'
+    RETURNING j.id, pg_notify('jobd_cancel', j.id::text)
+)
+SELECT t.state AS was,
+       CASE WHEN EXISTS (SELECT 1 FROM queued) THEN 'cancelled'
+            WHEN EXISTS (SELECT 1 FROM running) THEN 'cancelling'
+            ELSE t.state END AS now
+FROM target t
+"""
+
+RUNNING_CANCEL_REQUESTS = """
+SELECT id FROM jobd.jobs
+WHERE state = 'running' AND lease_owner = $1 AND cancel_requested
+"""
+
+# -- reaper -----------------------------------------------------------------------
+
+# Expired leases: the daemon holding them is gone (or cut off from the database).
+# Bumping the token fences the lost attempt out.
+RESCUE_EXPIRED = """
+WITH expired AS (
+    SELECT id FROM jobd.jobs
+    WHERE state = 'running' AND lease_until < coalesce($2::timestamptz, now())
+    ORDER BY lease_until
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobd.jobs j SET
+    state = CASE WHEN j.cancel_requested THEN 'cancelled'
+                 WHEN j.attempt >= j.max_attempts THEN 'failed'
+                 ELSE 'available' END,
+    finished_at = CASE WHEN j.cancel_requested OR j.attempt >= j.max_attempts
+                       THEN coalesce($2::timestamptz, now()) END,
+    run_at = coalesce($2::timestamptz, now()),
+    lease_token = j.lease_token + 1, lease_owner = NULL, lease_until = NULL,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt, 'at', coalesce($2::timestamptz, now()), 'class', 'rescued',
+        'message', 'lease expired (daemon ' || coalesce(j.lease_owner, '?') || ' stopped renewing)',
+        'duration_s', extract(epoch FROM coalesce($2::timestamptz, now()) - j.started_at)))
+FROM expired WHERE j.id = expired.id
+RETURNING j.id, j.queue, j.kind, j.state
+"""
+
+# A running attempt past its timeout plus grace on any daemon (its worker should
+# have stopped it; this catches a daemon whose loop is stuck but still heartbeats).
+EXPIRE_OVERDUE = """
+WITH overdue AS (
+    SELECT id FROM jobd.jobs
+    WHERE state = 'running' AND timeout_s IS NOT NULL
+      AND started_at + (timeout_s + $2) * interval '1 second' < coalesce($3::timestamptz, now())
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobd.jobs j SET
+    state = CASE WHEN j.attempt >= j.max_attempts THEN 'failed' ELSE 'available' END,
+    finished_at = CASE WHEN j.attempt >= j.max_attempts THEN coalesce($3::timestamptz, now()) END,
+    run_at = coalesce($3::timestamptz, now()),
+    lease_token = j.lease_token + 1, lease_owner = NULL, lease_until = NULL,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt, 'at', coalesce($3::timestamptz, now()), 'class', 'timeout',
+        'message', 'exceeded its timeout of ' || j.timeout_s || ' s plus ' || $2 || ' s grace',
+        'duration_s', extract(epoch FROM coalesce($3::timestamptz, now()) - j.started_at)))
+FROM overdue WHERE j.id = overdue.id
+RETURNING j.id, j.queue, j.kind, j.state
+"""
+
+PROMOTE_DUE = """
+UPDATE jobd.jobs SET state = 'available'
+WHERE id IN (SELECT id FROM jobd.jobs
+             WHERE state = 'scheduled' AND run_at <= coalesce($2::timestamptz, now())
+             LIMIT $1 FOR UPDATE SKIP LOCKED)
+"""
+
+# Retention: a finished job goes once it is older than max_age or no longer among the
+# newest max_count of its state (the OFFSET finds that boundary on the index). Small batches keep locks short.
+PRUNE_FINISHED = """
+WITH oldest_kept AS (
+    SELECT finished_at AS t FROM jobd.jobs WHERE state = $1
+    ORDER BY finished_at DESC OFFSET $3 LIMIT 1
+), doomed AS (
+    SELECT id FROM jobd.jobs
+    WHERE state = $1
+      AND (finished_at < coalesce($5::timestamptz, now()) - $2 * interval '1 second'
+           OR finished_at <= (SELECT t FROM oldest_kept))
+    ORDER BY finished_at
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM jobd.jobs j USING doomed WHERE j.id = doomed.id
+"""
+
+# -- reads ------------------------------------------------------------------------
+
+JOB_COLUMNS = """
+id, queue, kind, args::text AS args, key, priority, state, attempt, max_attempts, run_at,
+lease_owner, lease_until, timeout_s, unique_key, tags, parent_id, progress, progress_note,
+result::text AS result, errors::text AS errors, cancel_requested, created_at, started_at,
+finished_at
+"""
+
+GET_JOB = f"SELECT {JOB_COLUMNS} FROM jobd.jobs WHERE id = $1"
+
+STATS = """
+SELECT queue, state, count(*) AS n FROM jobd.jobs GROUP BY queue, state ORDER BY queue, state
+"""

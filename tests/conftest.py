@@ -1,0 +1,103 @@
+"""Session-wide fixtures shared by all test packages.
+
+Postgres: set JOBD_TEST_DATABASE_URL to test against an existing server; otherwise a
+private, durability-off cluster (daemon.embedded_pg) is started once per session.
+Fixtures here are sync on purpose (pytest-trio runs async tests in trio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from daemon.embedded_pg import EmbeddedPostgres
+
+TEST_DATABASE_URL_ENV = "JOBD_TEST_DATABASE_URL"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _url_with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def _run_sql(url: str, sql: str) -> None:
+    """Run one statement with asyncpg on a private event loop in a helper thread."""
+    import asyncpg
+
+    async def main() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    errors: list[BaseException] = []
+
+    def runner() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # re-raised in the calling thread
+            errors.append(e)
+
+    t = threading.Thread(target=runner, name="pg-admin")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# --------------------------------------------------------------------------- Postgres
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres | None]:
+    """The session's embedded cluster, or None when JOBD_TEST_DATABASE_URL is set."""
+    if os.environ.get(TEST_DATABASE_URL_ENV):
+        yield None
+        return
+    cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), fast=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_cluster: EmbeddedPostgres | None) -> str:
+    """URL of the session database `jobd_test` (or JOBD_TEST_DATABASE_URL as is)."""
+    if pg_cluster is None:
+        return os.environ[TEST_DATABASE_URL_ENV]
+    return pg_cluster.create_database("jobd_test")
+
+
+@pytest.fixture
+def fresh_database(pg_cluster: EmbeddedPostgres | None) -> Iterator[str]:
+    """URL of a new, empty database `jobd_t_<uuid8>`, dropped (WITH FORCE) afterwards."""
+    name = f"jobd_t_{uuid.uuid4().hex[:8]}"
+    if pg_cluster is not None:
+        url = pg_cluster.create_database(name)
+        try:
+            yield url
+        finally:
+            pg_cluster.drop_database(name)
+        return
+    admin_url = os.environ[TEST_DATABASE_URL_ENV]
+    _run_sql(admin_url, f"CREATE DATABASE {_quote_ident(name)}")
+    try:
+        yield _url_with_database(admin_url, name)
+    finally:
+        _run_sql(admin_url, f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
