@@ -101,3 +101,46 @@ def fresh_database(pg_cluster: EmbeddedPostgres | None) -> Iterator[str]:
         yield _url_with_database(admin_url, name)
     finally:
         _run_sql(admin_url, f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+
+
+# --------------------------------------------------------------------------- store, daemons
+
+
+@pytest.fixture
+async def store(fresh_database: str):
+    """A migrated PgStore on a fresh database, inside this test's trio-asyncio loop."""
+    from daemon.store import PgStore, bridge
+
+    async with bridge.open_loop():
+        pg = PgStore(fresh_database, pool_min=1, pool_max=4, timeout_s=10)
+        await pg.connect()
+        try:
+            yield pg
+        finally:
+            await pg.close()
+
+
+@pytest.fixture
+def sql(fresh_database: str):
+    """Sync SQL on the fresh database, for assertions on what Postgres holds."""
+    from tests.support import Sql
+
+    return Sql(fresh_database)
+
+
+@pytest.fixture
+def jobd(fresh_database: str, tmp_path):
+    """Factory for real `jobd run` processes on the fresh database; all stopped at teardown."""
+    from tests.support import JobdProcess
+
+    started: list[JobdProcess] = []
+
+    def start(**options) -> JobdProcess:
+        proc = JobdProcess(tmp_path / f"d{len(started)}", fresh_database, **options)
+        started.append(proc)
+        proc.start()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
