@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 import trio
 
 from actors.clock import Clock
-from actors.mailbox import Actor, Envelope, Mailbox
+from actors.mailbox import Actor, Envelope, Mailbox, MailboxClosed
 from actors.ports import StoreUnavailable
 
 log = logging.getLogger("jobd.batcher")
@@ -41,7 +41,10 @@ class Batcher(Actor[T], Generic[T]):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            first = await self.mailbox.receive()
+            try:
+                first = await self.mailbox.receive()
+            except MailboxClosed:
+                return  # closed by `drain_and_stop` and fully written
             batch = [first.msg]
             deadline = self._clock.now() + self._max_wait_s
             # Under load the mailbox refills while the previous flush is in flight, so
@@ -57,6 +60,15 @@ class Batcher(Actor[T], Generic[T]):
                         break
                 batch.append(envelope.msg)
             await self._write(batch)
+
+    @staticmethod
+    def stopper(mailbox: Mailbox[T]) -> Callable[[], Awaitable[None]]:
+        """A ChildSpec `stop` hook: refuse new items, write what is queued, then return."""
+
+        async def stop() -> None:
+            mailbox.close()
+
+        return stop
 
     def _take_nowait(self) -> Envelope[T] | None:
         try:

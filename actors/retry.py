@@ -97,7 +97,8 @@ def _looks_like_network(exc: BaseException) -> bool:
 def backoff(error_class: str, attempt: int, rng: random.Random,
             base_delays: dict[str, float] | None = None) -> float:
     base = (base_delays or {}).get(error_class, BASE_DELAY_S.get(error_class, 5.0))
-    delay = min(base * 2 ** max(attempt - 1, 0), MAX_DELAY_S)
+    # The exponent is clamped: 2 ** 1024 does not fit a float (max_attempts is unbounded).
+    delay = min(base * 2.0 ** min(max(attempt - 1, 0), 64), MAX_DELAY_S)
     return delay * rng.uniform(0.75, 1.25)
 
 

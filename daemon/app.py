@@ -34,7 +34,7 @@ from actors.dispatcher import (
     Wake,
 )
 from actors.heart import Beat, Heart
-from actors.mailbox import Mailbox
+from actors.mailbox import Mailbox, MailboxClosed
 from actors.ports import NullObserver, Outcome, ProgressUpdate, StoreUnavailable
 from actors.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.registry import Registry
@@ -179,11 +179,6 @@ class Daemon:
             with trio.move_on_after(10):
                 while any(d.running for d in self.dispatchers.values()):
                     await trio.sleep(0.05)
-        # Let the completer write what the workers handed it.
-        with trio.move_on_after(10):
-            while self._completer_box.qsize():
-                await trio.sleep(0.02)
-            await trio.sleep(0.05)
 
     async def _signals(self, signals: Any) -> None:
         async for signum in signals:
@@ -215,8 +210,8 @@ class Daemon:
         def report_progress(job_id: int, token: int, pct: float | None, note: str | None) -> None:
             try:
                 progress_box.tell_nowait(ProgressUpdate(job_id, token, pct, note))
-            except trio.WouldBlock:
-                pass  # progress is advisory; a full mailbox drops it, never the job
+            except (trio.WouldBlock, MailboxClosed):
+                pass  # progress is advisory; a full (or closing) mailbox drops it, never the job
 
         retention = [
             RetentionRule(state, parse_duration(getattr(jobs.retention, f"{state}_max_age")),
@@ -239,10 +234,13 @@ class Daemon:
             self._dispatcher_boxes[queue] = box
             pools.append(ChildSpec.for_actor(self._dispatcher_factory(box, settings, runner)))
         children = [
+            # Outcomes already handed over must reach the database before we exit.
             ChildSpec.for_actor(lambda: Batcher(self._completer_box, finish, clock=clock,
-                                                max_items=2000)),
+                                                max_items=2000),
+                                stop=Batcher.stopper(self._completer_box), shutdown_timeout=15),
             ChildSpec.for_actor(lambda: Batcher(progress_box, write_progress, clock=clock,
-                                                max_items=2000, max_wait_s=0.25)),
+                                                max_items=2000, max_wait_s=0.25),
+                                stop=Batcher.stopper(progress_box), shutdown_timeout=5),
             ChildSpec.for_actor(lambda: Heart(
                 heart_box, store, daemon_id=self.id, lease_s=lease_s,
                 interval_s=min(parse_duration(cfg.daemon.heartbeat), lease_s / 3),
@@ -328,8 +326,12 @@ class Daemon:
 
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == "jobd_enqueued":
-            targets = [self._dispatcher_boxes[payload]] if payload in self._dispatcher_boxes \
-                else self._dispatcher_boxes.values()
+            # An empty payload follows a (re)connect: anything may have been missed.
+            if payload:
+                box = self._dispatcher_boxes.get(payload)
+                targets = [box] if box is not None else []
+            else:
+                targets = list(self._dispatcher_boxes.values())
             for box in targets:
                 try:
                     box.tell_nowait(Wake())

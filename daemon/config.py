@@ -116,7 +116,9 @@ def load(path: Path | None, environ: dict[str, str] | None = None) -> Config:
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"{where}: no such file") from exc
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {_name_queue(path, exc)}") from exc
+    except msgspec.DecodeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     if path:
         base = path.parent
@@ -128,6 +130,26 @@ def load(path: Path | None, environ: dict[str, str] | None = None) -> Config:
         config.log.level = level
     _validate(config, where)
     return config
+
+
+def _name_queue(path: Path | None, exc: msgspec.ValidationError) -> str:
+    """msgspec spells a dict entry `$.queues[...]`; name the queue that failed instead."""
+    message = str(exc)
+    if path is None or "$.queues[...]" not in message:
+        return message
+    try:
+        queues = msgspec.toml.decode(path.read_bytes()).get("queues")
+    except (OSError, msgspec.DecodeError):
+        return message
+    for name, value in queues.items() if isinstance(queues, dict) else ():
+        try:
+            msgspec.convert(value, Queue)
+        except msgspec.ValidationError as inner:
+            text = str(inner)
+            if " - at `$" in text:
+                return text.replace(" - at `$", f" - at `$.queues.{name}", 1)
+            return f"{text} - at `$.queues.{name}`"
+    return message
 
 
 def _validate(config: Config, where: str) -> None:
