@@ -45,13 +45,13 @@ async def store_numbers(url: str, results: dict) -> None:
         results["store_round_trip_us"] = (time.perf_counter() - t) / n * 1e6
 
         t = time.perf_counter()
-        for i in range(n):
+        for _ in range(n):
             await store.enqueue_many([NewJob(kind="noop", queue="warm", args="{}")])
         results["enqueue_single_store_jobs_per_s"] = n / (time.perf_counter() - t)
 
         total, batch = 100_000, 5000
         t = time.perf_counter()
-        for start in range(0, total, batch):
+        for _ in range(0, total, batch):
             await store.enqueue_many(
                 [NewJob(kind="noop", queue="bulk", args="{}") for _ in range(batch)]
             )

@@ -28,12 +28,20 @@ def parser() -> argparse.ArgumentParser:
                    help="control socket (default: $JOBD_SOCKET, else <state dir>/jobd.sock)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=30.0)
+    # `--json` works before or after the subcommand (`jobctl --json get 1`, `jobctl get 1 --json`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("ping", help="is the daemon up and ready")
-    sub.add_parser("tree", help="the live supervisor tree")
-    sub.add_parser("stats", help="job counts per queue and state")
-    sub.add_parser("nodes", help="daemons sharing this database")
-    enq = sub.add_parser("enqueue", help="enqueue one job, or a batch from --args-file")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    command("ping", "is the daemon up and ready")
+    command("tree", "the live supervisor tree")
+    command("stats", "job counts per queue and state")
+    command("nodes", "daemons sharing this database")
+    enq = command("enqueue", "enqueue one job, or a batch from --args-file")
     enq.add_argument("kind")
     src = enq.add_mutually_exclusive_group()
     src.add_argument("--args", default="{}", help="JSON object of handler args")
@@ -47,9 +55,9 @@ def parser() -> argparse.ArgumentParser:
     enq.add_argument("--max-attempts", type=int)
     enq.add_argument("--timeout-s", type=float)
     enq.add_argument("--tag", action="append", default=[], dest="tags")
-    get = sub.add_parser("get", help="one job: state, attempts, progress, result, errors")
+    get = command("get", "one job: state, attempts, progress, result, errors")
     get.add_argument("id", type=int)
-    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel = command("cancel", "cancel a queued or running job")
     cancel.add_argument("id", type=int)
     return p
 

@@ -21,8 +21,8 @@ TABLES = {
                      " job_id bigint NOT NULL, name text, attempt int NOT NULL,"
                      " at timestamptz NOT NULL DEFAULT clock_timestamp())",
     "attempt_log": "CREATE TABLE attempt_log ("
-                   " job_id bigint NOT NULL, attempt int NOT NULL, pid int NOT NULL,"
-                   " at timestamptz NOT NULL DEFAULT clock_timestamp())",
+                   " job_id bigint NOT NULL, attempt int NOT NULL, token int NOT NULL,"
+                   " pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())",
     "nap_log": "CREATE TABLE nap_log ("
                " job_id bigint NOT NULL, attempt int NOT NULL, pid int NOT NULL,"
                " event text NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())",
@@ -57,16 +57,23 @@ class RecordArgs(msgspec.Struct):
 
 @job("record_attempt", queue="shared", max_attempts=25)
 async def record_attempt(ctx: Context, args: RecordArgs) -> dict:
-    """Logs (job, attempt, daemon pid) and completes the job in the same transaction."""
+    """Logs (job, attempt, lease token, daemon pid), then completes the job.
+
+    The log row commits on its own, before the job completes: a second run of the same
+    attempt would leave a second row even though its completion would be fenced (and
+    would roll back anything written in the completing transaction).
+    """
+    pid = os.getpid()
     if args.hold_s:
         await trio.sleep(args.hold_s)
+    await ctx.execute(
+        "INSERT INTO attempt_log (job_id, attempt, token, pid) VALUES ($1, $2, $3, $4)",
+        ctx.job.id, ctx.job.attempt, ctx._token, pid,
+    )
+    result = {"pid": pid, "attempt": ctx.job.attempt}
     async with ctx.transaction() as tx:
-        await tx.execute(
-            "INSERT INTO attempt_log (job_id, attempt, pid) VALUES ($1, $2, $3)",
-            ctx.job.id, ctx.job.attempt, os.getpid(),
-        )
-        await tx.complete({"pid": os.getpid(), "attempt": ctx.job.attempt})
-    return {"pid": os.getpid(), "attempt": ctx.job.attempt}
+        await tx.complete(result)
+    return result
 
 
 class NapArgs(msgspec.Struct):
