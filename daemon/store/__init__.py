@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -16,6 +17,8 @@ from actors.ports import (
     Claimed,
     Enqueued,
     NewJob,
+    NullObserver,
+    Observer,
     Outcome,
     ProgressUpdate,
     StoreUnavailable,
@@ -40,6 +43,7 @@ class PgStore:
         self._pool: asyncpg.Pool | None = None
         self.healthy = False
         self.schema_version = 0
+        self.observer: Observer = NullObserver()
 
     # -- life -------------------------------------------------------------------
 
@@ -71,26 +75,28 @@ class PgStore:
                     pass
             pool.terminate()
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(pool, *args)` on the asyncio side; track health for /readyz."""
+    async def _run(self, fn: Callable[..., Any], *args: Any, op: str = "other") -> Any:
+        """Run `fn(pool, *args)` on the asyncio side; track health (/readyz) and timing."""
         if self._pool is None:
             raise StoreUnavailable("store is not connected")
+        started = time.perf_counter()
         try:
             result = await bridge.call(fn, self._pool, *args)
         except StoreUnavailable:
             self.healthy = False
             raise
+        self.observer.db_round_trip(op, time.perf_counter() - started)
         self.healthy = True
         return result
 
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        return await self._run(_fetch, sql, *args)
+    async def _fetch(self, sql: str, *args: Any, op: str = "other") -> list[asyncpg.Record]:
+        return await self._run(_fetch, sql, *args, op=op)
 
-    async def _execute(self, sql: str, *args: Any) -> str:
-        return await self._run(_execute, sql, *args)
+    async def _execute(self, sql: str, *args: Any, op: str = "other") -> str:
+        return await self._run(_execute, sql, *args, op=op)
 
     async def ping(self) -> None:
-        await self._run(_fetchval, "SELECT 1")
+        await self._run(_fetchval, "SELECT 1", op="ping")
 
     async def migrations_current(self) -> bool:
         return self.schema_version >= migrate.latest_version()
@@ -103,10 +109,16 @@ class PgStore:
         await self._execute(q.REGISTER_DAEMON, daemon_id, region, host, pid, version)
 
     async def heartbeat(
-        self, daemon_id: str, lease_s: float, status: str, draining: bool,
+        self,
+        daemon_id: str,
+        lease_s: float,
+        status: str,
+        draining: bool,
         now: datetime | None = None,
     ) -> int:
-        tag = await self._execute(q.HEARTBEAT, daemon_id, lease_s, status, draining, now)
+        tag = await self._execute(
+            q.HEARTBEAT, daemon_id, lease_s, status, draining, now, op="heartbeat"
+        )
         return int(tag.split()[-1])
 
     async def deregister_daemon(self, daemon_id: str) -> None:
@@ -137,7 +149,7 @@ class PgStore:
             [_array_literal(j.tags) for j in jobs],
             [j.timeout_s for j in jobs],
         )
-        rows = await self._fetch(q.ENQUEUE_MANY, *columns)
+        rows = await self._fetch(q.ENQUEUE_MANY, *columns, op="enqueue")
         out = []
         for job, row in zip(jobs, rows, strict=True):
             job_id = row["id"]
@@ -149,19 +161,24 @@ class PgStore:
         return out
 
     async def claim(
-        self, queue: str, limit: int, owner: str, lease_s: float, kinds: list[str],
+        self,
+        queue: str,
+        limit: int,
+        owner: str,
+        lease_s: float,
+        kinds: list[str],
         now: datetime | None = None,
     ) -> list[Claimed]:
-        rows = await self._fetch(q.CLAIM, queue, limit, owner, lease_s, now, kinds)
+        rows = await self._fetch(q.CLAIM, queue, limit, owner, lease_s, now, kinds, op="claim")
         return [Claimed(**dict(r)) for r in rows]
 
     async def next_due(self, queue: str, kinds: list[str]) -> float | None:
-        return await self._run(_fetchval, q.NEXT_DUE, queue, kinds)
+        return await self._run(_fetchval, q.NEXT_DUE, queue, kinds, op="next_due")
 
     async def finish_many(self, outcomes: list[Outcome]) -> set[int]:
         if not outcomes:
             return set()
-        rows = await self._fetch(q.FINISH_MANY, *_outcome_columns(outcomes))
+        rows = await self._fetch(q.FINISH_MANY, *_outcome_columns(outcomes), op="finish")
         return {r["id"] for r in rows}
 
     async def write_progress(self, updates: list[ProgressUpdate], lease_s: float) -> None:
@@ -173,6 +190,7 @@ class PgStore:
                 [u.pct for u in updates],
                 [u.note for u in updates],
                 lease_s,
+                op="progress",
             )
 
     async def cancel(self, job_id: int) -> tuple[str, str] | None:
@@ -192,22 +210,29 @@ class PgStore:
     # -- maintenance --------------------------------------------------------------
 
     async def rescue_expired(self, limit: int, now: datetime | None = None) -> list[Swept]:
-        return [Swept(**dict(r)) for r in await self._fetch(q.RESCUE_EXPIRED, limit, now)]
+        rows = await self._fetch(q.RESCUE_EXPIRED, limit, now, op="rescue")
+        return [Swept(**dict(r)) for r in rows]
 
     async def expire_overdue(
         self, limit: int, grace_s: float, now: datetime | None = None
     ) -> list[Swept]:
-        rows = await self._fetch(q.EXPIRE_OVERDUE, limit, grace_s, now)
+        rows = await self._fetch(q.EXPIRE_OVERDUE, limit, grace_s, now, op="expire")
         return [Swept(**dict(r)) for r in rows]
 
     async def promote_due(self, limit: int, now: datetime | None = None) -> int:
         return int((await self._execute(q.PROMOTE_DUE, limit, now)).split()[-1])
 
     async def prune_finished(
-        self, state: str, max_age_s: float, max_count: int, limit: int,
+        self,
+        state: str,
+        max_age_s: float,
+        max_count: int,
+        limit: int,
         now: datetime | None = None,
     ) -> int:
-        tag = await self._execute(q.PRUNE_FINISHED, state, max_age_s, max_count, limit, now)
+        tag = await self._execute(
+            q.PRUNE_FINISHED, state, max_age_s, max_count, limit, now, op="prune"
+        )
         return int(tag.split()[-1])
 
     # -- handler transactions and notifications ------------------------------------
