@@ -133,7 +133,7 @@ def new_job(spec: JobSpec) -> NewJob:
     if spec.run_at is not None:
         run_at = spec.run_at if spec.run_at.tzinfo else spec.run_at.replace(tzinfo=UTC)
         delay_s = (run_at - datetime.now(UTC)).total_seconds()
-    max_attempts = spec.max_attempts or jobdef.max_attempts
+    max_attempts = spec.max_attempts if spec.max_attempts is not None else jobdef.max_attempts
     if max_attempts < 1:
         raise BadRequest("max_attempts must be at least 1")
     return NewJob(
@@ -146,7 +146,7 @@ def new_job(spec: JobSpec) -> NewJob:
         delay_s=max(delay_s, 0.0) if delay_s is not None else None,
         max_attempts=max_attempts,
         tags=spec.tags,
-        timeout_s=spec.timeout_s or jobdef.timeout_s,
+        timeout_s=spec.timeout_s if spec.timeout_s is not None else jobdef.timeout_s,
     )
 
 

@@ -168,7 +168,7 @@ class Daemon:
             await box.tell(Drain())
         grace = parse_duration(self.config.daemon.drain_grace)
         with trio.move_on_after(grace):
-            while any(d.running for d in self.dispatchers.values()):
+            while any(d.running for d in self.dispatchers.values()):  # noqa: ASYNC110 - once, at shutdown
                 await trio.sleep(0.05)
         left = sum(d.running for d in self.dispatchers.values())
         if left:
@@ -177,7 +177,7 @@ class Daemon:
             for box in self._dispatcher_boxes.values():
                 await box.tell(Release())
             with trio.move_on_after(10):
-                while any(d.running for d in self.dispatchers.values()):
+                while any(d.running for d in self.dispatchers.values()):  # noqa: ASYNC110
                     await trio.sleep(0.05)
 
     async def _signals(self, signals: Any) -> None:
@@ -202,6 +202,14 @@ class Daemon:
 
         async def finish(batch: list[Outcome]) -> None:
             await store.finish_many(batch)
+            if any(o.state in ("available", "scheduled") for o in batch):
+                # A retry or snooze was just written and no NOTIFY announces it: let the
+                # dispatchers look again (next_due then sleeps them until its run_at).
+                for box in self._dispatcher_boxes.values():
+                    try:
+                        box.tell_nowait(Wake())
+                    except trio.WouldBlock:
+                        pass  # a full mailbox means it is busy; it will claim again anyway
 
         async def write_progress(batch: list[ProgressUpdate]) -> None:
             latest = {u.id: u for u in batch}  # the newest update per job wins

@@ -130,17 +130,23 @@ class Connection:
 
     async def _request(self, line: bytes) -> None:
         try:
-            await self._reply(await self._answer(line))
+            try:
+                reply = await self._answer(line)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the daemon
+                log.exception("control request failed", extra={"event": "control.crashed"})
+                reply = c.Error(code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
+            await self._reply(reply)
         finally:
             self._in_flight.release()
 
     async def _answer(self, line: bytes) -> c.Reply:
         try:
             envelope = c.envelope_decoder.decode(line)
-        except msgspec.DecodeError as exc:
-            return c.Error(code=ErrorCode.BAD_JSON, message=str(exc))
-        except msgspec.ValidationError:
+        except msgspec.ValidationError:  # a subclass of DecodeError: catch it first
             envelope = c._Envelope()
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
+            return c.Error(code=ErrorCode.BAD_JSON, message=str(exc))
         request_id = envelope.id if isinstance(envelope.id, int) else None
         try:
             cmd = c.command_decoder.decode(line)
@@ -149,7 +155,7 @@ class Connection:
             if envelope.type is not None and envelope.type not in c.COMMAND_NAMES:
                 code = ErrorCode.UNKNOWN_COMMAND
             return c.Error(id=request_id, code=code, message=str(exc))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             return c.Error(id=request_id, code=ErrorCode.BAD_JSON, message=str(exc))
         if isinstance(cmd, c.Hello):
             try:

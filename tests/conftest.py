@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -63,17 +66,21 @@ def _quote_ident(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres | None]:
+def pg_cluster()) -> Iterator[EmbeddedPostgres | None]:
     """The session's embedded cluster, or None when JOBD_TEST_DATABASE_URL is set."""
     if os.environ.get(TEST_DATABASE_URL_ENV):
         yield None
         return
-    cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), fast=True)
+    # A private directory, not pytest's tmp tree: a concurrent pytest session prunes
+    # old tmp trees and resets their modes, which would pull the cluster from under us.
+    root = Path(tempfile.mkdtemp(prefix="jobd-test-pg-"))
+    cluster = EmbeddedPostgres(root, fast=True)
     cluster.start()
     try:
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

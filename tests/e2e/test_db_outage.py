@@ -7,7 +7,9 @@ Uses a private cluster (not the session one) so the test can stop and restart it
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,13 +49,18 @@ def enqueue_and_complete(daemon: JobdProcess, kind: str = "noop") -> int:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path / "pg", fast=True)
+def cluster() -> Iterator[EmbeddedPostgres]:
+    # Not under tmp_path: every pytest session that starts resets /tmp/pytest-of-<user> to
+    # 0700, which (running as root) locks the server user out of a cluster below it until
+    # start() re-adds o+x; a concurrent run can do that between the two and fail the restart.
+    root = Path(tempfile.mkdtemp(prefix="jobd-t-"))
+    pg = EmbeddedPostgres(root / "pg", fast=True)
     pg.start()
     try:
         yield pg
     finally:
         pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_daemon_survives_database_outage(cluster: EmbeddedPostgres, tmp_path: Path) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -140,6 +142,20 @@ def processes() -> Iterator[list[JobdProcess]]:
 
 
 @pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A directory outside pytest's basetemp for clusters that are (re)started mid-test.
+
+    Every pytest session that starts resets /tmp/pytest-of-<user> to 0700, which locks the
+    embedded server's user (`nobody` when running as root) out of a cluster under
+    tmp_path until EmbeddedPostgres.start() re-adds o+x; a concurrent run in the same repo
+    can do that right between the two. A private mkdtemp() directory is never touched.
+    """
+    path = Path(tempfile.mkdtemp(prefix="jobd-t-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def notify(tmp_path: Path) -> Iterator[NotifyListener]:
     listener = NotifyListener(tmp_path / "notify.sock")
     yield listener
@@ -197,10 +213,10 @@ def _run_once(daemon: JobdProcess, notify: NotifyListener) -> tuple[float, int]:
     return to_ready, postmaster
 
 
-def test_notify_ready_tree_sigterm(tmp_path: Path, notify: NotifyListener,
+def test_notify_ready_tree_sigterm(private_dir: Path, notify: NotifyListener,
                                    processes: list[JobdProcess]) -> None:
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"}
-    daemon = JobdProcess(tmp_path / "d", "", database=False, env=env)
+    daemon = JobdProcess(private_dir / "d", "", database=False, env=env)
     daemon.env.pop("WATCHDOG_PID", None)
     processes.append(daemon)
     assert not (daemon.directory / "state").exists()  # a fresh machine

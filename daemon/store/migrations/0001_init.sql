@@ -88,6 +88,9 @@ CREATE FUNCTION jobd.enqueue(
     tags         text[] DEFAULT '{}',
     timeout_s    double precision DEFAULT NULL
 ) RETURNS bigint LANGUAGE plpgsql AS $$
+-- Parameters share the columns' names: inside SQL, a bare name means the column
+-- (ON CONFLICT (unique_key) ...); VALUES has no columns in scope, so there it means the parameter.
+#variable_conflict use_column
 DECLARE
     new_id bigint;
 BEGIN

@@ -1,0 +1,254 @@
+"""daemon.config: decoding, defaults, overrides, errors that name their key, the state dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    load,
+    parse_duration,
+    read_token,
+    socket_path,
+    state_dir,
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "jobd.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path | None, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(path, environ or {})
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_exit_code_is_ex_config() -> None:
+    assert EX_CONFIG == 78
+
+
+def test_no_file_gives_the_defaults() -> None:
+    config = load(None, {})
+    assert config == Config()
+    assert config.region == "default"
+    assert config.database.url is None  # -> embedded Postgres
+    assert (config.database.pool_min, config.database.pool_max) == (2, 10)
+    assert parse_duration(config.database.timeout) == 30
+    assert config.control.socket is None and config.control.max_connections == 256
+    assert (config.log.level, config.log.format) == ("info", "auto")
+    assert config.handlers.modules == [] and config.handlers.paths == []
+    assert config.queues == {}
+    assert config.queue("anything").concurrency == 10
+    assert config.queue("anything").claim_batch == 200
+    assert parse_duration(config.jobs.lease) == 30
+    assert parse_duration(config.jobs.retention.failed_max_age) == 7 * 86400
+    assert parse_duration(config.daemon.drain_grace) == 30
+
+
+def test_an_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert load(write(tmp_path, ""), {}) == Config()
+
+
+def test_a_full_file(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+region = "eu-west"
+[database]
+url = "postgresql://db/jobd"
+pool_min = 1
+pool_max = 4
+timeout = "5s"
+[control]
+socket = "/run/jobd/jobd.sock"
+max_connections = 8
+[log]
+level = "debug"
+format = "json"
+[handlers]
+modules = ["examples.basic"]
+paths = ["lib", "/abs"]
+[jobs]
+lease = "2m"
+poll_interval = 0.5
+progress_every = "500ms"
+[jobs.retention]
+completed_max_age = "1h"
+completed_max_count = 5
+[daemon]
+drain_grace = 10
+[queues.effects]
+concurrency = 3
+timeout = "1h"
+max_attempts = 7
+""")
+    config = load(path, {})
+    assert config.region == "eu-west"
+    assert config.database.url == "postgresql://db/jobd"
+    assert (config.database.pool_min, config.database.pool_max) == (1, 4)
+    assert config.control.socket == "/run/jobd/jobd.sock"
+    assert socket_path(config, tmp_path) == Path("/run/jobd/jobd.sock")
+    assert config.log.level == "debug"
+    assert config.handlers.modules == ["examples.basic"]
+    # Handler paths are relative to the file.
+    assert config.handlers.paths == [str((tmp_path / "lib").resolve()), "/abs"]
+    assert config.queue("effects").concurrency == 3
+    assert config.queue("effects").max_attempts == 7
+    assert config.queue("default").concurrency == 10
+
+
+@pytest.mark.parametrize(("written", "seconds"), [
+    ('"500ms"', 0.5), ('"30s"', 30), ('"10m"', 600), ('"2h"', 7200), ('"7d"', 604800),
+    ("45", 45), ("1.5", 1.5), ('"90"', 90), ('" 3 s "', 3),
+])
+def test_durations(tmp_path: Path, written: str, seconds: float) -> None:
+    config = load(write(tmp_path, f"[jobs]\nlease = {written}\n"), {})
+    assert parse_duration(config.jobs.lease) == pytest.approx(seconds)
+
+
+def test_socket_defaults_to_the_state_dir(tmp_path: Path) -> None:
+    assert socket_path(load(None, {}), tmp_path) == tmp_path / "jobd.sock"
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_env_database_url_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[database]\nurl = "postgresql://file/jobd"\n')
+    assert load(path, {}).database.url == "postgresql://file/jobd"
+    config = load(path, {"JOBD_DATABASE_URL": "postgresql://env/jobd"})
+    assert config.database.url == "postgresql://env/jobd"
+    # An empty variable is not an override.
+    assert load(path, {"JOBD_DATABASE_URL": ""}).database.url == "postgresql://file/jobd"
+
+
+def test_credentials_directory_database_url(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "database-url").write_text("postgresql://cred/jobd\n")
+    path = write(tmp_path, '[database]\nurl = "postgresql://file/jobd"\n')
+    environ = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert load(path, environ).database.url == "postgresql://cred/jobd"  # stripped
+    assert load(None, environ).database.url == "postgresql://cred/jobd"
+    # The environment variable beats the credential.
+    environ["JOBD_DATABASE_URL"] = "postgresql://env/jobd"
+    assert load(path, environ).database.url == "postgresql://env/jobd"
+
+
+def test_missing_or_empty_credential_is_ignored(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    path = write(tmp_path, '[database]\nurl = "postgresql://file/jobd"\n')
+    assert load(path, {"CREDENTIALS_DIRECTORY": str(creds)}).database.url == \
+        "postgresql://file/jobd"
+    (creds / "database-url").write_text("  \n")
+    assert load(path, {"CREDENTIALS_DIRECTORY": str(creds)}).database.url == \
+        "postgresql://file/jobd"
+
+
+def test_env_log_level_overrides_and_is_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, '[log]\nlevel = "info"\n')
+    assert load(path, {"JOBD_LOG_LEVEL": "debug"}).log.level == "debug"
+    message = error_of(path, {"JOBD_LOG_LEVEL": "loud"})
+    assert "$.log.level" in message
+
+
+def test_api_token_from_credentials_or_file(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "api-token").write_text("s3cret\n")
+    config = load(None, {})
+    assert read_token(config, {}) is None
+    assert read_token(config, {"CREDENTIALS_DIRECTORY": str(creds)}) == "s3cret"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    config.control.token_file = str(token_file)
+    assert read_token(config, {"CREDENTIALS_DIRECTORY": str(creds)}) == "from-file"
+    config.control.token_file = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="control.token_file"):
+        read_token(config, {})
+
+
+# --------------------------------------------------------------------------- errors name their key
+
+
+@pytest.mark.parametrize(("text", "key_path"), [
+    ('[queues.x]\nconcurrency = "ten"\n', "$.queues.x.concurrency"),
+    ("[queues.x]\nconcurrency = 0\n", "$.queues.x.concurrency"),
+    ("[queues.x]\nclaim_batch = 1.5\n", "$.queues.x.claim_batch"),
+    ("[queues.ok]\n[queues.bad]\nmax_attempts = 0\n", "$.queues.bad.max_attempts"),
+    ('[queues.x]\ntimeout = "soon"\n', "$.queues.x.timeout"),
+    ("[database]\npool_max = 0\n", "$.database.pool_max"),
+    ('[database]\npool_min = "2"\n', "$.database.pool_min"),
+    ('[database]\ntimeout = "forever"\n', "$.database.timeout"),
+    ('[log]\nlevel = "loud"\n', "$.log.level"),
+    ('[log]\nformat = "xml"\n', "$.log.format"),
+    ('[jobs]\nlease = "3 fortnights"\n', "$.jobs.lease"),
+    ("[jobs]\nlease = -1\n", "$.jobs.lease"),
+    ("[jobs]\nlease = true\n", "$.jobs.lease"),
+    ('[jobs]\nreaper_interval = "1w"\n', "$.jobs.reaper_interval"),
+    ('[jobs.retention]\nfailed_max_age = "x"\n', "$.jobs.retention.failed_max_age"),
+    ("[jobs.retention]\ncompleted_max_count = -1\n", "$.jobs.retention.completed_max_count"),
+    ('[daemon]\ndrain_grace = "later"\n', "$.daemon.drain_grace"),
+    ('[handlers]\nmodules = "examples.basic"\n', "$.handlers.modules"),
+    ('region = "has space"\n', "$.region"),
+    ("region = 5\n", "$.region"),
+])
+def test_errors_name_the_key_path(tmp_path: Path, text: str, key_path: str) -> None:
+    path = write(tmp_path, text)
+    message = error_of(path)
+    assert f"`{key_path}`" in message, message
+    assert str(path) in message  # and the file
+
+
+@pytest.mark.parametrize(("text", "field", "where"), [
+    ("bogus = 1\n", "bogus", None),  # top level: the field is the whole path
+    ("[database]\nuser = 'x'\n", "user", "$.database"),
+    ("[jobs.retention]\nkeep = 1\n", "keep", "$.jobs.retention"),
+    ("[queues.x]\nconcurrency = 3\nbogus = 1\n", "bogus", "$.queues.x"),
+    ("[nonsense]\na = 1\n", "nonsense", None),
+])
+def test_unknown_keys_are_refused_with_their_path(tmp_path: Path, text: str, field: str,
+                                                  where: str | None) -> None:
+    message = error_of(write(tmp_path, text))
+    assert "unknown field" in message and f"`{field}`" in message, message
+    if where is not None:
+        assert f"`{where}`" in message, message
+
+
+def test_bad_queue_name_is_refused(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, '[queues."no spaces"]\nconcurrency = 1\n'))
+    assert "$.queues" in message
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    assert str(tmp_path / "jobd.toml") in error_of(write(tmp_path, "region = \n"))
+    assert "no such file" in error_of(tmp_path / "missing.toml")
+
+
+# --------------------------------------------------------------------------- state dir
+
+
+def test_state_dir_precedence(tmp_path: Path) -> None:
+    env = {"JOBD_STATE_DIR": "/from/jobd", "STATE_DIRECTORY": "/from/systemd"}
+    assert state_dir("/from/flag", env) == Path("/from/flag")
+    assert state_dir(None, env) == Path("/from/jobd")
+    assert state_dir(None, {"STATE_DIRECTORY": "/from/systemd"}) == Path("/from/systemd")
+    assert state_dir(None, {}) == Path.home() / ".local" / "state" / "jobd"
+    # Empty values do not count.
+    assert state_dir("", {"JOBD_STATE_DIR": "", "STATE_DIRECTORY": "/s"}) == Path("/s")
+
+
+def test_state_dir_systemd_list_and_home() -> None:
+    # systemd passes several colon-separated directories when StateDirectory= names several.
+    assert state_dir(None, {"STATE_DIRECTORY": "/var/lib/jobd:/var/lib/other"}) == \
+        Path("/var/lib/jobd")
+    assert state_dir("~/jobd", {}) == Path.home() / "jobd"

@@ -1,0 +1,222 @@
+"""Maintenance statements (rescue, expire, promote, prune) and one Reaper.sweep() pass.
+
+Statement tests pin `now`; the sweep test uses real time only where the outcome
+cannot depend on it (leases that expired before the sweep began, start times an
+hour in the past).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import msgspec
+
+from actors.clock import TrioClock
+from actors.mailbox import Mailbox
+from actors.ports import NewJob, NullObserver, Outcome
+from actors.reaper import Reaper, ReaperSettings, RetentionRule, Sweep, SweepReport
+
+
+def secs(n: float) -> timedelta:
+    return timedelta(seconds=n)
+
+
+async def running_job(store, *, owner: str = "d1", lease_s: float = 30.0, **options):
+    """Enqueue and claim one job; returns (claimed, the pinned claim time)."""
+    [done] = await store.enqueue_many([NewJob(kind="k", **options)])
+    t0 = (await store.get_job(done.id))["run_at"] + secs(1)
+    [job] = await store.claim("default", 1, owner, lease_s, ["k"], now=t0)
+    assert job.id == done.id
+    return job, t0
+
+
+def errors(row) -> list[dict]:
+    return msgspec.json.decode(row["errors"])
+
+
+# --------------------------------------------------------------------------- rescue
+
+
+async def test_expired_lease_is_rescued_back_to_available(store):
+    job, t0 = await running_job(store, owner="dead-daemon", lease_s=30)
+    assert await store.rescue_expired(100, now=t0 + secs(29)) == []
+    assert await store.rescue_expired(100, now=t0 + secs(30)) == []  # lease_until is not < now
+    [swept] = await store.rescue_expired(100, now=t0 + secs(31))
+    assert (swept.id, swept.state, swept.kind, swept.queue) == (job.id, "available", "k",
+                                                                "default")
+    row = await store.get_job(job.id)
+    assert (row["state"], row["lease_owner"], row["lease_until"]) == ("available", None, None)
+    assert row["run_at"] == t0 + secs(31)
+    assert row["finished_at"] is None
+    [error] = errors(row)
+    assert (error["class"], error["attempt"], error["duration_s"]) == ("rescued", 1, 31)
+    assert "dead-daemon" in error["message"]
+    # The token moved on: the lost attempt's finish is fenced out ...
+    late = Outcome(id=job.id, token=job.lease_token, state="completed")
+    assert await store.finish_many([late]) == set()
+    # ... and the next claim gets a newer token still.
+    [again] = await store.claim("default", 1, "d2", 30, ["k"], now=t0 + secs(32))
+    assert (again.attempt, again.lease_token) == (2, job.lease_token + 2)
+
+
+async def test_rescue_fails_a_job_out_of_attempts(store):
+    job, t0 = await running_job(store, max_attempts=1)
+    [swept] = await store.rescue_expired(100, now=t0 + secs(60))
+    assert swept.state == "failed"
+    row = await store.get_job(job.id)
+    assert (row["state"], row["finished_at"]) == ("failed", t0 + secs(60))
+    assert [e["class"] for e in errors(row)] == ["rescued"]
+
+
+async def test_rescue_cancels_a_job_whose_cancel_was_requested(store):
+    job, t0 = await running_job(store, max_attempts=5)
+    assert await store.cancel(job.id) == ("running", "cancelling")
+    [swept] = await store.rescue_expired(100, now=t0 + secs(60))
+    assert swept.state == "cancelled"
+    row = await store.get_job(job.id)
+    assert (row["state"], row["finished_at"]) == ("cancelled", t0 + secs(60))
+
+
+async def test_rescue_works_in_batches_oldest_lease_first(store):
+    jobs = [(await running_job(store, lease_s=10 + i))[0] for i in range(3)]
+    [_, t0] = await running_job(store, lease_s=10_000)
+    later = t0 + secs(1000)
+    first = await store.rescue_expired(2, now=later)
+    second = await store.rescue_expired(2, now=later)
+    assert {s.id for s in first} == {jobs[0].id, jobs[1].id}
+    assert [s.id for s in second] == [jobs[2].id]
+    assert await store.rescue_expired(2, now=later) == []
+
+
+async def test_heartbeat_renews_leases_and_keeps_them_from_rescue(store):
+    job, t0 = await running_job(store, owner="alive", lease_s=30)
+    await store.register_daemon("alive", "r", "h", 1, "v")
+    assert await store.heartbeat("alive", 30, "ok", False, now=t0 + secs(25)) == 1
+    assert await store.rescue_expired(100, now=t0 + secs(45)) == []
+    assert len(await store.rescue_expired(100, now=t0 + secs(56))) == 1
+
+
+# --------------------------------------------------------------------------- timeouts, promotion
+
+
+async def test_expire_overdue_after_timeout_plus_grace(store):
+    job, t0 = await running_job(store, lease_s=3600, timeout_s=10, max_attempts=3)
+    assert await store.expire_overdue(100, 5, now=t0 + secs(15)) == []
+    [swept] = await store.expire_overdue(100, 5, now=t0 + secs(16))
+    assert (swept.id, swept.state) == (job.id, "available")
+    row = await store.get_job(job.id)
+    assert (row["state"], row["lease_owner"], row["run_at"]) == ("available", None,
+                                                                 t0 + secs(16))
+    [error] = errors(row)
+    assert (error["class"], error["duration_s"]) == ("timeout", 16)
+    assert await store.finish_many(
+        [Outcome(id=job.id, token=job.lease_token, state="completed")]) == set()
+
+
+async def test_expire_overdue_fails_the_last_attempt_and_ignores_untimed_jobs(store):
+    job, t0 = await running_job(store, lease_s=3600, timeout_s=1, max_attempts=1)
+    untimed, _ = await running_job(store, lease_s=3600)
+    swept = await store.expire_overdue(100, 0, now=t0 + secs(3000))
+    assert [(s.id, s.state) for s in swept] == [(job.id, "failed")]
+    assert (await store.get_job(job.id))["finished_at"] == t0 + secs(3000)
+    assert (await store.get_job(untimed.id))["state"] == "running"
+
+
+async def test_promote_due(store):
+    [done] = await store.enqueue_many([NewJob(kind="k", delay_s=60)])
+    due = (await store.get_job(done.id))["run_at"]
+    assert await store.promote_due(100, now=due - secs(1)) == 0
+    assert await store.promote_due(100, now=due) == 1
+    assert (await store.get_job(done.id))["state"] == "available"
+    assert await store.promote_due(100, now=due) == 0
+
+
+# --------------------------------------------------------------------------- retention
+
+
+async def finished_jobs(store, sql, state: str, finished_at: list[datetime]) -> list[int]:
+    """Jobs in a final `state`, finished at the given (pinned) times."""
+    ids = []
+    for at in finished_at:
+        job, _ = await running_job(store)
+        assert await store.finish_many(
+            [Outcome(id=job.id, token=job.lease_token, state=state)]) == {job.id}
+        sql.execute("UPDATE jobd.jobs SET finished_at = $2 WHERE id = $1", job.id, at)
+        ids.append(job.id)
+    return ids
+
+
+def remaining(sql) -> set[int]:
+    return {r["id"] for r in sql.fetch("SELECT id FROM jobd.jobs")}
+
+
+async def test_prune_by_age(store, sql):
+    now = datetime.fromisoformat("2030-01-01T00:00:00+00:00")
+    old = await finished_jobs(store, sql, "completed", [now - secs(s) for s in (100, 50)])
+    new = await finished_jobs(store, sql, "completed", [now - secs(s) for s in (29, 1)])
+    failed = await finished_jobs(store, sql, "failed", [now - secs(1000)])
+    live, _ = await running_job(store)
+    assert await store.prune_finished("completed", 30, 1000, 100, now=now) == 2
+    assert remaining(sql) == {*new, *failed, live.id}
+    assert await store.prune_finished("completed", 30, 1000, 100, now=now) == 0
+    assert set(old).isdisjoint(remaining(sql))
+
+
+async def test_prune_by_count_keeps_the_newest_n_in_small_batches(store, sql):
+    now = datetime.fromisoformat("2030-01-01T00:00:00+00:00")
+    ids = await finished_jobs(store, sql, "completed", [now - secs(s) for s in (5, 4, 3, 2, 1)])
+    others = await finished_jobs(store, sql, "cancelled", [now - secs(s) for s in (9, 8, 7)])
+    deleted = [await store.prune_finished("completed", 10**9, 2, 2, now=now) for _ in range(3)]
+    assert deleted == [2, 1, 0]
+    assert remaining(sql) == {ids[3], ids[4], *others}
+
+
+async def test_prune_with_fewer_jobs_than_the_count_deletes_nothing(store, sql):
+    now = datetime.fromisoformat("2030-01-01T00:00:00+00:00")
+    await finished_jobs(store, sql, "failed", [now - secs(1), now - secs(2)])
+    assert await store.prune_finished("failed", 10**9, 2, 100, now=now) == 0
+    assert await store.prune_finished("failed", 10**9, 0, 100, now=now) == 2
+
+
+# --------------------------------------------------------------------------- one sweep
+
+
+async def test_sweep_reports_what_it_did(store, sql):
+    # Three leases that expired before the sweep starts (negative lease), one of them on
+    # its last attempt.
+    for max_attempts in (3, 3, 1):
+        await store.enqueue_many([NewJob(kind="lease", max_attempts=max_attempts)])
+    expired = await store.claim("default", 10, "gone", -1, ["lease"])
+    assert len(expired) == 3
+    # One attempt started an hour ago with a 10 s timeout, its lease still renewed.
+    [done] = await store.enqueue_many([NewJob(kind="slow", delay_s=-7200, timeout_s=10)])
+    hour_ago = (await store.get_job(done.id))["run_at"] + secs(3600)
+    [overdue] = await store.claim("default", 1, "stuck", 7200, ["slow"], now=hour_ago)
+    # One retry whose time has already come.
+    await store.enqueue_many([NewJob(kind="retry")])
+    [retry] = await store.claim("default", 1, "d", 30, ["retry"])
+    await store.finish_many([Outcome(id=retry.id, token=retry.lease_token, state="scheduled",
+                                     delay_s=-60)])
+    # Three completed jobs, of which retention keeps the newest one.
+    await store.enqueue_many([NewJob(kind="done") for _ in range(3)])
+    finished = await store.claim("default", 3, "d", 30, ["done"])
+    await store.finish_many([Outcome(id=j.id, token=j.lease_token, state="completed")
+                             for j in finished])
+    sql.execute("UPDATE jobd.jobs SET finished_at = finished_at - (id || ' s')::interval"
+                " WHERE state = 'completed'")
+
+    settings = ReaperSettings(batch=2, timeout_grace_s=0, retention=[
+        RetentionRule(state="completed", max_age_s=10**9, max_count=1)])
+    reaper = Reaper(Mailbox[Sweep]("reaper"), store, settings, observer=NullObserver(),
+                    clock=TrioClock())
+    report = await reaper.sweep()
+    assert report == SweepReport(rescued=3, failed_on_rescue=1, timed_out=1, promoted=1,
+                                 pruned=2)
+
+    states = dict(sql.fetch("SELECT id, state FROM jobd.jobs"))
+    assert sorted(states[j.id] for j in expired) == ["available", "available", "failed"]
+    assert states[overdue.id] == "available"
+    assert states[retry.id] == "available"
+    assert [i for i, s in states.items() if s == "completed"] == [min(j.id for j in finished)]
+    # A second pass finds nothing left to do.
+    assert await reaper.sweep() == SweepReport()
