@@ -66,7 +66,7 @@ def _quote_ident(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_cluster()) -> Iterator[EmbeddedPostgres | None]:
+def pg_cluster() -> Iterator[EmbeddedPostgres | None]:
     """The session's embedded cluster, or None when JOBD_TEST_DATABASE_URL is set."""
     if os.environ.get(TEST_DATABASE_URL_ENV):
         yield None
