@@ -6,15 +6,16 @@ come back as `protocol.errors.JobdError` with a stable code.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import trio
 
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import lookup
-from actors.ports import NewJob, Store, StoreUnavailable
+from actors.ports import Enqueued, NewJob, NullObserver, Observer, Store, StoreUnavailable
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, NotFound, Unavailable
 from protocol.framing import PROTOCOL_VERSION
@@ -34,6 +35,10 @@ class Control:
         tree: Callable[[], TreeNode],
         running_here: Callable[[], dict[str, tuple[int, int]]],
         cancel_here: Callable[[int], Awaitable[None]],
+        drain: Callable[[bool], Awaitable[c.DrainResult]] | None = None,
+        reload: Callable[[], Awaitable[c.ReloadResult]] | None = None,
+        pauses: Callable[[], set[tuple[str, str]]] | None = None,
+        observer: Observer | None = None,
     ):
         self._store = store
         self._server = server
@@ -41,6 +46,10 @@ class Control:
         self._tree = tree
         self._running_here = running_here
         self._cancel_here = cancel_here
+        self._drain = drain
+        self._reload = reload
+        self._pauses = pauses or set
+        self._observer: Observer = observer or NullObserver()
 
     async def handle(self, cmd: c.Command) -> Any:
         try:
@@ -57,7 +66,9 @@ class Control:
             case c.Tree():
                 return self._tree()
             case c.Enqueue():
-                [done] = await self._store.enqueue_many([new_job(cmd.job)])
+                row = new_job(cmd.job)
+                [done] = await self._store.enqueue_many([row])
+                self._count_enqueued([row], [done])
                 return c.EnqueueResult(id=done.id, created=done.created)
             case c.EnqueueBatch():
                 if len(cmd.jobs) > MAX_BATCH:
@@ -70,6 +81,7 @@ class Control:
                         exc.details["index"] = i
                         raise
                 done = await self._store.enqueue_many(rows)
+                self._count_enqueued(rows, done)
                 return c.BatchResult(ids=[d.id for d in done], created=sum(d.created for d in done))
             case c.Get():
                 row = await self._store.get_job(cmd.job_id)
@@ -89,7 +101,62 @@ class Control:
             case c.Nodes():
                 rows = await self._store.list_daemons()
                 return c.NodesResult(daemons=[DaemonView(**r) for r in rows])
+            case c.List():
+                rows = await self._store.list_jobs(cmd, cmd.cursor, cmd.limit)
+                more = len(rows) == cmd.limit
+                return c.JobsPage(jobs=[job_view(r) for r in rows],
+                                  next_cursor=rows[-1]["id"] if more else None)
+            case c.Summary():
+                return summary(await self._store.summarize(cmd))
+            case c.CancelMany() | c.Retry() | c.Delete() | c.Replay():
+                return await self._bulk(cmd)
+            case c.Pause() | c.Resume():
+                if isinstance(cmd, c.Pause):
+                    await self._store.pause(cmd.queue, cmd.key)
+                else:
+                    await self._store.resume(cmd.queue, cmd.key)
+                return c.PauseResult(queue=cmd.queue, key=cmd.key,
+                                     paused=isinstance(cmd, c.Pause))
+            case c.Drain() if self._drain is not None:
+                return await self._drain(not cmd.undo)
+            case c.Reload() if self._reload is not None:
+                return await self._reload()
+            case c.Watch():
+                return await self._handle(c.Get(job_id=cmd.job_id))
         raise JobdError(f"unhandled command {type(cmd).__name__}", code=ErrorCode.UNKNOWN_COMMAND)
+
+    async def _bulk(self, cmd: c.CancelMany | c.Retry | c.Delete | c.Replay) -> c.BulkResult:
+        if not cmd.has_filter():
+            raise BadRequest("a bulk operation needs ids or at least one filter",
+                             details={"filters": list(c.FILTER_FIELDS)})
+        if isinstance(cmd, c.Replay):
+            matched, ids = await self._store.replay_matching(cmd, cmd.dry_run)
+            return c.BulkResult(matched=matched, changed=len(ids), dry_run=cmd.dry_run, ids=ids)
+        operation = {c.CancelMany: self._store.cancel_matching, c.Retry: self._store.retry_matching,
+                     c.Delete: self._store.delete_matching}[type(cmd)]
+        matched, changed = await operation(cmd, cmd.dry_run)
+        return c.BulkResult(matched=matched, changed=changed, dry_run=cmd.dry_run)
+
+    async def watch(self, cmd: c.Watch) -> AsyncIterator[JobView]:
+        """The job now, then again each time it changes, until it is finished."""
+        last = None
+        while True:
+            view = await self._handle(c.Get(job_id=cmd.job_id))
+            snapshot = (view.state, view.attempt, view.progress, view.progress_note)
+            if snapshot != last:
+                yield view
+                last = snapshot
+            if view.state in FINISHED:
+                return
+            await trio.sleep(cmd.interval_s)
+
+    def _count_enqueued(self, rows: list[NewJob], done: list[Enqueued]) -> None:
+        created: dict[tuple[str, str], int] = {}
+        for row, d in zip(rows, done, strict=True):
+            if d.created:  # a unique-key hit created nothing
+                created[row.queue, row.kind] = created.get((row.queue, row.kind), 0) + 1
+        for (queue, kind), n in created.items():
+            self._observer.jobs_enqueued(queue, kind, n)
 
     def hello(self, cmd: c.Hello) -> c.HelloResult:
         if cmd.protocol < 1:
@@ -108,13 +175,30 @@ class Control:
         for queue, state, n in await self._store.stats():
             counts.setdefault(queue, {})[state] = n
         here = self._running_here()
-        for queue in here:
+        pauses = self._pauses()
+        for queue in [*here, *(q for q, _ in pauses)]:
             counts.setdefault(queue, {})
         return c.StatsResult(queues=[
             QueueCounts(queue=q, counts=counts[q], running_here=here.get(q, (0, 0))[0],
-                        concurrency=here[q][1] if q in here else None)
+                        concurrency=here[q][1] if q in here else None,
+                        paused=(q, "") in pauses,
+                        paused_keys=sorted(k for pq, k in pauses if pq == q and k))
             for q in sorted(counts)
         ])
+
+
+FINISHED = ("completed", "failed", "cancelled")
+
+
+def summary(by_state: dict[str, int]) -> c.SummaryResult:
+    def n(*states: str) -> int:
+        return sum(by_state.get(s, 0) for s in states)
+
+    return c.SummaryResult(
+        total=sum(by_state.values()), queued=n("scheduled", "available", "waiting"),
+        running=n("running"), completed=n("completed"), failed=n("failed"),
+        cancelled=n("cancelled"), by_state=by_state,
+    )
 
 
 def new_job(spec: JobSpec) -> NewJob:

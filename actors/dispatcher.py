@@ -31,7 +31,9 @@ class CancelJob(msgspec.Struct, tag="cancel_job"):
 
 
 class Drain(msgspec.Struct, tag="drain"):
-    """Stop claiming; running attempts go on."""
+    """Stop claiming (or, with undo, start again); running attempts go on."""
+
+    undo: bool = False
 
 
 class Release(msgspec.Struct, tag="release"):
@@ -68,6 +70,7 @@ class Dispatcher(Actor[DispatcherMsg]):
         runner: AttemptRunner,
         finish: Callable[[Outcome], Any],
         kinds: Callable[[], list[str]],
+        paused: Callable[[str], tuple[bool, list[str]]],
         observer: Observer,
         clock: Clock,
     ):
@@ -78,6 +81,7 @@ class Dispatcher(Actor[DispatcherMsg]):
         self._runner = runner
         self._finish = finish
         self._kinds = kinds
+        self._paused = paused
         self._observer = observer
         self._clock = clock
         self._attempts: dict[int, Attempt] = {}
@@ -112,7 +116,7 @@ class Dispatcher(Actor[DispatcherMsg]):
                 return True
             return False
         elif isinstance(msg, Drain):
-            self._draining = True
+            self._draining = not msg.undo
             self._wake.set()
         elif isinstance(msg, Release):
             self._draining = True
@@ -129,18 +133,25 @@ class Dispatcher(Actor[DispatcherMsg]):
         backoff = 0.05
         while True:
             if self._draining:
-                await trio.sleep_forever()
+                self._wake = trio.Event()
+                await self._wait(math.inf)
+                continue
             free = self.settings.concurrency - len(self._attempts)
             if free <= 0:
                 self._wake = trio.Event()  # set again when a slot frees
                 await self._wait(math.inf)
+                continue
+            queue_paused, paused_keys = self._paused(self.settings.queue)
+            if queue_paused:
+                self._wake = trio.Event()  # set by a resume (NOTIFY) or the poll timer
+                await self._wait(self.settings.poll_interval_s)
                 continue
             asked = min(free, self.settings.claim_batch)
             self._wake = trio.Event()
             try:
                 claimed = await self._store.claim(
                     self.settings.queue, asked, self._daemon_id, self.settings.lease_s,
-                    self._kinds(),
+                    self._kinds(), paused_keys=paused_keys,
                 )
                 wait_s = self.settings.poll_interval_s
                 if len(claimed) < asked:
@@ -174,11 +185,27 @@ class Dispatcher(Actor[DispatcherMsg]):
         self._observer.job_started(job.queue, job.kind, wait_s)
         try:
             outcome, label, run_s = await self._runner.run(attempt)
+            if outcome.error is not None and label in ("error", "failed", "timed_out"):
+                self._observer.error_classified(job.queue, _error_class(outcome.error))
             await self._finish(outcome)
             self._observer.job_finished(job.queue, job.kind, _metric_outcome(outcome, label), run_s)
         finally:
             del self._attempts[job.id]
             self._wake.set()
+
+
+class _ErrorClass(msgspec.Struct):
+    cls: str = msgspec.field(default="unknown", name="class")
+
+
+_error_class_decoder = msgspec.json.Decoder(_ErrorClass)
+
+
+def _error_class(error: str) -> str:
+    try:
+        return _error_class_decoder.decode(error).cls
+    except msgspec.DecodeError:
+        return "unknown"
 
 
 def _metric_outcome(outcome: Outcome, label: str) -> str:

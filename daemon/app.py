@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,16 @@ from actors.dispatcher import (
 )
 from actors.heart import Beat, Heart
 from actors.mailbox import Mailbox, MailboxClosed
-from actors.ports import NullObserver, Outcome, ProgressUpdate, StoreUnavailable
+from actors.ports import Outcome, ProgressUpdate, StoreUnavailable
 from actors.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.registry import Registry
 from actors.supervisor import ChildSpec, Strategy, Supervisor
 from actors.worker import AttemptRunner
 from daemon import __version__
-from daemon.config import Config, ConfigError, load, parse_duration, socket_path
+from daemon.config import Config, ConfigError, load, parse_duration, read_token, socket_path
 from daemon.control_socket import ControlServer, open_listener
+from daemon.http import HttpApp, HttpServer
+from daemon.metrics import Metrics, run_queue_gauges
 from daemon.store import PgStore, bridge
 from daemon.systemd import Notifier, run_watchdog
 from protocol import commands as c
@@ -59,8 +62,12 @@ class Daemon:
         self.notifier = notifier
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.clock = TrioClock()
-        self.observer = NullObserver()
         self.registry = Registry()
+        self.metrics = Metrics(version=__version__, region=config.region, daemon_id=self.id,
+                               running=self._running_here, mailboxes=self.registry,
+                               ready=self._ready_now, key_series_limit=config.metrics.key_series_limit,
+                               keys=config.metrics.keys)
+        self.observer = self.metrics.observer
         self.draining = False
         self.ready = False
         self.store: PgStore | None = None
@@ -68,6 +75,8 @@ class Daemon:
         self.dispatchers: dict[str, Dispatcher] = {}
         self._dispatcher_boxes: dict[str, Mailbox[DispatcherMsg]] = {}
         self._stop = trio.Event()
+        self.pauses: set[tuple[str, str]] = set()  # (queue, key); key "" = the whole queue
+        self._nursery: trio.Nursery | None = None
 
     # -- life -------------------------------------------------------------------------
 
@@ -92,6 +101,7 @@ class Daemon:
                 db = self.config.database
                 self.store = PgStore(url, pool_min=db.pool_min, pool_max=db.pool_max,
                                      timeout_s=parse_duration(db.timeout))
+                self.store.observer = self.observer
                 try:
                     if await self._connect():
                         await self._run_actors()
@@ -136,14 +146,19 @@ class Daemon:
         root = self._build_tree()
         control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
                           tree=self.registry.tree, running_here=self._running_here,
-                          cancel_here=self._cancel_here)
+                          cancel_here=self._cancel_here, drain=self.set_draining, observer=self.observer,
+                          reload=self.reload, pauses=lambda: self.pauses)
+        await self._refresh_pauses()
         sock = socket_path(self.config, self.state_dir)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(root.run)
             listener = await open_listener(sock, self.config.control.socket_group)
             server = ControlServer(control, max_connections=self.config.control.max_connections)
             nursery.start_soon(server.serve, listener)
-            async with self.store.listen(["jobd_enqueued", "jobd_cancel"], self._on_notify):
+            http = await self._start_http(nursery, control)
+            channels = ["jobd_enqueued", "jobd_cancel", "jobd_paused"]
+            async with self.store.listen(channels, self._on_notify):
                 self.ready = True
                 self.notifier.ready(self._status_line())
                 log.info("jobd %s ready (daemon %s, region %s, socket %s)", __version__, self.id,
@@ -151,6 +166,8 @@ class Daemon:
                 await self._stop.wait()
                 await self._drain()
                 await root.stop()
+                if http is not None:
+                    await http.stop()
             nursery.cancel_scope.cancel()
         sock.unlink(missing_ok=True)
         try:
@@ -179,6 +196,32 @@ class Daemon:
             with trio.move_on_after(10):
                 while any(d.running for d in self.dispatchers.values()):  # noqa: ASYNC110
                     await trio.sleep(0.05)
+
+    async def set_draining(self, draining: bool) -> c.DrainResult:
+        """`jobctl drain`: stop claiming here (for a deploy) without stopping the daemon."""
+        self.draining = draining
+        for box in self._dispatcher_boxes.values():
+            await box.tell(Drain(undo=not draining))
+        self.notifier.status(self._status_line())
+        log.info("draining" if draining else "claiming again",
+                 extra={"event": "daemon.draining" if draining else "daemon.undrained"})
+        return c.DrainResult(daemon_id=self.id, draining=draining)
+
+    async def _refresh_pauses(self) -> None:
+        assert self.store is not None
+        try:
+            self.pauses = set(await self.store.list_pauses())
+        except StoreUnavailable:
+            return  # the LISTEN reconnect refreshes again
+        for box in self._dispatcher_boxes.values():
+            try:
+                box.tell_nowait(Wake())
+            except trio.WouldBlock:
+                pass
+
+    def _paused(self, queue: str) -> tuple[bool, list[str]]:
+        keys = [k for q, k in self.pauses if q == queue]
+        return "" in keys, [k for k in keys if k]
 
     async def _signals(self, signals: Any) -> None:
         async for signum in signals:
@@ -275,6 +318,7 @@ class Daemon:
             dispatcher = Dispatcher(
                 box, settings, daemon_id=self.id, store=self.store, runner=runner,
                 finish=self._completer_box.tell, kinds=lambda: sorted(handlers.registered()),
+                paused=self._paused,
                 observer=self.observer, clock=self.clock)
             self.dispatchers[settings.queue] = dispatcher
             return dispatcher
@@ -305,7 +349,7 @@ class Daemon:
         log.info("handlers: %s", ", ".join(sorted(handlers.registered())) or "none",
                  extra={"event": "handlers.loaded"})
 
-    async def reload(self) -> None:
+    async def reload(self) -> c.ReloadResult:
         """SIGHUP: re-read the file; log level, queue concurrency and handlers change live."""
         self.notifier.reloading()
         try:
@@ -314,7 +358,7 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc,
                       extra={"event": "config.reload_failed"})
             self.notifier.ready(self._status_line())
-            return
+            return c.ReloadResult(ok=False, message=f"refused, running config kept: {exc}")
         from daemon.logs import set_level
 
         set_level(new.log.level)
@@ -329,10 +373,15 @@ class Daemon:
             log.exception("reloading handler modules failed", extra={"event": "handlers.reload_failed"})
         log.info("config reloaded", extra={"event": "config.reloaded"})
         self.notifier.ready(self._status_line())
+        return c.ReloadResult(ok=True, message="reloaded")
 
     # -- callbacks -------------------------------------------------------------------------
 
     def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == "jobd_paused" or (channel == "jobd_enqueued" and not payload):
+            # Pauses changed somewhere (or we reconnected and may have missed it).
+            if self._nursery is not None:
+                self._nursery.start_soon(self._refresh_pauses)
         if channel == "jobd_enqueued":
             # An empty payload follows a (re)connect: anything may have been missed.
             if payload:
@@ -370,3 +419,40 @@ class Daemon:
         return c.Pong(daemon_id=self.id, region=self.config.region, version=__version__,
                       ready=self.ready and bool(self.store and self.store.healthy),
                       draining=self.draining)
+
+    # -- metrics and HTTP ----------------------------------------------------------------
+
+    async def _start_http(self, nursery: trio.Nursery, control: Control) -> HttpServer | None:
+        """Queue gauges always; the HTTP server if `control.http` is set (None if not)."""
+        assert self.store is not None
+        self.metrics.init_queues(self.queue_names())
+        await nursery.start(partial(
+            run_queue_gauges, self.store, self.metrics, clock=self.clock,
+            interval_s=parse_duration(self.config.metrics.leader_interval)))
+        binds = self.config.control.http
+        if not binds:
+            return None
+        app = HttpApp(control=control, metrics=self.metrics, readiness=self._readiness,
+                      token=read_token(self.config))
+        server = HttpServer(app, [binds] if isinstance(binds, str) else binds,
+                            graceful_timeout_s=parse_duration(self.config.control.http_graceful_timeout))
+        try:
+            urls = await nursery.start(server.run)
+        except OSError as exc:
+            raise ConfigError(f"control.http: cannot listen on {server.binds}: {exc}") from exc
+        log.info("HTTP on %s", ", ".join(urls), extra={"event": "http.listening"})
+        return server
+
+    async def _readiness(self) -> str | None:
+        if self.store is None or not self.store.healthy:
+            return "database unavailable"
+        if not await self.store.migrations_current():
+            return "database schema is behind this daemon"
+        if self.draining:
+            return "draining"
+        if not self.ready:
+            return "starting"
+        return None
+
+    def _ready_now(self) -> bool:
+        return self.ready and not self.draining and bool(self.store and self.store.healthy)

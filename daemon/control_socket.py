@@ -132,6 +132,9 @@ class Connection:
         try:
             try:
                 reply = await self._answer(line)
+                if isinstance(reply, _Stream):
+                    await self._stream_replies(reply)
+                    return
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the daemon
                 log.exception("control request failed", extra={"event": "control.crashed"})
                 reply = c.Error(code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
@@ -139,7 +142,7 @@ class Connection:
         finally:
             self._in_flight.release()
 
-    async def _answer(self, line: bytes) -> c.Reply:
+    async def _answer(self, line: bytes) -> c.Reply | _Stream:
         try:
             envelope = c.envelope_decoder.decode(line)
         except msgspec.ValidationError:  # a subclass of DecodeError: catch it first
@@ -171,6 +174,8 @@ class Connection:
             log.info("%s from uid %s", envelope.type, self._peer.get("peer_uid"),
                      extra={"event": "control.request", "command": envelope.type,
                             "request_id": request_id, **self._peer})
+        if isinstance(cmd, c.Watch):
+            return _Stream(request_id, cmd)
         try:
             return c.Ok(id=request_id, result=await self._control.handle(cmd))
         except JobdError as exc:
@@ -180,9 +185,25 @@ class Connection:
                           extra={"event": "control.crashed", "command": envelope.type})
             return c.Error(id=request_id, code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
 
+    async def _stream_replies(self, stream: _Stream) -> None:
+        """One `more: true` frame per change, then a closing frame without it."""
+        try:
+            async for view in self._control.watch(stream.cmd):
+                await self._reply(c.Ok(id=stream.request_id, result=view, more=True))
+        except JobdError as exc:
+            await self._reply(_error(stream.request_id, exc))
+            return
+        await self._reply(c.Ok(id=stream.request_id, result=None, more=False))
+
     async def _reply(self, reply: c.Reply) -> None:
         async with self._send_lock:
             await self._stream.send_all(encode_line(reply))
+
+
+class _Stream:
+    def __init__(self, request_id: int | None, cmd: c.Watch):
+        self.request_id = request_id
+        self.cmd = cmd
 
 
 def _error(request_id: int | None, exc: JobdError) -> c.Error:

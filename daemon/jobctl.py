@@ -8,13 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 
 from protocol import commands as c
-from protocol.client import SyncClient, default_socket
+from protocol.client import SyncClient, connect, default_socket
+from protocol.commands import FILTER_FIELDS
+from protocol.durations import parse_duration
 from protocol.errors import JobdError
 from protocol.jobs import JobSpec
 from protocol.tree import TreeNode
@@ -57,9 +62,65 @@ def parser() -> argparse.ArgumentParser:
     enq.add_argument("--tag", action="append", default=[], dest="tags")
     get = command("get", "one job: state, attempts, progress, result, errors")
     get.add_argument("id", type=int)
-    cancel = command("cancel", "cancel a queued or running job")
-    cancel.add_argument("id", type=int)
+    watch = command("watch", "follow one job until it finishes")
+    watch.add_argument("id", type=int)
+    listing = command("list", "jobs matching filters, newest first")
+    add_filters(listing)
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--cursor", type=int, help="next_cursor from the previous page")
+    add_filters(command("summary", "counts per state for the matching jobs (e.g. --tag 2025-10-14)"))
+    for name, text in (("cancel", "cancel jobs: by id, or every job matching filters"),
+                       ("retry", "run failed/cancelled/scheduled jobs again now"),
+                       ("replay", "enqueue a new run of finished jobs"),
+                       ("delete", "delete jobs that are not running")):
+        bulk = command(name, text)
+        bulk.add_argument("ids", type=int, nargs="*", help="job ids (or use filters)")
+        add_filters(bulk)
+        bulk.add_argument("--dry-run", action="store_true", help="only count the matches")
+    for name, text in (("pause", "stop claiming a queue (or one key of it), on every daemon"),
+                       ("resume", "undo pause")):
+        pause = command(name, text)
+        pause.add_argument("queue")
+        pause.add_argument("--key")
+    drain = command("drain", "stop claiming on this daemon (running jobs finish); for deploys")
+    drain.add_argument("--undo", action="store_true", help="start claiming again")
+    command("reload", "re-read the config file (like SIGHUP)")
+    top = command("top", "live view of queues and running jobs")
+    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
     return p
+
+
+def add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--queue")
+    p.add_argument("--kind")
+    p.add_argument("--state", action="append", help="repeatable")
+    p.add_argument("--key")
+    p.add_argument("--tag")
+    p.add_argument("--unique-key")
+    for edge in ("created_after", "created_before", "finished_after", "finished_before"):
+        p.add_argument("--" + edge.replace("_", "-"), type=when,
+                       help="ISO time, or a duration meaning that long ago (24h)")
+
+
+def when(text: str) -> datetime:
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time or duration: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def filters(args: argparse.Namespace) -> dict[str, Any]:
+    chosen = {f: getattr(args, f, None) for f in FILTER_FIELDS if f != "ids"}
+    ids = getattr(args, "ids", None)
+    if ids:
+        chosen["ids"] = ids
+    return {k: v for k, v in chosen.items() if v is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +163,41 @@ def run(args: argparse.Namespace, client: SyncClient) -> int:
         case "get":
             result = client.call(c.Get(job_id=args.id))
             human = render_job(result)
-        case "cancel":
-            result = client.call(c.Cancel(job_id=args.id))
+        case "cancel" if len(args.ids) == 1 and not args.dry_run and not _has_filters(args):
+            result = client.call(c.Cancel(job_id=args.ids[0]))
             human = f"job {result.id}: {result.was} -> {result.state}"
+        case "cancel" | "retry" | "replay" | "delete":
+            command = {"cancel": c.CancelMany, "retry": c.Retry, "replay": c.Replay,
+                       "delete": c.Delete}[args.command]
+            result = client.call(command(dry_run=args.dry_run, **filters(args)))
+            verb = {"cancel": "cancelled", "retry": "retried", "replay": "replayed",
+                    "delete": "deleted"}[args.command]
+            human = (f"{result.matched} jobs match (dry run: nothing changed)" if result.dry_run
+                     else f"{result.changed} of {result.matched} matching jobs {verb}")
+            if result.ids:
+                human += "; new ids: " + " ".join(map(str, result.ids))
+        case "list":
+            result = client.call(c.List(limit=args.limit, cursor=args.cursor, **filters(args)))
+            human = render_list(result)
+        case "summary":
+            result = client.call(c.Summary(**filters(args)))
+            human = "  ".join(f"{k} {getattr(result, k)}" for k in
+                              ("total", "queued", "running", "completed", "failed", "cancelled"))
+        case "pause" | "resume":
+            command = c.Pause if args.command == "pause" else c.Resume
+            result = client.call(command(queue=args.queue, key=args.key))
+            target = f"{args.queue}" + (f" key {args.key}" if args.key else "")
+            human = f"{target}: {'paused' if result.paused else 'resumed'}"
+        case "drain":
+            result = client.call(c.Drain(undo=args.undo))
+            human = f"{result.daemon_id}: {'draining' if result.draining else 'claiming'}"
+        case "reload":
+            result = client.call(c.Reload())
+            human = result.message
+        case "watch":
+            return watch(args, client)
+        case "top":
+            return top(args, client)
     emit(args, result, human)
     return 0
 
@@ -164,6 +257,66 @@ def emit(args: argparse.Namespace, result: Any, human: str) -> None:
         print(msgspec.json.encode(result).decode())
     else:
         print(human)
+
+
+def _has_filters(args: argparse.Namespace) -> bool:
+    return any(v for k, v in filters(args).items() if k != "ids")
+
+
+def watch(args: argparse.Namespace, client: SyncClient) -> int:
+    async def follow() -> None:
+        async with connect(client.socket_path, timeout=client.timeout) as conn:
+            async for job in conn.watch(args.id):
+                if args.json:
+                    print(msgspec.json.encode(job).decode(), flush=True)
+                else:
+                    progress = f" {job.progress:.0f}%" if job.progress is not None else ""
+                    note = f" {job.progress_note}" if job.progress_note else ""
+                    print(f"job {job.id} {job.state} attempt {job.attempt}{progress}{note}",
+                          flush=True)
+
+    anyio.run(follow)
+    return 0
+
+
+def top(args: argparse.Namespace, client: SyncClient) -> int:
+    """Redraws in place (ANSI) until Ctrl-C; `--once` prints a single frame."""
+    try:
+        while True:
+            frame = render_top(client.call(c.Stats()),
+                               client.call(c.List(state=["running"], limit=20)))
+            if args.once:
+                print(frame)
+                return 0
+            sys.stdout.write("\x1b[H\x1b[2J" + frame + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def render_top(stats: c.StatsResult, running: c.JobsPage) -> str:
+    lines = [f"jobd top  {datetime.now():%H:%M:%S}", "", render_stats(stats), "",
+             f"{'id':>8}  {'kind':24} {'queue':12} {'key':14} {'attempt':>7}  progress"]
+    for job in running.jobs:
+        pct = job.progress or 0.0
+        bar = "#" * int(pct / 5)
+        lines.append(f"{job.id:>8}  {job.kind[:24]:24} {job.queue[:12]:12} "
+                     f"{(job.key or '-')[:14]:14} {job.attempt:>7}  [{bar:20}] {pct:3.0f}% "
+                     f"{job.progress_note or ''}")
+    if not running.jobs:
+        lines.append("  (nothing running)")
+    return "\n".join(lines)
+
+
+def render_list(page: c.JobsPage) -> str:
+    rows = [f"{'id':>8}  {'kind':24} {'queue':12} {'state':10} {'attempt':>7}  created"]
+    for job in page.jobs:
+        rows.append(f"{job.id:>8}  {job.kind[:24]:24} {job.queue[:12]:12} {job.state:10} "
+                    f"{job.attempt:>7}  {job.created_at:%Y-%m-%d %H:%M:%S}")
+    if page.next_cursor is not None:
+        rows.append(f"more: --cursor {page.next_cursor}")
+    return "\n".join(rows)
 
 
 def render_tree(node: TreeNode, prefix: str = "", last: bool = True, top: bool = True) -> list[str]:

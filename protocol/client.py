@@ -10,8 +10,10 @@ wraps it for scripts.
 from __future__ import annotations
 
 import itertools
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ class Client:
         self._stream = stream
         self._timeout = timeout
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[anyio.Event, list[c.Reply]]] = {}
+        self._waiting: dict[int, Any] = {}  # request id -> send side of its reply stream
         self._send_lock = anyio.Lock()
         self._buffer = LineBuffer()
         self._task_group: Any = None
@@ -62,25 +64,46 @@ class Client:
 
     async def call(self, cmd: c.Command) -> Any:
         """Send one command; return its typed result or raise JobdError."""
+        async with self._request(cmd) as replies:
+            return self._result(cmd, await self._next(replies))
+
+    async def stream(self, cmd: c.Command) -> AsyncIterator[Any]:
+        """Send a streaming command (`watch`); yield each result until the last frame."""
+        async with self._request(cmd) as replies:
+            while True:
+                reply = await self._next(replies)
+                if isinstance(reply, c.Ok) and not reply.more:
+                    return
+                yield self._result(cmd, reply)
+
+    @asynccontextmanager
+    async def _request(self, cmd: c.Command) -> AsyncIterator[Any]:
         request_id = next(self._ids)
         cmd.id = request_id
-        done = anyio.Event()
-        slot: list[c.Reply] = []
-        self._waiting[request_id] = (done, slot)
+        send, receive = anyio.create_memory_object_stream[c.Reply](math.inf)
+        self._waiting[request_id] = send
         try:
-            async with self._send_lock:
-                await self._stream.send(encode_line(cmd))
-            with anyio.fail_after(self._timeout):
-                await done.wait()
-        except TimeoutError:
-            raise JobdError(f"no reply within {self._timeout}s", code="timeout") from None
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            raise ConnectionFailed(f"connection to jobd lost: {exc}") from exc
+            try:
+                async with self._send_lock:
+                    await self._stream.send(encode_line(cmd))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise ConnectionFailed(f"connection to jobd lost: {exc}") from exc
+            yield receive
         finally:
             self._waiting.pop(request_id, None)
-        if not slot:
-            raise ConnectionFailed(f"connection to jobd lost: {self._reader_error}")
-        reply = slot[0]
+            send.close()
+            receive.close()
+
+    async def _next(self, replies: Any) -> c.Reply:
+        try:
+            with anyio.fail_after(self._timeout):
+                return await replies.receive()
+        except TimeoutError:
+            raise JobdError(f"no reply within {self._timeout}s", code="timeout") from None
+        except anyio.EndOfStream:
+            raise ConnectionFailed(f"connection to jobd lost: {self._reader_error}") from None
+
+    def _result(self, cmd: c.Command, reply: c.Reply) -> Any:
         if isinstance(reply, c.Error):
             raise JobdError(reply.message, code=reply.code, details=reply.details)
         return msgspec.convert(reply.result, c.RESULT_TYPES[type(cmd)], strict=False)
@@ -91,22 +114,20 @@ class Client:
                 data = await self._stream.receive(65536)
                 for line in self._buffer.feed(data):
                     reply = c.reply_decoder.decode(line)
-                    waiter = self._waiting.get(reply.id) if reply.id is not None else None
-                    if waiter is None and reply.id is None and isinstance(reply, c.Error):
+                    if reply.id is None and isinstance(reply, c.Error):
                         # A connection-level error (limit, handshake): fail every caller.
-                        for done, slot in self._waiting.values():
-                            slot.append(reply)
-                            done.set()
+                        for waiter in self._waiting.values():
+                            waiter.send_nowait(reply)
                         continue
+                    waiter = self._waiting.get(reply.id) if reply.id is not None else None
                     if waiter is not None:
-                        waiter[1].append(reply)
-                        waiter[0].set()
+                        waiter.send_nowait(reply)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
                 OSError) as exc:
             self._reader_error = exc or "closed by jobd"
         finally:
-            for done, _slot in self._waiting.values():
-                done.set()
+            for waiter in self._waiting.values():
+                waiter.close()
 
     # -- one method per command ---------------------------------------------------
 
@@ -133,6 +154,41 @@ class Client:
 
     async def nodes(self) -> c.NodesResult:
         return await self.call(c.Nodes())
+
+    async def list(self, *, cursor: int | None = None, limit: int = 50,
+                   **where: Any) -> c.JobsPage:
+        return await self.call(c.List(cursor=cursor, limit=limit, **where))
+
+    async def summary(self, **where: Any) -> c.SummaryResult:
+        return await self.call(c.Summary(**where))
+
+    async def retry(self, *, dry_run: bool = False, **where: Any) -> c.BulkResult:
+        return await self.call(c.Retry(dry_run=dry_run, **where))
+
+    async def replay(self, *, dry_run: bool = False, **where: Any) -> c.BulkResult:
+        return await self.call(c.Replay(dry_run=dry_run, **where))
+
+    async def delete(self, *, dry_run: bool = False, **where: Any) -> c.BulkResult:
+        return await self.call(c.Delete(dry_run=dry_run, **where))
+
+    async def cancel_many(self, *, dry_run: bool = False, **where: Any) -> c.BulkResult:
+        return await self.call(c.CancelMany(dry_run=dry_run, **where))
+
+    async def pause(self, queue: str, key: str | None = None) -> c.PauseResult:
+        return await self.call(c.Pause(queue=queue, key=key))
+
+    async def resume(self, queue: str, key: str | None = None) -> c.PauseResult:
+        return await self.call(c.Resume(queue=queue, key=key))
+
+    async def drain(self, undo: bool = False) -> c.DrainResult:
+        return await self.call(c.Drain(undo=undo))
+
+    async def reload(self) -> c.ReloadResult:
+        return await self.call(c.Reload())
+
+    def watch(self, job_id: int, interval_s: float = 0.5) -> AsyncIterator[JobView]:
+        """Yields the job each time it changes, ending when it is finished."""
+        return self.stream(c.Watch(job_id=job_id, interval_s=interval_s))
 
 
 class _Connecting:
@@ -172,8 +228,8 @@ class SyncClient:
     """Blocking calls for scripts: each call opens a connection, sends, and closes."""
 
     def __init__(self, socket_path: str | None = None, *, timeout: float = 30.0):
-        self._path = socket_path
-        self._timeout = timeout
+        self.socket_path = self._path = socket_path
+        self.timeout = self._timeout = timeout
 
     def call(self, cmd: c.Command) -> Any:
         async def once() -> Any:

@@ -8,7 +8,8 @@ Unknown fields are ignored so newer clients can talk to older daemons.
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
 import msgspec
 
@@ -62,7 +63,101 @@ class Nodes(_Command, tag="nodes"):
     pass
 
 
-Command = Hello | Ping | Tree | Enqueue | EnqueueBatch | Get | Cancel | Stats | Nodes
+class Filtered(_Command, kw_only=True):
+    """Selects jobs; every field narrows the match, `ids` names jobs outright."""
+
+    ids: list[int] | None = None
+    queue: str | None = None
+    kind: str | None = None
+    state: list[str] | None = None
+    key: str | None = None
+    tag: str | None = None
+    unique_key: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    finished_after: datetime | None = None
+    finished_before: datetime | None = None
+
+    def has_filter(self) -> bool:
+        return any(getattr(self, f) is not None for f in FILTER_FIELDS)
+
+    def filter_values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f) for f in FILTER_FIELDS)
+
+
+FILTER_FIELDS = (
+    "ids", "queue", "kind", "state", "key", "tag", "unique_key",
+    "created_after", "created_before", "finished_after", "finished_before",
+)
+
+
+class List(Filtered, tag="list"):
+    """Newest first; pass the reply's `next_cursor` back as `cursor` for the next page."""
+
+    cursor: int | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+
+
+class Summary(Filtered, tag="summary"):
+    """Counts per state for the matching jobs (e.g. one day's batch, by tag)."""
+
+
+class _Bulk(Filtered, kw_only=True):
+    dry_run: bool = False
+    mutating = True
+
+
+class CancelMany(_Bulk, tag="cancel_many"):
+    pass
+
+
+class Retry(_Bulk, tag="retry"):
+    """Failed, cancelled or scheduled jobs run again now (attempts are topped up)."""
+
+
+class Replay(_Bulk, tag="replay"):
+    """A new job with the same kind, args and options for each finished match."""
+
+
+class Delete(_Bulk, tag="delete"):
+    """Removes matching jobs that are not running."""
+
+
+class Pause(_Command, tag="pause"):
+    queue: str
+    key: str | None = None
+    mutating = True
+
+
+class Resume(_Command, tag="resume"):
+    queue: str
+    key: str | None = None
+    mutating = True
+
+
+class Drain(_Command, tag="drain"):
+    """Stop (or with undo, restart) claiming on this daemon; running jobs go on."""
+
+    undo: bool = False
+    mutating = True
+
+
+class Reload(_Command, tag="reload"):
+    mutating = True
+
+
+class Watch(_Command, tag="watch"):
+    """Streams the job each time it changes, until it is finished."""
+
+    job_id: int
+    interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.5
+
+
+Command = (
+    Hello | Ping | Tree | Enqueue | EnqueueBatch | Get | Cancel | Stats | Nodes
+    | List | Summary | CancelMany | Retry | Replay | Delete | Pause | Resume | Drain | Reload
+    | Watch
+)
 
 
 # -- results ---------------------------------------------------------------------------
@@ -106,6 +201,44 @@ class NodesResult(msgspec.Struct, kw_only=True):
     daemons: list[DaemonView]
 
 
+class JobsPage(msgspec.Struct, kw_only=True):
+    jobs: list[JobView]
+    next_cursor: int | None
+
+
+class SummaryResult(msgspec.Struct, kw_only=True):
+    total: int
+    queued: int  # scheduled + available + waiting
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+    by_state: dict[str, int]
+
+
+class BulkResult(msgspec.Struct, kw_only=True):
+    matched: int
+    changed: int
+    dry_run: bool
+    ids: list[int] = []  # replay: the new jobs' ids
+
+
+class PauseResult(msgspec.Struct, kw_only=True):
+    queue: str
+    key: str | None
+    paused: bool
+
+
+class DrainResult(msgspec.Struct, kw_only=True):
+    daemon_id: str
+    draining: bool
+
+
+class ReloadResult(msgspec.Struct, kw_only=True):
+    ok: bool
+    message: str
+
+
 RESULT_TYPES: dict[type, Any] = {
     Hello: HelloResult,
     Ping: Pong,
@@ -116,6 +249,17 @@ RESULT_TYPES: dict[type, Any] = {
     Cancel: CancelResult,
     Stats: StatsResult,
     Nodes: NodesResult,
+    List: JobsPage,
+    Summary: SummaryResult,
+    CancelMany: BulkResult,
+    Retry: BulkResult,
+    Replay: BulkResult,
+    Delete: BulkResult,
+    Pause: PauseResult,
+    Resume: PauseResult,
+    Drain: DrainResult,
+    Reload: ReloadResult,
+    Watch: JobView,
 }
 
 COMMAND_NAMES = sorted(c.__struct_config__.tag for c in RESULT_TYPES)

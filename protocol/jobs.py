@@ -65,6 +65,8 @@ class QueueCounts(msgspec.Struct, kw_only=True):
     counts: dict[str, int]
     running_here: int = 0
     concurrency: int | None = None
+    paused: bool = False
+    paused_keys: list[str] = []
 
 
 class DaemonView(msgspec.Struct, kw_only=True):

@@ -26,6 +26,7 @@ from actors.ports import (
 )
 from daemon.store import bridge, migrate
 from daemon.store import queries as q
+from protocol.commands import Filtered
 
 log = logging.getLogger("jobd.store")
 
@@ -168,8 +169,11 @@ class PgStore:
         lease_s: float,
         kinds: list[str],
         now: datetime | None = None,
+        paused_keys: list[str] | None = None,
     ) -> list[Claimed]:
-        rows = await self._fetch(q.CLAIM, queue, limit, owner, lease_s, now, kinds, op="claim")
+        rows = await self._fetch(
+            q.CLAIM, queue, limit, owner, lease_s, now, kinds, paused_keys or [], op="claim"
+        )
         return [Claimed(**dict(r)) for r in rows]
 
     async def next_due(self, queue: str, kinds: list[str]) -> float | None:
@@ -207,6 +211,44 @@ class PgStore:
     async def stats(self) -> list[tuple[str, str, int]]:
         return [(r["queue"], r["state"], r["n"]) for r in await self._fetch(q.STATS)]
 
+    # -- the control plane ----------------------------------------------------------
+
+    async def list_jobs(
+        self, where: Filtered, cursor: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        rows = await self._fetch(q.LIST_JOBS, *where.filter_values(), cursor, limit, op="list")
+        return [dict(r) for r in rows]
+
+    async def summarize(self, where: Filtered) -> dict[str, int]:
+        rows = await self._fetch(q.SUMMARIZE_JOBS, *where.filter_values(), op="summary")
+        return {r["state"]: r["n"] for r in rows}
+
+    async def cancel_matching(self, where: Filtered, dry_run: bool) -> tuple[int, int]:
+        return await self._bulk(q.CANCEL_MATCHING, where, dry_run)
+
+    async def retry_matching(self, where: Filtered, dry_run: bool) -> tuple[int, int]:
+        return await self._bulk(q.RETRY_MATCHING, where, dry_run)
+
+    async def delete_matching(self, where: Filtered, dry_run: bool) -> tuple[int, int]:
+        return await self._bulk(q.DELETE_MATCHING, where, dry_run)
+
+    async def _bulk(self, sql: str, where: Filtered, dry_run: bool) -> tuple[int, int]:
+        row = (await self._fetch(sql, *where.filter_values(), dry_run, op="bulk"))[0]
+        return row["matched"], row["changed"]
+
+    async def replay_matching(self, where: Filtered, dry_run: bool) -> tuple[int, list[int]]:
+        row = (await self._fetch(q.REPLAY_MATCHING, *where.filter_values(), dry_run, op="bulk"))[0]
+        return row["matched"], list(row["ids"])
+
+    async def pause(self, queue: str, key: str | None) -> None:
+        await self._execute(q.PAUSE, queue, key, op="pause")
+
+    async def resume(self, queue: str, key: str | None) -> None:
+        await self._execute(q.RESUME, queue, key, op="pause")
+
+    async def list_pauses(self) -> list[tuple[str, str]]:
+        return [(r["queue"], r["key"]) for r in await self._fetch(q.LIST_PAUSES, op="pause")]
+
     # -- maintenance --------------------------------------------------------------
 
     async def rescue_expired(self, limit: int, now: datetime | None = None) -> list[Swept]:
@@ -234,6 +276,18 @@ class PgStore:
             q.PRUNE_FINISHED, state, max_age_s, max_count, limit, now, op="prune"
         )
         return int(tag.split()[-1])
+
+    # -- metrics ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def metrics_session(self) -> AsyncIterator[MetricsSession]:
+        """A dedicated connection for the queue gauges; closing it drops the leader lock."""
+        connection = await bridge.connect(self.url, self._timeout_s)
+        try:
+            yield MetricsSession(connection, self.observer)
+        finally:
+            if not connection.is_closed():
+                connection.terminate()
 
     # -- handler transactions and notifications ------------------------------------
 
@@ -330,6 +384,30 @@ class HandlerTransaction:
         if not rows:
             raise LeaseLost(f"job {outcome.id}: this attempt no longer holds the lease")
         return True
+
+
+class MetricsSession:
+    """Leader election and the gauge queries, on one connection that holds the lock."""
+
+    def __init__(self, connection: asyncpg.Connection, observer: Observer):
+        self._connection = connection
+        self._observer = observer
+
+    async def try_lead(self) -> bool:
+        """Take the session-level leader lock if free; call once per session until True."""
+        return bool(await bridge.call(self._connection.fetchval, q.TRY_METRICS_LEADER,
+                                      q.METRICS_LEADER_LOCK))
+
+    async def queue_gauges(
+        self, now: datetime | None = None
+    ) -> tuple[list[tuple[str, str, int]], list[tuple[str, float]]]:
+        """(queue, state, count) rows and (queue, oldest claimable age in seconds) rows."""
+        started = time.perf_counter()
+        counts = await bridge.call(self._connection.fetch, q.QUEUE_COUNTS)
+        oldest = await bridge.call(self._connection.fetch, q.QUEUE_OLDEST_AVAILABLE, now)
+        self._observer.db_round_trip("queue_gauges", time.perf_counter() - started)
+        return ([(r["queue"], r["state"], r["n"]) for r in counts],
+                [(r["queue"], r["age_s"]) for r in oldest])
 
 
 def _outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:

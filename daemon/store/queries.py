@@ -89,6 +89,7 @@ WITH picked AS (
     WHERE queue = $1 AND state IN ('available', 'scheduled')
       AND run_at <= coalesce($5::timestamptz, now())
       AND kind = ANY($6::text[])
+      AND (key IS NULL OR NOT key = ANY($7::text[]))
     ORDER BY priority, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -250,4 +251,139 @@ GET_JOB = f"SELECT {JOB_COLUMNS} FROM jobd.jobs WHERE id = $1"
 
 STATS = """
 SELECT queue, state, count(*) AS n FROM jobd.jobs GROUP BY queue, state ORDER BY queue, state
+"""
+
+# -- the control plane: filters, bulk operations, pauses -------------------------------
+
+# Every filter is optional: a NULL parameter matches everything. $1..$11 are the
+# filter, in protocol.commands.FILTER_FIELDS order; statements add theirs after it.
+JOB_FILTER = """
+    ($1::bigint[] IS NULL OR j.id = ANY($1))
+AND ($2::text IS NULL OR j.queue = $2)
+AND ($3::text IS NULL OR j.kind = $3)
+AND ($4::text[] IS NULL OR j.state = ANY($4))
+AND ($5::text IS NULL OR j.key = $5)
+AND ($6::text IS NULL OR j.tags @> ARRAY[$6::text])
+AND ($7::text IS NULL OR j.unique_key = $7)
+AND ($8::timestamptz IS NULL OR j.created_at >= $8)
+AND ($9::timestamptz IS NULL OR j.created_at < $9)
+AND ($10::timestamptz IS NULL OR j.finished_at >= $10)
+AND ($11::timestamptz IS NULL OR j.finished_at < $11)
+"""
+
+LIST_JOBS = f"""
+SELECT {JOB_COLUMNS} FROM jobd.jobs j
+WHERE {JOB_FILTER} AND ($12::bigint IS NULL OR j.id < $12)
+ORDER BY j.id DESC
+LIMIT $13
+"""
+
+SUMMARIZE_JOBS = f"""
+SELECT j.state, count(*) AS n FROM jobd.jobs j WHERE {JOB_FILTER} GROUP BY j.state
+"""
+
+# $12 = dry run: count what would change without changing it.
+CANCEL_MATCHING = f"""
+WITH matched AS (
+    SELECT j.id, j.state FROM jobd.jobs j
+    WHERE {JOB_FILTER} AND j.state IN {UNFINISHED}
+    FOR UPDATE SKIP LOCKED
+), queued AS (
+    UPDATE jobd.jobs j SET state = 'cancelled', finished_at = now()
+    FROM matched m WHERE j.id = m.id AND m.state <> 'running' AND NOT $12
+    RETURNING j.id
+), running AS (
+    UPDATE jobd.jobs j SET cancel_requested = true
+    FROM matched m WHERE j.id = m.id AND m.state = 'running' AND NOT $12
+    RETURNING j.id, pg_notify('jobd_cancel', j.id::text)
+)
+SELECT (SELECT count(*) FROM matched) AS matched,
+       (SELECT count(*) FROM queued) + (SELECT count(*) FROM running) AS changed
+"""
+
+# Attempts are topped up so a job that ran out can run once more.
+RETRY_MATCHING = f"""
+WITH matched AS (
+    SELECT j.id FROM jobd.jobs j
+    WHERE {JOB_FILTER} AND j.state IN ('failed', 'cancelled', 'scheduled')
+    FOR UPDATE SKIP LOCKED
+), changed AS (
+    UPDATE jobd.jobs j SET state = 'available', run_at = now(), finished_at = NULL,
+        max_attempts = greatest(j.max_attempts, j.attempt + 1), cancel_requested = false
+    FROM matched m WHERE j.id = m.id AND NOT $12
+    RETURNING j.id
+)
+SELECT (SELECT count(*) FROM matched) AS matched, (SELECT count(*) FROM changed) AS changed
+"""
+
+REPLAY_MATCHING = f"""
+WITH matched AS (
+    SELECT j.* FROM jobd.jobs j
+    WHERE {JOB_FILTER} AND j.state IN ('completed', 'failed', 'cancelled')
+    ORDER BY j.id
+), created AS (
+    INSERT INTO jobd.jobs (queue, kind, args, key, priority, max_attempts, tags, timeout_s,
+                           parent_id)
+    SELECT queue, kind, args, key, priority, max_attempts, tags, timeout_s, parent_id
+    FROM matched WHERE NOT $12
+    ORDER BY id
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM matched) AS matched,
+       coalesce((SELECT array_agg(id ORDER BY id) FROM created), '{{}}') AS ids
+"""
+
+DELETE_MATCHING = f"""
+WITH matched AS (
+    SELECT j.id FROM jobd.jobs j
+    WHERE {JOB_FILTER} AND j.state <> 'running'
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM jobd.jobs j USING matched m WHERE j.id = m.id AND NOT $12
+    RETURNING j.id
+)
+SELECT (SELECT count(*) FROM matched) AS matched, (SELECT count(*) FROM deleted) AS changed
+"""
+
+# key '' is the whole queue (a primary key cannot hold NULL).
+PAUSE = """
+WITH p AS (
+    INSERT INTO jobd.pauses (queue, key) VALUES ($1, coalesce($2, ''))
+    ON CONFLICT DO NOTHING RETURNING 1
+)
+SELECT pg_notify('jobd_paused', $1)
+"""
+
+RESUME = """
+WITH r AS (DELETE FROM jobd.pauses WHERE queue = $1 AND key = coalesce($2, '') RETURNING 1)
+SELECT pg_notify('jobd_paused', $1)
+"""
+
+LIST_PAUSES = "SELECT queue, key, paused_at FROM jobd.pauses ORDER BY queue, key"
+
+# -- metrics (daemon.metrics: one leader per database computes the queue gauges) ----
+
+METRICS_LEADER_LOCK = 0x6A6F6264_6D657472  # "jobd" "metr": a session lock, never released by SQL
+
+TRY_METRICS_LEADER = "SELECT pg_try_advisory_lock($1)"
+
+# One arm per partial index (jobs_claimable, jobs_leases, jobs_finished), so no arm
+# scans the whole table; 'waiting' has no index yet and is not counted.
+QUEUE_COUNTS = """
+SELECT queue, state, count(*) AS n FROM jobd.jobs
+WHERE state IN ('available', 'scheduled') GROUP BY queue, state
+UNION ALL
+SELECT queue, state, count(*) FROM jobd.jobs WHERE state = 'running' GROUP BY queue, state
+UNION ALL
+SELECT queue, state, count(*) FROM jobd.jobs
+WHERE state IN ('completed', 'failed', 'cancelled') GROUP BY queue, state
+"""
+
+# Claimable = available, or scheduled and already due (the claim takes both).
+QUEUE_OLDEST_AVAILABLE = """
+SELECT queue,
+       extract(epoch FROM coalesce($1::timestamptz, now()) - min(run_at))::float8 AS age_s
+FROM jobd.jobs
+WHERE state IN ('available', 'scheduled') AND run_at <= coalesce($1::timestamptz, now())
+GROUP BY queue
 """

@@ -1,0 +1,72 @@
+"""Schedules as they cross the process boundary: declared in the config file
+(`[[schedules]]`), added over the control socket, listed back with their fire times."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+ScheduleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+Duration = str | float | int
+
+
+class ScheduleSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One schedule. Exactly one of `cron` (5 fields, local time in `tz`) and `every`.
+
+    Unset job options take the handler's declaration, as for an enqueue.
+    """
+
+    name: ScheduleName
+    kind: str
+    cron: str | None = None
+    every: Duration | None = None  # "10s": fixed interval, anchored at the Unix epoch
+    tz: str = "UTC"
+    args: dict[str, Any] = {}
+    queue: str | None = None
+    key: str | None = None  # flow-control key
+    priority: int | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    timeout_s: float | None = None
+    tags: list[str] = []
+    jitter: Duration | None = None  # each job starts up to this much after its occurrence
+    missed: Annotated[str, msgspec.Meta(pattern=r"^(skip|latest|all)$")] = "latest"
+    missed_limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100  # for missed = "all"
+    grace: Duration = "60s"  # an occurrence at most this old is on time, not missed
+
+
+class ScheduleView(msgspec.Struct, kw_only=True):
+    name: str
+    kind: str
+    cron: str | None
+    every_s: float | None
+    tz: str
+    args: Any
+    queue: str | None
+    key: str | None
+    priority: int | None
+    max_attempts: int | None
+    timeout_s: float | None
+    tags: list[str]
+    jitter_s: float
+    missed: str
+    missed_limit: int
+    grace_s: float
+    paused: bool
+    source: str  # "config" | "runtime"
+    next_fire_at: datetime | None  # None while paused
+    last_fire_at: datetime | None
+    last_job_id: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class StateTotals(msgspec.Struct, kw_only=True):
+    total: int = 0
+    queued: int = 0  # scheduled + available
+    running: int = 0
+    waiting: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
