@@ -7,19 +7,21 @@ come back as `protocol.errors.JobdError` with a stable code.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 import trio
 
+from actors import schedule_commands
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import lookup
 from actors.ports import Enqueued, NewJob, NullObserver, Observer, Store, StoreUnavailable
+from actors.workflow import workflow_view
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, NotFound, Unavailable
 from protocol.framing import PROTOCOL_VERSION
-from protocol.jobs import AttemptError, DaemonView, JobSpec, JobView, QueueCounts
+from protocol.jobs import AttemptError, DaemonView, JobSpec, JobView, KeyStats, QueueCounts
 from protocol.tree import TreeNode
 
 MAX_BATCH = 100_000
@@ -38,6 +40,7 @@ class Control:
         drain: Callable[[bool], Awaitable[c.DrainResult]] | None = None,
         reload: Callable[[], Awaitable[c.ReloadResult]] | None = None,
         pauses: Callable[[], set[tuple[str, str]]] | None = None,
+        flow_limits: Callable[[str], dict[str, Any] | None] | None = None,
         observer: Observer | None = None,
     ):
         self._store = store
@@ -49,6 +52,7 @@ class Control:
         self._drain = drain
         self._reload = reload
         self._pauses = pauses or set
+        self._flow_limits = flow_limits or (lambda queue: None)
         self._observer: Observer = observer or NullObserver()
 
     async def handle(self, cmd: c.Command) -> Any:
@@ -87,7 +91,11 @@ class Control:
                 row = await self._store.get_job(cmd.job_id)
                 if row is None:
                     raise NotFound(f"no job {cmd.job_id}", details={"id": cmd.job_id})
-                return job_view(row)
+                return await workflow_view(self._store, job_view(row))
+            case c.SendEvent():
+                event_id, woken = await self._store.send_event(
+                    cmd.name, msgspec.json.encode(cmd.data).decode())
+                return c.SendEventResult(id=event_id, woken=woken)
             case c.Cancel():
                 found = await self._store.cancel(cmd.job_id)
                 if found is None:
@@ -123,6 +131,9 @@ class Control:
                 return await self._reload()
             case c.Watch():
                 return await self._handle(c.Get(job_id=cmd.job_id))
+            case (c.ScheduleAdd() | c.ScheduleRemove() | c.SchedulePause() | c.ScheduleResume()
+                  | c.ScheduleTrigger() | c.ScheduleList()):
+                return await schedule_commands.handle(self._store, cmd)
         raise JobdError(f"unhandled command {type(cmd).__name__}", code=ErrorCode.UNKNOWN_COMMAND)
 
     async def _bulk(self, cmd: c.CancelMany | c.Retry | c.Delete | c.Replay) -> c.BulkResult:
@@ -178,16 +189,43 @@ class Control:
         pauses = self._pauses()
         for queue in [*here, *(q for q, _ in pauses)]:
             counts.setdefault(queue, {})
+        limited = [q for q in sorted(counts) if self._flow_limits(q) is not None]
+        keys = []
+        if limited:
+            for row in await self._store.key_stats(None, 200):
+                if row["queue"] in limited:
+                    keys.append(key_stats(row, self._flow_limits(row["queue"]) or {}))
         return c.StatsResult(queues=[
             QueueCounts(queue=q, counts=counts[q], running_here=here.get(q, (0, 0))[0],
                         concurrency=here[q][1] if q in here else None,
                         paused=(q, "") in pauses,
                         paused_keys=sorted(k for pq, k in pauses if pq == q and k))
             for q in sorted(counts)
-        ])
+        ], keys=keys)
 
 
 FINISHED = ("completed", "failed", "cancelled")
+
+
+def key_stats(row: dict[str, Any], limits: dict[str, Any]) -> KeyStats:
+    """A key's row from the store, read against the queue's configured limits."""
+    lim = {**limits.get("default", {}), **limits.get("keys", {}).get(row["key"], {})}
+    rate = lim.get("rate")
+    factor = row["rate_factor"] if lim.get("adaptive") else 1.0
+    breaker = "closed"
+    threshold = lim.get("breaker_failures")
+    now = datetime.now(UTC)
+    if threshold is not None and row["consecutive_failures"] >= threshold:
+        reopens = row["last_failure_at"] + timedelta(seconds=lim.get("breaker_cooldown_s", 30))
+        breaker = "open" if now < reopens else "half_open"
+    paused = row["paused_until"] if row["paused_until"] and row["paused_until"] > now else None
+    return KeyStats(
+        queue=row["queue"], key=row["key"], running=row["running"], queued=row["queued"],
+        concurrency_limit=lim.get("concurrency"), rate_limit=rate,
+        effective_rate=rate * factor if rate is not None else None,
+        tokens_per_minute=lim.get("tpm"), paused_until=paused, breaker=breaker,
+        consecutive_failures=row["consecutive_failures"],
+    )
 
 
 def summary(by_state: dict[str, int]) -> c.SummaryResult:
@@ -213,6 +251,9 @@ def new_job(spec: JobSpec) -> NewJob:
     key = spec.key
     if key is None and jobdef.key is not None:
         key = str(jobdef.key(args))
+    cost = spec.cost
+    if cost is None and jobdef.cost is not None:
+        cost = int(jobdef.cost(args))
     delay_s = spec.delay_s
     if spec.run_at is not None:
         run_at = spec.run_at if spec.run_at.tzinfo else spec.run_at.replace(tzinfo=UTC)
@@ -231,6 +272,7 @@ def new_job(spec: JobSpec) -> NewJob:
         max_attempts=max_attempts,
         tags=spec.tags,
         timeout_s=spec.timeout_s if spec.timeout_s is not None else jobdef.timeout_s,
+        cost=max(1, cost) if cost is not None else 1,
     )
 
 

@@ -41,7 +41,11 @@ class Release(msgspec.Struct, tag="release"):
 
 
 class Resize(msgspec.Struct, tag="resize"):
+    """New local slots and flow limits (config reload)."""
+
     concurrency: int
+    limits: dict[str, Any] | None = None
+    recheck_s: float | None = None
 
 
 class Running(msgspec.Struct, tag="running"):
@@ -57,6 +61,8 @@ class QueueSettings(msgspec.Struct, kw_only=True):
     claim_batch: int
     lease_s: float
     poll_interval_s: float
+    limits: dict[str, Any] | None = None  # flow control (jobd.claim_flow), None = off
+    recheck_s: float | None = None  # how soon a limited claim looks again
 
 
 class Dispatcher(Actor[DispatcherMsg]):
@@ -124,6 +130,8 @@ class Dispatcher(Actor[DispatcherMsg]):
                 attempt.stop(SHUTDOWN)
         elif isinstance(msg, Resize):
             self.settings.concurrency = msg.concurrency
+            self.settings.limits = msg.limits
+            self.settings.recheck_s = msg.recheck_s
             self._wake.set()
         elif isinstance(msg, Running):
             return len(self._attempts)
@@ -151,9 +159,13 @@ class Dispatcher(Actor[DispatcherMsg]):
             try:
                 claimed = await self._store.claim(
                     self.settings.queue, asked, self._daemon_id, self.settings.lease_s,
-                    self._kinds(), paused_keys=paused_keys,
+                    self._kinds(), paused_keys=paused_keys, limits=self.settings.limits,
                 )
                 wait_s = self.settings.poll_interval_s
+                if len(claimed) < asked and self.settings.limits is not None:
+                    # Limits, not an empty queue, may have cut the claim short: buckets
+                    # refill and other daemons free key slots without telling us.
+                    wait_s = 0.0 if claimed else min(wait_s, self.settings.recheck_s or wait_s)
                 if len(claimed) < asked:
                     due = await self._store.next_due(self.settings.queue, self._kinds())
                     if due is not None:
@@ -187,6 +199,8 @@ class Dispatcher(Actor[DispatcherMsg]):
             outcome, label, run_s = await self._runner.run(attempt)
             if outcome.error is not None and label in ("error", "failed", "timed_out"):
                 self._observer.error_classified(job.queue, _error_class(outcome.error))
+            if outcome.flow == "rate_limited" and outcome.pause_s and job.key is not None:
+                self._observer.key_paused(job.queue, job.key)
             await self._finish(outcome)
             self._observer.job_finished(job.queue, job.kind, _metric_outcome(outcome, label), run_s)
         finally:

@@ -13,7 +13,9 @@ import msgspec
 
 from actors.errors import InvalidArgs, UnknownKind
 from actors.ports import Outcome, Transaction
+from actors.workflow import WorkflowMixin
 from protocol.durations import parse_duration
+from protocol.jobs import JobSpec
 
 
 def seconds(value: str | float | int | None) -> float | None:
@@ -29,7 +31,10 @@ class JobDef(msgspec.Struct, kw_only=True):
     max_attempts: int = 3
     priority: int = 0
     key: Callable[[Any], str] | None = None
+    cost: Callable[[Any], int] | None = None
     base_delays: dict[str, float] = {}
+    # async fn(ctx, args, last_error): runs once the job has failed (actors/failure_hooks.py)
+    on_failure: Callable[..., Awaitable[Any]] | None = None
 
     def decode_args(self, raw: bytes | str | dict[str, Any] | msgspec.Struct) -> Any:
         """Args as the handler's type; InvalidArgs names the offending field."""
@@ -54,7 +59,9 @@ def job(
     max_attempts: int = 3,
     priority: int = 0,
     key: Callable[[Any], str] | None = None,
+    cost: Callable[[Any], int] | None = None,
     retry_delays: dict[str, float] | None = None,
+    on_failure: Callable[..., Awaitable[Any]] | None = None,
 ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Declare a handler. Its second parameter's annotation is the args type (a Struct)."""
     if max_attempts < 1:
@@ -70,8 +77,8 @@ def job(
         hints = typing.get_type_hints(fn)
         _REGISTRY[kind] = JobDef(
             kind=kind, fn=fn, args_type=hints.get(params[1], dict[str, Any]), queue=queue,
-            timeout_s=timeout_s, max_attempts=max_attempts, priority=priority, key=key,
-            base_delays=dict(retry_delays or {}),
+            timeout_s=timeout_s, max_attempts=max_attempts, priority=priority, key=key, cost=cost,
+            base_delays=dict(retry_delays or {}), on_failure=on_failure,
         )
         return fn
 
@@ -106,9 +113,18 @@ class JobInfo(msgspec.Struct, kw_only=True):
     created_at: datetime
     errors: list[dict[str, Any]]
 
+    @property
+    def fire_at(self) -> datetime | None:
+        """For a job a schedule fired: the occurrence it fired for (UTC), else None."""
+        for tag in self.tags:
+            if tag.startswith("fire:"):
+                return datetime.fromisoformat(tag[5:])
+        return None
 
-class Context:
-    """Handed to every handler call. Progress is throttled and written in batches."""
+
+class Context(WorkflowMixin):
+    """Handed to every handler call. Progress is throttled and written in batches;
+    steps, sleeps, children and events come from WorkflowMixin (actors/workflow.py)."""
 
     def __init__(
         self,
@@ -120,8 +136,12 @@ class Context:
         now: Callable[[], float],
         progress_every_items: int,
         progress_every_s: float,
+        enqueue: Callable[[list[JobSpec]], Awaitable[list[Any]]] | None = None,
+        steps: Any = None,
+        wall: Callable[[], float] | None = None,
     ):
         self.job = info
+        self._enqueue = enqueue
         self._token = token
         self._report = report_progress
         self._transaction = transaction
@@ -132,6 +152,7 @@ class Context:
         self._last_write = -float("inf")
         self.completed_in_transaction = False
         self.result: Any = None
+        self._init_workflow(steps, wall)
 
     def progress(self, pct: float | None = None, note: str | None = None) -> bool:
         """Record progress; written at most every N calls or T seconds. True if written."""
@@ -152,6 +173,24 @@ class Context:
     def heartbeat(self) -> None:
         """Renew the lease now (the daemon also renews leases on its own)."""
         self._report(self.job.id, self._token, None, None)
+
+    async def enqueue_batch(self, jobs: list[JobSpec]) -> list[Any]:
+        """Enqueue children of this job in one round trip; returns (id, created) per spec.
+
+        A child's `unique_key` is taken by any retained job with that key, finished ones
+        included, so a parent that runs again (a retry, a second trigger of the same
+        day) creates each child once.
+        """
+        if self._enqueue is None:
+            raise RuntimeError("this context cannot enqueue")
+        return await self._enqueue(jobs)
+
+    async def enqueue(self, kind: str, args: Any = None, **options: Any) -> Any:
+        """One child; options as in JobSpec (unique_key, tags, queue, key, delay_s, ...)."""
+        if isinstance(args, msgspec.Struct):
+            args = msgspec.to_builtins(args)
+        [done] = await self.enqueue_batch([JobSpec(kind=kind, args=args or {}, **options)])
+        return done
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[HandlerSQL]:
@@ -185,6 +224,7 @@ class HandlerSQL:
                 token=self._ctx._token,
                 state="completed",
                 result=msgspec.json.encode(result).decode(),
+                flow="ok",
             )
         )
         self._ctx.completed_in_transaction = True

@@ -31,6 +31,7 @@ class NewJob(msgspec.Struct, kw_only=True):
     max_attempts: int = 3
     tags: list[str] = []
     timeout_s: float | None = None
+    cost: int = 1  # weight against a key's tokens_per_minute
 
 
 class Enqueued(msgspec.Struct):
@@ -69,6 +70,8 @@ class Outcome(msgspec.Struct, kw_only=True):
     delay_s: float | None = None  # next run, for retries
     error: str | None = None  # JSON object appended to the job's errors
     refund: int = 0  # 1 when the attempt does not count (a snooze)
+    flow: str | None = None  # ok | fail | rate_limited: what the key's remote side did
+    pause_s: float | None = None  # pause the whole key this long (429 / RetryAfter)
 
 
 class ProgressUpdate(msgspec.Struct):
@@ -83,6 +86,64 @@ class Swept(msgspec.Struct):
     queue: str
     kind: str
     state: str
+
+
+class ScheduleDef(msgspec.Struct, kw_only=True):
+    """A schedule's definition, validated; what `put_schedule` writes."""
+
+    name: str
+    kind: str
+    cron: str | None
+    every_s: float | None
+    tz: str
+    args: str  # JSON
+    queue: str | None
+    key: str | None
+    priority: int | None
+    max_attempts: int | None
+    timeout_s: float | None
+    tags: list[str]
+    jitter_s: float
+    missed: str
+    missed_limit: int
+    grace_s: float
+    paused: bool = False
+    source: str = "runtime"  # "config" | "runtime"
+
+
+class ScheduleRow(ScheduleDef, kw_only=True):
+    """A schedule as stored; `handled_until` is its firing watermark."""
+
+    revision: int
+    handled_until: datetime
+    last_fire_at: datetime | None
+    last_job_id: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class FireTarget(msgspec.Struct):
+    """A schedule to fire at the `revision` it was planned from; the watermark moves to
+    `advance_to` (None: a manual trigger, which leaves it)."""
+
+    name: str
+    revision: int
+    advance_to: datetime | None
+
+
+class Occurrence(msgspec.Struct, kw_only=True):
+    """One occurrence to fire, with its job; the job runs at fire_at + delay_s."""
+
+    schedule: str
+    fire_at: datetime
+    manual: bool = False
+    job: NewJob
+
+
+class Fired(msgspec.Struct):
+    schedule: str
+    fire_at: datetime
+    job_id: int
 
 
 class Transaction(Protocol):
@@ -100,9 +161,16 @@ class Store(Protocol):
     async def claim(
         self, queue: str, limit: int, owner: str, lease_s: float, kinds: list[str],
         now: datetime | None = None, paused_keys: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> list[Claimed]: ...
     async def next_due(self, queue: str, kinds: list[str]) -> float | None: ...
-    async def finish_many(self, outcomes: list[Outcome]) -> set[int]: ...
+    async def finish_many(
+        self, outcomes: list[Outcome],
+        key_failures: Callable[[str, str, int], None] | None = None,
+    ) -> set[int]: ...
+    async def age_priorities(
+        self, queue: str, aging_s: float, floor: int, limit: int, now: datetime | None = None
+    ) -> int: ...
     async def write_progress(self, updates: list[ProgressUpdate], lease_s: float) -> None: ...
     async def heartbeat(
         self, daemon_id: str, lease_s: float, status: str, draining: bool,
@@ -124,6 +192,32 @@ class Store(Protocol):
     ) -> int: ...
     async def forget_dead_daemons(self, after_s: float, now: datetime | None = None) -> int: ...
     def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
+    # -- workflows (actors/workflow.py: the StepStore half; the reaper's safety net)
+    async def wake_waiting(self, limit: int) -> list[int]: ...
+    async def send_event(self, name: str, data: str) -> tuple[int, list[int]]: ...
+    async def workflow_details(self, job_id: int) -> tuple[str | None, str, str]: ...
+    async def enqueue_children(self, parent_id: int, jobs: list[NewJob]) -> list[Enqueued]: ...
+    # -- schedules (the scheduler, and the control actor's schedule commands)
+    async def list_schedules(
+        self, now: datetime | None = None
+    ) -> tuple[datetime, list[ScheduleRow]]: ...
+    async def get_schedule(
+        self, name: str, now: datetime | None = None
+    ) -> tuple[datetime, ScheduleRow] | None: ...
+    async def put_schedule(
+        self, schedule: ScheduleDef, *, replace: bool, now: datetime | None = None
+    ) -> ScheduleRow | None: ...
+    async def delete_schedule(self, name: str) -> bool: ...
+    async def set_schedule_paused(
+        self, name: str, paused: bool, now: datetime | None = None
+    ) -> ScheduleRow | None: ...
+    async def fire_schedules(
+        self, targets: list[FireTarget], occurrences: list[Occurrence],
+        now: datetime | None = None,
+    ) -> tuple[list[Fired], set[str]]: ...
+    async def prune_schedule_fires(
+        self, keep_s: float, limit: int, now: datetime | None = None
+    ) -> int: ...
     def listen(
         self, channels: list[str], on_notify: Callable[[str, str], None]
     ) -> AbstractAsyncContextManager[None]: ...
@@ -140,6 +234,10 @@ class Observer(Protocol):
     def actor_restarted(self, actor: str) -> None: ...
     def claim_batch(self, queue: str, size: int) -> None: ...
     def db_round_trip(self, operation: str, seconds: float) -> None: ...
+    def key_paused(self, queue: str, key: str) -> None: ...
+    def breaker_opened(self, queue: str, key: str) -> None: ...
+    def key_snapshot(self, queue: str, running: dict[str, int], rate: dict[str, float],
+                     breaker_open: dict[str, bool] | None = None) -> None: ...
 
 
 class NullObserver:

@@ -28,12 +28,19 @@ class RetentionRule(msgspec.Struct):
     max_count: int
 
 
+class AgingRule(msgspec.Struct):
+    queue: str
+    every_s: float  # one priority step per this long waited
+    floor: int
+
+
 class ReaperSettings(msgspec.Struct, kw_only=True):
     interval_s: float = 5.0
     timeout_grace_s: float = 60.0
     batch: int = 1000
     forget_daemons_after_s: float = 3600.0
     retention: list[RetentionRule] = []
+    aging: list[AgingRule] = []
 
 
 class SweepReport(msgspec.Struct):
@@ -42,6 +49,7 @@ class SweepReport(msgspec.Struct):
     timed_out: int = 0
     promoted: int = 0
     pruned: int = 0
+    woken: int = 0  # waiting workflows whose wait was over (a missed wake-up, a timeout)
 
 
 class Reaper(Actor[Sweep]):
@@ -84,6 +92,9 @@ class Reaper(Actor[Sweep]):
             if len(overdue) < batch:
                 break
         report.promoted = await self._store.promote_due(batch * 10)
+        report.woken = len(await self._store.wake_waiting(batch * 10))
+        for rule in self.settings.aging:
+            await self._store.age_priorities(rule.queue, rule.every_s, rule.floor, batch)
         for rule in self.settings.retention:
             while True:
                 n = await self._store.prune_finished(rule.state, rule.max_age_s, rule.max_count, batch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -13,9 +13,12 @@ import trio
 
 from actors import retry
 from actors.clock import Clock
+from actors.control import new_job
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import Context, JobDef, JobInfo, lookup
-from actors.ports import Claimed, Outcome
+from actors.ports import Claimed, Enqueued, NewJob, Outcome
+from actors.workflow import Suspend, only_suspends
+from protocol.jobs import JobSpec
 
 log = logging.getLogger("jobd.worker")
 
@@ -49,7 +52,10 @@ class AttemptRunner:
         progress_every_s: float,
         snooze_burns_attempt: bool,
         rng: random.Random | None = None,
+        steps: Any = None,
+        enqueue_children: Callable[[int, list[NewJob]], Awaitable[list[Enqueued]]] | None = None,
     ):
+        self._enqueue_children = enqueue_children
         self._clock = clock
         self._report_progress = report_progress
         self._transaction = transaction
@@ -58,6 +64,7 @@ class AttemptRunner:
         self._every_s = progress_every_s
         self._snooze_burns = snooze_burns_attempt
         self._rng = rng or random.Random()
+        self._steps = steps  # actors.workflow.StepStore, for ctx.step & co.
 
     async def run(self, attempt: Attempt) -> tuple[Outcome, str, float]:
         """Returns (outcome, label for metrics, run seconds)."""
@@ -76,20 +83,32 @@ class AttemptRunner:
                 attempt.scope.deadline = started + timeout
             try:
                 result = await jobdef.fn(ctx, args)
+            except Suspend as suspend:  # a workflow waits: the slot is freed, no attempt burned
+                return suspend.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
             except Exception as exc:  # noqa: BLE001 - every handler error is classified
                 run_s = self._clock.now() - started
                 return self._after_error(job, jobdef, exc, run_s), "error", run_s
+            except BaseExceptionGroup as group:
+                suspend = only_suspends(group)  # steps waiting inside a nursery
+                if suspend is None:
+                    raise
+                return suspend.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
         run_s = self._clock.now() - started
         if attempt.scope.cancelled_caught:
             return self._after_cancel(job, attempt.reason, timeout, run_s)
         if ctx.completed_in_transaction:
-            return Outcome(id=job.id, token=job.lease_token, state="completed"), "committed", run_s
+            return (
+                Outcome(id=job.id, token=job.lease_token, state="completed", flow="ok"),
+                "committed",
+                run_s,
+            )
         try:
             encoded = msgspec.json.encode(result).decode()
         except (TypeError, msgspec.EncodeError) as exc:
             return self._fail(job, exc, "validation", run_s), "failed", run_s
         return (
-            Outcome(id=job.id, token=job.lease_token, state="completed", result=encoded),
+            Outcome(id=job.id, token=job.lease_token, state="completed", result=encoded,
+                    flow="ok"),
             "completed",
             run_s,
         )
@@ -101,10 +120,18 @@ class AttemptRunner:
             priority=job.priority, run_at=job.run_at, created_at=job.created_at,
             errors=msgspec.json.decode(job.errors),
         )
+        enqueue = None
+        if self._enqueue_children is not None:
+            add = self._enqueue_children
+
+            async def enqueue(specs: list[JobSpec]) -> list[Enqueued]:
+                return await add(job.id, [new_job(spec) for spec in specs])
+
         return Context(
             info, job.lease_token, report_progress=self._report_progress,
             transaction=self._transaction, now=self._clock.now,
             progress_every_items=self._every_items, progress_every_s=self._every_s,
+            enqueue=enqueue, steps=self._steps,
         )
 
     def _after_error(self, job: Claimed, jobdef: JobDef, exc: Exception, run_s: float) -> Outcome:
@@ -116,12 +143,14 @@ class AttemptRunner:
                    "kind": job.kind, "error_class": decision.error_class,
                    "action": decision.action},
         )
+        flow, pause_s = _remote_signal(decision)
         if decision.action == "fail":
-            return Outcome(id=job.id, token=job.lease_token, state="failed", error=error)
+            return Outcome(id=job.id, token=job.lease_token, state="failed", error=error,
+                           flow=flow)
         refund = 1 if decision.action == "snooze" and not self._snooze_burns else 0
         return Outcome(
             id=job.id, token=job.lease_token, state="scheduled" if decision.delay_s else "available",
-            delay_s=decision.delay_s, error=error, refund=refund,
+            delay_s=decision.delay_s, error=error, refund=refund, flow=flow, pause_s=pause_s,
         )
 
     def _after_cancel(
@@ -147,7 +176,11 @@ class AttemptRunner:
                          "message": f"timed out after {timeout:g} s", "duration_s": run_s})
         state = "failed" if decision.action == "fail" else "scheduled"
         delay = None if decision.action == "fail" else decision.delay_s
-        return Outcome(id=job.id, token=token, state=state, delay_s=delay, error=error), "timed_out", run_s
+        return (
+            Outcome(id=job.id, token=token, state=state, delay_s=delay, error=error, flow="fail"),
+            "timed_out",
+            run_s,
+        )
 
     def _fail(self, job: Claimed, exc: BaseException, cls: str, run_s: float) -> Outcome:
         return Outcome(id=job.id, token=job.lease_token, state="failed",
@@ -156,6 +189,20 @@ class AttemptRunner:
     def _error(self, job: Claimed, exc: BaseException, cls: str, run_s: float) -> str:
         return _encode({"attempt": job.attempt, "at": self._clock.wall().isoformat(),
                         "class": cls, "duration_s": round(run_s, 6), **retry.summarize(exc)})
+
+
+def _remote_signal(decision: retry.Decision) -> tuple[str | None, float | None]:
+    """What an error says about the job's key: back-pressure, a failure, or nothing.
+
+    A 429 or RetryAfter pauses the whole key (on every daemon) for the time given;
+    network-ish failures count toward the key's breaker; a job's own bad input
+    (validation, 4xx, Fail) says nothing about the remote side.
+    """
+    if decision.error_class in ("rate_limit", "snooze"):
+        return "rate_limited", decision.delay_s or None
+    if decision.error_class in ("network", "timeout", "unknown"):
+        return "fail", None
+    return None, None
 
 
 def _encode(value: dict[str, Any]) -> str:

@@ -20,10 +20,10 @@ from typing import Any
 
 import trio
 
-from actors import handlers
+from actors import failure_hooks, handlers
 from actors.batcher import Batcher
 from actors.clock import TrioClock
-from actors.control import Control
+from actors.control import Control, key_stats
 from actors.dispatcher import (
     CancelJob,
     Dispatcher,
@@ -37,18 +37,28 @@ from actors.dispatcher import (
 from actors.heart import Beat, Heart
 from actors.mailbox import Mailbox, MailboxClosed
 from actors.ports import Outcome, ProgressUpdate, StoreUnavailable
-from actors.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
+from actors.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.registry import Registry
+from actors.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
 from actors.supervisor import ChildSpec, Strategy, Supervisor
 from actors.worker import AttemptRunner
 from daemon import __version__
-from daemon.config import Config, ConfigError, load, parse_duration, read_token, socket_path
+from daemon.config import (
+    Config,
+    ConfigError,
+    Queue,
+    load,
+    parse_duration,
+    read_token,
+    socket_path,
+)
 from daemon.control_socket import ControlServer, open_listener
 from daemon.http import HttpApp, HttpServer
 from daemon.metrics import Metrics, run_queue_gauges
 from daemon.store import PgStore, bridge
 from daemon.systemd import Notifier, run_watchdog
 from protocol import commands as c
+from protocol.jobs import KeyStats
 
 log = logging.getLogger("jobd.app")
 
@@ -143,10 +153,12 @@ class Daemon:
     async def _run_actors(self) -> None:
         assert self.store is not None
         self.import_handlers()
+        await self.store.register_failure_hooks(failure_hooks.hooked_kinds())
         root = self._build_tree()
         control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
                           tree=self.registry.tree, running_here=self._running_here,
-                          cancel_here=self._cancel_here, drain=self.set_draining, observer=self.observer,
+                          cancel_here=self._cancel_here, drain=self.set_draining,
+                          flow_limits=lambda q: self.config.queue(q).flow_limits(), observer=self.observer,
                           reload=self.reload, pauses=lambda: self.pauses)
         await self._refresh_pauses()
         sock = socket_path(self.config, self.state_dir)
@@ -157,7 +169,7 @@ class Daemon:
             server = ControlServer(control, max_connections=self.config.control.max_connections)
             nursery.start_soon(server.serve, listener)
             http = await self._start_http(nursery, control)
-            channels = ["jobd_enqueued", "jobd_cancel", "jobd_paused"]
+            channels = ["jobd_enqueued", "jobd_cancel", "jobd_paused", "jobd_schedules"]
             async with self.store.listen(channels, self._on_notify):
                 self.ready = True
                 self.notifier.ready(self._status_line())
@@ -242,9 +254,18 @@ class Daemon:
         progress_box: Mailbox[ProgressUpdate] = Mailbox("progress", capacity=20_000)
         heart_box: Mailbox[Beat] = Mailbox("heart", capacity=16)
         reaper_box: Mailbox[Sweep] = Mailbox("reaper", capacity=16)
+        self._scheduler_box: Mailbox[SchedulerMsg] = Mailbox("scheduler", capacity=64)
+
+        def key_failures(queue: str, key: str, failures: int) -> None:
+            threshold = self._breaker_threshold(queue, key)
+            if threshold is not None and failures == threshold:
+                self.observer.breaker_opened(queue, key)
+                log.warning("breaker opened for %s key %s after %d failures", queue, key,
+                            failures, extra={"event": "flow.breaker_opened", "queue": queue,
+                                             "key": key})
 
         async def finish(batch: list[Outcome]) -> None:
-            await store.finish_many(batch)
+            await store.finish_many(batch, key_failures)
             if any(o.state in ("available", "scheduled") for o in batch):
                 # A retry or snooze was just written and no NOTIFY announces it: let the
                 # dispatchers look again (next_due then sleeps them until its run_at).
@@ -274,6 +295,7 @@ class Daemon:
             default_timeout_s=None, progress_every_items=jobs.progress_every_items,
             progress_every_s=parse_duration(jobs.progress_every),
             snooze_burns_attempt=jobs.snooze_burns_attempt,
+            enqueue_children=store.enqueue_children, steps=store,
         )
         pools = []
         for queue in self.queue_names():
@@ -281,7 +303,8 @@ class Daemon:
             box: Mailbox[DispatcherMsg] = Mailbox(f"pool:{queue}", capacity=1000)
             settings = QueueSettings(queue=queue, concurrency=qcfg.concurrency,
                                      claim_batch=qcfg.claim_batch, lease_s=lease_s,
-                                     poll_interval_s=parse_duration(jobs.poll_interval))
+                                     poll_interval_s=parse_duration(jobs.poll_interval),
+                                     limits=qcfg.flow_limits(), recheck_s=_recheck_s(qcfg))
             self._dispatcher_boxes[queue] = box
             pools.append(ChildSpec.for_actor(self._dispatcher_factory(box, settings, runner)))
         children = [
@@ -301,8 +324,12 @@ class Daemon:
                 reaper_box, store, ReaperSettings(
                     interval_s=parse_duration(jobs.reaper_interval),
                     timeout_grace_s=parse_duration(jobs.timeout_grace),
-                    retention=retention),
+                    retention=retention, aging=self._aging_rules()),
                 observer=self.observer, clock=clock)),
+            ChildSpec.for_actor(lambda: Scheduler(
+                self._scheduler_box, store, SchedulerSettings(),
+                config_schedules=lambda: self.config.schedules, observer=self.observer,
+                clock=clock)),
             ChildSpec.for_supervisor(Supervisor(
                 "pools", pools, Strategy.ONE_FOR_ONE, registry=self.registry,
                 on_restart=self.observer.actor_restarted)),
@@ -324,6 +351,28 @@ class Daemon:
             return dispatcher
 
         return make
+
+    def _key_gauges(self, rows: list[dict[str, Any]]) -> None:
+        """Per-key running jobs, effective rate and breaker state, from the leader's query."""
+        by_queue: dict[str, list[KeyStats]] = {}
+        for row in rows:
+            limits = self.config.queue(row["queue"]).flow_limits()
+            if limits is not None:
+                by_queue.setdefault(row["queue"], []).append(key_stats(row, limits))
+        for queue, stats in by_queue.items():
+            self.observer.key_snapshot(
+                queue, {k.key: k.running for k in stats},
+                {k.key: k.effective_rate for k in stats if k.effective_rate is not None},
+                {k.key: k.breaker != "closed" for k in stats})
+
+    def _aging_rules(self) -> list[AgingRule]:
+        return [AgingRule(name, parse_duration(q.aging), q.aging_floor)
+                for name, q in self.config.queues.items() if q.aging is not None]
+
+    def _breaker_threshold(self, queue: str, key: str) -> int | None:
+        limits = self.config.queue(queue).flow_limits() or {}
+        merged = {**limits.get("default", {}), **limits.get("keys", {}).get(key, {})}
+        return merged.get("breaker_failures")
 
     def queue_names(self) -> list[str]:
         declared = {d.queue for d in handlers.registered().values()}
@@ -365,12 +414,17 @@ class Daemon:
         self.config.log = new.log
         self.config.queues = new.queues
         self.config.handlers = new.handlers
+        self.config.schedules = new.schedules
         for queue, box in self._dispatcher_boxes.items():
-            await box.tell(Resize(new.queue(queue).concurrency))
+            qcfg = new.queue(queue)
+            await box.tell(Resize(qcfg.concurrency, qcfg.flow_limits(), _recheck_s(qcfg)))
         try:
             self.import_handlers(reload=True)
         except ConfigError:
             log.exception("reloading handler modules failed", extra={"event": "handlers.reload_failed"})
+        scheduler_box = getattr(self, "_scheduler_box", None)
+        if scheduler_box is not None:
+            await scheduler_box.tell(SyncConfig())
         log.info("config reloaded", extra={"event": "config.reloaded"})
         self.notifier.ready(self._status_line())
         return c.ReloadResult(ok=True, message="reloaded")
@@ -396,6 +450,11 @@ class Daemon:
                     pass  # a full mailbox means it is busy; it will claim again anyway
         elif channel == "jobd_cancel" and payload:
             self._cancel_nowait(int(payload))
+        elif channel == "jobd_schedules":
+            try:
+                self._scheduler_box.tell_nowait(Tick())
+            except (trio.WouldBlock, MailboxClosed):
+                pass  # a full mailbox already holds a pass to run
 
     def _cancel_nowait(self, job_id: int) -> None:
         for box in self._dispatcher_boxes.values():
@@ -428,7 +487,8 @@ class Daemon:
         self.metrics.init_queues(self.queue_names())
         await nursery.start(partial(
             run_queue_gauges, self.store, self.metrics, clock=self.clock,
-            interval_s=parse_duration(self.config.metrics.leader_interval)))
+            interval_s=parse_duration(self.config.metrics.leader_interval),
+            key_gauges=self._key_gauges, key_limit=self.config.metrics.key_series_limit))
         binds = self.config.control.http
         if not binds:
             return None
@@ -456,3 +516,11 @@ class Daemon:
 
     def _ready_now(self) -> bool:
         return self.ready and not self.draining and bool(self.store and self.store.healthy)
+
+
+def _recheck_s(queue: Queue) -> float | None:
+    """A limited claim looks again after one token's time (bounded to 10 ms .. 1 s)."""
+    if queue.flow_limits() is None:
+        return None
+    rate = queue.fastest_rate()
+    return min(1.0, max(0.01, 1.0 / rate)) if rate else 0.25

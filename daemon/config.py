@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
-from protocol.durations import parse_duration
+from protocol.durations import parse_duration, parse_rate
+from protocol.schedules import ScheduleSpec
 
 EX_CONFIG = 78
 
@@ -39,7 +40,9 @@ class Database(_Strict):
 class Control(_Strict):
     socket: str | None = None  # default: <state dir>/jobd.sock
     socket_group: str | None = None
-    http: str | None = None  # "127.0.0.1:8080" or "unix:/path"
+    # "127.0.0.1:8080", "unix:/path", or a list of them; unset = no HTTP server
+    http: str | list[str] | None = None
+    http_graceful_timeout: Duration = "10s"  # in-flight requests may finish this long
     token_file: str | None = None
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
 
@@ -54,11 +57,87 @@ class Handlers(_Strict):
     paths: list[str] = []  # prepended to sys.path before importing, relative to the file
 
 
+Rate = str | float | int  # "5/s", "30/m", or events per second
+
+
+class KeyLimits(_Strict):
+    """Per-key overrides of the queue's key limits (`[queues.crawl.keys.slow]`)."""
+
+    key_concurrency: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    rate: Rate | None = None
+    burst: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    tokens_per_minute: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    adaptive: bool | None = None
+    breaker_failures: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    breaker_cooldown: Duration | None = None
+
+
 class Queue(_Strict):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
     timeout: Duration | None = None  # per-attempt default for kinds that set none
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
     claim_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
+    # Flow control, enforced in Postgres across every daemon (README: "Flow control").
+    key_concurrency: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    rate: Rate | None = None  # per key
+    burst: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    tokens_per_minute: Annotated[float, msgspec.Meta(gt=0)] | None = None  # per key, by job cost
+    queue_rate: Rate | None = None  # the whole queue
+    queue_burst: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    adaptive: bool = False
+    breaker_failures: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    breaker_cooldown: Duration = "30s"
+    aging: Duration | None = None  # waiting this long moves a job one priority step up
+    aging_floor: int = 0
+    keys: dict[str, KeyLimits] = {}
+
+    def flow_limits(self) -> dict[str, Any] | None:
+        """The limits jobd.claim_flow applies, or None when the queue has none."""
+        default = _key_limits(self.key_concurrency, self.rate, self.burst,
+                              self.tokens_per_minute, self.adaptive or None,
+                              self.breaker_failures,
+                              self.breaker_cooldown if self.breaker_failures else None)
+        keys = {
+            name: _key_limits(k.key_concurrency, k.rate, k.burst, k.tokens_per_minute,
+                              k.adaptive, k.breaker_failures, k.breaker_cooldown)
+            for name, k in self.keys.items()
+        }
+        if not default and not any(keys.values()) and self.queue_rate is None:
+            return None
+        limits: dict[str, Any] = {"default": default, "keys": keys}
+        if self.queue_rate is not None:
+            limits["queue_rate"] = parse_rate(self.queue_rate)
+            if self.queue_burst is not None:
+                limits["queue_burst"] = self.queue_burst
+        return limits
+
+    def fastest_rate(self) -> float | None:
+        """Events per second of the quickest bucket: how often a limited claim rechecks."""
+        rates = [parse_rate(r) for r in (self.rate, self.queue_rate) if r is not None]
+        rates += [parse_rate(k.rate) for k in self.keys.values() if k.rate is not None]
+        rates += [t / 60 for t in [self.tokens_per_minute] if t]
+        return max(rates) if rates else None
+
+
+def _key_limits(concurrency: int | None, rate: Rate | None, burst: float | None,
+                tpm: float | None, adaptive: bool | None, breaker_failures: int | None,
+                breaker_cooldown: Duration | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if concurrency is not None:
+        out["concurrency"] = concurrency
+    if rate is not None:
+        out["rate"] = parse_rate(rate)
+    if burst is not None:
+        out["burst"] = burst
+    if tpm is not None:
+        out["tpm"] = tpm
+    if adaptive is not None:
+        out["adaptive"] = adaptive
+    if breaker_failures is not None:
+        out["breaker_failures"] = breaker_failures
+    if breaker_cooldown is not None:
+        out["breaker_cooldown_s"] = parse_duration(breaker_cooldown)
+    return out
 
 
 class Retention(_Strict):
@@ -81,6 +160,12 @@ class Jobs(_Strict):
     retention: Retention = msgspec.field(default_factory=Retention)
 
 
+class Metrics(_Strict):
+    leader_interval: Duration = "5s"  # queue gauges: leader refresh, others retry the lock
+    key_series_limit: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 50  # per queue
+    keys: list[str] = []  # always get their own `key` label, beyond the limit
+
+
 class Daemon(_Strict):
     drain_grace: Duration = "30s"
     heartbeat: Duration = "5s"
@@ -92,15 +177,18 @@ class Config(_Strict):
     control: Control = msgspec.field(default_factory=Control)
     log: Log = msgspec.field(default_factory=Log)
     daemon: Daemon = msgspec.field(default_factory=Daemon)
+    metrics: Metrics = msgspec.field(default_factory=Metrics)
     jobs: Jobs = msgspec.field(default_factory=Jobs)
     handlers: Handlers = msgspec.field(default_factory=Handlers)
     queues: dict[_Name, Queue] = {}
+    schedules: list[ScheduleSpec] = []  # [[schedules]]; see README "Schedules"
 
     def queue(self, name: str) -> Queue:
         return self.queues.get(name) or Queue()
 
 
 _DURATION_FIELDS = {
+    "metrics.leader_interval", "control.http_graceful_timeout",
     "database.timeout", "jobs.lease", "jobs.poll_interval", "jobs.timeout_grace",
     "jobs.reaper_interval", "jobs.progress_every", "daemon.drain_grace", "daemon.heartbeat",
 }
@@ -157,13 +245,50 @@ def _validate(config: Config, where: str) -> None:
         section, name = dotted.split(".")
         _check_duration(getattr(getattr(config, section), name), f"$.{dotted}", where)
     for name, queue in config.queues.items():
-        if queue.timeout is not None:
-            _check_duration(queue.timeout, f"$.queues.{name}.timeout", where)
+        for field in ("timeout", "breaker_cooldown", "aging"):
+            if getattr(queue, field) is not None:
+                _check_duration(getattr(queue, field), f"$.queues.{name}.{field}", where)
+        for field in ("rate", "queue_rate"):
+            _check_rate(getattr(queue, field), f"$.queues.{name}.{field}", where)
+        for key, limits in queue.keys.items():
+            _check_rate(limits.rate, f"$.queues.{name}.keys.{key}.rate", where)
+            if limits.breaker_cooldown is not None:
+                _check_duration(limits.breaker_cooldown,
+                                f"$.queues.{name}.keys.{key}.breaker_cooldown", where)
+    _check_schedules(config.schedules, where)
     retention = config.jobs.retention
     for state in ("completed", "failed", "cancelled"):
         _check_duration(getattr(retention, f"{state}_max_age"), f"$.jobs.retention.{state}_max_age", where)
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{where}: log level must be debug|info|warning|error - at `$.log.level`")
+
+
+def _check_schedules(schedules: list[ScheduleSpec], where: str) -> None:
+    """Timing, zone and durations; the kind and args are checked once handlers load."""
+    from actors.schedule import Timing, every_seconds, validate
+
+    seen: set[str] = set()
+    for i, spec in enumerate(schedules):
+        path = f"$.schedules[{i}]"
+        if spec.name in seen:
+            raise ConfigError(f"{where}: schedule {spec.name!r} is declared twice - at `{path}.name`")
+        seen.add(spec.name)
+        for field in ("every", "jitter", "grace"):
+            if getattr(spec, field) is not None:
+                _check_duration(getattr(spec, field), f"{path}.{field}", where)
+        try:
+            validate(Timing(cron=spec.cron, every_s=every_seconds(spec.every), tz=spec.tz))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: schedule {spec.name!r}: {exc} - at `{path}`") from exc
+
+
+def _check_rate(value: Rate | None, path: str, where: str) -> None:
+    if value is None:
+        return
+    try:
+        parse_rate(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc} - at `{path}`") from exc
 
 
 def _check_duration(value: Duration, path: str, where: str) -> None:

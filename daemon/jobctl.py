@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from daemon import jobctl_schedules
 from protocol import commands as c
 from protocol.client import SyncClient, connect, default_socket
 from protocol.commands import FILTER_FIELDS
@@ -23,6 +24,7 @@ from protocol.durations import parse_duration
 from protocol.errors import JobdError
 from protocol.jobs import JobSpec
 from protocol.tree import TreeNode
+from protocol.workflows import render_workflow
 
 BATCH_SIZE = 5000
 
@@ -59,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     enq.add_argument("--priority", type=int, help="lower runs first")
     enq.add_argument("--max-attempts", type=int)
     enq.add_argument("--timeout-s", type=float)
+    enq.add_argument("--cost", type=int, help="weight against the key's tokens_per_minute")
     enq.add_argument("--tag", action="append", default=[], dest="tags")
     get = command("get", "one job: state, attempts, progress, result, errors")
     get.add_argument("id", type=int)
@@ -85,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     drain = command("drain", "stop claiming on this daemon (running jobs finish); for deploys")
     drain.add_argument("--undo", action="store_true", help="start claiming again")
     command("reload", "re-read the config file (like SIGHUP)")
+    event = command("send-event", "send an event; wakes the workflows waiting for it")
+    event.add_argument("name")
+    event.add_argument("--data", default="{}", help="JSON object (matched with wait_for_event(match=...))")
+    jobctl_schedules.add_parser(command("schedules", "list, add, remove, pause, resume, trigger"))
     top = command("top", "live view of queues and running jobs")
     top.add_argument("--interval", type=float, default=1.0)
     top.add_argument("--once", action="store_true", help="print one frame and exit")
@@ -155,6 +162,8 @@ def run(args: argparse.Namespace, client: SyncClient) -> int:
         case "stats":
             result = client.call(c.Stats())
             human = render_stats(result)
+            if result.keys:
+                human += "\n\n" + render_keys(result)
         case "nodes":
             result = client.call(c.Nodes())
             human = "\n".join(
@@ -194,10 +203,16 @@ def run(args: argparse.Namespace, client: SyncClient) -> int:
         case "reload":
             result = client.call(c.Reload())
             human = result.message
+        case "send-event":
+            result = client.call(c.SendEvent(name=args.name, data=_json_object(args.data)))
+            human = f"event {result.id} sent; woke {len(result.woken)} job(s)" + (
+                ": " + " ".join(map(str, result.woken)) if result.woken else "")
         case "watch":
             return watch(args, client)
         case "top":
             return top(args, client)
+        case "schedules":
+            result, human = jobctl_schedules.run(args, client)
     emit(args, result, human)
     return 0
 
@@ -205,7 +220,7 @@ def run(args: argparse.Namespace, client: SyncClient) -> int:
 def enqueue(args: argparse.Namespace, client: SyncClient) -> int:
     options = {"queue": args.queue, "key": args.key, "priority": args.priority,
                "delay_s": args.delay, "max_attempts": args.max_attempts,
-               "timeout_s": args.timeout_s, "tags": args.tags}
+               "timeout_s": args.timeout_s, "tags": args.tags, "cost": args.cost}
     if args.args_file is None:
         spec = JobSpec(kind=args.kind, args=_json_object(args.args), unique_key=args.unique_key,
                        **options)
@@ -330,6 +345,19 @@ def render_tree(node: TreeNode, prefix: str = "", last: bool = True, top: bool =
     return lines
 
 
+def render_keys(result: c.StatsResult) -> str:
+    rows = [f"{'queue':14} {'key':20} {'running':>7} {'queued':>8} {'limit':>6} "
+            f"{'rate/s':>8} {'effective':>9}  {'paused until':20} breaker"]
+    for k in result.keys:
+        rate = f"{k.rate_limit:.3g}" if k.rate_limit is not None else "-"
+        eff = f"{k.effective_rate:.3g}" if k.effective_rate is not None else "-"
+        paused = f"{k.paused_until:%Y-%m-%d %H:%M:%S}" if k.paused_until else "-"
+        limit = str(k.concurrency_limit) if k.concurrency_limit is not None else "-"
+        rows.append(f"{k.queue[:14]:14} {k.key[:20]:20} {k.running:>7} {k.queued:>8} "
+                    f"{limit:>6} {rate:>8} {eff:>9}  {paused:20} {k.breaker}")
+    return "\n".join(rows)
+
+
 def render_stats(result: c.StatsResult) -> str:
     states = ("scheduled", "available", "running", "waiting", "completed", "failed", "cancelled")
     head = f"{'queue':20}" + "".join(f"{s:>11}" for s in states) + f"{'here':>10}"
@@ -356,6 +384,7 @@ def render_job(job: Any) -> str:
         lines.append(f"tags: {', '.join(job.tags)}")
     for err in job.errors:
         lines.append(f"attempt {err.attempt}: {err.error_class}: {err.message}")
+    lines += render_workflow(job)
     return "\n".join(lines)
 
 

@@ -19,6 +19,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon (foreground; systemd Type=notify)")
     check = sub.add_parser("check-config", help="validate a config file and exit 0 or 78")
+    demo = sub.add_parser("demo", help="run the examples on an embedded database, live")
+    demo.add_argument("--state-dir", help="where the demo keeps its database (default: a temp dir)")
     for each in (run, check):
         each.add_argument("--config", "-c", type=Path, default=_default_config(),
                           help="TOML config file (default: $JOBD_CONFIG, else none)")
@@ -34,6 +36,10 @@ def _default_config() -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "demo":
+        from daemon.demo import run as demo
+
+        return demo(args.state_dir)
     try:
         config = load(args.config)
     except ConfigError as exc:

@@ -6,8 +6,8 @@ root, or set `handlers.paths`).
 
 from __future__ import annotations
 
-import trio
 import msgspec
+import trio
 
 from actors import Context, Fail, job
 

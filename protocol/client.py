@@ -183,6 +183,9 @@ class Client:
     async def drain(self, undo: bool = False) -> c.DrainResult:
         return await self.call(c.Drain(undo=undo))
 
+    async def send_event(self, name: str, data: dict[str, Any] | None = None) -> c.SendEventResult:
+        return await self.call(c.SendEvent(name=name, data=data or {}))
+
     async def reload(self) -> c.ReloadResult:
         return await self.call(c.Reload())
 

@@ -13,8 +13,10 @@ from typing import Annotated, Any
 
 import msgspec
 
-from protocol.jobs import DaemonView, JobSpec, JobView, QueueCounts
+from protocol.jobs import DaemonView, JobSpec, JobView, KeyStats, QueueCounts
+from protocol.schedules import ScheduleSpec, ScheduleView
 from protocol.tree import TreeNode
+from protocol.workflows import WorkflowView
 
 
 class _Command(msgspec.Struct, tag_field="type", kw_only=True):
@@ -146,6 +148,19 @@ class Reload(_Command, tag="reload"):
     mutating = True
 
 
+class SendEvent(_Command, tag="send_event"):
+    """Wakes every workflow waiting for `name` whose match the data contains."""
+
+    name: str
+    data: dict[str, Any] = {}
+    mutating = True
+
+
+class SendEventResult(msgspec.Struct, kw_only=True):
+    id: int
+    woken: list[int]
+
+
 class Watch(_Command, tag="watch"):
     """Streams the job each time it changes, until it is finished."""
 
@@ -153,10 +168,45 @@ class Watch(_Command, tag="watch"):
     interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.5
 
 
+class ScheduleAdd(_Command, tag="schedule_add"):
+    schedule: ScheduleSpec
+    replace: bool = False  # overwrite an existing definition (paused state and history stay)
+    mutating = True
+
+
+class ScheduleRemove(_Command, tag="schedule_remove"):
+    name: str
+    mutating = True
+
+
+class SchedulePause(_Command, tag="schedule_pause"):
+    name: str
+    mutating = True
+
+
+class ScheduleResume(_Command, tag="schedule_resume"):
+    name: str
+    mutating = True
+
+
+class ScheduleTrigger(_Command, tag="schedule_trigger"):
+    """Fire one extra occurrence now; `at` names the occurrence (default: now)."""
+
+    name: str
+    at: datetime | None = None
+    mutating = True
+
+
+class ScheduleList(_Command, tag="schedule_list"):
+    pass
+
+
 Command = (
     Hello | Ping | Tree | Enqueue | EnqueueBatch | Get | Cancel | Stats | Nodes
     | List | Summary | CancelMany | Retry | Replay | Delete | Pause | Resume | Drain | Reload
     | Watch
+    | ScheduleAdd | ScheduleRemove | SchedulePause | ScheduleResume | ScheduleTrigger
+    | ScheduleList | SendEvent
 )
 
 
@@ -195,6 +245,7 @@ class CancelResult(msgspec.Struct, kw_only=True):
 
 class StatsResult(msgspec.Struct, kw_only=True):
     queues: list[QueueCounts]
+    keys: list[KeyStats] = []
 
 
 class NodesResult(msgspec.Struct, kw_only=True):
@@ -239,13 +290,29 @@ class ReloadResult(msgspec.Struct, kw_only=True):
     message: str
 
 
+class ScheduleListResult(msgspec.Struct, kw_only=True):
+    schedules: list[ScheduleView]
+
+
+class ScheduleRemoved(msgspec.Struct, kw_only=True):
+    name: str
+
+
+class ScheduleFired(msgspec.Struct, kw_only=True):
+    name: str
+    fire_at: datetime
+    job_id: int | None  # None: this occurrence had already fired
+    created: bool
+
+
 RESULT_TYPES: dict[type, Any] = {
     Hello: HelloResult,
     Ping: Pong,
     Tree: TreeNode,
     Enqueue: EnqueueResult,
     EnqueueBatch: BatchResult,
-    Get: JobView,
+    Get: WorkflowView,
+    SendEvent: SendEventResult,
     Cancel: CancelResult,
     Stats: StatsResult,
     Nodes: NodesResult,
@@ -260,6 +327,12 @@ RESULT_TYPES: dict[type, Any] = {
     Drain: DrainResult,
     Reload: ReloadResult,
     Watch: JobView,
+    ScheduleAdd: ScheduleView,
+    ScheduleRemove: ScheduleRemoved,
+    SchedulePause: ScheduleView,
+    ScheduleResume: ScheduleView,
+    ScheduleTrigger: ScheduleFired,
+    ScheduleList: ScheduleListResult,
 }
 
 COMMAND_NAMES = sorted(c.__struct_config__.tag for c in RESULT_TYPES)

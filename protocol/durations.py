@@ -20,3 +20,24 @@ def parse_duration(value: str | float | int) -> float:
     if not match:
         raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 30s, 10m, 2h, 7d)")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h|d)\s*$")
+
+
+def parse_rate(value: str | float | int) -> float:
+    """'5/s' -> 5.0, '5/m' -> 0.0833, '90/10s' -> 9.0 (events per second)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a rate: {value!r}")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError(f"a rate must be positive: {value}")
+        return float(value)
+    match = _RATE.match(value)
+    if not match:
+        raise ValueError(f"not a rate: {value!r} (use e.g. 5/s, 30/m, 1000/h)")
+    count, span, unit = match.groups()
+    seconds = float(span or 1) * _UNITS[unit]
+    if float(count) <= 0 or seconds <= 0:
+        raise ValueError(f"a rate must be positive: {value!r}")
+    return float(count) / seconds

@@ -24,6 +24,7 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_attempts: int | None = None
     tags: list[str] = []
     timeout_s: float | None = None
+    cost: int | None = None  # weight against the key's tokens_per_minute (e.g. tokens)
 
 
 class AttemptError(msgspec.Struct, kw_only=True):
@@ -79,3 +80,19 @@ class DaemonView(msgspec.Struct, kw_only=True):
     heartbeat_at: datetime
     draining: bool
     status: str
+
+
+class KeyStats(msgspec.Struct, kw_only=True):
+    """One flow-control key: what runs, what waits, its limits and remote state."""
+
+    queue: str
+    key: str
+    running: int
+    queued: int
+    concurrency_limit: int | None = None
+    rate_limit: float | None = None  # starts per second, as configured
+    effective_rate: float | None = None  # after adaptive back-off
+    tokens_per_minute: float | None = None
+    paused_until: datetime | None = None
+    breaker: str = "closed"  # closed | open | half_open
+    consecutive_failures: int = 0

@@ -60,13 +60,3 @@ class ScheduleView(msgspec.Struct, kw_only=True):
     last_job_id: int | None
     created_at: datetime
     updated_at: datetime
-
-
-class StateTotals(msgspec.Struct, kw_only=True):
-    total: int = 0
-    queued: int = 0  # scheduled + available
-    running: int = 0
-    waiting: int = 0
-    completed: int = 0
-    failed: int = 0
-    cancelled: int = 0

@@ -77,7 +77,8 @@ class JobdProcess:
     def __init__(self, directory: Path, database_url: str, *, region: str = "test",
                  modules: list[str] | None = None, queues: dict[str, dict[str, Any]] | None = None,
                  jobs: dict[str, Any] | None = None, daemon: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None, database: bool = True):
+                 env: dict[str, str] | None = None, database: bool = True,
+                 control: dict[str, Any] | None = None, extra_toml: str = ""):
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.socket = directory / "jobd.sock"
@@ -87,6 +88,7 @@ class JobdProcess:
         if database:
             lines += ["[database]", f"url = {toml_value(database_url)}"]
         lines += ["[control]", f"socket = {toml_value(str(self.socket))}"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in (control or {}).items()]
         lines += ["[log]", 'level = "info"', 'format = "json"']
         lines += ["[handlers]", f"modules = {toml_value(modules or ['examples.basic'])}"]
         for section, values in (("jobs", jobs), ("daemon", daemon)):
@@ -96,7 +98,8 @@ class JobdProcess:
         for name, values in (queues or {}).items():
             lines.append(f"[queues.{name}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-        self.config.write_text("\n".join(lines) + "\n")
+        # `extra_toml` is appended verbatim, e.g. "[metrics]\nleader_interval = \"1s\"".
+        self.config.write_text("\n".join(lines) + "\n" + extra_toml)
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.env.pop("JOBD_DATABASE_URL", None)
         self.proc: subprocess.Popen[bytes] | None = None

@@ -26,6 +26,8 @@ from actors.ports import (
 )
 from daemon.store import bridge, migrate
 from daemon.store import queries as q
+from daemon.store.schedules import ScheduleStatements
+from daemon.store.workflows import WorkflowStatements
 from protocol.commands import Filtered
 
 log = logging.getLogger("jobd.store")
@@ -35,7 +37,7 @@ class LeaseLost(Exception):
     """A transactional finish matched no row: this attempt was rescued or cancelled."""
 
 
-class PgStore:
+class PgStore(ScheduleStatements, WorkflowStatements):
     def __init__(self, url: str, *, pool_min: int = 2, pool_max: int = 10, timeout_s: float = 30.0):
         self.url = url
         self._pool_min = pool_min
@@ -149,6 +151,7 @@ class PgStore:
             # text[][] cannot be ragged, so each row's tags travel as one array literal.
             [_array_literal(j.tags) for j in jobs],
             [j.timeout_s for j in jobs],
+            [j.cost for j in jobs],
         )
         rows = await self._fetch(q.ENQUEUE_MANY, *columns, op="enqueue")
         out = []
@@ -170,20 +173,38 @@ class PgStore:
         kinds: list[str],
         now: datetime | None = None,
         paused_keys: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> list[Claimed]:
-        rows = await self._fetch(
-            q.CLAIM, queue, limit, owner, lease_s, now, kinds, paused_keys or [], op="claim"
-        )
+        """Under flow control (`limits`), jobd.claim_flow applies every key limit."""
+        if limits is None:
+            rows = await self._fetch(
+                q.CLAIM, queue, limit, owner, lease_s, now, kinds, paused_keys or [], op="claim"
+            )
+        else:
+            rows = await self._fetch(
+                q.CLAIM_FLOW, queue, limit, owner, lease_s, now, kinds, paused_keys or [],
+                msgspec.json.encode(limits).decode(), op="claim",
+            )
         return [Claimed(**dict(r)) for r in rows]
 
     async def next_due(self, queue: str, kinds: list[str]) -> float | None:
         return await self._run(_fetchval, q.NEXT_DUE, queue, kinds, op="next_due")
 
-    async def finish_many(self, outcomes: list[Outcome]) -> set[int]:
+    async def finish_many(
+        self, outcomes: list[Outcome],
+        key_failures: Callable[[str, str, int], None] | None = None,
+    ) -> set[int]:
+        """Returns the ids actually finished; `key_failures(queue, key, n)` hears each key's
+        consecutive-failure count after the batch (for breaker metrics)."""
         if not outcomes:
             return set()
         rows = await self._fetch(q.FINISH_MANY, *_outcome_columns(outcomes), op="finish")
-        return {r["id"] for r in rows}
+        if key_failures is not None:
+            for r in rows:
+                if r["key"] is not None:
+                    queue, _, key = r["key"].partition(":")
+                    key_failures(queue, key, r["failures"])
+        return {r["id"] for r in rows if r["id"] is not None}
 
     async def write_progress(self, updates: list[ProgressUpdate], lease_s: float) -> None:
         if updates:
@@ -239,6 +260,15 @@ class PgStore:
     async def replay_matching(self, where: Filtered, dry_run: bool) -> tuple[int, list[int]]:
         row = (await self._fetch(q.REPLAY_MATCHING, *where.filter_values(), dry_run, op="bulk"))[0]
         return row["matched"], list(row["ids"])
+
+    async def key_stats(self, queue: str | None, limit: int = 50) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self._fetch(q.KEY_STATS, queue, limit, op="stats")]
+
+    async def age_priorities(
+        self, queue: str, aging_s: float, floor: int, limit: int, now: datetime | None = None
+    ) -> int:
+        tag = await self._execute(q.AGE_PRIORITIES, queue, aging_s, floor, now, limit, op="aging")
+        return int(tag.split()[-1])
 
     async def pause(self, queue: str, key: str | None) -> None:
         await self._execute(q.PAUSE, queue, key, op="pause")
@@ -381,7 +411,7 @@ class HandlerTransaction:
         rows = await bridge.call(
             self._connection.fetch, q.FINISH_MANY, *_outcome_columns([outcome])
         )
-        if not rows:
+        if not any(r["id"] is not None for r in rows):
             raise LeaseLost(f"job {outcome.id}: this attempt no longer holds the lease")
         return True
 
@@ -409,6 +439,11 @@ class MetricsSession:
         return ([(r["queue"], r["state"], r["n"]) for r in counts],
                 [(r["queue"], r["age_s"]) for r in oldest])
 
+    async def key_gauges(self, limit: int) -> list[dict[str, Any]]:
+        """The busiest flow keys (KEY_STATS), for the per-key gauges."""
+        rows = await bridge.call(self._connection.fetch, q.KEY_STATS, None, limit)
+        return [dict(r) for r in rows]
+
 
 def _outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:
     return (
@@ -419,6 +454,8 @@ def _outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:
         [o.delay_s for o in outcomes],
         [o.error for o in outcomes],
         [o.refund for o in outcomes],
+        [o.flow for o in outcomes],
+        [o.pause_s for o in outcomes],
     )
 
 

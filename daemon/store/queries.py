@@ -44,17 +44,18 @@ ENQUEUE_MANY = f"""
 WITH input AS (
     SELECT nextval(pg_get_serial_sequence('jobd.jobs', 'id')) AS id, x.*
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
-                $7::double precision[], $8::int[], $9::text[], $10::double precision[])
+                $7::double precision[], $8::int[], $9::text[], $10::double precision[],
+                $11::int[])
          WITH ORDINALITY AS x(queue, kind, args, key, unique_key, priority, delay_s,
-                              max_attempts, tags, timeout_s, ord)
+                              max_attempts, tags, timeout_s, cost, ord)
 ),
 ins AS (
     INSERT INTO jobd.jobs (id, queue, kind, args, key, unique_key, priority, run_at, state,
-                           max_attempts, tags, timeout_s)
+                           max_attempts, tags, timeout_s, cost)
     SELECT id, queue, kind, args::jsonb, key, unique_key, priority,
            now() + coalesce(delay_s, 0) * interval '1 second',
            CASE WHEN coalesce(delay_s, 0) > 0 THEN 'scheduled' ELSE 'available' END,
-           max_attempts, coalesce(tags::text[], '{{}}'), timeout_s
+           max_attempts, coalesce(tags::text[], '{{}}'), timeout_s, coalesce(cost, 1)
     FROM input ORDER BY ord
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {UNFINISHED}
     DO NOTHING
@@ -79,6 +80,45 @@ CLAIMED_COLUMNS = """
 j.id, j.queue, j.kind, j.args::text AS args, j.key, j.priority, j.attempt, j.max_attempts,
 j.lease_token, j.timeout_s, j.tags, j.errors::text AS errors, j.unique_key, j.run_at,
 j.created_at, j.started_at
+"""
+
+# The same claim under flow control: jobd.claim_flow (migration 0004) walks the queue's
+# keys round robin and takes what every limit allows.
+CLAIM_FLOW = f"""
+SELECT {CLAIMED_COLUMNS}
+FROM jobd.claim_flow($1, $2, $3, $4, $6::text[], $7::text[], $5::timestamptz, $8::jsonb) j
+"""
+
+# Per key: what runs, what waits, and the bucket and breaker state (`jobctl stats`).
+KEY_STATS = """
+SELECT f.queue, f.key, f.tokens, f.rate_factor, f.paused_until, f.consecutive_failures,
+       f.last_failure_at,
+       (SELECT count(*) FROM jobd.jobs j
+        WHERE j.queue = f.queue AND j.key = f.key AND j.state = 'running') AS running,
+       (SELECT count(*) FROM jobd.jobs j
+        WHERE j.queue = f.queue AND j.key = f.key AND j.state IN ('available', 'scheduled'))
+           AS queued
+FROM jobd.flow_keys f
+WHERE f.key <> '' AND ($1::text IS NULL OR f.queue = $1)
+ORDER BY queued DESC, f.queue, f.key
+LIMIT $2
+"""
+
+# Priority aging: a job waiting longer than `aging` moves one priority step up per
+# period, never past the floor, so batch work is never starved by interactive work.
+AGE_PRIORITIES = """
+UPDATE jobd.jobs SET
+    base_priority = coalesce(base_priority, priority),
+    priority = greatest($3, coalesce(base_priority, priority)
+        - floor(extract(epoch FROM coalesce($4::timestamptz, now()) - run_at) / $2)::int)
+WHERE id IN (
+    SELECT id FROM jobd.jobs
+    WHERE queue = $1 AND state IN ('available', 'scheduled')
+      AND run_at < coalesce($4::timestamptz, now()) - $2 * interval '1 second'
+      AND priority > $3
+      AND priority > greatest($3, coalesce(base_priority, priority)
+          - floor(extract(epoch FROM coalesce($4::timestamptz, now()) - run_at) / $2)::int)
+    LIMIT $5 FOR UPDATE SKIP LOCKED)
 """
 
 # Only kinds this daemon has handlers for, so daemons with different handler sets
@@ -111,21 +151,51 @@ WHERE queue = $1 AND state IN ('available', 'scheduled') AND kind = ANY($2::text
 # The lease token fences every finish: a row whose token moved on (rescued and
 # re-claimed) is not touched, and its id is missing from RETURNING.
 FINISH_MANY = """
-UPDATE jobd.jobs j SET
-    state = x.state,
-    result = coalesce(x.result::jsonb, j.result),
-    run_at = CASE WHEN x.delay_s IS NULL THEN j.run_at
-                  ELSE now() + x.delay_s * interval '1 second' END,
-    errors = CASE WHEN x.error IS NULL THEN j.errors
-                  ELSE j.errors || jsonb_build_array(x.error::jsonb) END,
-    attempt = j.attempt - x.refund,
-    finished_at = CASE WHEN x.state IN ('completed', 'failed', 'cancelled') THEN now() END,
-    progress = CASE WHEN x.state = 'completed' THEN 100 ELSE j.progress END,
-    lease_owner = NULL, lease_until = NULL, cancel_requested = false
-FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::double precision[],
-            $6::text[], $7::int[]) AS x(id, token, state, result, delay_s, error, refund)
-WHERE j.id = x.id AND j.lease_token = x.token AND j.state = 'running'
-RETURNING j.id
+WITH done AS (
+    UPDATE jobd.jobs j SET
+        state = x.state,
+        result = coalesce(x.result::jsonb, j.result),
+        run_at = CASE WHEN x.delay_s IS NULL THEN j.run_at
+                      ELSE now() + x.delay_s * interval '1 second' END,
+        errors = CASE WHEN x.error IS NULL THEN j.errors
+                      ELSE j.errors || jsonb_build_array(x.error::jsonb) END,
+        attempt = j.attempt - x.refund,
+        finished_at = CASE WHEN x.state IN ('completed', 'failed', 'cancelled') THEN now() END,
+        progress = CASE WHEN x.state = 'completed' THEN 100 ELSE j.progress END,
+        lease_owner = NULL, lease_until = NULL, cancel_requested = false
+    FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::double precision[],
+                $6::text[], $7::int[], $8::text[], $9::double precision[])
+         AS x(id, token, state, result, delay_s, error, refund, flow, pause_s)
+    WHERE j.id = x.id AND j.lease_token = x.token AND j.state = 'running'
+    RETURNING j.id, j.queue, j.key, x.flow, x.pause_s
+),
+-- What the remote side said, per key: a 429 pauses the key on every daemon and halves
+-- its adaptive rate; successes raise the rate additively and close the breaker.
+effects AS (
+    SELECT queue, key,
+           count(*) FILTER (WHERE flow = 'ok') AS ok,
+           count(*) FILTER (WHERE flow = 'fail') AS failed,
+           count(*) FILTER (WHERE flow = 'rate_limited') AS limited,
+           max(pause_s) AS pause_s
+    FROM done WHERE flow IS NOT NULL AND key IS NOT NULL
+    GROUP BY queue, key
+),
+flow AS (
+    UPDATE jobd.flow_keys f SET
+        paused_until = CASE WHEN e.pause_s > 0
+            THEN greatest(coalesce(f.paused_until, now()), now() + e.pause_s * interval '1 second')
+            ELSE f.paused_until END,
+        rate_factor = CASE WHEN e.limited > 0 THEN greatest(0.05, f.rate_factor * 0.5)
+                           ELSE least(1.0, f.rate_factor + 0.02 * e.ok) END,
+        consecutive_failures = CASE WHEN e.ok > 0 THEN 0
+                                    ELSE f.consecutive_failures + e.failed END,
+        last_failure_at = CASE WHEN e.failed > 0 THEN now() ELSE f.last_failure_at END
+    FROM effects e WHERE f.queue = e.queue AND f.key = e.key
+    RETURNING f.queue, f.key, f.consecutive_failures
+)
+SELECT id, NULL::text AS key, NULL::int AS failures FROM done
+UNION ALL
+SELECT NULL, queue || ':' || key, consecutive_failures FROM flow
 """
 
 WRITE_PROGRESS = """

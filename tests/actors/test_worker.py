@@ -134,7 +134,7 @@ async def test_success_completes_with_the_json_result(autojump_clock):
     h = Harness()
     outcome, label, run_s = await h.runner.run(Attempt(claimed("ok", {"n": 3})))
     assert outcome == Outcome(id=11, token=5, state="completed",
-                              result='{"n":3,"attempt":1,"tags":["a"]}')
+                              result='{"n":3,"attempt":1,"tags":["a"]}', flow="ok")
     assert label == "completed"
     assert run_s == 0.0
     assert h.progress == [(11, 5, 50.0, "half")]
@@ -272,6 +272,8 @@ async def test_completing_in_the_handler_transaction(autojump_clock):
     h = Harness()
     outcome, label, _ = await h.runner.run(Attempt(claimed("in_tx", {"n": 4})))
     assert label == "committed"
-    assert outcome == Outcome(id=11, token=5, state="completed")
+    assert outcome == Outcome(id=11, token=5, state="completed", flow="ok")
     assert h.tx.executed == [("INSERT INTO t VALUES ($1)", (4,))]
-    assert h.tx.finished == [Outcome(id=11, token=5, state="completed", result='{"n":4}')]
+    assert h.tx.finished == [
+        Outcome(id=11, token=5, state="completed", result='{"n":4}', flow="ok")
+    ]

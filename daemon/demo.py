@@ -1,0 +1,117 @@
+"""`jobd demo`: the examples on the embedded database, end to end, in one command.
+
+Starts the stand-in APIs, a `jobd run` on a private state directory (embedded Postgres)
+with the example handlers, enqueues a realistic mix (stock pipelines that need a human
+approval, which the demo gives; interactive prediction sessions beside a nightly batch;
+marketplace refreshes through a 429 storm), shows `jobctl top` until everything has
+finished, then a summary and where to look next.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from examples.standin_servers import StandinServers
+from protocol import commands as c
+from protocol.client import SyncClient
+from protocol.jobs import JobSpec
+
+MODULES = ["examples.stock_pipeline", "examples.predictions", "examples.marketplace"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(directory: Path, socket: Path) -> Path:
+    path = directory / "demo.toml"
+    path.write_text(
+        'region = "demo"\n[control]\n'
+        f'socket = "{socket}"\n[log]\nlevel = "warning"\n[handlers]\n'
+        f"modules = {MODULES!r}\n".replace("'", '"')
+        + '[jobs]\nreaper_interval = "0.5s"\npoll_interval = "0.5s"\nprogress_every_items = 5\n'
+        '[queues.models]\nconcurrency = 8\n[queues.crawl]\nconcurrency = 4\n')
+    return path
+
+
+def _mix() -> list[JobSpec]:
+    jobs = [JobSpec(kind="stocks.pipeline", args={"sector": s, "tickers": t}) for s, t in (
+        ("semiconductors", ["NVDA", "AMD", "INTC", "TSM", "ASML", "MU"]),
+        ("energy", ["XOM", "CVX", "SHEL", "BP", "TTE", "COP"]))]
+    jobs.append(JobSpec(kind="predict.nightly", args={
+        "day": time.strftime("%Y-%m-%d"), "questions": [f"question {i}" for i in range(30)]}))
+    jobs += [JobSpec(kind="predict.session", args={"user": f"user{i}", "question": f"q{i}?"})
+             for i in range(5)]
+    jobs.append(JobSpec(kind="predict.session", args={
+        "user": "unlucky", "question": "?", "models": ["down-1"], "credits": 2}))
+    jobs += [JobSpec(kind="market.refresh", args={"marketplace": m}) for m in ("ebay", "etsy", "amazon")]
+    return jobs
+
+
+def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
+    from daemon.jobctl import render_job, render_top
+
+    directory = Path(state_dir or tempfile.mkdtemp(prefix="jobd-demo-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    socket = directory / "jobd.sock"
+    log = directory / "jobd.log"
+    with StandinServers() as servers:
+        servers.configure(judge_rejects=2, rate_limit_next=8, retry_after=1,
+                          fail_models=["down-1"])
+        env = {**os.environ, "JOBD_STANDIN_URL": servers.url,
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env.pop("JOBD_DATABASE_URL", None)
+        print(f"jobd demo: state in {directory} (embedded Postgres), stand-in APIs on {servers.url}")
+        with log.open("ab") as out:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "daemon.main", "run", "--config",
+                 str(_config(directory, socket)), "--state-dir", str(directory / "state")],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            client = SyncClient(str(socket), timeout=30)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if daemon.poll() is not None:
+                    print(log.read_text()[-3000:], file=sys.stderr)
+                    return 1
+                try:
+                    if client.call(c.Ping()).ready:
+                        break
+                except (OSError, Exception):  # noqa: BLE001 - not up yet
+                    pass
+                time.sleep(0.2)
+            ids = client.call(c.EnqueueBatch(jobs=_mix())).ids
+            approved: set[int] = set()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                running = client.call(c.List(state=["running"], limit=20))
+                frame = render_top(client.call(c.Stats()), running)
+                sys.stdout.write("\x1b[H\x1b[2J" + frame + "\n" if sys.stdout.isatty() else "")
+                waiting = client.call(c.List(state=["waiting"], kind="stocks.pipeline", limit=50))
+                for job in waiting.jobs:
+                    view = client.call(c.Get(job_id=job.id))
+                    if job.id not in approved and (view.waiting_on or {}).get("type") == "event":
+                        client.call(c.SendEvent(name="subsector.approved",
+                                                data={"id": job.id, "by": "demo"}))
+                        approved.add(job.id)
+                summary = client.call(c.Summary(ids=None, created_after=None))
+                if summary.queued == 0 and summary.running == 0:
+                    break
+                time.sleep(1.0)
+            summary = client.call(c.Summary())
+            print(f"\nall done: {summary.completed} completed, {summary.failed} failed "
+                  f"(the 'unlucky' session, refunded), {summary.cancelled} cancelled "
+                  f"of {summary.total} jobs ({len(ids)} enqueued, the rest children and hooks)")
+            print("\n" + render_job(client.call(c.Get(job_id=ids[0]))))
+            print(f"\nrefunds the stand-in API received: {servers.state.refunds}")
+            print(f"\nnext: the daemon log is {log}; `jobctl --socket {socket} get <id>` while "
+                  "a demo runs; examples/*.py are the handlers; README 'Durable workflows'.")
+            return 0
+        finally:
+            daemon.terminate()
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()

@@ -1,0 +1,421 @@
+"""Every `jobd_*` metric, on one registry per daemon, and the Observer that feeds them.
+
+Three kinds of source, three ways in:
+
+- events (a job started, finished, errored; an actor restarted) come through
+  `PromObserver`, which implements `actors.ports.Observer`; each hook is a dict lookup
+  and an increment, and never raises;
+- this daemon's live state (running jobs, mailbox depths, readiness) is read by a
+  collector at scrape time from callables the daemon hands in: cheap, always fresh;
+- database-derived gauges (`jobd_queue_jobs`, `jobd_queue_oldest_available_age_seconds`)
+  are computed off the scrape path by `run_queue_gauges`, on ONE daemon per database.
+
+Leader election for the database gauges: each daemon keeps one dedicated connection and
+asks `pg_try_advisory_lock` on it every interval until it wins; the winner keeps the
+session lock (and leadership) until that connection ends, so exactly one daemon
+exports the gauges and `sum()` over instances never double counts. A transaction-level
+lock would not do: it is released when the gauge query commits, so a daemon asking a
+moment later wins too, every daemon ends up refreshing and exporting values of
+different ages. When the leader dies or loses its connection Postgres drops the lock
+and another daemon takes over within one interval. A non-leader exports no samples for
+these gauges; `jobd_metrics_leader` says who leads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import prometheus_client
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from actors.clock import Clock
+from actors.ports import StoreUnavailable
+
+log = logging.getLogger("jobd.metrics")
+
+# `*_created` series double every counter and histogram in the text format and no
+# dashboard or alert of ours reads them. The switch is process-wide; the daemon owns
+# its process.
+prometheus_client.disable_created_metrics()
+
+JOB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+               900, 1800, 3600, 7200)
+DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+OUTCOMES = ("completed", "failed", "retried", "cancelled", "timed_out", "rescued", "released")
+GAUGE_STATES = ("scheduled", "available", "running", "completed", "failed", "cancelled")
+OTHER_KEY = "_other"  # where keys past the per-queue series limit are counted
+
+
+class Mailboxes(Protocol):
+    """What the mailbox gauge needs from `actors.registry.Registry`."""
+
+    def names(self) -> list[str]: ...
+    def lookup(self, name: str) -> Any: ...
+
+
+class Metrics:
+    """The registry and every metric on it; one per daemon (tests build their own)."""
+
+    def __init__(
+        self,
+        *,
+        version: str,
+        region: str,
+        daemon_id: str,
+        running: Callable[[], dict[str, tuple[int, int]]] = dict,
+        mailboxes: Mailboxes | None = None,
+        ready: Callable[[], bool] = lambda: False,
+        key_series_limit: int = 50,
+        keys: Iterable[str] = (),
+    ):
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+
+        self.enqueued = Counter("jobd_jobs_enqueued", "Jobs created through the control API.",
+                                ["queue", "kind"], registry=r)
+        self.started = Counter("jobd_jobs_started", "Attempts started.", ["queue", "kind"],
+                               registry=r)
+        self.finished = Counter(
+            "jobd_jobs_finished",
+            "Attempts ended, by outcome (completed, failed, retried, cancelled, timed_out, "
+            "rescued, released).", ["queue", "kind", "outcome"], registry=r)
+        self.errors = Counter("jobd_job_errors", "Attempts that raised, by error class.",
+                              ["queue", "error_class"], registry=r)
+        self.rate_limit_waits = Counter("jobd_rate_limit_waits",
+                                        "Claims held back by a key's rate limit.",
+                                        ["queue", "key"], registry=r)
+        self.key_pauses = Counter("jobd_key_pauses", "Times a key was paused.",
+                                  ["queue", "key"], registry=r)
+        self.breaker_openings = Counter("jobd_breaker_openings",
+                                        "Times a key's circuit breaker opened.",
+                                        ["queue", "key"], registry=r)
+        self.actor_restarts = Counter("jobd_actor_restarts",
+                                      "Actor restarts by their supervisor.", ["actor"],
+                                      registry=r)
+        self.run_seconds = Histogram("jobd_job_run_seconds", "Attempt run time.",
+                                     ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
+        self.wait_seconds = Histogram("jobd_job_wait_seconds",
+                                      "Time from a job's run_at to its attempt's start.",
+                                      ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
+        self.db_seconds = Histogram("jobd_db_round_trip_seconds",
+                                    "Store call time, trio to Postgres and back.",
+                                    ["operation"], buckets=DB_BUCKETS, registry=r)
+        self.claim_batch = Histogram("jobd_claim_batch_size", "Jobs per non-empty claim.",
+                                     ["queue"], buckets=BATCH_BUCKETS, registry=r)
+        info = Gauge("jobd_daemon_info", "Always 1; labels name this daemon.",
+                     ["version", "region", "daemon_id"], registry=r)
+        info.labels(version, region, daemon_id).set(1)
+
+        self.keys = KeyLabels(key_series_limit, keys)
+        self.live = _LiveCollector(running, mailboxes, ready)
+        r.register(self.live)
+        self.queue_gauges = _QueueGaugeCollector()
+        r.register(self.queue_gauges)
+        self.observer = PromObserver(self)
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """(body, content type) for a scrape; OpenMetrics if the scraper asks for it."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    def init_queues(self, queues: Iterable[str]) -> None:
+        """Known queues export zeros from the start, so rate() and absent() work at once."""
+        for queue in queues:
+            self.claim_batch.labels(queue)
+            self.live.queues.add(queue)
+            self.queue_gauges.queues.add(queue)
+
+
+class KeyLabels:
+    """Bounds the `key` label: allow-listed keys, then the first `limit` per queue.
+
+    Later keys share `key="_other"`; counters never forget a label, so first-come is
+    the only bound that keeps them monotonic.
+    """
+
+    def __init__(self, limit: int, allow: Iterable[str] = ()):
+        self.limit = limit
+        self.allow = frozenset(allow)
+        self._seen: dict[str, set[str]] = {}
+
+    def __call__(self, queue: str, key: str) -> str:
+        if key in self.allow:
+            return key
+        seen = self._seen.setdefault(queue, set())
+        if key in seen:
+            return key
+        if len(seen) < self.limit:
+            seen.add(key)
+            return key
+        return OTHER_KEY
+
+    def top(self, queue: str, values: dict[str, float]) -> dict[str, float]:
+        """For gauges: the allow-list plus the `limit` largest; the rest summed as _other."""
+        ranked = sorted((k for k in values if k not in self.allow), key=values.__getitem__,
+                        reverse=True)
+        out = {k: v for k, v in values.items() if k in self.allow}
+        out.update((k, values[k]) for k in ranked[: self.limit])
+        rest = ranked[self.limit:]
+        if rest:
+            out[OTHER_KEY] = sum(values[k] for k in rest)
+        return out
+
+
+class PromObserver:
+    """`actors.ports.Observer` over `Metrics`. Cheap; a bad value is dropped, never raised."""
+
+    def __init__(self, metrics: Metrics):
+        self._m = metrics
+
+    def job_started(self, queue: str, kind: str, wait_s: float) -> None:
+        try:
+            self._m.started.labels(queue, kind).inc()
+            self._m.wait_seconds.labels(queue, kind).observe(max(wait_s, 0.0))
+        except Exception:  # noqa: BLE001 - metrics must never break a job
+            log.debug("metric dropped", exc_info=True)
+
+    def job_finished(self, queue: str, kind: str, outcome: str, run_s: float) -> None:
+        try:
+            self._m.finished.labels(queue, kind, outcome).inc()
+            if outcome != "released":  # an interrupted attempt says nothing about run time
+                self._m.run_seconds.labels(queue, kind).observe(max(run_s, 0.0))
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def jobs_enqueued(self, queue: str, kind: str, n: int) -> None:
+        try:
+            self._m.enqueued.labels(queue, kind).inc(n)
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def jobs_rescued(self, queue: str, kind: str, n: int) -> None:
+        try:
+            self._m.finished.labels(queue, kind, "rescued").inc(n)
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def error_classified(self, queue: str, error_class: str) -> None:
+        try:
+            self._m.errors.labels(queue, error_class).inc()
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def actor_restarted(self, actor: str) -> None:
+        try:
+            self._m.actor_restarts.labels(actor).inc()
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def claim_batch(self, queue: str, size: int) -> None:
+        try:
+            self._m.claim_batch.labels(queue).observe(size)
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def db_round_trip(self, operation: str, seconds: float) -> None:
+        try:
+            self._m.db_seconds.labels(operation).observe(seconds)
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    # -- flow control (not in the Observer Protocol until flow control lands) -----------
+
+    def rate_limit_waited(self, queue: str, key: str) -> None:
+        try:
+            self._m.rate_limit_waits.labels(queue, self._m.keys(queue, key)).inc()
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def key_paused(self, queue: str, key: str) -> None:
+        try:
+            self._m.key_pauses.labels(queue, self._m.keys(queue, key)).inc()
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def breaker_opened(self, queue: str, key: str) -> None:
+        try:
+            self._m.breaker_openings.labels(queue, self._m.keys(queue, key)).inc()
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def key_snapshot(self, queue: str, running: dict[str, int], rate: dict[str, float],
+                     breaker_open: dict[str, bool] | None = None) -> None:
+        """Replace one queue's per-key gauges (bounded by `KeyLabels.top`)."""
+        try:
+            live = self._m.live
+            live.key_running[queue] = self._m.keys.top(queue, dict(running))
+            live.key_rate[queue] = self._m.keys.top(queue, dict(rate))
+            opened = {k: float(v) for k, v in (breaker_open or {}).items()}
+            live.key_breaker[queue] = self._m.keys.top(queue, opened)
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+
+class _LiveCollector(Collector):
+    """This daemon's state, read at scrape time (no I/O: a few dict reads)."""
+
+    def __init__(self, running: Callable[[], dict[str, tuple[int, int]]],
+                 mailboxes: Mailboxes | None, ready: Callable[[], bool]):
+        self._running = running
+        self._mailboxes = mailboxes
+        self._ready = ready
+        self.queues: set[str] = set()
+        self.key_running: dict[str, dict[str, float]] = {}
+        self.key_rate: dict[str, dict[str, float]] = {}
+        self.key_breaker: dict[str, dict[str, float]] = {}
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return self._families()
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily("jobd_running_jobs", "Attempts running on this daemon.",
+                              labels=["queue"]),
+            GaugeMetricFamily("jobd_queue_concurrency",
+                              "Configured concurrency per queue on this daemon.",
+                              labels=["queue"]),
+            GaugeMetricFamily("jobd_key_running_jobs",
+                              "Attempts running on this daemon per key (top keys only).",
+                              labels=["queue", "key"]),
+            GaugeMetricFamily("jobd_key_effective_rate",
+                              "Per-key claim rate allowed right now, per second (top keys only).",
+                              labels=["queue", "key"]),
+            GaugeMetricFamily("jobd_key_breaker_open",
+                              "1 while a key's circuit breaker is open (top keys only; "
+                              "_other counts open breakers).", labels=["queue", "key"]),
+            GaugeMetricFamily("jobd_mailbox_messages", "Messages queued in an actor's mailbox.",
+                              labels=["actor"]),
+            GaugeMetricFamily("jobd_daemon_ready",
+                              "1 when this daemon is ready (database healthy, not draining)."),
+        ]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        running, limit, keys, rates, breakers, mailbox, ready = self._families()
+        here = self._running()
+        for queue in sorted(self.queues | set(here)):
+            n, concurrency = here.get(queue, (0, 0))
+            running.add_metric([queue], n)
+            if queue in here:
+                limit.add_metric([queue], concurrency)
+        for family, source in ((keys, self.key_running), (rates, self.key_rate),
+                               (breakers, self.key_breaker)):
+            for queue, values in sorted(source.items()):
+                for key, value in sorted(values.items()):
+                    family.add_metric([queue, key], value)
+        if self._mailboxes is not None:
+            for name in self._mailboxes.names():
+                try:
+                    mailbox.add_metric([name], self._mailboxes.lookup(name).qsize())
+                except KeyError:
+                    continue  # unregistered between names() and lookup()
+        ready.add_metric([], 1 if self._ready() else 0)
+        return [running, limit, keys, rates, breakers, mailbox, ready]
+
+
+class _QueueGaugeCollector(Collector):
+    """The database-derived gauges, as last refreshed; empty unless this daemon leads."""
+
+    def __init__(self) -> None:
+        self.queues: set[str] = set()
+        self.leader = False
+        self.counts: dict[tuple[str, str], int] | None = None
+        self.oldest: dict[str, float] = {}
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return self._families()
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily("jobd_queue_jobs",
+                              "Jobs per queue and state in the database (leader only).",
+                              labels=["queue", "state"]),
+            GaugeMetricFamily("jobd_queue_oldest_available_age_seconds",
+                              "Age of the oldest claimable job per queue; 0 if none "
+                              "(leader only).", labels=["queue"]),
+            GaugeMetricFamily("jobd_metrics_leader",
+                              "1 on the daemon that computes the database-derived gauges."),
+        ]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        jobs, oldest, leader = self._families()
+        leader.add_metric([], 1 if self.leader else 0)
+        if self.leader and self.counts is not None:
+            queues = sorted(self.queues | {q for q, _ in self.counts})
+            for queue in queues:
+                for state in GAUGE_STATES:
+                    jobs.add_metric([queue, state], self.counts.get((queue, state), 0))
+                oldest.add_metric([queue], self.oldest.get(queue, 0.0))
+        return [jobs, oldest, leader]
+
+    def update(self, counts: list[tuple[str, str, int]], oldest: list[tuple[str, float]]) -> None:
+        self.counts = {(q, s): n for q, s, n in counts}
+        self.oldest = {q: max(age, 0.0) for q, age in oldest if not math.isnan(age)}
+
+    def clear(self) -> None:
+        self.leader = False
+        self.counts = None
+        self.oldest = {}
+
+
+class GaugeStore(Protocol):
+    """What `run_queue_gauges` needs from `daemon.store.PgStore`."""
+
+    def metrics_session(self) -> Any: ...
+
+
+async def run_queue_gauges(
+    store: GaugeStore,
+    metrics: Metrics,
+    *,
+    interval_s: float,
+    clock: Clock,
+    key_gauges: Callable[[list[dict[str, Any]]], None] | None = None,
+    key_limit: int = 200,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Try for leadership every interval; while leading, refresh the gauges every interval."""
+    gauges = metrics.queue_gauges
+    task_status.started()
+    backoff = interval_s
+    while True:
+        try:
+            async with store.metrics_session() as session:
+                backoff = interval_s
+                while True:
+                    if not gauges.leader:
+                        gauges.leader = await session.try_lead()
+                        if gauges.leader:
+                            log.info("this daemon now computes the queue gauges",
+                                     extra={"event": "metrics.leader"})
+                    if gauges.leader:
+                        counts, oldest = await session.queue_gauges()
+                        gauges.update(counts, oldest)
+                        if key_gauges is not None:
+                            key_gauges(await session.key_gauges(key_limit))
+                    await clock.sleep(interval_s)
+        except StoreUnavailable as exc:
+            if gauges.leader:
+                log.warning("queue gauges lost their connection: %s", exc,
+                            extra={"event": "metrics.leader_lost"})
+        except Exception:  # noqa: BLE001 - observation must never take the daemon down
+            log.exception("refreshing the queue gauges failed", extra={"event": "metrics.failed"})
+        finally:
+            # Whatever ended the session ended the lock with it (or we are stopping).
+            gauges.clear()
+        await clock.sleep(backoff)
+        backoff = min(backoff * 2, 60.0)

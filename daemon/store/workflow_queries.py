@@ -1,0 +1,166 @@
+"""Named statements for durable workflows (actors/workflow.py): steps, children, waits,
+events. Schema and wake-up triggers: migrations/0005_workflows.sql."""
+
+from __future__ import annotations
+
+# Every step of one job, once per attempt: memoized steps then cost no round trip.
+LOAD_STEPS = """
+SELECT name, result::text AS result, finished_at IS NOT NULL AS done
+FROM jobd.job_steps WHERE job_id = $1
+"""
+
+# First completion wins: a zombie attempt finishing the same step later does not
+# overwrite what the live attempt may already have built on. Returns the stored result.
+SAVE_STEP = """
+WITH ins AS (
+    INSERT INTO jobd.job_steps AS s (job_id, name, result, attempts, started_at, finished_at)
+    VALUES ($1, $2, $3::jsonb, $4, now() - $5 * interval '1 second', now())
+    ON CONFLICT (job_id, name) DO UPDATE
+        SET result = EXCLUDED.result, error = NULL, attempts = s.attempts + EXCLUDED.attempts,
+            finished_at = EXCLUDED.finished_at
+        WHERE s.finished_at IS NULL
+    RETURNING s.result::text AS result
+)
+SELECT result FROM ins
+UNION ALL
+SELECT result::text FROM jobd.job_steps
+WHERE job_id = $1 AND name = $2 AND NOT EXISTS (SELECT 1 FROM ins)
+"""
+
+# A failed step execution: counted and kept for `jobctl get`; the step stays unfinished.
+SAVE_STEP_ERROR = """
+INSERT INTO jobd.job_steps AS s (job_id, name, error, attempts)
+VALUES ($1, $2, $3::jsonb, $4)
+ON CONFLICT (job_id, name) DO UPDATE
+    SET error = EXCLUDED.error, attempts = s.attempts + EXCLUDED.attempts
+    WHERE s.finished_at IS NULL
+"""
+
+# A sleep is a step finished "at" its wake-up time; the first call fixes that time.
+BEGIN_SLEEP = """
+WITH ins AS (
+    INSERT INTO jobd.job_steps (job_id, name, result, attempts, finished_at)
+    VALUES ($1, $2, jsonb_build_object('until', $3::float8), 1, to_timestamp($3::float8))
+    ON CONFLICT (job_id, name) DO NOTHING
+    RETURNING result
+)
+SELECT (coalesce((SELECT result FROM ins),
+                 (SELECT result FROM jobd.job_steps WHERE job_id = $1 AND name = $2))
+        ->> 'until')::float8 AS until
+"""
+
+# Children and the step that records their ids, in one statement: either both exist or
+# neither does. Ids are drawn up front so the step can hold them; a second run of the
+# same spawn step (a zombie attempt) inserts nothing and gets the first run's ids.
+SPAWN_CHILDREN = """
+WITH input AS (
+    SELECT nextval(pg_get_serial_sequence('jobd.jobs', 'id')) AS id, x.*
+    FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
+                $8::double precision[], $9::int[], $10::text[], $11::double precision[])
+         WITH ORDINALITY AS x(queue, kind, args, key, priority, delay_s, max_attempts, tags,
+                              timeout_s, ord)
+), step AS (
+    INSERT INTO jobd.job_steps (job_id, name, result, attempts, finished_at)
+    SELECT $1, $2, coalesce(jsonb_agg(id ORDER BY ord), '[]'::jsonb), 1, now() FROM input
+    ON CONFLICT (job_id, name) DO NOTHING
+    RETURNING result
+), ins AS (
+    INSERT INTO jobd.jobs (id, queue, kind, args, key, priority, run_at, state, max_attempts,
+                           tags, timeout_s, parent_id)
+    SELECT id, queue, kind, args::jsonb, key, priority,
+           now() + coalesce(delay_s, 0) * interval '1 second',
+           CASE WHEN coalesce(delay_s, 0) > 0 THEN 'scheduled' ELSE 'available' END,
+           max_attempts, coalesce(tags::text[], '{}'), timeout_s, $1
+    FROM input WHERE EXISTS (SELECT 1 FROM step)
+    ORDER BY ord
+    RETURNING id
+)
+SELECT coalesce((SELECT result FROM step),
+                (SELECT result FROM jobd.job_steps WHERE job_id = $1 AND name = $2))::text
+       AS ids, (SELECT count(*) FROM ins) AS created
+"""
+
+# Record what the job will wait for (fenced by the lease token) and read the children.
+GATHER_CHILDREN = """
+WITH mark AS (
+    UPDATE jobd.jobs SET waiting_on = $3::jsonb
+    WHERE id = $1 AND lease_token = $2 AND state = 'running'
+    RETURNING id
+)
+SELECT c.id, c.kind, c.state, c.result::text AS result,
+       (c.errors -> -1)::text AS error
+FROM jobd.jobs c WHERE c.id = ANY($4::bigint[])
+"""
+
+# A wait for an event: its first call fixes `since` and the deadline (a pending step);
+# the job's waiting_on is set; a matching event sent since then answers at once.
+BEGIN_WAIT = """
+WITH pending AS (
+    INSERT INTO jobd.job_steps (job_id, name, result, attempts)
+    VALUES ($1, $3, jsonb_build_object(
+        'since', extract(epoch FROM now())::float8,
+        'deadline', extract(epoch FROM now())::float8 + $6::float8), 1)
+    ON CONFLICT (job_id, name) DO NOTHING
+    RETURNING result
+), w AS (
+    SELECT coalesce((SELECT result FROM pending),
+                    (SELECT result FROM jobd.job_steps WHERE job_id = $1 AND name = $3)) AS r
+), mark AS (
+    UPDATE jobd.jobs j SET waiting_on = jsonb_build_object(
+        'type', 'event', 'name', $4::text, 'match', $5::jsonb, 'step', $3::text,
+        'since', w.r -> 'since', 'deadline', w.r -> 'deadline')
+    FROM w WHERE j.id = $1 AND j.lease_token = $2 AND j.state = 'running'
+    RETURNING j.id
+)
+SELECT w.r::text AS wait,
+       (SELECT e.data::text FROM jobd.events e
+        WHERE e.name = $4 AND e.sent_at >= to_timestamp((w.r ->> 'since')::float8)
+          AND e.data @> $5::jsonb
+        ORDER BY e.id LIMIT 1) AS event,
+       extract(epoch FROM now())::float8 AS now
+FROM w
+"""
+
+SEND_EVENT = """
+WITH e AS (
+    INSERT INTO jobd.events (name, data) VALUES ($1, $2::jsonb) RETURNING id
+), woken AS (
+    UPDATE jobd.jobs j SET state = 'available', run_at = now()
+    WHERE j.state = 'waiting' AND j.waiting_on ->> 'type' = 'event'
+      AND j.waiting_on ->> 'name' = $1
+      AND $2::jsonb @> coalesce(j.waiting_on -> 'match', '{}'::jsonb)
+    RETURNING j.id, pg_notify('jobd_enqueued', j.queue)
+)
+SELECT (SELECT id FROM e) AS id, coalesce(array_agg(woken.id ORDER BY woken.id), '{}') AS woken
+FROM woken
+"""
+
+# The safety net (reaper): waiting jobs whose condition holds or whose deadline passed.
+WAKE_WAITING = """
+UPDATE jobd.jobs j SET state = 'available', run_at = now()
+WHERE j.id IN (SELECT id FROM jobd.jobs
+               WHERE state = 'waiting' AND jobd.wait_satisfied(waiting_on)
+               LIMIT $1 FOR UPDATE SKIP LOCKED)
+RETURNING j.id, pg_notify('jobd_enqueued', j.queue)
+"""
+
+REGISTER_FAILURE_HOOKS = """
+INSERT INTO jobd.failure_hooks (kind) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING
+"""
+
+# `jobctl get`: a job's steps, children and what it waits for, in one round trip.
+WORKFLOW_DETAILS = """
+SELECT
+    (SELECT CASE WHEN state = 'waiting' THEN waiting_on::text END
+     FROM jobd.jobs WHERE id = $1) AS waiting_on,
+    (SELECT coalesce(jsonb_agg(jsonb_build_object(
+         'name', s.name, 'done', s.finished_at IS NOT NULL, 'attempts', s.attempts,
+         'started_at', s.started_at, 'finished_at', s.finished_at, 'error', s.error,
+         'result_bytes', octet_length(s.result::text))
+         ORDER BY s.started_at, s.name), '[]')::text
+     FROM jobd.job_steps s WHERE s.job_id = $1) AS steps,
+    (SELECT coalesce(jsonb_agg(jsonb_build_object(
+         'id', c.id, 'kind', c.kind, 'state', c.state, 'attempt', c.attempt,
+         'created_at', c.created_at, 'finished_at', c.finished_at) ORDER BY c.id), '[]')::text
+     FROM (SELECT * FROM jobd.jobs WHERE parent_id = $1 ORDER BY id LIMIT 1000) c) AS children
+"""

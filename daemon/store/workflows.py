@@ -1,0 +1,77 @@
+"""PgStore's workflow methods (actors.workflow.StepStore): one thin method per statement
+in workflow_queries.py. A mixin; PgStore provides `_fetch` and `_execute`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from actors.ports import NewJob
+from daemon.store import workflow_queries as wq
+
+
+class WorkflowStatements:
+    async def _fetch(self, sql: str, *args: Any, op: str = "other") -> list[asyncpg.Record]:
+        raise NotImplementedError
+
+    async def _execute(self, sql: str, *args: Any, op: str = "other") -> str:
+        raise NotImplementedError
+
+    async def load_steps(self, job_id: int) -> list[tuple[str, str | None, bool]]:
+        rows = await self._fetch(wq.LOAD_STEPS, job_id, op="steps")
+        return [(r["name"], r["result"], r["done"]) for r in rows]
+
+    async def save_step(self, job_id: int, name: str, result: str, attempts: int,
+                        duration_s: float) -> str:
+        rows = await self._fetch(wq.SAVE_STEP, job_id, name, result, attempts, duration_s,
+                                 op="step")
+        return rows[0]["result"]
+
+    async def save_step_error(self, job_id: int, name: str, error: str, attempts: int) -> None:
+        await self._execute(wq.SAVE_STEP_ERROR, job_id, name, error, attempts, op="step")
+
+    async def begin_sleep(self, job_id: int, name: str, until: float) -> float:
+        rows = await self._fetch(wq.BEGIN_SLEEP, job_id, name, until, op="step")
+        return rows[0]["until"]
+
+    async def spawn_children(self, job_id: int, name: str, jobs: list[NewJob]) -> list[int]:
+        rows = await self._fetch(
+            wq.SPAWN_CHILDREN, job_id, name,
+            [j.queue for j in jobs], [j.kind for j in jobs], [j.args for j in jobs],
+            [j.key for j in jobs], [j.priority for j in jobs], [j.delay_s for j in jobs],
+            [j.max_attempts for j in jobs], [_array_literal(j.tags) for j in jobs],
+            [j.timeout_s for j in jobs], op="spawn",
+        )
+        return msgspec.json.decode(rows[0]["ids"])
+
+    async def gather_children(self, job_id: int, token: int, waiting_on: str,
+                              ids: list[int]) -> list[dict[str, Any]]:
+        rows = await self._fetch(wq.GATHER_CHILDREN, job_id, token, waiting_on, ids, op="gather")
+        return [dict(r) for r in rows]
+
+    async def begin_wait(self, job_id: int, token: int, step: str, event: str, match: str,
+                         timeout_s: float | None) -> tuple[str, str | None, float]:
+        row = (await self._fetch(wq.BEGIN_WAIT, job_id, token, step, event, match, timeout_s,
+                                 op="wait"))[0]
+        return row["wait"], row["event"], row["now"]
+
+    async def send_event(self, name: str, data: str) -> tuple[int, list[int]]:
+        row = (await self._fetch(wq.SEND_EVENT, name, data, op="event"))[0]
+        return row["id"], list(row["woken"])
+
+    async def wake_waiting(self, limit: int) -> list[int]:
+        return [r["id"] for r in await self._fetch(wq.WAKE_WAITING, limit, op="wake")]
+
+    async def register_failure_hooks(self, kinds: list[str]) -> None:
+        if kinds:
+            await self._execute(wq.REGISTER_FAILURE_HOOKS, kinds)
+
+    async def workflow_details(self, job_id: int) -> tuple[str | None, str, str]:
+        row = (await self._fetch(wq.WORKFLOW_DETAILS, job_id, op="get"))[0]
+        return row["waiting_on"], row["steps"], row["children"]
+
+
+def _array_literal(items: list[str]) -> str:
+    return "{" + ",".join(msgspec.json.encode(i).decode() for i in items) + "}"

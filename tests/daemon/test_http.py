@@ -1,0 +1,282 @@
+"""daemon.http: the ASGI app called in-process, then once through real hypercorn."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.http import HttpApp, HttpServer, openapi
+from daemon.metrics import Metrics
+from protocol import commands as c
+from protocol.errors import NotFound, Unavailable
+
+TOKEN = "s3cret-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+class FakeControl:
+    """Answers like actors.control.Control for the handful of commands used here."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def hello(self, cmd: c.Hello) -> c.HelloResult:
+        return c.HelloResult(protocol=1, server="jobd/test", commands=c.COMMAND_NAMES)
+
+    async def handle(self, cmd: Any) -> Any:
+        self.seen.append(cmd)
+        if isinstance(cmd, c.Enqueue):
+            return c.EnqueueResult(id=41, created=True)
+        if isinstance(cmd, c.Get):
+            if cmd.job_id == 404:
+                raise NotFound("no job 404", details={"id": 404})
+            return {"id": cmd.job_id, "state": "completed"}
+        if isinstance(cmd, c.Stats):
+            raise Unavailable("database unavailable: ConnectionRefusedError")
+        if isinstance(cmd, c.Ping):
+            return c.Pong(daemon_id="d", region="r", version="0", ready=True, draining=False)
+        raise RuntimeError("boom")
+
+
+class Response(msgspec.Struct):
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def make_app(token: str | None = TOKEN, reason: str | None = None, **kwargs: Any) -> HttpApp:
+    metrics = Metrics(version="0", region="r", daemon_id="d")
+    metrics.observer.job_finished("default", "noop", "completed", 0.01)
+
+    async def readiness() -> str | None:
+        return reason
+
+    return HttpApp(control=FakeControl(), metrics=metrics,  # type: ignore[arg-type]
+                   readiness=readiness, token=token, **kwargs)
+
+
+async def call(app: HttpApp, method: str, path: str, body: bytes | list[bytes] = b"",
+               headers: dict[str, str] | None = None) -> Response:
+    chunks = list(body) if isinstance(body, list) else [body]
+    scope = {"type": "http", "method": method, "path": path, "client": ("127.0.0.1", 5000),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start, *rest = sent
+    return Response(status=start["status"],
+                    headers={k.decode(): v.decode() for k, v in start["headers"]},
+                    body=b"".join(m.get("body", b"") for m in rest))
+
+
+# --------------------------------------------------------------------------- health, metrics
+
+
+async def test_healthz():
+    response = await call(make_app(token=None), "GET", "/healthz")
+    assert (response.status, response.json()) == (200, {"status": "ok"})
+
+
+async def test_readyz_ready_and_not():
+    assert (await call(make_app(), "GET", "/readyz")).status == 200
+    response = await call(make_app(reason="draining"), "GET", "/readyz")
+    assert (response.status, response.json()) == (503, {"status": "not_ready", "reason": "draining"})
+
+
+async def test_metrics_needs_no_token():
+    response = await call(make_app(token=None), "GET", "/metrics")
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    names = {f.name for f in text_string_to_metric_families(response.body.decode())}
+    assert {"jobd_jobs_finished", "jobd_daemon_info"} <= names
+
+
+async def test_head_and_wrong_method():
+    head = await call(make_app(), "HEAD", "/healthz")
+    assert (head.status, head.body) == (200, b"")
+    wrong = await call(make_app(), "POST", "/metrics")
+    assert wrong.status == 405 and wrong.headers["allow"] == "GET, HEAD"
+
+
+async def test_unknown_path_is_404():
+    response = await call(make_app(), "GET", "/nope")
+    assert response.status == 404 and response.json()["code"] == "not_found"
+
+
+# --------------------------------------------------------------------------- auth
+
+
+async def test_api_is_off_without_a_token():
+    response = await call(make_app(token=None), "POST", "/v1/ping", headers=AUTH)
+    assert response.status == 403
+    body = response.json()
+    assert body["type"] == "error" and body["code"] == "unauthorized"
+    assert "token_file" in body["message"]
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {TOKEN}"},
+    {"authorization": TOKEN}, {"authorization": f"Bearer {TOKEN}x"},
+])
+async def test_missing_or_wrong_token_is_401(headers):
+    response = await call(make_app(), "POST", "/v1/ping", headers=headers)
+    assert response.status == 401
+    assert response.headers["www-authenticate"] == 'Bearer realm="jobd"'
+    assert response.json()["code"] == "unauthorized"
+
+
+async def test_openapi_needs_the_token_too():
+    assert (await call(make_app(), "GET", "/v1/openapi.json")).status == 401
+
+
+# --------------------------------------------------------------------------- commands
+
+
+async def test_enqueue_uses_the_command_struct_and_the_ok_envelope():
+    app = make_app()
+    body = json.dumps({"job": {"kind": "noop", "args": {"x": 1}, "queue": "q"}}).encode()
+    response = await call(app, "POST", "/v1/enqueue", body, AUTH)
+    assert response.status == 200
+    assert response.json()["type"] == "ok"
+    assert response.json()["result"] == {"id": 41, "created": True}
+    [cmd] = app._control.seen  # type: ignore[attr-defined]
+    assert isinstance(cmd, c.Enqueue) and cmd.job.kind == "noop" and cmd.job.args == {"x": 1}
+
+
+async def test_empty_body_is_an_empty_command():
+    response = await call(make_app(), "POST", "/v1/ping", b"", AUTH)
+    assert response.status == 200 and response.json()["result"]["ready"] is True
+
+
+async def test_hello_answers_without_a_handshake():
+    response = await call(make_app(), "POST", "/v1/hello", b'{"protocol": 1}', AUTH)
+    assert response.json()["result"]["server"] == "jobd/test"
+
+
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/v1/enqueue", b"{not json", 400, "bad_json"),
+    ("/v1/enqueue", b"{}", 400, "bad_request"),
+    ("/v1/enqueue", b'{"job": {"kind": 7}}', 400, "bad_request"),
+    ("/v1/get", b'{"job_id": 404}', 404, "not_found"),
+    ("/v1/frobnicate", b"{}", 404, "unknown_command"),
+    ("/v1/stats", b"", 503, "unavailable"),
+    ("/v1/nodes", b"", 500, "internal"),
+])
+async def test_error_codes_map_to_statuses(path, body, status, code):
+    response = await call(make_app(), "POST", path, body, AUTH)
+    assert response.status == status
+    payload = response.json()
+    assert (payload["type"], payload["code"]) == ("error", code)
+    assert set(payload) == {"type", "id", "code", "message", "details"}
+
+
+async def test_get_alias():
+    response = await call(make_app(), "GET", "/v1/jobs/7", headers=AUTH)
+    assert response.json() == {"type": "ok", "id": None, "result": {"id": 7, "state": "completed"},
+                               "more": False}
+    missing = await call(make_app(), "GET", "/v1/jobs/404", headers=AUTH)
+    assert missing.status == 404 and missing.json()["details"] == {"id": 404}
+    assert (await call(make_app(), "POST", "/v1/jobs/7", headers=AUTH)).status == 405
+
+
+async def test_command_needs_post():
+    response = await call(make_app(), "GET", "/v1/enqueue", headers=AUTH)
+    assert response.status == 405 and response.headers["allow"] == "POST"
+
+
+async def test_body_size_cap():
+    app = make_app(max_body=64)
+    declared = await call(app, "POST", "/v1/enqueue", b"x" * 65,
+                          {**AUTH, "content-length": "65"})
+    assert declared.status == 413 and declared.json()["code"] == "frame_too_long"
+    streamed = await call(app, "POST", "/v1/enqueue", [b"x" * 40, b"x" * 40], AUTH)
+    assert streamed.status == 413
+
+
+async def test_lifespan_is_answered():
+    app = make_app()
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    await app({"type": "lifespan"}, receive, send)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+
+def test_openapi_document():
+    doc = openapi()
+    assert doc["openapi"] == "3.1.0"
+    for name in c.COMMAND_NAMES:
+        assert f"/v1/{name}" in doc["paths"], name
+    assert "/v1/jobs/{id}" in doc["paths"]
+    assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    enqueue = doc["components"]["schemas"]["Enqueue"]
+    assert "job" in enqueue["required"] and "type" not in enqueue["required"]
+    assert "id" not in enqueue["properties"]
+    ok = doc["paths"]["/v1/enqueue"]["post"]["responses"]["200"]
+    result = ok["content"]["application/json"]["schema"]["properties"]["result"]
+    assert result == {"$ref": "#/components/schemas/EnqueueResult"}
+    # Every reference resolves.
+    text = json.dumps(doc)
+    schemas = doc["components"]["schemas"]
+    for ref in {part.split('"')[0] for part in text.split('"$ref": "')[1:]}:
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
+    assert doc["paths"]["/metrics"]["get"]["security"] == []
+
+
+async def test_openapi_served():
+    response = await call(make_app(), "GET", "/v1/openapi.json", headers=AUTH)
+    assert response.status == 200 and response.json()["info"]["title"] == "jobd"
+
+
+# --------------------------------------------------------------------------- real hypercorn
+
+
+async def http_get(stream: trio.abc.Stream, path: str) -> bytes:
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def test_served_by_hypercorn_on_tcp_and_unix(tmp_path):
+    sock = tmp_path / "http.sock"
+    server = HttpServer(make_app(), ["127.0.0.1:0", f"unix:{sock}"], graceful_timeout_s=1)
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(server.run)
+        tcp = next(u for u in urls if u.startswith("http://127.0.0.1:"))
+        port = int(tcp.rsplit(":", 1)[1])
+        reply = await http_get(await trio.open_tcp_stream("127.0.0.1", port), "/healthz")
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"status":"ok"}')
+        reply = await http_get(await trio.open_unix_socket(str(sock)), "/metrics")
+        assert reply.startswith(b"HTTP/1.1 200") and b"jobd_daemon_info" in reply
+        with trio.fail_after(5):
+            await server.stop()
+    assert not sock.exists()

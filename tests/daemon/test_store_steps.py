@@ -1,0 +1,172 @@
+"""The workflow statements (daemon/store/workflows.py) and their triggers, on Postgres."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import msgspec
+
+from actors.ports import NewJob, Outcome
+
+
+async def claim_one(store, queue: str = "default", kinds: list[str] | None = None):
+    [job] = await store.claim(queue, 1, "d1", 30.0, kinds or ["wf", "child"])
+    return job
+
+
+async def test_steps_save_load_first_writer_wins(store):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    assert await store.load_steps(e.id) == []
+    assert await store.save_step(e.id, "a", '{"x": 1}', 1, 0.01) == '{"x": 1}'
+    # A second completion (a zombie attempt) keeps the first result.
+    assert await store.save_step(e.id, "a", '{"x": 2}', 1, 0.01) == '{"x": 1}'
+    await store.save_step_error(e.id, "b", '{"class": "network"}', 3)
+    steps = {n: (r, d) for n, r, d in await store.load_steps(e.id)}
+    assert steps == {"a": ('{"x": 1}', True), "b": (None, False)}
+    # An errored step completes later; attempts add up.
+    assert await store.save_step(e.id, "b", "7", 1, 0.0) == "7"
+
+
+async def test_sleep_until_is_fixed_by_first_call(store):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    assert await store.begin_sleep(e.id, "sleep:s", 1000.5) == 1000.5
+    assert await store.begin_sleep(e.id, "sleep:s", 2000.0) == 1000.5
+
+
+async def test_spawn_is_atomic_and_once(store, sql):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    kids = [NewJob(kind="child", args='{"n": 1}'), NewJob(kind="child", args='{"n": 2}')]
+    ids = await store.spawn_children(e.id, "spawn#1", kids)
+    assert len(ids) == 2
+    again = await store.spawn_children(e.id, "spawn#1", kids)
+    assert again == ids
+    rows = sql.fetch("SELECT id, parent_id FROM jobd.jobs WHERE parent_id = $1 ORDER BY id", e.id)
+    assert [r["id"] for r in rows] == ids
+
+
+async def test_gather_wait_and_wake_by_trigger(store, sql):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    parent = await claim_one(store)
+    ids = await store.spawn_children(e.id, "spawn#1", [NewJob(kind="child"), NewJob(kind="child")])
+    waiting_on = json.dumps({"type": "children", "ids": ids})
+    rows = await store.gather_children(e.id, parent.lease_token, waiting_on, ids)
+    assert {r["state"] for r in rows} == {"available"}
+    await store.finish_many([Outcome(id=e.id, token=parent.lease_token, state="waiting", refund=1)])
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", e.id) == "waiting"
+    assert sql.fetchval("SELECT attempt FROM jobd.jobs WHERE id = $1", e.id) == 0
+    for _ in ids:
+        child = await claim_one(store, kinds=["child"])
+        await store.finish_many([Outcome(id=child.id, token=child.lease_token, state="completed",
+                                         result='{"ok": true}')])
+    # The last child's finish woke the parent, in the same statement.
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", e.id) == "available"
+
+
+async def test_waiting_with_condition_already_met_goes_available(store, sql):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    parent = await claim_one(store)
+    [kid] = await store.spawn_children(e.id, "spawn#1", [NewJob(kind="child")])
+    await store.gather_children(e.id, parent.lease_token,
+                                json.dumps({"type": "children", "ids": [kid]}), [kid])
+    sql.execute("UPDATE jobd.jobs SET state = 'completed' WHERE id = $1", kid)
+    await store.finish_many([Outcome(id=e.id, token=parent.lease_token, state="waiting", refund=1)])
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", e.id) == "available"
+
+
+async def test_events_wake_matching_waiters(store, sql):
+    [a, b] = await store.enqueue_many([NewJob(kind="wf"), NewJob(kind="wf")])
+    ja, jb = await claim_one(store), await claim_one(store)
+    wait, data, now = await store.begin_wait(a.id, ja.lease_token, "event:x", "approved",
+                                             '{"id": 1}', None)
+    assert data is None and json.loads(wait)["deadline"] is None
+    await store.begin_wait(b.id, jb.lease_token, "event:x", "approved", '{"id": 2}', 60.0)
+    await store.finish_many([Outcome(id=j.id, token=j.lease_token, state="waiting", refund=1)
+                             for j in (ja, jb)])
+    _, woken = await store.send_event("approved", '{"id": 1, "by": "ann"}')
+    assert woken == [a.id]
+    states = dict(sql.fetch("SELECT id, state FROM jobd.jobs ORDER BY id"))
+    assert states == {a.id: "available", b.id: "waiting"}
+    # A re-run finds the event.
+    ja2 = await claim_one(store)
+    _, data, _ = await store.begin_wait(a.id, ja2.lease_token, "event:x", "approved",
+                                        '{"id": 1}', None)
+    assert msgspec.json.decode(data) == {"id": 1, "by": "ann"}
+
+
+async def test_wait_timeout_woken_by_sweep(store, sql):
+    [a] = await store.enqueue_many([NewJob(kind="wf")])
+    ja = await claim_one(store)
+    await store.begin_wait(a.id, ja.lease_token, "event:x", "never", "{}", 0.2)
+    await store.finish_many([Outcome(id=a.id, token=ja.lease_token, state="waiting", refund=1)])
+    assert await store.wake_waiting(100) == []
+    sql.execute("SELECT pg_sleep(0.25)")
+    assert await store.wake_waiting(100) == [a.id]
+
+
+async def test_cancel_cascades_to_children(store, sql):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    ids = await store.spawn_children(e.id, "spawn#1", [NewJob(kind="child")] * 3)
+    grandkids = await store.spawn_children(ids[1], "spawn#1", [NewJob(kind="child")])
+    running = await claim_one(store, kinds=["child"])
+    assert await store.cancel(e.id) == ("available", "cancelled")
+    states = dict(sql.fetch("SELECT id, state FROM jobd.jobs WHERE id <> $1", e.id))
+    assert states[running.id] == "running"
+    assert sql.fetchval("SELECT cancel_requested FROM jobd.jobs WHERE id = $1", running.id)
+    others = [i for i in [*ids, *grandkids] if i != running.id]
+    assert all(states[i] == "cancelled" for i in others)
+
+
+async def test_failure_hook_enqueued_with_the_failure(store, sql):
+    await store.register_failure_hooks(["wf"])
+    [e] = await store.enqueue_many([NewJob(kind="wf"), ])
+    job = await claim_one(store)
+    await store.finish_many([Outcome(id=e.id, token=job.lease_token, state="failed",
+                                     error='{"class": "fail"}')])
+    rows = sql.fetch("SELECT kind, args::text, unique_key FROM jobd.jobs WHERE kind = 'jobd.on_failure'")
+    assert len(rows) == 1 and json.loads(rows[0]["args"]) == {"job_id": e.id}
+
+
+async def test_workflow_details(store):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    await store.save_step(e.id, "a", "1", 2, 0.5)
+    await store.spawn_children(e.id, "spawn#1", [NewJob(kind="child")])
+    waiting_on, steps, children = await store.workflow_details(e.id)
+    assert waiting_on is None
+    steps = json.loads(steps)
+    assert [s["name"] for s in steps] == ["a", "spawn#1"] and steps[0]["attempts"] == 2
+    assert datetime.fromisoformat(steps[0]["finished_at"]) <= datetime.now(UTC)
+    assert [c["kind"] for c in json.loads(children)] == ["child"]
+
+
+async def test_overhead_numbers(store):
+    """Prints the cost of a step write, a step load and a suspend/resume (README numbers)."""
+    import time
+
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    n = 200
+    t = time.perf_counter()
+    for i in range(n):
+        await store.save_step(e.id, f"s{i}", '{"v": 1}', 1, 0.0)
+    write_us = (time.perf_counter() - t) / n * 1e6
+    t = time.perf_counter()
+    rows = await store.load_steps(e.id)
+    load_ms = (time.perf_counter() - t) * 1e3
+    assert len(rows) == n
+    # suspend (sleep) + resume at store level: claim, begin_sleep, finish(scheduled),
+    # claim again (due), load_steps. Claims and finishes are batched in the daemon.
+    jobs = await store.enqueue_many([NewJob(kind="wf") for _ in range(50)])
+    t = time.perf_counter()
+    for _ in jobs:
+        c = await claim_one(store)
+        await store.begin_sleep(c.id, "sleep:x", 0.0)
+        await store.finish_many([Outcome(id=c.id, token=c.lease_token, state="scheduled",
+                                         delay_s=0.0, refund=1)])
+        again = await claim_one(store)
+        await store.load_steps(again.id)
+        await store.finish_many([Outcome(id=again.id, token=again.lease_token,
+                                         state="completed", result="1")])
+    cycle_ms = (time.perf_counter() - t) / len(jobs) * 1e3
+    print(f"\nstep write {write_us:.0f} us (1 round trip); load of {n} steps {load_ms:.2f} ms "
+          f"(1 round trip); suspend+resume+finish cycle {cycle_ms:.2f} ms (6 round trips "
+          f"unbatched, of which claim x2 and finish x2 are batched in the daemon)")

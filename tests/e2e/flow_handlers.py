@@ -1,0 +1,36 @@
+"""Handlers for the flow-control end-to-end tests (handlers.modules = tests.e2e.flow_handlers)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import msgspec
+import trio
+
+from actors import Context, RetryAfter, job
+
+TABLE = """
+CREATE TABLE IF NOT EXISTS flow_calls (
+    job_id bigint, key text, pid int, started double precision, ended double precision)
+"""
+
+
+class CallArgs(msgspec.Struct):
+    key: str
+    hold_s: float = 0.1
+    rate_limited: bool = False
+
+
+@job("flow.call", queue="crawl", key=lambda a: a.key, max_attempts=10)
+async def call(ctx: Context, args: CallArgs) -> None:
+    if args.rate_limited and not ctx.job.errors:  # a snooze keeps the attempt number
+        raise RetryAfter(2.0, "429 from the marketplace")
+    started = time.time()
+    await trio.sleep(args.hold_s)
+    async with ctx.transaction() as tx:
+        await tx.execute(
+            "INSERT INTO flow_calls VALUES ($1, $2, $3, $4, $5)",
+            ctx.job.id, args.key, os.getpid(), started, time.time(),
+        )
+        await tx.complete(None)

@@ -1,0 +1,140 @@
+"""Durable workflows with the real daemon: SIGKILL it mid-step, mid-sleep and mid-gather;
+after each restart no completed step runs again, sleeps end on time, gathers complete,
+and every pipeline ends with the result an undisturbed run gives."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import msgspec
+
+from tests.e2e.test_crash import wait_for_dead_sessions, wait_until
+from tests.e2e.workflow_handlers import TABLES, PipelineArgs, expected
+
+MODULES = ["tests.e2e.workflow_handlers"]
+JOBS = {"lease": "2s", "reaper_interval": "0.5s", "poll_interval": "0.5s"}
+
+
+def start(jobd):
+    return jobd(modules=MODULES, queues={"wf": {"concurrency": 4}}, jobs=JOBS)
+
+
+def make_tables(sql):
+    for ddl in TABLES.values():
+        sql.execute(ddl)
+
+
+def enqueue(daemon, args: PipelineArgs) -> int:
+    return int(daemon.jobctl("enqueue", "wf.pipeline", "--args",
+                             msgspec.json.encode(args).decode()).stdout)
+
+
+def done_steps(sql) -> set[tuple[int, str]]:
+    return {(r["job_id"], r["name"]) for r in sql.fetch(
+        "SELECT job_id, name FROM jobd.job_steps WHERE finished_at IS NOT NULL")}
+
+
+def runs_after(sql, when) -> list[tuple[int, str]]:
+    return [(r["job_id"], r["step"]) for r in sql.fetch(
+        "SELECT job_id, step FROM step_runs WHERE at > $1", when)]
+
+
+def kill_and_check(daemon, sql, what: str) -> tuple[set, object]:
+    daemon.kill()
+    wait_for_dead_sessions(sql)
+    return done_steps(sql), sql.fetchval("SELECT clock_timestamp()")
+
+
+def test_sigkill_mid_step_mid_sleep_mid_gather(jobd, sql):
+    make_tables(sql)
+    args = [PipelineArgs(seed=s, steps=5, hold_s=0.3, sleep_s=4.0, children=3,
+                         child_hold_s=1.5) for s in range(1, 7)]
+    daemon = start(jobd)
+    ids = [enqueue(daemon, a) for a in args]
+    checks = []
+
+    # 1. mid-step: some steps done, some running.
+    wait_until("steps under way", lambda: sql.fetchval(
+        "SELECT count(*) >= 6 FROM step_runs"), daemons=(daemon,))
+    checks.append(kill_and_check(daemon, sql, "mid-step"))
+    daemon = start(jobd)
+
+    # 2. mid-sleep: a pipeline suspended in its durable sleep (scheduled, no slot).
+    wait_until("a pipeline asleep", lambda: sql.fetchval(
+        "SELECT count(*) > 0 FROM jobd.jobs j JOIN jobd.job_steps s ON s.job_id = j.id"
+        " AND s.name = 'sleep:nap' WHERE j.state = 'scheduled' AND s.finished_at > now()"),
+        daemons=(daemon,))
+    checks.append(kill_and_check(daemon, sql, "mid-sleep"))
+    time.sleep(1.0)
+    daemon = start(jobd)
+
+    # 3. mid-gather: a parent waiting on its children.
+    wait_until("a parent waiting on children", lambda: sql.fetchval(
+        "SELECT count(*) > 0 FROM jobd.jobs WHERE state = 'waiting'"), daemons=(daemon,))
+    checks.append(kill_and_check(daemon, sql, "mid-gather"))
+    daemon = start(jobd)
+
+    wait_until("every pipeline completed", lambda: sql.fetchval(
+        "SELECT count(*) = 0 FROM jobd.jobs WHERE state <> 'completed'"), timeout=120,
+        daemons=(daemon,))
+
+    # No step that was done at a kill ran again afterwards.
+    for done, killed_at in checks:
+        again = [r for r in runs_after(sql, killed_at) if r in done]
+        assert again == [], f"completed steps ran again after a kill: {again}"
+    # A step ran more than once only if a kill interrupted it (in flight: started, not
+    # stored): once, plus once per kill that caught it in flight.
+    runs = sql.fetch("SELECT job_id, step, at FROM step_runs")
+    for (job_id, step) in {(r["job_id"], r["step"]) for r in runs}:
+        n = sum(1 for r in runs if (r["job_id"], r["step"]) == (job_id, step))
+        interrupted = sum(
+            1 for done, killed_at in checks
+            if (job_id, step) not in done
+            and any((r["job_id"], r["step"]) == (job_id, step) and r["at"] < killed_at
+                    for r in runs))
+        assert n <= 1 + interrupted, (job_id, step, n, interrupted)
+    for job_id, a in zip(ids, args, strict=True):
+        result = json.loads(sql.fetchval("SELECT result::text FROM jobd.jobs WHERE id = $1", job_id))
+        want = expected(a)
+        assert result["values"] == want["values"]
+        assert result["children"] == want["children"]
+        # Never early; late by at most the restarts' downtime plus polling.
+        assert 0.0 <= result["late_s"] < 15.0, result
+    # Suspensions are not attempts: each pipeline was claimed far more often than attempts.
+    assert sql.fetchval("SELECT max(attempt) FROM jobd.jobs WHERE kind = 'wf.pipeline'") <= 4
+
+
+def test_events_and_failure_hooks(jobd, sql):
+    make_tables(sql)
+    daemon = start(jobd)
+    a = PipelineArgs(seed=7, steps=1, hold_s=0.0, event="subsector.approved")
+    job_id = enqueue(daemon, a)
+    wait_until("the pipeline waiting for approval", lambda: sql.fetchval(
+        "SELECT state = 'waiting' FROM jobd.jobs WHERE id = $1", job_id), daemons=(daemon,))
+    view = daemon.jobctl_json("get", str(job_id))
+    assert view["waiting_on"]["type"] == "event" and view["steps"][0]["name"] == "s0"
+    out = daemon.jobctl_json("send-event", "subsector.approved", "--data", '{"seed": 8}')
+    assert out["woken"] == []
+    out = daemon.jobctl_json("send-event", "subsector.approved",
+                             "--data", '{"seed": 7, "by": "ann"}')
+    assert out["woken"] == [job_id]
+    wait_until("approved pipeline completed", lambda: sql.fetchval(
+        "SELECT state = 'completed' FROM jobd.jobs WHERE id = $1", job_id), daemons=(daemon,))
+    assert json.loads(sql.fetchval("SELECT result::text FROM jobd.jobs WHERE id = $1",
+                                   job_id))["approval"] == {"seed": 7, "by": "ann"}
+
+    doomed = int(daemon.jobctl("enqueue", "wf.doomed", "--args", '{"credits": 5}').stdout)
+    wait_until("the refund hook ran", lambda: sql.fetchval(
+        "SELECT count(*) = 1 FROM jobd.jobs WHERE kind = 'jobd.on_failure'"
+        " AND state = 'completed'"), daemons=(daemon,))
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", doomed) == "failed"
+    assert sql.fetchval("SELECT sum(credits) FROM refunds") == 5
+    # cancel cascades to children
+    parent = enqueue(daemon, PipelineArgs(seed=9, steps=0, children=2, child_hold_s=30))
+    wait_until("parent waiting", lambda: sql.fetchval(
+        "SELECT state = 'waiting' FROM jobd.jobs WHERE id = $1", parent), daemons=(daemon,))
+    daemon.jobctl("cancel", str(parent))
+    wait_until("children cancelled", lambda: sql.fetchval(
+        "SELECT bool_and(state = 'cancelled') FROM jobd.jobs WHERE parent_id = $1", parent),
+        daemons=(daemon,))
