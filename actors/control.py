@@ -16,7 +16,15 @@ import trio
 from actors import schedule_commands
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import lookup
-from actors.ports import Enqueued, NewJob, NullObserver, Observer, Store, StoreUnavailable
+from actors.ports import (
+    Enqueued,
+    NewJob,
+    NullObserver,
+    Observer,
+    Store,
+    StoreUnavailable,
+    ValueRejected,
+)
 from actors.workflow import workflow_view
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, NotFound, Unavailable
@@ -60,6 +68,8 @@ class Control:
             return await self._handle(cmd)
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
+        except ValueRejected as exc:
+            raise BadRequest(str(exc)) from exc
 
     async def _handle(self, cmd: c.Command) -> Any:
         match cmd:
@@ -152,7 +162,7 @@ class Control:
         """The job now, then again each time it changes, until it is finished."""
         last = None
         while True:
-            view = await self._handle(c.Get(job_id=cmd.job_id))
+            view = await self.handle(c.Get(job_id=cmd.job_id))
             snapshot = (view.state, view.attempt, view.progress, view.progress_note)
             if snapshot != last:
                 yield view

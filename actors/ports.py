@@ -18,6 +18,10 @@ class StoreUnavailable(Exception):
     """The database cannot be reached; the caller backs off and tries again."""
 
 
+class ValueRejected(Exception):
+    """The database refused a value from the request (an id past bigint, a NUL byte)."""
+
+
 class NewJob(msgspec.Struct, kw_only=True):
     """One row to enqueue; args are already validated and JSON-encoded."""
 

@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 import trio
 
@@ -207,12 +206,7 @@ class HttpApp:
         if isinstance(cmd, c.Hello):
             result = self._control.hello(cmd)
         else:
-            try:
-                result = await self._control.handle(cmd)
-            except asyncpg.DataError as exc:
-                # A value from the request that Postgres cannot take (an id past bigint,
-                # a NUL in a string): the client's mistake, not a server error.
-                raise JobdError(f"bad value: {exc}", code=ErrorCode.BAD_REQUEST) from None
+            result = await self._control.handle(cmd)
         await _respond(send, 200, _encoder.encode(c.Ok(result=result)), _JSON)
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes:

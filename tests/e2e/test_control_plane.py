@@ -166,3 +166,13 @@ def test_client_from_asyncio_and_trio(jobd):
     assert asyncio_state == trio_state == "completed"
     assert asyncio_id != trio_id
     assert SyncClient(path).summary(tag="client").completed == 2
+
+
+def test_values_postgres_refuses_are_bad_requests_not_crashes(jobd):
+    daemon = jobd()
+    huge = daemon.jobctl("--json", "get", str(2**64 - 1), check=False)
+    assert huge.returncode == 1
+    assert json.loads(huge.stdout)["error"]["code"] == "bad_request"
+    nul = daemon.jobctl("--json", "resume", "bad\x01queue", check=False)
+    assert nul.returncode in (0, 1)  # accepted or refused, but answered
+    assert daemon.jobctl_json("ping")["ready"] is True

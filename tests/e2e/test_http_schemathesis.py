@@ -25,9 +25,10 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import (  # noqa: E402 - the public names of the built-in checks
     content_type_conformance,
+    negative_data_rejection,
     not_a_server_error,
     response_schema_conformance,
     status_code_conformance,
@@ -35,13 +36,17 @@ from schemathesis.checks import (  # noqa: E402 - the public names of the built-
 
 from tests.e2e.test_http_e2e import TOKEN, free_port, request, wait_for  # noqa: E402
 
-MAX_EXAMPLES = 25  # per operation
+MAX_EXAMPLES = 25  # valid requests per operation
+MAX_NEGATIVE_EXAMPLES = 15  # invalid ones (wrong types, missing fields) per operation
 BULK = {"cancel_many", "retry", "replay", "delete"}
 NOT_FUZZED = {"drain", "reload"}
 QUEUES = {"default": {"concurrency": 20}, "final": {"concurrency": 2}}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
+# An invalid request must be refused with a 4xx, never a 5xx, and the refusal documented.
+NEGATIVE_CHECKS = [not_a_server_error, negative_data_rejection, status_code_conformance,
+                   content_type_conformance, response_schema_conformance]
 
 
 def job_view(base: str, job_id: int) -> dict[str, Any]:
@@ -80,10 +85,11 @@ def guard(name: str, seeded: set[int], queues: set[str]):
 
     def safe(case) -> bool:
         body = case.body if isinstance(case.body, dict) else {}
+        # `==`, not `in`: negative cases put unhashable values anywhere, and 1.0 == 1.
         if name == "cancel":
-            return body.get("job_id") not in seeded
+            return not any(body.get("job_id") == i for i in seeded)
         if name == "pause":
-            return body.get("queue") not in queues
+            return not any(body.get("queue") == q for q in queues)
         if name in BULK:
             # A body that is not an object is rejected before anything runs.
             return not isinstance(case.body, dict) or body.get("dry_run") is True
@@ -92,19 +98,22 @@ def guard(name: str, seeded: set[int], queues: set[str]):
     return (force_dry_run if name in BULK else (lambda case: case)), safe
 
 
-def fuzz_operation(operation, name: str, base: str, seeded: set[int], calls: dict[str, int],
-                   statuses: dict[int, int]) -> None:
+def fuzz_operation(operation, name: str, mode: GenerationMode, base: str, seeded: set[int],
+                   calls: dict[str, int], statuses: dict[int, int]) -> None:
     """Up to MAX_EXAMPLES generated cases against the live server, each one checked."""
     fix, safe = guard(name, seeded, set(QUEUES))
+    positive = mode == GenerationMode.POSITIVE
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(case=operation.as_strategy().map(fix).filter(safe))
+    @settings(max_examples=MAX_EXAMPLES if positive else MAX_NEGATIVE_EXAMPLES, deadline=None,
+              database=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode).map(fix).filter(safe))
     def fuzz(case) -> None:
         response = case.call(base_url=base, headers=AUTH, timeout=10)
-        calls[name] = calls.get(name, 0) + 1
+        calls[mode.value] = calls.get(mode.value, 0) + 1
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-        case.validate_response(response, checks=CHECKS, headers=AUTH)
+        case.validate_response(response, checks=CHECKS if positive else NEGATIVE_CHECKS,
+                               headers=AUTH)
 
     fuzz()
 
@@ -137,10 +146,17 @@ def test_schemathesis_fuzz_leaves_daemon_and_jobs_intact(daemon):
         name = operation.definition.raw.get("operationId", operation.path)
         if name in NOT_FUZZED:
             continue
-        try:
-            fuzz_operation(operation, name, base, set(seeded), calls, statuses)
-        except (Exception, BaseExceptionGroup) as exc:  # report every operation at the end
-            failures.append(f"{operation.method.upper()} {operation.path}: {exc}")
+        raw = operation.definition.raw
+        # Without a body or parameters there is nothing to get wrong (/metrics, /healthz).
+        modes = [GenerationMode.POSITIVE]
+        if "requestBody" in raw or "parameters" in raw:
+            modes.append(GenerationMode.NEGATIVE)
+        for mode in modes:
+            try:
+                fuzz_operation(operation, name, mode, base, set(seeded), calls, statuses)
+            except (Exception, BaseExceptionGroup) as exc:  # report every operation at the end
+                failures.append(f"{operation.method.upper()} {operation.path} ({mode.value}):"
+                                f" {exc}")
     fuzz_s = time.monotonic() - started
     assert not failures, "\n\n".join(failures)
 
@@ -153,5 +169,6 @@ def test_schemathesis_fuzz_leaves_daemon_and_jobs_intact(daemon):
     job_id = enqueue(base, {"kind": "noop", "queue": "final"})
     wait_for(lambda: job_view(base, job_id)["state"] == "completed", "a new job to complete")
     assert daemon.proc is not None and daemon.proc.poll() is None
-    print(f"schemathesis {schemathesis.__version__}: {sum(calls.values())} cases over"
-          f" {len(calls)} operations in {fuzz_s:.1f}s; statuses {dict(sorted(statuses.items()))}")
+    print(f"schemathesis {schemathesis.__version__}: {calls} cases over {len(operations)}"
+          f" operations ({len(NOT_FUZZED)} skipped) in {fuzz_s:.1f}s;"
+          f" statuses {dict(sorted(statuses.items()))}")
