@@ -10,10 +10,12 @@ finished, then a summary and where to look next.
 from __future__ import annotations
 
 import os
+import socket as socket_module
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from examples.standin_servers import StandinServers
@@ -25,11 +27,17 @@ MODULES = ["examples.stock_pipeline", "examples.predictions", "examples.marketpl
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _config(directory: Path, socket: Path) -> Path:
+def _free_port() -> int:
+    with socket_module.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _config(directory: Path, socket: Path, port: int) -> Path:
     path = directory / "demo.toml"
     path.write_text(
         'region = "demo"\n[control]\n'
-        f'socket = "{socket}"\n[log]\nlevel = "warning"\n[handlers]\n'
+        f'socket = "{socket}"\nhttp = "127.0.0.1:{port}"\n[log]\nlevel = "warning"\n[handlers]\n'
         f"modules = {MODULES!r}\n".replace("'", '"')
         + '[jobs]\nreaper_interval = "0.5s"\npoll_interval = "0.5s"\nprogress_every_items = 5\n'
         '[queues.models]\nconcurrency = 8\n[queues.crawl]\nconcurrency = 4\n')
@@ -63,11 +71,14 @@ def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
         env = {**os.environ, "JOBD_STANDIN_URL": servers.url,
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         env.pop("JOBD_DATABASE_URL", None)
+        port = _free_port()
         print(f"jobd demo: state in {directory} (embedded Postgres), stand-in APIs on {servers.url}")
+        print(f"metrics while it runs: http://127.0.0.1:{port}/metrics")
         with log.open("ab") as out:
             daemon = subprocess.Popen(
                 [sys.executable, "-m", "daemon.main", "run", "--config",
-                 str(_config(directory, socket)), "--state-dir", str(directory / "state")],
+                 str(_config(directory, socket, port)), "--state-dir",
+                 str(directory / "state")],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             client = SyncClient(str(socket), timeout=30)
@@ -84,11 +95,18 @@ def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
                 time.sleep(0.2)
             ids = client.call(c.EnqueueBatch(jobs=_mix())).ids
             approved: set[int] = set()
+            last_line = ""
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 running = client.call(c.List(state=["running"], limit=20))
                 frame = render_top(client.call(c.Stats()), running)
-                sys.stdout.write("\x1b[H\x1b[2J" + frame + "\n" if sys.stdout.isatty() else "")
+                if sys.stdout.isatty():
+                    sys.stdout.write("\x1b[H\x1b[2J" + frame + "\n")
+                else:  # a log, not a screen: one line per change
+                    line = _progress_line(client.call(c.Summary()))
+                    if line != last_line:
+                        print(line, flush=True)
+                        last_line = line
                 waiting = client.call(c.List(state=["waiting"], kind="stocks.pipeline", limit=50))
                 for job in waiting.jobs:
                     view = client.call(c.Get(job_id=job.id))
@@ -106,8 +124,17 @@ def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
                   f"of {summary.total} jobs ({len(ids)} enqueued, the rest children and hooks)")
             print("\n" + render_job(client.call(c.Get(job_id=ids[0]))))
             print(f"\nrefunds the stand-in API received: {servers.state.refunds}")
-            print(f"\nnext: the daemon log is {log}; `jobctl --socket {socket} get <id>` while "
-                  "a demo runs; examples/*.py are the handlers; README 'Durable workflows'.")
+            print("\nfrom /metrics:\n" + _finished_metrics(port))
+            print(f"""
+where to look next:
+  the daemon's log (JSON lines):   {log}
+  a daemon of your own:            jobd run --config examples/jobd.toml
+  then, in another shell:          jobctl enqueue sleep --args '{{"seconds": 20}}'
+                                   jobctl top        jobctl get 1        jobctl stats
+  metrics:                         set control.http = "127.0.0.1:9464", then
+                                   curl -s http://127.0.0.1:9464/metrics
+  the handlers behind this demo:   examples/stock_pipeline.py, predictions.py, marketplace.py
+  how they work:                   README, "Durable workflows" and "Flow control"""")
             return 0
         finally:
             daemon.terminate()
@@ -115,3 +142,19 @@ def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
                 daemon.wait(30)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+
+
+def _progress_line(summary: c.SummaryResult) -> str:
+    return (f"{summary.completed} completed, {summary.running} running, "
+            f"{summary.queued} queued or waiting, {summary.failed} failed")
+
+
+def _finished_metrics(port: int) -> str:
+    """The finished-jobs counters, as Prometheus would scrape them."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError as exc:
+        return f"  (metrics unavailable: {exc})"
+    lines = [ln for ln in text.splitlines() if ln.startswith("jobd_jobs_finished_total{")]
+    return "\n".join("  " + ln for ln in sorted(lines)[:12])
