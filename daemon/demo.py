@@ -134,7 +134,7 @@ where to look next:
   metrics:                         set control.http = "127.0.0.1:9464", then
                                    curl -s http://127.0.0.1:9464/metrics
   the handlers behind this demo:   examples/stock_pipeline.py, predictions.py, marketplace.py
-  how they work:                   README, "Durable workflows" and "Flow control"""")
+  how they work:                   README, sections "Durable workflows" and "Flow control".""")
             return 0
         finally:
             daemon.terminate()
