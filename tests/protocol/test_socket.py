@@ -396,3 +396,27 @@ def test_daemon_is_healthy_afterwards(daemon: JobdProcess, job_before_fuzzing: i
     events = [e.get("event") for e in daemon.log_events()]
     assert "control.crashed" not in events
     assert "daemon.crashed" not in events
+
+
+def test_connection_limit_refuses_extra_peers_and_stays_up(jobd):
+    import socket as socket_module
+
+    daemon = jobd(control={"max_connections": 20})
+    held = []
+    try:
+        for _ in range(20):
+            s = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+            s.connect(str(daemon.socket))
+            held.append(s)
+        extra = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+        extra.settimeout(10)
+        extra.connect(str(daemon.socket))
+        reply = extra.recv(4096)
+        assert b'"too_many_connections"' in reply
+        assert extra.recv(4096) == b""  # and closed
+        extra.close()
+    finally:
+        for s in held:
+            s.close()
+    # Once the idle peers are gone, the daemon answers as before.
+    assert daemon.jobctl_json("ping")["ready"] is True
