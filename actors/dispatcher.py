@@ -161,15 +161,10 @@ class Dispatcher(Actor[DispatcherMsg]):
                     self.settings.queue, asked, self._daemon_id, self.settings.lease_s,
                     self._kinds(), paused_keys=paused_keys, limits=self.settings.limits,
                 )
-                wait_s = self.settings.poll_interval_s
-                if len(claimed) < asked and self.settings.limits is not None:
-                    # Limits, not an empty queue, may have cut the claim short: buckets
-                    # refill and other daemons free key slots without telling us.
-                    wait_s = 0.0 if claimed else min(wait_s, self.settings.recheck_s or wait_s)
+                wait_s = 0.0
                 if len(claimed) < asked:
                     due = await self._store.next_due(self.settings.queue, self._kinds())
-                    if due is not None:
-                        wait_s = max(0.0, min(wait_s, due))
+                    wait_s = self._idle_wait(due, bool(claimed))
                 backoff = 0.05
             except StoreUnavailable as exc:
                 log.warning("claim failed: %s", exc, extra={"event": "claim.unavailable",
@@ -186,6 +181,26 @@ class Dispatcher(Actor[DispatcherMsg]):
             if len(claimed) < asked:
                 await self._wait(wait_s)
             # else: more may be waiting; claim again once a slot frees (the loop top).
+
+    def _idle_wait(self, due: float | None, claimed_some: bool) -> float:
+        """How long to sleep after a short claim (NOTIFY and freed slots wake us sooner).
+
+        `due` is the seconds until the queue's next job is due (None: nothing queued).
+        Jobs due now that we did not get are held by limits, pauses or another daemon's
+        claim: under flow control buckets refill and other daemons free key slots
+        without telling us, so look again after one token's time; otherwise only a
+        NOTIFY (a resume, an enqueue) changes anything.
+        """
+        poll = self.settings.poll_interval_s
+        if due is None:
+            return poll
+        if due > 0:
+            return min(poll, due)
+        if claimed_some:
+            return 0.0
+        if self.settings.limits is not None:
+            return min(poll, self.settings.recheck_s or poll)
+        return poll
 
     async def _wait(self, seconds: float) -> None:
         with trio.move_on_after(seconds):
