@@ -18,6 +18,10 @@ class StoreUnavailable(Exception):
     """The database cannot be reached; the caller backs off and tries again."""
 
 
+class Conflict(StoreUnavailable):
+    """A deadlock or serialization failure: nothing is wrong, the same call may be retried."""
+
+
 class ValueRejected(Exception):
     """The database refused a value from the request (an id past bigint, a NUL byte)."""
 

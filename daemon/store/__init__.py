@@ -15,6 +15,7 @@ import trio
 
 from actors.ports import (
     Claimed,
+    Conflict,
     Enqueued,
     NewJob,
     NullObserver,
@@ -85,6 +86,8 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         started = time.perf_counter()
         try:
             result = await bridge.call(fn, self._pool, *args)
+        except Conflict:
+            raise  # the database answered; the caller retries
         except StoreUnavailable:
             self.healthy = False
             raise

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import asyncpg
 import trio_asyncio
 
-from actors.ports import StoreUnavailable, ValueRejected
+from actors.ports import Conflict, StoreUnavailable, ValueRejected
 
 T = TypeVar("T")
 
@@ -37,6 +37,9 @@ async def call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return await trio_asyncio.aio_as_trio(fn)(*args)
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}: {exc}") from exc
+    except (asyncpg.exceptions.DeadlockDetectedError,
+            asyncpg.exceptions.SerializationError) as exc:
+        raise Conflict(f"retry: {exc}") from exc
     except asyncpg.DataError as exc:
         # The client's mistake, not a server error: every surface answers bad_request.
         raise ValueRejected(f"bad value: {exc}") from exc

@@ -180,6 +180,12 @@ effects AS (
     FROM done WHERE flow IS NOT NULL AND key IS NOT NULL
     GROUP BY queue, key
 ),
+-- Lock the key rows in one order, so two daemons' finishes cannot deadlock.
+locked AS (
+    SELECT f.queue, f.key FROM jobd.flow_keys f JOIN effects e USING (queue, key)
+    ORDER BY f.queue, f.key
+    FOR UPDATE OF f
+),
 flow AS (
     UPDATE jobd.flow_keys f SET
         paused_until = CASE WHEN e.pause_s > 0
@@ -190,7 +196,8 @@ flow AS (
         consecutive_failures = CASE WHEN e.ok > 0 THEN 0
                                     ELSE f.consecutive_failures + e.failed END,
         last_failure_at = CASE WHEN e.failed > 0 THEN now() ELSE f.last_failure_at END
-    FROM effects e WHERE f.queue = e.queue AND f.key = e.key
+    FROM effects e JOIN locked l USING (queue, key)
+    WHERE f.queue = e.queue AND f.key = e.key
     RETURNING f.queue, f.key, f.consecutive_failures
 )
 SELECT id, NULL::text AS key, NULL::int AS failures FROM done
