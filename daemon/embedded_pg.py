@@ -197,8 +197,15 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+# systemd's variables are jobd's, not the server's: a Postgres built with systemd support
+# would otherwise send its own READY=1 on jobd's notify socket.
+_SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                 "LISTEN_FDNAMES")
+
+
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PG") and k not in _SYSTEMD_VARS}
     env["LC_ALL"] = "C"
     env.pop("LANGUAGE", None)
     return env
