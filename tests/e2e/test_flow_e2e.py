@@ -131,3 +131,25 @@ def test_rate_limited_key_pauses_on_every_daemon(jobd, sql):
     assert min(starts) >= paused_at + 1.5
     job = json.loads(a.jobctl("--json", "get", str(first)).stdout)
     assert job["attempt"] == 1 and job["errors"][0]["class"] == "snooze"
+
+
+def test_limits_change_on_reload(jobd, sql):
+    sql.execute(TABLE)
+    daemon = jobd(modules=["tests.e2e.flow_handlers"], queues={"crawl": {"key_concurrency": 1}})
+    client = SyncClient(str(daemon.socket))
+    client.enqueue_batch([JobSpec(kind="flow.call", args={"key": "k", "hold_s": 0.3})
+                          for _ in range(12)])
+    wait_done(sql, 12)
+    calls = [(r["started"], r["ended"]) for r in sql.fetch("SELECT started, ended FROM flow_calls")]
+    assert max_overlap(calls) == 1
+
+    text = daemon.config.read_text().replace("key_concurrency = 1", "key_concurrency = 4")
+    daemon.config.write_text(text)
+    assert daemon.jobctl_json("reload")["ok"] is True
+    sql.execute("TRUNCATE flow_calls")
+    client.enqueue_batch([JobSpec(kind="flow.call", args={"key": "k", "hold_s": 0.3})
+                          for _ in range(12)])
+    wait_done(sql, 24)
+    calls = [(r["started"], r["ended"]) for r in sql.fetch("SELECT started, ended FROM flow_calls")]
+    assert 1 < max_overlap(calls) <= 4
+    assert any(k["concurrency_limit"] == 4 for k in daemon.jobctl_json("stats")["keys"])
