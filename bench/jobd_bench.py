@@ -1,0 +1,284 @@
+"""jobd's side of the comparison: each function runs one scenario once and returns numbers.
+
+Every scenario starts fresh `jobd run` processes (tests/support.py JobdProcess) on the
+bench database of the embedded cluster; jobs are enqueued through jobd's own API (the
+control socket client) except where a scenario is about claiming, where rows are
+inserted with one `INSERT ... SELECT generate_series` to save time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench.common import PgConn, latency_summary, pg_cluster_cpu, proc_cpu, rss_mb, wait_for
+from protocol.client import connect
+from protocol.jobs import JobSpec
+from tests.support import ROOT, JobdProcess
+
+MODULES = ["examples.basic", "bench.jobd_handlers"]
+UNFINISHED = "state IN ('available', 'scheduled', 'running')"
+
+
+class Ctx:
+    """The bench database, the cluster's postmaster and a monitoring connection."""
+
+    def __init__(self, url: str, monitor_url: str, dbname: str, postmaster: int, workdir: Path):
+        self.url, self.dbname, self.postmaster, self.workdir = url, dbname, postmaster, workdir
+        self.sql = PgConn(url)
+        self.monitor = PgConn(monitor_url)  # on another database: not in our counts
+        self._n = 0
+
+    def xacts(self) -> int:
+        return self.monitor.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
+            self.dbname)
+
+    def daemon(self, concurrency: int = 200, extra_queue: dict | None = None,
+               retention: dict | None = None, jobs: dict | None = None) -> JobdProcess:
+        self._n += 1
+        extra = ""
+        if retention:
+            extra = "[jobs.retention]\n" + "".join(
+                f"{k} = {json.dumps(v)}\n" for k, v in retention.items())
+        return JobdProcess(self.workdir / f"d{self._n}", self.url, modules=MODULES,
+                           queues={"default": {"concurrency": concurrency, **(extra_queue or {})}},
+                           jobs=jobs, extra_toml=extra)
+
+    def reset(self) -> None:
+        self.sql.execute("TRUNCATE jobd.jobs CASCADE")
+        self.sql.execute("DELETE FROM jobd.pauses")
+
+    def insert(self, n: int, kind: str = "noop", args: str = "{}", keys: int = 0) -> None:
+        key = f"'k' || (g % {keys})" if keys else "NULL"
+        self.sql.execute(
+            f"INSERT INTO jobd.jobs (kind, queue, args, key) SELECT $1, 'default', $2::jsonb, {key}"
+            " FROM generate_series(1, $3) g", kind, args, n)
+
+    def close(self) -> None:
+        self.sql.close()
+        self.monitor.close()
+
+
+def stop(daemons: list[JobdProcess]) -> None:
+    for d in daemons:
+        if d.proc and d.proc.poll() is None:
+            d.signal(15)
+    for d in daemons:
+        try:
+            d.wait(60)
+        except subprocess.TimeoutExpired:
+            d.kill()
+
+
+def _client_call(sock: Path, fn) -> Any:
+    async def main() -> Any:
+        async with connect(str(sock)) as c:
+            return await fn(c)
+    return anyio.run(main)
+
+
+def drain(ctx: Ctx, procs: list[JobdProcess], timeout: float, interval: float = 0.1) -> None:
+    """Wait until no job is unfinished; on timeout say what is stuck and why."""
+    try:
+        wait_for(lambda: not ctx.sql.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM jobd.jobs WHERE {UNFINISHED})"), timeout, interval)
+    except TimeoutError:
+        states = ctx.sql.fetch("SELECT state, count(*) FROM jobd.jobs GROUP BY 1 ORDER BY 1")
+        crashes = [e.get("msg", "") for p in procs for e in p.log_events()
+                   if e.get("event") == "actor.crashed"]
+        raise RuntimeError(f"stuck after {timeout:.0f}s: "
+                           + ", ".join(f"{s} {n}" for s, n in states)
+                           + (f"; {crashes[0][:120]}" if crashes else "")) from None
+
+
+# -- 1. enqueue ---------------------------------------------------------------------
+
+def enqueue(ctx: Ctx, bulk: int, single: int, batch: int = 5000) -> dict:
+    ctx.reset()
+    d = ctx.daemon()
+    d.start()
+    try:
+        async def bulk_run(c) -> float:
+            t = time.perf_counter()
+            for start in range(0, bulk, batch):
+                await c.enqueue_batch([JobSpec(kind="noop", queue="parked")
+                                       for _ in range(min(batch, bulk - start))])
+            return bulk / (time.perf_counter() - t)
+
+        async def single_run(c) -> float:
+            t = time.perf_counter()
+            for _ in range(single):
+                await c.enqueue("noop", {}, queue="parked")
+            return single / (time.perf_counter() - t)
+
+        return {"enqueue_bulk_jobs_per_s": _client_call(d.socket, bulk_run),
+                "enqueue_single_jobs_per_s": _client_call(d.socket, single_run)}
+    finally:
+        stop([d])
+        ctx.reset()
+
+
+# -- 2. end to end (and 5. flow control, which is the same run with keys) ---------------
+
+def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
+        extra_queue: dict | None = None) -> dict:
+    ctx.reset()
+    procs = [ctx.daemon(extra_queue=extra_queue) for _ in range(daemons)]
+    for p in procs:
+        p.start()
+    try:
+        _client_call(procs[0].socket, lambda c: c.pause("default"))
+        time.sleep(1.0)  # every daemon hears the pause (NOTIFY) before any job exists
+        ctx.insert(n, keys=keys)
+        time.sleep(1.0)
+        early = ctx.sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE state <> 'available'")
+        if early:
+            raise RuntimeError(f"{early} jobs started while the queue was paused")
+        polls0 = ctx.sql.statements
+        x0, pg0 = ctx.xacts(), pg_cluster_cpu(ctx.postmaster)
+        cpu0 = [proc_cpu(p.proc.pid) for p in procs]
+        t0 = time.perf_counter()
+        _client_call(procs[0].socket, lambda c: c.resume("default"))
+        drain(ctx, procs, 60 + n / 1000, 0.05)
+        # Wall clock: retention (on, as in production) prunes completed rows meanwhile,
+        # so started_at/finished_at of the survivors do not span the run.
+        wall = time.perf_counter() - t0
+        cpu1 = [proc_cpu(p.proc.pid) for p in procs]
+        pg1 = pg_cluster_cpu(ctx.postmaster)
+        polls = ctx.sql.statements - polls0
+    finally:
+        stop(procs)
+    time.sleep(0.7)  # exiting backends flush their statistics
+    x1 = ctx.xacts()
+    # The resume and the daemons' shutdown statements remain in the count (a handful).
+    return {"jobs_per_s": n / wall,
+            "daemon_cpu_s_per_1k": sum(b - a for a, b in zip(cpu0, cpu1, strict=False)) / n * 1000,
+            "pg_cpu_s_per_1k": (pg1 - pg0) / n * 1000,
+            "db_round_trips_per_job": (x1 - x0 - polls) / n}
+
+
+# -- 3. latency -------------------------------------------------------------------------
+
+def latency(ctx: Ctx, rate: float, n: int) -> dict:
+    """Jobs enqueued through the socket at `rate`/s (one call per job when slow, batches
+    each 5 ms when fast); each carries its client clock reading."""
+    ctx.reset()
+    d = ctx.daemon(retention={"completed_max_count": 100_000_000})  # keep the results
+    d.start()
+    try:
+        time.sleep(1.0)
+
+        async def paced(c) -> float:
+            sent, tick = 0, 0.005
+            t0 = time.perf_counter()
+            while sent < n:
+                due = min(n, int((time.perf_counter() - t0) * rate) + 1)
+                if due - sent == 1:
+                    await c.enqueue("bench.lat", {"t": time.time()})
+                elif due > sent:
+                    now = time.time()
+                    await c.enqueue_batch([JobSpec(kind="bench.lat", args={"t": now})
+                                           for _ in range(due - sent)])
+                sent = max(sent, due)
+                wait = t0 + sent / rate - time.perf_counter() if rate < 1 / tick else tick
+                await anyio.sleep(max(0.0, wait))
+            return sent / (time.perf_counter() - t0)
+
+        achieved = _client_call(d.socket, paced)
+        drain(ctx, [d], 120)
+        ms = [r[0] for r in ctx.sql.fetch(
+            "SELECT (result->>'lat_ms')::float8 FROM jobd.jobs WHERE kind = 'bench.lat'")]
+    finally:
+        stop([d])
+    return {**latency_summary(ms), "achieved_rate": achieved}
+
+
+# -- 4. depth and retention ---------------------------------------------------------------
+
+def depth(ctx: Ctx, queued: int, measured: int = 9000, warmup: int = 1000) -> dict:
+    """Claim throughput at the head of a queue `queued` deep (rows inserted by SQL)."""
+    ctx.reset()
+    ctx.insert(queued)
+    ctx.sql.execute("VACUUM ANALYZE jobd.jobs")
+    d = ctx.daemon(retention={"completed_max_count": 100_000_000})
+    d.start(wait=False)
+    try:
+        wait_for(lambda: ctx.sql.fetchval(
+            "SELECT count(*) FROM jobd.jobs WHERE state IN ('running', 'completed')")
+            >= measured, 600, 0.2)
+    finally:
+        stop([d])
+    a, b = (ctx.sql.fetchval("SELECT started_at FROM jobd.jobs WHERE started_at IS NOT NULL"
+                             " ORDER BY started_at OFFSET $1 LIMIT 1", k)
+            for k in (warmup, measured - 1))
+    ctx.reset()
+    return {"claim_jobs_per_s": (measured - 1 - warmup) / (b - a).total_seconds()}
+
+
+def retention(ctx: Ctx, n: int) -> dict:
+    """n jobs through one daemon with default retention; then the table's size."""
+    ctx.reset()
+    ctx.sql.execute("VACUUM FULL jobd.jobs")
+    ctx.insert(n)
+    d = ctx.daemon()
+    d.start()
+    try:
+        t = time.perf_counter()
+        drain(ctx, [d], 120 + n / 1000, 0.5)
+        wall = time.perf_counter() - t
+        time.sleep(12)  # two reaper passes (jobs.reaper_interval = 5s) and stats flushes
+        row = ctx.sql.fetch(
+            "SELECT pg_total_relation_size('jobd.jobs'), pg_relation_size('jobd.jobs'),"
+            " n_live_tup, n_dead_tup, autovacuum_count"
+            " FROM pg_stat_user_tables WHERE relid = 'jobd.jobs'::regclass")[0]
+        rows = ctx.sql.fetchval("SELECT count(*) FROM jobd.jobs")
+    finally:
+        stop([d])
+    ctx.reset()
+    return {"jobs": n, "jobs_per_s_incl_startup": n / wall,
+            "table_total_mb": row[0] / 2**20, "table_heap_mb": row[1] / 2**20,
+            "rows_left": rows, "dead_tuples": row[3], "autovacuums": row[4]}
+
+
+# -- 5. flow control ----------------------------------------------------------------------
+
+FLOW_QUEUE = {"key_concurrency": 1000, "rate": "1000000/s"}
+
+
+def flow_control_landed(workdir: Path) -> tuple[bool, str]:
+    probe = JobdProcess(workdir / "flowprobe", "postgresql://x@/x", queues={
+        "default": {"concurrency": 200, **FLOW_QUEUE}})
+    r = subprocess.run([sys.executable, "-m", "daemon.main", "check-config", "--config",
+                        str(probe.config)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=60)
+    return r.returncode == 0, (r.stderr or r.stdout).strip()
+
+
+# -- 7. memory ----------------------------------------------------------------------------
+
+def memory(ctx: Ctx, running: int) -> dict:
+    ctx.reset()
+    d = ctx.daemon(concurrency=running)
+    d.start()
+    try:
+        time.sleep(2.0)
+        idle = rss_mb(d.proc.pid)
+        ctx.insert(running, kind="sleep", args='{"seconds": 600, "steps": 1}')
+        wait_for(lambda: ctx.sql.fetchval(
+            "SELECT count(*) FROM jobd.jobs WHERE state = 'running'") >= running, 300, 0.2)
+        time.sleep(2.0)
+        busy = rss_mb(d.proc.pid)
+    finally:
+        d.kill()  # draining would wait for the sleepers
+        ctx.sql.execute("DELETE FROM jobd.daemons")
+        ctx.reset()
+    return {"idle_rss_mb": idle, "running_rss_mb": busy,
+            "kb_per_running_job": (busy - idle) * 1024 / running}
