@@ -98,6 +98,9 @@ class Dispatcher(Actor[DispatcherMsg]):
     def running(self) -> int:
         return len(self._attempts)
 
+    def running_ids(self) -> list[int]:
+        return list(self._attempts)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
@@ -138,7 +141,7 @@ class Dispatcher(Actor[DispatcherMsg]):
         return None
 
     async def _claim_loop(self) -> None:
-        backoff = 0.05
+        self._backoff = 0.05
         while True:
             if self._draining:
                 self._wake = trio.Event()
@@ -161,26 +164,31 @@ class Dispatcher(Actor[DispatcherMsg]):
                     self.settings.queue, asked, self._daemon_id, self.settings.lease_s,
                     self._kinds(), paused_keys=paused_keys, limits=self.settings.limits,
                 )
-                wait_s = 0.0
-                if len(claimed) < asked:
-                    due = await self._store.next_due(self.settings.queue, self._kinds())
-                    wait_s = self._idle_wait(due, bool(claimed))
-                backoff = 0.05
             except StoreUnavailable as exc:
-                log.warning("claim failed: %s", exc, extra={"event": "claim.unavailable",
-                                                            "queue": self.settings.queue})
-                await self._clock.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await self._back_off(exc)
                 continue
+            self._backoff = 0.05
             if claimed:
                 self._observer.claim_batch(self.settings.queue, len(claimed))
+            # Start what we got before any other round trip: that is the latency users see.
             for job in claimed:
                 attempt = Attempt(job)
                 self._attempts[job.id] = attempt
                 self._nursery.start_soon(self._run_attempt, attempt)
             if len(claimed) < asked:
-                await self._wait(wait_s)
+                try:
+                    due = await self._store.next_due(self.settings.queue, self._kinds())
+                except StoreUnavailable as exc:
+                    await self._back_off(exc)
+                    continue
+                await self._wait(self._idle_wait(due, bool(claimed)))
             # else: more may be waiting; claim again once a slot frees (the loop top).
+
+    async def _back_off(self, exc: StoreUnavailable) -> None:
+        log.warning("claim failed: %s", exc, extra={"event": "claim.unavailable",
+                                                    "queue": self.settings.queue})
+        await self._clock.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, 5.0)
 
     def _idle_wait(self, due: float | None, claimed_some: bool) -> float:
         """How long to sleep after a short claim (NOTIFY and freed slots wake us sooner).

@@ -33,6 +33,7 @@ class Heart(Actor[Beat]):
         lease_s: float,
         interval_s: float,
         status: Callable[[], tuple[str, bool]],
+        running: Callable[[], list[int]],
         cancel: Callable[[int], None],
         clock: Clock,
     ):
@@ -42,6 +43,7 @@ class Heart(Actor[Beat]):
         self._lease_s = lease_s
         self._interval_s = interval_s
         self._status = status
+        self._running = running
         self._cancel = cancel
         self._clock = clock
         self.beats = 0
@@ -58,7 +60,8 @@ class Heart(Actor[Beat]):
 
     async def beat(self) -> None:
         status, draining = self._status()
-        await self._store.heartbeat(self._daemon_id, self._lease_s, status, draining)
+        await self._store.heartbeat(self._daemon_id, self._lease_s, status, draining,
+                                    running=self._running())
         for job_id in await self._store.running_cancel_requests(self._daemon_id):
             self._cancel(job_id)
         self.beats += 1

@@ -319,6 +319,7 @@ class Daemon:
                 heart_box, store, daemon_id=self.id, lease_s=lease_s,
                 interval_s=min(parse_duration(cfg.daemon.heartbeat), lease_s / 3),
                 status=lambda: (self._status_line(), self.draining),
+                running=lambda: [i for d in self.dispatchers.values() for i in d.running_ids()],
                 cancel=self._cancel_nowait, clock=clock)),
             ChildSpec.for_actor(lambda: Reaper(
                 reaper_box, store, ReaperSettings(

@@ -121,9 +121,13 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         status: str,
         draining: bool,
         now: datetime | None = None,
+        running: list[int] | None = None,
     ) -> int:
+        """Renew this daemon's leases; `running` limits it to the attempts still alive
+        here (None renews every job the daemon owns)."""
         tag = await self._execute(
-            q.HEARTBEAT, daemon_id, lease_s, status, draining, now, op="heartbeat"
+            q.HEARTBEAT, daemon_id, lease_s, status, draining, now,
+            sorted(running) if running is not None else None, op="heartbeat",
         )
         return int(tag.split()[-1])
 
@@ -201,6 +205,8 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         consecutive-failure count after the batch (for breaker metrics)."""
         if not outcomes:
             return set()
+        # In id order, as the heartbeat locks them: two statements never wait on each other crosswise.
+        outcomes = sorted(outcomes, key=lambda o: o.id)
         rows = await self._fetch(q.FINISH_MANY, *_outcome_columns(outcomes), op="finish")
         if key_failures is not None:
             for r in rows:

@@ -21,7 +21,14 @@ WITH d AS (
     UPDATE jobd.daemons SET heartbeat_at = now(), status = $3, draining = $4 WHERE id = $1
 )
 UPDATE jobd.jobs SET lease_until = coalesce($5::timestamptz, now()) + $2 * interval '1 second'
-WHERE state = 'running' AND lease_owner = $1
+WHERE id IN (
+    -- Only attempts this daemon still runs ($6): one lost with a restarted actor must
+    -- lapse and be rescued. Locked in id order, like finishes, so they cannot deadlock.
+    SELECT id FROM jobd.jobs
+    WHERE state = 'running' AND lease_owner = $1 AND ($6::bigint[] IS NULL OR id = ANY($6))
+    ORDER BY id
+    FOR UPDATE
+)
 """
 
 DEREGISTER_DAEMON = "DELETE FROM jobd.daemons WHERE id = $1"

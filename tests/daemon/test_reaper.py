@@ -96,6 +96,19 @@ async def test_heartbeat_renews_leases_and_keeps_them_from_rescue(store):
     assert len(await store.rescue_expired(100, now=t0 + secs(56))) == 1
 
 
+async def test_heartbeat_does_not_renew_an_attempt_the_daemon_lost(store):
+    # A restarted dispatcher loses its attempts while the daemon lives on: only the
+    # attempts still running are renewed, so the lost one lapses and is rescued.
+    kept, t0 = await running_job(store, owner="alive", lease_s=30)
+    lost, _ = await running_job(store, owner="alive", lease_s=30)
+    await store.register_daemon("alive", "r", "h", 1, "v")
+    renewed = await store.heartbeat("alive", 30, "ok", False, now=t0 + secs(25),
+                                    running=[kept.id])
+    assert renewed == 1
+    rescued = await store.rescue_expired(100, now=t0 + secs(45))
+    assert [r.id for r in rescued] == [lost.id]
+
+
 # --------------------------------------------------------------------------- timeouts, promotion
 
 
