@@ -483,16 +483,17 @@ class Daemon:
     # -- metrics and HTTP ----------------------------------------------------------------
 
     async def _start_http(self, nursery: trio.Nursery, control: Control) -> HttpServer | None:
-        """Queue gauges always; the HTTP server if `control.http` is set (None if not)."""
+        """The HTTP server and the database-derived gauges it serves, if `control.http` is
+        set (None if not: nobody could scrape the gauges, so their queries are not run)."""
         assert self.store is not None
+        binds = self.config.control.http
+        if not binds:
+            return None
         self.metrics.init_queues(self.queue_names())
         await nursery.start(partial(
             run_queue_gauges, self.store, self.metrics, clock=self.clock,
             interval_s=parse_duration(self.config.metrics.leader_interval),
             key_gauges=self._key_gauges, key_limit=self.config.metrics.key_series_limit))
-        binds = self.config.control.http
-        if not binds:
-            return None
         app = HttpApp(control=control, metrics=self.metrics, readiness=self._readiness,
                       token=read_token(self.config))
         server = HttpServer(app, [binds] if isinstance(binds, str) else binds,
