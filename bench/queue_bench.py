@@ -135,7 +135,9 @@ def daemon_numbers(url: str, workdir: Path, jobs: int, results: dict) -> None:
         " FROM generate_series(1, $1)", jobs)
     commits_before = sql.fetchval(
         "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
-    daemon = JobdProcess(workdir / "e", url, queues={"default": {"concurrency": 200}})
+    # Keep every finished row: retention pruning mid-run would shrink the timed span.
+    daemon = JobdProcess(workdir / "e", url, queues={"default": {"concurrency": 200}},
+                         extra_toml="[jobs.retention]\ncompleted_max_count = 10000000\n")
     t0 = time.perf_counter()
     daemon.start(wait=False)
     try:
