@@ -22,6 +22,11 @@ from actors.worker import CANCEL_REQUESTED, SHUTDOWN, Attempt, AttemptRunner
 log = logging.getLogger("jobd.dispatcher")
 
 
+# A job that came due right after a claim, or that another daemon's claim holds for a
+# moment, is looked at again this soon.
+_RECLAIM_S = 0.01
+
+
 class Wake(msgspec.Struct, tag="wake"):
     """Jobs may be claimable now."""
 
@@ -177,7 +182,8 @@ class Dispatcher(Actor[DispatcherMsg]):
                 self._nursery.start_soon(self._run_attempt, attempt)
             if len(claimed) < asked:
                 try:
-                    due = await self._store.next_due(self.settings.queue, self._kinds())
+                    due = await self._store.next_due(self.settings.queue, self._kinds(),
+                                                     paused_keys)
                 except StoreUnavailable as exc:
                     await self._back_off(exc)
                     continue
@@ -193,11 +199,11 @@ class Dispatcher(Actor[DispatcherMsg]):
     def _idle_wait(self, due: float | None, claimed_some: bool) -> float:
         """How long to sleep after a short claim (NOTIFY and freed slots wake us sooner).
 
-        `due` is the seconds until the queue's next job is due (None: nothing queued).
-        Jobs due now that we did not get are held by limits, pauses or another daemon's
-        claim: under flow control buckets refill and other daemons free key slots
-        without telling us, so look again after one token's time; otherwise only a
-        NOTIFY (a resume, an enqueue) changes anything.
+        `due` is the seconds until the queue's next claimable job is due (None: none;
+        paused keys are left out). A job due now that we did not get either came due
+        between the claim and this query, or is held by another daemon's claim in
+        flight, or, under flow control, by a limit: buckets refill and other daemons
+        free key slots without telling us, so look again after one token's time.
         """
         poll = self.settings.poll_interval_s
         if due is None:
@@ -208,7 +214,7 @@ class Dispatcher(Actor[DispatcherMsg]):
             return 0.0
         if self.settings.limits is not None:
             return min(poll, self.settings.recheck_s or poll)
-        return poll
+        return min(poll, _RECLAIM_S)
 
     async def _wait(self, seconds: float) -> None:
         with trio.move_on_after(seconds):

@@ -171,7 +171,9 @@ class Store(Protocol):
         now: datetime | None = None, paused_keys: list[str] | None = None,
         limits: dict[str, Any] | None = None,
     ) -> list[Claimed]: ...
-    async def next_due(self, queue: str, kinds: list[str]) -> float | None: ...
+    async def next_due(
+        self, queue: str, kinds: list[str], paused_keys: list[str] | None = None
+    ) -> float | None: ...
     async def finish_many(
         self, outcomes: list[Outcome],
         key_failures: Callable[[str, str, int], None] | None = None,

@@ -194,8 +194,12 @@ class PgStore(ScheduleStatements, WorkflowStatements):
             )
         return [Claimed(**dict(r)) for r in rows]
 
-    async def next_due(self, queue: str, kinds: list[str]) -> float | None:
-        return await self._run(_fetchval, q.NEXT_DUE, queue, kinds, op="next_due")
+    async def next_due(
+        self, queue: str, kinds: list[str], paused_keys: list[str] | None = None
+    ) -> float | None:
+        return await self._run(
+            _fetchval, q.NEXT_DUE, queue, kinds, paused_keys or [], op="next_due"
+        )
 
     async def finish_many(
         self, outcomes: list[Outcome],

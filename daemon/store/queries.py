@@ -153,6 +153,7 @@ RETURNING {CLAIMED_COLUMNS}
 NEXT_DUE = """
 SELECT extract(epoch FROM min(run_at) - now())::float8 FROM jobd.jobs
 WHERE queue = $1 AND state IN ('available', 'scheduled') AND kind = ANY($2::text[])
+  AND (key IS NULL OR NOT key = ANY($3::text[]))
 """
 
 # The lease token fences every finish: a row whose token moved on (rescued and
