@@ -10,10 +10,29 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], Any], what: str = "a condition", *,
+               timeout: float = 60.0, interval: float = 0.05,
+               daemons: tuple[JobdProcess, ...] = ()) -> Any:
+    """Poll until `predicate()` is truthy and return it; fail fast if a daemon exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for d in daemons:
+            if d.proc is not None and d.proc.poll() is not None:
+                raise AssertionError(f"jobd exited ({d.proc.returncode}) while waiting for "
+                                     f"{what}:\n{d.log_text()[-5000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 class Sql:

@@ -12,17 +12,7 @@ import anyio
 import trio
 
 from protocol.client import SyncClient, connect
-from tests.support import ROOT
-
-
-def wait_until(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
+from tests.support import ROOT, wait_until
 
 
 def states(sql) -> dict[int, str]:
@@ -82,7 +72,7 @@ def test_bulk_cancel_of_queued_and_running(jobd, sql):
                                 "--tag", "batch").stdout) for _ in range(3)]
     result = daemon.jobctl_json("cancel", "--kind", "sleep")
     assert result["matched"] == 4 and result["changed"] == 4
-    wait_until(lambda: all(states(sql)[i] == "cancelled" for i in [running, *queued]), 15)
+    wait_until(lambda: all(states(sql)[i] == "cancelled" for i in [running, *queued]), timeout=15)
 
 
 def test_pause_resume_survives_restart(jobd, sql):

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests import support
 from tests.e2e.crash_handlers import TABLES
 from tests.support import JobdProcess, Sql
 
@@ -38,18 +39,7 @@ JOBS = {"lease": "2s", "reaper_interval": "0.5s", "poll_interval": "0.5s",
 
 def wait_until(what: str, predicate: Callable[[], Any], *, timeout: float = DEADLINE_S,
                daemons: tuple[JobdProcess, ...] = ()) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        for d in daemons:
-            if d.proc is not None and d.proc.poll() is not None:
-                raise AssertionError(f"jobd exited ({d.proc.returncode}) while waiting for "
-                                     f"{what}:\n{d.log_text()[-5000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    return support.wait_until(predicate, what, timeout=timeout, daemons=daemons)
 
 
 def wait_for_dead_sessions(sql: Sql) -> None:

@@ -17,19 +17,9 @@ from pathlib import Path
 import pytest
 
 from daemon.embedded_pg import EmbeddedPostgres
-from tests.support import JobdProcess
+from tests.support import JobdProcess, wait_until
 
 DEADLINE_S = 60.0
-
-
-def wait_until(predicate, what: str, timeout: float = DEADLINE_S, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def ping(daemon: JobdProcess) -> dict | None:

@@ -21,12 +21,10 @@ import time
 from typing import Any
 
 import pytest
-
-schemathesis = pytest.importorskip("schemathesis")
-
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import (  # noqa: E402 - the public names of the built-in checks
+import schemathesis  # in the `test` extra: a missing install fails, it does not skip
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import (  # the public names of the built-in checks
     content_type_conformance,
     negative_data_rejection,
     not_a_server_error,
@@ -34,7 +32,7 @@ from schemathesis.checks import (  # noqa: E402 - the public names of the built-
     status_code_conformance,
 )
 
-from tests.e2e.test_http_e2e import TOKEN, free_port, request, wait_for  # noqa: E402
+from tests.e2e.test_http_e2e import TOKEN, free_port, request, wait_for
 
 MAX_EXAMPLES = 25  # valid requests per operation
 MAX_NEGATIVE_EXAMPLES = 15  # invalid ones (wrong types, missing fields) per operation

@@ -23,7 +23,7 @@ import pytest
 
 from daemon.config import EX_CONFIG
 from daemon.embedded_pg import _pid_alive
-from tests.support import ROOT, JobdProcess
+from tests.support import ROOT, JobdProcess, wait_until
 
 DEADLINE_S = 60.0
 
@@ -88,16 +88,6 @@ class NotifyListener:
         self._stop.set()
         self._thread.join(5)
         self.sock.close()
-
-
-def wait_until(predicate, what: str, timeout: float = DEADLINE_S, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def wait_completed(daemon: JobdProcess, job_id: int) -> dict:

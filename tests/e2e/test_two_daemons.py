@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests import support
 from tests.e2e.crash_handlers import TABLES
 from tests.support import JobdProcess, Sql
 
@@ -27,18 +27,7 @@ MODULES = ["tests.e2e.crash_handlers"]
 
 def wait_until(what: str, predicate: Callable[[], Any], *, timeout: float = DEADLINE_S,
                daemons: tuple[JobdProcess, ...] = ()) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        for d in daemons:
-            if d.proc is not None and d.proc.poll() is not None:
-                raise AssertionError(f"jobd exited ({d.proc.returncode}) while waiting for "
-                                     f"{what}:\n{d.log_text()[-5000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    return support.wait_until(predicate, what, timeout=timeout, daemons=daemons)
 
 
 def completed_count(sql: Sql) -> int:
