@@ -217,9 +217,14 @@ class Control:
 FINISHED = ("completed", "failed", "cancelled")
 
 
+def limits_for_key(limits: dict[str, Any], key: str) -> dict[str, Any]:
+    """One key's limits: the queue's defaults with that key's overrides on top."""
+    return {**limits.get("default", {}), **limits.get("keys", {}).get(key, {})}
+
+
 def key_stats(row: dict[str, Any], limits: dict[str, Any]) -> KeyStats:
     """A key's row from the store, read against the queue's configured limits."""
-    lim = {**limits.get("default", {}), **limits.get("keys", {}).get(row["key"], {})}
+    lim = limits_for_key(limits, row["key"])
     rate = lim.get("rate")
     factor = row["rate_factor"] if lim.get("adaptive") else 1.0
     breaker = "closed"

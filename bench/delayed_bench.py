@@ -27,25 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 import anyio  # noqa: E402
 
+from bench.common import pct, wait_for  # noqa: E402
 from daemon.embedded_pg import EmbeddedPostgres  # noqa: E402
 from protocol import commands as c  # noqa: E402
 from protocol.client import connect  # noqa: E402
 from protocol.schedules import ScheduleSpec  # noqa: E402
 from tests.support import JobdProcess, Sql  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def wait_for(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError("benchmark condition not reached")
 
 
 def run(url: str, workdir: Path, jobs: int, results: dict) -> None:

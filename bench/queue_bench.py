@@ -24,14 +24,10 @@ sys.path.insert(0, str(ROOT))
 import trio  # noqa: E402
 
 from actors.ports import NewJob  # noqa: E402
+from bench.common import pct, rss_mb, wait_for  # noqa: E402
 from daemon.embedded_pg import EmbeddedPostgres  # noqa: E402
 from daemon.store import PgStore, bridge  # noqa: E402
 from tests.support import JobdProcess, Sql  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def store_numbers(url: str, results: dict) -> None:
@@ -57,22 +53,6 @@ async def store_numbers(url: str, results: dict) -> None:
             )
         results["enqueue_bulk_jobs_per_s"] = total / (time.perf_counter() - t)
         await store.close()
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise TimeoutError("benchmark condition not reached")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def daemon_numbers(url: str, workdir: Path, jobs: int, results: dict) -> None:

@@ -23,7 +23,7 @@ import trio
 from actors import failure_hooks, handlers
 from actors.batcher import Batcher
 from actors.clock import TrioClock
-from actors.control import Control, key_stats
+from actors.control import Control, key_stats, limits_for_key
 from actors.dispatcher import (
     CancelJob,
     Dispatcher,
@@ -85,6 +85,7 @@ class Daemon:
         self.dispatchers: dict[str, Dispatcher] = {}
         self._dispatcher_boxes: dict[str, Mailbox[DispatcherMsg]] = {}
         self._stop = trio.Event()
+        self._limits: dict[str, dict[str, Any] | None] = {}
         self.pauses: set[tuple[str, str]] = set()  # (queue, key); key "" = the whole queue
         self._nursery: trio.Nursery | None = None
 
@@ -158,7 +159,7 @@ class Daemon:
         control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
                           tree=self.registry.tree, running_here=self._running_here,
                           cancel_here=self._cancel_here, drain=self.set_draining,
-                          flow_limits=lambda q: self.config.queue(q).flow_limits(), observer=self.observer,
+                          flow_limits=self.limits_for, observer=self.observer,
                           reload=self.reload, pauses=lambda: self.pauses)
         await self._refresh_pauses()
         sock = socket_path(self.config, self.state_dir)
@@ -304,7 +305,7 @@ class Daemon:
             settings = QueueSettings(queue=queue, concurrency=qcfg.concurrency,
                                      claim_batch=qcfg.claim_batch, lease_s=lease_s,
                                      poll_interval_s=parse_duration(jobs.poll_interval),
-                                     limits=qcfg.flow_limits(), recheck_s=_recheck_s(qcfg))
+                                     limits=self.limits_for(queue), recheck_s=_recheck_s(qcfg))
             self._dispatcher_boxes[queue] = box
             pools.append(ChildSpec.for_actor(self._dispatcher_factory(box, settings, runner)))
         children = [
@@ -357,7 +358,7 @@ class Daemon:
         """Per-key running jobs, effective rate and breaker state, from the leader's query."""
         by_queue: dict[str, list[KeyStats]] = {}
         for row in rows:
-            limits = self.config.queue(row["queue"]).flow_limits()
+            limits = self.limits_for(row["queue"])
             if limits is not None:
                 by_queue.setdefault(row["queue"], []).append(key_stats(row, limits))
         for queue, stats in by_queue.items():
@@ -371,9 +372,15 @@ class Daemon:
                 for name, q in self.config.queues.items() if q.aging is not None]
 
     def _breaker_threshold(self, queue: str, key: str) -> int | None:
-        limits = self.config.queue(queue).flow_limits() or {}
-        merged = {**limits.get("default", {}), **limits.get("keys", {}).get(key, {})}
-        return merged.get("breaker_failures")
+        limits = self.limits_for(queue)
+        return limits_for_key(limits, key).get("breaker_failures") if limits else None
+
+    def limits_for(self, queue: str) -> dict[str, Any] | None:
+        """A queue's flow limits, derived from the config once (and again on reload): the
+        finish path asks for them on every batch."""
+        if queue not in self._limits:
+            self._limits[queue] = self.config.queue(queue).flow_limits()
+        return self._limits[queue]
 
     def queue_names(self) -> list[str]:
         declared = {d.queue for d in handlers.registered().values()}
@@ -414,11 +421,12 @@ class Daemon:
         set_level(new.log.level)
         self.config.log = new.log
         self.config.queues = new.queues
+        self._limits = {}
         self.config.handlers = new.handlers
         self.config.schedules = new.schedules
         for queue, box in self._dispatcher_boxes.items():
             qcfg = new.queue(queue)
-            await box.tell(Resize(qcfg.concurrency, qcfg.flow_limits(), _recheck_s(qcfg)))
+            await box.tell(Resize(qcfg.concurrency, self.limits_for(queue), _recheck_s(qcfg)))
         try:
             self.import_handlers(reload=True)
         except ConfigError:
