@@ -146,3 +146,21 @@ async def test_priority_aging_lets_batch_work_through(store, sql):
 async def test_plain_claim_is_untouched_without_limits(store):
     await enqueue(store, "x", 5)
     assert len(await claim(store, None)) == 5
+
+
+async def test_adaptive_rate_recovers_additively_on_success(store, sql):
+    await enqueue(store, "site", 30)
+    limits = {"default": {"rate": 100.0, "burst": 100, "adaptive": True}, "keys": {}}
+    now = datetime.now(UTC)
+    [first, *rest] = await claim(store, limits, n=11, at=now)
+    await store.finish_many([Outcome(id=first.id, token=first.lease_token, state="scheduled",
+                                     delay_s=0, flow="rate_limited")])
+    assert sql.fetchval("SELECT rate_factor FROM jobd.flow_keys WHERE key = 'site'") == 0.5
+    await store.finish_many([ok(j) for j in rest])  # ten successes: +2 % each
+    factor = sql.fetchval("SELECT rate_factor FROM jobd.flow_keys WHERE key = 'site'")
+    assert abs(factor - 0.7) < 1e-9
+    # The effective rate is what the bucket refills at: 70 starts per second now.
+    await enqueue(store, "site", 200)
+    later = now + timedelta(seconds=10)
+    await claim(store, limits, n=1000, at=later)  # drain the refilled bucket (its burst)
+    assert len(await claim(store, limits, n=1000, at=later + timedelta(seconds=0.1))) == 7
