@@ -190,7 +190,8 @@ class HttpApp:
         await self._only(method, "POST")
         body = await self._body(scope, receive)
         try:
-            cmd = decoder.decode(body.strip() or b"{}")
+            # No body at all means no arguments; anything else must be a JSON object.
+            cmd = decoder.decode(body or b"{}")
         except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
             raise JobdError(str(exc), code=ErrorCode.BAD_REQUEST) from None
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
