@@ -4,7 +4,12 @@ Three kinds of source, three ways in:
 
 - events (a job started, finished, errored; an actor restarted) come through
   `PromObserver`, which implements `actors.ports.Observer`; each hook is a dict lookup
-  and an increment, and never raises;
+  and an increment on a plain-Python accumulator (`_Counter`, `_Histogram`), and never
+  raises. The hooks run several times per job, so they skip prometheus_client's Counter
+  and Histogram (a lock and a label tuple per `labels()`, a lock and a walk over the
+  buckets per `observe()`): hooks and scrapes all run on the daemon's one trio thread,
+  and the accumulators become metric families, exported as those classes would export
+  them, only at scrape time;
 - this daemon's live state (running jobs, mailbox depths, readiness) is read by a
   collector at scrape time from callables the daemon hands in: cheap, always fresh;
 - database-derived gauges (`jobd_queue_jobs`, `jobd_queue_oldest_available_age_seconds`)
@@ -25,18 +30,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import prometheus_client
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from actors.clock import Clock
 from actors.ports import StoreUnavailable
@@ -86,37 +93,38 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         r = self.registry
 
-        self.enqueued = Counter("jobd_jobs_enqueued", "Jobs created through the control API.",
-                                ["queue", "kind"], registry=r)
-        self.started = Counter("jobd_jobs_started", "Attempts started.", ["queue", "kind"],
-                               registry=r)
-        self.finished = Counter(
+        # Registered in this order, so the exposition lists them in this order.
+        self.enqueued = _Counter("jobd_jobs_enqueued", "Jobs created through the control API.",
+                                 ["queue", "kind"], registry=r)
+        self.started = _Counter("jobd_jobs_started", "Attempts started.", ["queue", "kind"],
+                                registry=r)
+        self.finished = _Counter(
             "jobd_jobs_finished",
             "Attempts ended, by outcome (completed, failed, retried, cancelled, timed_out, "
             "rescued, released).", ["queue", "kind", "outcome"], registry=r)
-        self.errors = Counter("jobd_job_errors", "Attempts that raised, by error class.",
-                              ["queue", "error_class"], registry=r)
-        self.rate_limit_waits = Counter("jobd_rate_limit_waits",
-                                        "Claims held back by a key's rate limit.",
-                                        ["queue", "key"], registry=r)
-        self.key_pauses = Counter("jobd_key_pauses", "Times a key was paused.",
-                                  ["queue", "key"], registry=r)
-        self.breaker_openings = Counter("jobd_breaker_openings",
-                                        "Times a key's circuit breaker opened.",
-                                        ["queue", "key"], registry=r)
-        self.actor_restarts = Counter("jobd_actor_restarts",
-                                      "Actor restarts by their supervisor.", ["actor"],
-                                      registry=r)
-        self.run_seconds = Histogram("jobd_job_run_seconds", "Attempt run time.",
-                                     ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
-        self.wait_seconds = Histogram("jobd_job_wait_seconds",
-                                      "Time from a job's run_at to its attempt's start.",
+        self.errors = _Counter("jobd_job_errors", "Attempts that raised, by error class.",
+                               ["queue", "error_class"], registry=r)
+        self.rate_limit_waits = _Counter("jobd_rate_limit_waits",
+                                         "Claims held back by a key's rate limit.",
+                                         ["queue", "key"], registry=r)
+        self.key_pauses = _Counter("jobd_key_pauses", "Times a key was paused.",
+                                   ["queue", "key"], registry=r)
+        self.breaker_openings = _Counter("jobd_breaker_openings",
+                                         "Times a key's circuit breaker opened.",
+                                         ["queue", "key"], registry=r)
+        self.actor_restarts = _Counter("jobd_actor_restarts",
+                                       "Actor restarts by their supervisor.", ["actor"],
+                                       registry=r)
+        self.run_seconds = _Histogram("jobd_job_run_seconds", "Attempt run time.",
                                       ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
-        self.db_seconds = Histogram("jobd_db_round_trip_seconds",
-                                    "Store call time, trio to Postgres and back.",
-                                    ["operation"], buckets=DB_BUCKETS, registry=r)
-        self.claim_batch = Histogram("jobd_claim_batch_size", "Jobs per non-empty claim.",
-                                     ["queue"], buckets=BATCH_BUCKETS, registry=r)
+        self.wait_seconds = _Histogram("jobd_job_wait_seconds",
+                                       "Time from a job's run_at to its attempt's start.",
+                                       ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
+        self.db_seconds = _Histogram("jobd_db_round_trip_seconds",
+                                     "Store call time, trio to Postgres and back.",
+                                     ["operation"], buckets=DB_BUCKETS, registry=r)
+        self.claim_batch = _Histogram("jobd_claim_batch_size", "Jobs per non-empty claim.",
+                                      ["queue"], buckets=BATCH_BUCKETS, registry=r)
         info = Gauge("jobd_daemon_info", "Always 1; labels name this daemon.",
                      ["version", "region", "daemon_id"], registry=r)
         info.labels(version, region, daemon_id).set(1)
@@ -136,9 +144,118 @@ class Metrics:
     def init_queues(self, queues: Iterable[str]) -> None:
         """Known queues export zeros from the start, so rate() and absent() work at once."""
         for queue in queues:
-            self.claim_batch.labels(queue)
+            self.claim_batch.ensure((queue,))
             self.live.queues.add(queue)
             self.queue_gauges.queues.add(queue)
+
+
+class _Counter(Collector):
+    """A labelled counter for one thread: label-value tuple -> value, a family at scrape.
+
+    Exported exactly as prometheus_client's `Counter` exports it (`<name>_total` per
+    label set, in first-seen order; no `_created`, which is disabled process-wide).
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *,
+                 registry: CollectorRegistry):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.values: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        """Add `amount` to the series `key` (label values in `labelnames` order)."""
+        if not amount >= 0:  # negative or NaN: a counter never goes down
+            raise ValueError(f"counter {self.name} cannot add {amount!r}")
+        values = self.values
+        try:
+            values[key] += amount
+        except KeyError:
+            values[self.ensure(key)] += amount
+
+    def ensure(self, key: tuple[str, ...]) -> tuple[str, ...]:
+        """Make the series exist (with 0); return its key, label values made str."""
+        key = _label_values(self.name, self.labelnames, key)
+        self.values.setdefault(key, 0.0)
+        return key
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, value in self.values.items():
+            family.add_metric(key, value)
+        return [family]
+
+
+class _Histogram(Collector):
+    """A labelled histogram for one thread: label-value tuple -> bucket counts and sum.
+
+    Per series one list: a count per bucket (not cumulative; the last bucket is +Inf),
+    then the sum. `bisect_left` finds the first bound >= the value, so a value equal to
+    a bound lands in that bound's bucket, as `le` says. Exported exactly as
+    prometheus_client's `Histogram` exports it: cumulative `_bucket{le=...}` with +Inf
+    last, `_count`, `_sum`, per label set in first-seen order.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *,
+                 buckets: Sequence[float], registry: CollectorRegistry):
+        bounds = tuple(float(b) for b in buckets)
+        if list(bounds) != sorted(set(bounds)) or not bounds or bounds[-1] == math.inf:
+            raise ValueError(f"histogram {name}: bounds must be finite, increasing, unique")
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = bounds
+        self._le = tuple(floatToGoString(b) for b in bounds) + ("+Inf",)
+        self.series: dict[tuple[str, ...], list[float]] = {}
+        registry.register(self)
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        """Count `value` into the series `key` (label values in `labelnames` order)."""
+        if value != value:  # NaN: in no bucket, and it would make the sum NaN for good
+            raise ValueError(f"histogram {self.name} cannot observe NaN")
+        bucket = bisect_left(self.bounds, value)
+        try:
+            series = self.series[key]
+        except KeyError:
+            series = self.series[self.ensure(key)]
+        series[-1] += value  # the sum first: a value that cannot be added changes nothing
+        series[bucket] += 1
+
+    def ensure(self, key: tuple[str, ...]) -> tuple[str, ...]:
+        """Make the series exist (all zeros); return its key, label values made str."""
+        key = _label_values(self.name, self.labelnames, key)
+        if key not in self.series:
+            self.series[key] = [0] * (len(self.bounds) + 1) + [0.0]
+        return key
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, series in self.series.items():
+            total = 0
+            buckets = []
+            for le, n in zip(self._le, series[:-1], strict=True):  # [-1] is the sum
+                total += n
+                buckets.append((le, total))
+            family.add_metric(key, buckets, series[-1])
+        return [family]
+
+
+def _label_values(name: str, labelnames: tuple[str, ...], key: tuple[Any, ...]) -> tuple[str, ...]:
+    """`key` with every value a str (prometheus_client's `labels()` str()s them too).
+
+    Only new series come here; a key with a non-str value is never stored as such, so
+    it takes this path every time and still counts into its str() series.
+    """
+    if len(key) != len(labelnames):
+        raise ValueError(f"{name}: {len(key)} label values for {labelnames}")
+    return tuple(v if type(v) is str else str(v) for v in key)
 
 
 class KeyLabels:
@@ -181,55 +298,61 @@ class PromObserver:
 
     def __init__(self, metrics: Metrics):
         self._m = metrics
+        # The hot hooks' accumulators, bound once: one attribute load each per call.
+        self._started = metrics.started.inc
+        self._wait = metrics.wait_seconds.observe
+        self._finished = metrics.finished.inc
+        self._run = metrics.run_seconds.observe
 
     def job_started(self, queue: str, kind: str, wait_s: float) -> None:
         try:
-            self._m.started.labels(queue, kind).inc()
-            self._m.wait_seconds.labels(queue, kind).observe(max(wait_s, 0.0))
+            key = (queue, kind)
+            self._started(key)
+            self._wait(key, 0.0 if wait_s < 0.0 else wait_s)
         except Exception:  # noqa: BLE001 - metrics must never break a job
             log.debug("metric dropped", exc_info=True)
 
     def job_finished(self, queue: str, kind: str, outcome: str, run_s: float) -> None:
         try:
-            self._m.finished.labels(queue, kind, outcome).inc()
+            self._finished((queue, kind, outcome))
             if outcome != "released":  # an interrupted attempt says nothing about run time
-                self._m.run_seconds.labels(queue, kind).observe(max(run_s, 0.0))
+                self._run((queue, kind), 0.0 if run_s < 0.0 else run_s)
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
     def jobs_enqueued(self, queue: str, kind: str, n: int) -> None:
         try:
-            self._m.enqueued.labels(queue, kind).inc(n)
+            self._m.enqueued.inc((queue, kind), n)
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
     def jobs_rescued(self, queue: str, kind: str, n: int) -> None:
         try:
-            self._m.finished.labels(queue, kind, "rescued").inc(n)
+            self._m.finished.inc((queue, kind, "rescued"), n)
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
     def error_classified(self, queue: str, error_class: str) -> None:
         try:
-            self._m.errors.labels(queue, error_class).inc()
+            self._m.errors.inc((queue, error_class))
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
     def actor_restarted(self, actor: str) -> None:
         try:
-            self._m.actor_restarts.labels(actor).inc()
+            self._m.actor_restarts.inc((actor,))
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
     def claim_batch(self, queue: str, size: int) -> None:
         try:
-            self._m.claim_batch.labels(queue).observe(size)
+            self._m.claim_batch.observe((queue,), size)
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
     def db_round_trip(self, operation: str, seconds: float) -> None:
         try:
-            self._m.db_seconds.labels(operation).observe(seconds)
+            self._m.db_seconds.observe((operation,), seconds)
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
@@ -237,19 +360,19 @@ class PromObserver:
 
     def rate_limit_waited(self, queue: str, key: str) -> None:
         try:
-            self._m.rate_limit_waits.labels(queue, self._m.keys(queue, key)).inc()
+            self._m.rate_limit_waits.inc((queue, self._m.keys(queue, key)))
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
     def key_paused(self, queue: str, key: str) -> None:
         try:
-            self._m.key_pauses.labels(queue, self._m.keys(queue, key)).inc()
+            self._m.key_pauses.inc((queue, self._m.keys(queue, key)))
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
     def breaker_opened(self, queue: str, key: str) -> None:
         try:
-            self._m.breaker_openings.labels(queue, self._m.keys(queue, key)).inc()
+            self._m.breaker_openings.inc((queue, self._m.keys(queue, key)))
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 

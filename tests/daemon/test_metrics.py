@@ -6,12 +6,17 @@ on PATH, linted by `promtool check metrics` (.ci/run installs it).
 
 from __future__ import annotations
 
+import math
+import random
 import shutil
 import subprocess
 from datetime import timedelta
 
 import pytest
 import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.clock import TrioClock
@@ -23,6 +28,7 @@ from daemon.metrics import (
     DB_BUCKETS,
     JOB_BUCKETS,
     OTHER_KEY,
+    OUTCOMES,
     KeyLabels,
     Metrics,
     run_queue_gauges,
@@ -119,11 +125,34 @@ def test_observer_counts_and_observes():
 
 
 def test_observer_never_raises():
-    o = make().observer
+    metrics = make()
+    o = metrics.observer
     o.job_started("q", "k", "not a number")  # type: ignore[arg-type]
     o.job_finished("q", "k", "completed", None)  # type: ignore[arg-type]
     o.jobs_enqueued("q", "k", -1)  # counters refuse to go down; dropped
+    o.jobs_enqueued("q", "k", math.nan)
     o.claim_batch("q", object())  # type: ignore[arg-type]
+    o.db_round_trip("claim", math.nan)  # NaN would poison the sum for good; dropped
+    o.job_started("q", "k", math.nan)
+    o.job_started(["unhashable"], "k", 1.0)  # type: ignore[arg-type]
+    o.error_classified("q", object)  # type: ignore[arg-type]  # str()ed, as labels() did
+    # The counter half of a hook still counts when the histogram half drops its value.
+    assert samples(metrics, "jobd_jobs_started_total") == {(("kind", "k"), ("queue", "q")): 2}
+    assert samples(metrics, "jobd_jobs_enqueued_total") == {}
+    assert samples(metrics, "jobd_db_round_trip_seconds_count") == {}
+    assert samples(metrics, "jobd_job_wait_seconds_count") == {}
+    assert samples(metrics, "jobd_job_errors_total") == {
+        (("error_class", "<class 'object'>"), ("queue", "q")): 1}
+    assert samples(metrics, "jobd_job_run_seconds_count") == {}
+
+
+def test_label_values_are_strs():
+    metrics = make()
+    metrics.observer.claim_batch(7, 3)  # type: ignore[arg-type]
+    metrics.observer.claim_batch("7", 4)
+    assert samples(metrics, "jobd_claim_batch_size_count") == {(("queue", "7"),): 2}
+    with pytest.raises(ValueError):
+        metrics.claim_batch.observe(("a", "b"), 1)  # one label, two values
 
 
 @pytest.mark.parametrize("name, buckets, labels", [
@@ -138,9 +167,236 @@ def test_bucket_bounds(name, buckets, labels):
                  "jobd_job_wait_seconds": metrics.wait_seconds,
                  "jobd_db_round_trip_seconds": metrics.db_seconds,
                  "jobd_claim_batch_size": metrics.claim_batch}[name]
-    histogram.labels(*labels).observe(1)
+    histogram.observe(labels, 1)
     bounds = [float(dict(k)["le"]) for k in samples(metrics, name + "_bucket")]
     assert sorted(bounds) == [float(b) for b in buckets] + [float("inf")]
+
+
+# What prometheus_client's own Counter and Histogram exported for these observations
+# (generated with them, before the hooks moved to plain accumulators): names, HELP/TYPE,
+# label order, series order, cumulative buckets with +Inf last, _count, _sum.
+HOT = ("jobd_jobs_enqueued", "jobd_jobs_started", "jobd_jobs_finished", "jobd_job_errors",
+       "jobd_job_run_seconds", "jobd_job_wait_seconds", "jobd_db_round_trip_seconds",
+       "jobd_claim_batch_size")
+HOT_EXPOSITION = """\
+# HELP jobd_jobs_enqueued_total Jobs created through the control API.
+# TYPE jobd_jobs_enqueued_total counter
+jobd_jobs_enqueued_total{kind="k",queue="default"} 3.0
+# HELP jobd_jobs_started_total Attempts started.
+# TYPE jobd_jobs_started_total counter
+jobd_jobs_started_total{kind="k",queue="default"} 3.0
+# HELP jobd_jobs_finished_total Attempts ended, by outcome (completed, failed, retried, cancelled, timed_out, rescued, released).
+# TYPE jobd_jobs_finished_total counter
+jobd_jobs_finished_total{kind="k",outcome="completed",queue="default"} 1.0
+jobd_jobs_finished_total{kind="k",outcome="failed",queue="default"} 1.0
+jobd_jobs_finished_total{kind="k",outcome="released",queue="default"} 1.0
+jobd_jobs_finished_total{kind="k",outcome="rescued",queue="default"} 2.0
+# HELP jobd_job_errors_total Attempts that raised, by error class.
+# TYPE jobd_job_errors_total counter
+jobd_job_errors_total{error_class="network",queue="default"} 1.0
+# HELP jobd_job_run_seconds Attempt run time.
+# TYPE jobd_job_run_seconds histogram
+jobd_job_run_seconds_bucket{kind="k",le="0.01",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="0.025",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="0.05",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="0.1",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="0.25",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="0.5",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="1.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="2.5",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="5.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="10.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="30.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="60.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="120.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="300.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="600.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="900.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="1800.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="3600.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="7200.0",queue="default"} 1.0
+jobd_job_run_seconds_bucket{kind="k",le="+Inf",queue="default"} 2.0
+jobd_job_run_seconds_count{kind="k",queue="default"} 2.0
+jobd_job_run_seconds_sum{kind="k",queue="default"} 1e+300
+# HELP jobd_job_wait_seconds Time from a job's run_at to its attempt's start.
+# TYPE jobd_job_wait_seconds histogram
+jobd_job_wait_seconds_bucket{kind="k",le="0.01",queue="default"} 2.0
+jobd_job_wait_seconds_bucket{kind="k",le="0.025",queue="default"} 2.0
+jobd_job_wait_seconds_bucket{kind="k",le="0.05",queue="default"} 2.0
+jobd_job_wait_seconds_bucket{kind="k",le="0.1",queue="default"} 2.0
+jobd_job_wait_seconds_bucket{kind="k",le="0.25",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="0.5",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="1.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="2.5",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="5.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="10.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="30.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="60.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="120.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="300.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="600.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="900.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="1800.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="3600.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="7200.0",queue="default"} 3.0
+jobd_job_wait_seconds_bucket{kind="k",le="+Inf",queue="default"} 3.0
+jobd_job_wait_seconds_count{kind="k",queue="default"} 3.0
+jobd_job_wait_seconds_sum{kind="k",queue="default"} 0.25
+# HELP jobd_db_round_trip_seconds Store call time, trio to Postgres and back.
+# TYPE jobd_db_round_trip_seconds histogram
+jobd_db_round_trip_seconds_bucket{le="0.0005",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="0.001",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="0.0025",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="0.005",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="0.01",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="0.025",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="0.05",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="0.1",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="0.25",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="0.5",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="1.0",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="2.5",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="5.0",operation="claim"} 1.0
+jobd_db_round_trip_seconds_bucket{le="+Inf",operation="claim"} 2.0
+jobd_db_round_trip_seconds_count{operation="claim"} 2.0
+jobd_db_round_trip_seconds_sum{operation="claim"} 7.5005
+# HELP jobd_claim_batch_size Jobs per non-empty claim.
+# TYPE jobd_claim_batch_size histogram
+jobd_claim_batch_size_bucket{le="1.0",queue="default"} 1.0
+jobd_claim_batch_size_bucket{le="2.0",queue="default"} 1.0
+jobd_claim_batch_size_bucket{le="5.0",queue="default"} 1.0
+jobd_claim_batch_size_bucket{le="10.0",queue="default"} 1.0
+jobd_claim_batch_size_bucket{le="20.0",queue="default"} 1.0
+jobd_claim_batch_size_bucket{le="50.0",queue="default"} 1.0
+jobd_claim_batch_size_bucket{le="100.0",queue="default"} 1.0
+jobd_claim_batch_size_bucket{le="200.0",queue="default"} 2.0
+jobd_claim_batch_size_bucket{le="500.0",queue="default"} 2.0
+jobd_claim_batch_size_bucket{le="1000.0",queue="default"} 2.0
+jobd_claim_batch_size_bucket{le="2000.0",queue="default"} 2.0
+jobd_claim_batch_size_bucket{le="+Inf",queue="default"} 2.0
+jobd_claim_batch_size_count{queue="default"} 2.0
+jobd_claim_batch_size_sum{queue="default"} 200.0
+jobd_claim_batch_size_bucket{le="1.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="2.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="5.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="10.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="20.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="50.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="100.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="200.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="500.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="1000.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="2000.0",queue="idle"} 0.0
+jobd_claim_batch_size_bucket{le="+Inf",queue="idle"} 0.0
+jobd_claim_batch_size_count{queue="idle"} 0.0
+jobd_claim_batch_size_sum{queue="idle"} 0.0
+"""
+
+
+def hot_lines(body: bytes) -> str:
+    return "".join(line + "\n" for line in body.decode().splitlines()
+                   if line.removeprefix("# HELP ").removeprefix("# TYPE ").startswith(HOT))
+
+
+def test_hot_metrics_exposition_is_exactly_what_it_was():
+    metrics = make()
+    metrics.init_queues(["default", "idle"])  # idle: a claim-batch histogram of zeros
+    o = metrics.observer
+    o.jobs_enqueued("default", "k", 3)
+    o.job_started("default", "k", 0.0)
+    o.job_started("default", "k", 0.25)  # on a bound: counted in le="0.25"
+    o.job_started("default", "k", -2.0)  # clock skew: counted as 0
+    o.job_finished("default", "k", "completed", 0.01)  # on the lowest bound
+    o.job_finished("default", "k", "failed", 1e300)  # past every bound: +Inf only
+    o.job_finished("default", "k", "released", 5.0)  # counted, not timed
+    o.jobs_rescued("default", "k", 2)
+    o.error_classified("default", "network")
+    o.claim_batch("default", 200)
+    o.claim_batch("default", 0)
+    o.db_round_trip("claim", 0.0005)
+    o.db_round_trip("claim", 7.5)
+    assert hot_lines(metrics.exposition()[0]) == HOT_EXPOSITION
+
+
+class Reference:
+    """The hot metrics as prometheus_client's Counter and Histogram, fed like the old hooks."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.enqueued = Counter("jobd_jobs_enqueued", "Jobs created through the control API.",
+                                ["queue", "kind"], registry=r)
+        self.started = Counter("jobd_jobs_started", "Attempts started.", ["queue", "kind"],
+                               registry=r)
+        self.finished = Counter(
+            "jobd_jobs_finished",
+            "Attempts ended, by outcome (completed, failed, retried, cancelled, timed_out, "
+            "rescued, released).", ["queue", "kind", "outcome"], registry=r)
+        self.errors = Counter("jobd_job_errors", "Attempts that raised, by error class.",
+                              ["queue", "error_class"], registry=r)
+        self.run = Histogram("jobd_job_run_seconds", "Attempt run time.", ["queue", "kind"],
+                             buckets=JOB_BUCKETS, registry=r)
+        self.wait = Histogram("jobd_job_wait_seconds",
+                              "Time from a job's run_at to its attempt's start.",
+                              ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
+        self.db = Histogram("jobd_db_round_trip_seconds",
+                            "Store call time, trio to Postgres and back.", ["operation"],
+                            buckets=DB_BUCKETS, registry=r)
+        self.batch = Histogram("jobd_claim_batch_size", "Jobs per non-empty claim.", ["queue"],
+                               buckets=BATCH_BUCKETS, registry=r)
+
+
+def test_hot_metrics_export_what_prometheus_client_would():
+    rng = random.Random(20240611)
+    metrics, ref = make(), Reference()
+    o = metrics.observer
+    metrics.init_queues(["q0", "q9"])
+    for queue in ("q0", "q9"):
+        ref.batch.labels(queue)
+
+    def seconds(bounds: tuple[float, ...]) -> float:
+        pick = rng.random()
+        if pick < 0.3:
+            return float(rng.choice(bounds))  # exactly on a bound
+        if pick < 0.4:
+            return rng.choice([0.0, -rng.random(), 1e12, bounds[-1] * 1.0000001])
+        return rng.uniform(0, bounds[-1] * 1.2)
+
+    for _ in range(3000):
+        queue, kind = f"q{rng.randrange(3)}", f"k{rng.randrange(3)}"
+        event = rng.randrange(7)
+        if event == 0:
+            n = rng.randrange(1, 50)
+            o.jobs_enqueued(queue, kind, n)
+            ref.enqueued.labels(queue, kind).inc(n)
+        elif event == 1:
+            wait = seconds(JOB_BUCKETS)
+            o.job_started(queue, kind, wait)
+            ref.started.labels(queue, kind).inc()
+            ref.wait.labels(queue, kind).observe(max(wait, 0.0))
+        elif event == 2:
+            outcome, run = rng.choice(OUTCOMES), seconds(JOB_BUCKETS)
+            o.job_finished(queue, kind, outcome, run)
+            ref.finished.labels(queue, kind, outcome).inc()
+            if outcome != "released":
+                ref.run.labels(queue, kind).observe(max(run, 0.0))
+        elif event == 3:
+            o.jobs_rescued(queue, kind, 2)
+            ref.finished.labels(queue, kind, "rescued").inc(2)
+        elif event == 4:
+            error_class = rng.choice(["network", "timeout", "unknown"])
+            o.error_classified(queue, error_class)
+            ref.errors.labels(queue, error_class).inc()
+        elif event == 5:
+            size = rng.choice([*BATCH_BUCKETS, 1, 3, 150, 4000])
+            o.claim_batch(queue, size)
+            ref.batch.labels(queue).observe(size)
+        else:
+            operation, took = rng.choice(["claim", "finish", "other"]), seconds(DB_BUCKETS)
+            o.db_round_trip(operation, took)
+            ref.db.labels(operation).observe(took)
+    assert hot_lines(metrics.exposition()[0]) == hot_lines(generate_latest(ref.registry))
+    ours = metrics.exposition("application/openmetrics-text; version=1.0.0")[0]
+    assert hot_lines(ours) == hot_lines(generate_openmetrics(ref.registry))
 
 
 def test_job_buckets_span_10ms_to_2h():
