@@ -146,21 +146,7 @@ class PgStore(ScheduleStatements, WorkflowStatements):
     async def enqueue_many(self, jobs: list[NewJob]) -> list[Enqueued]:
         if not jobs:
             return []
-        columns = (
-            [j.queue for j in jobs],
-            [j.kind for j in jobs],
-            [j.args for j in jobs],
-            [j.key for j in jobs],
-            [j.unique_key for j in jobs],
-            [j.priority for j in jobs],
-            [j.delay_s for j in jobs],
-            [j.max_attempts for j in jobs],
-            # text[][] cannot be ragged, so each row's tags travel as one array literal.
-            [_array_literal(j.tags) for j in jobs],
-            [j.timeout_s for j in jobs],
-            [j.cost for j in jobs],
-        )
-        rows = await self._fetch(q.ENQUEUE_MANY, *columns, op="enqueue")
+        rows = await self._fetch(q.ENQUEUE_MANY, q.job_rows_json(jobs), op="enqueue")
         out = []
         for job, row in zip(jobs, rows, strict=True):
             job_id = row["id"]
@@ -192,7 +178,7 @@ class PgStore(ScheduleStatements, WorkflowStatements):
                 q.CLAIM_FLOW, queue, limit, owner, lease_s, now, kinds, paused_keys or [],
                 msgspec.json.encode(limits).decode(), op="claim",
             )
-        return [Claimed(**dict(r)) for r in rows]
+        return [Claimed(*r) for r in rows]  # columns in field order (CLAIMED_COLUMNS)
 
     async def next_due(
         self, queue: str, kinds: list[str], paused_keys: list[str] | None = None
@@ -470,10 +456,6 @@ def _outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:
         [o.flow for o in outcomes],
         [o.pause_s for o in outcomes],
     )
-
-
-def _array_literal(items: list[str]) -> str:
-    return "{" + ",".join(msgspec.json.encode(i).decode() for i in items) + "}"
 
 
 async def _fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record]:

@@ -5,6 +5,12 @@ NULL so all daemons share the database's clock; tests pass a pinned time.
 JSON travels as text and is cast in SQL, so msgspec does all encoding on our side.
 """
 
+from __future__ import annotations
+
+import msgspec
+
+from actors.ports import NewJob
+
 UNFINISHED = "('scheduled', 'available', 'running', 'waiting')"
 
 # -- daemons ---------------------------------------------------------------------
@@ -45,16 +51,33 @@ WHERE heartbeat_at < coalesce($2::timestamptz, now()) - $1 * interval '1 second'
 
 # -- enqueue ---------------------------------------------------------------------
 
+# The rows to enqueue travel as one JSON array of actors.ports.NewJob, encoded by msgspec
+# in one call: eleven parameter arrays cost asyncpg a Python-level type check per
+# element, more than Postgres spends parsing the JSON. `args` arrives as JSON text.
+def job_rows(param: str) -> str:
+    """FROM-clause item: the NewJob JSON array in parameter `param`, one row each, numbered."""
+    return f"""
+ROWS FROM (json_to_recordset({param}::json) AS (queue text, kind text, args text, key text,
+           unique_key text, priority int, delay_s float8, max_attempts int, tags text[],
+           timeout_s float8, cost int))
+    WITH ORDINALITY AS x(queue, kind, args, key, unique_key, priority, delay_s, max_attempts,
+                         tags, timeout_s, cost, ord)
+"""
+
+def job_rows_json(jobs: list[NewJob]) -> str:
+    """The parameter for job_rows(): NewJob's fields by name, args as JSON text."""
+    return msgspec.json.encode(jobs).decode()
+
+
+# A constant sequence name: pg_get_serial_sequence() here would look the catalog up
+# once per row, which cost more than the insert itself.
+NEXT_JOB_ID = "nextval('jobd.jobs_id_seq'::regclass)"
+
 # Ids are drawn up front so each input row maps back to its job even when some rows
 # hit an unfinished job's unique key (ON CONFLICT DO NOTHING returns nothing for them).
 ENQUEUE_MANY = f"""
 WITH input AS (
-    SELECT nextval(pg_get_serial_sequence('jobd.jobs', 'id')) AS id, x.*
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
-                $7::double precision[], $8::int[], $9::text[], $10::double precision[],
-                $11::int[])
-         WITH ORDINALITY AS x(queue, kind, args, key, unique_key, priority, delay_s,
-                              max_attempts, tags, timeout_s, cost, ord)
+    SELECT {NEXT_JOB_ID} AS id, x.* FROM {job_rows('$1')}
 ),
 ins AS (
     INSERT INTO jobd.jobs (id, queue, kind, args, key, unique_key, priority, run_at, state,
@@ -130,8 +153,15 @@ WHERE id IN (
 
 # Only kinds this daemon has handlers for, so daemons with different handler sets
 # can share a queue during a rolling deploy.
+# The picked ids go in as an array so the update is always a primary-key probe per row:
+# joined as a CTE, the planner hashes the whole table when its statistics are stale.
+# The reaper's rescues and retention deletes below are written the same way.
 CLAIM = f"""
-WITH picked AS (
+UPDATE jobd.jobs j
+SET state = 'running', attempt = j.attempt + 1, lease_token = j.lease_token + 1,
+    lease_owner = $3, lease_until = coalesce($5::timestamptz, now()) + $4 * interval '1 second',
+    started_at = coalesce($5::timestamptz, now()), progress = NULL, progress_note = NULL
+WHERE j.id = ANY(ARRAY(
     SELECT id FROM jobd.jobs
     WHERE queue = $1 AND state IN ('available', 'scheduled')
       AND run_at <= coalesce($5::timestamptz, now())
@@ -140,12 +170,7 @@ WITH picked AS (
     ORDER BY priority, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
-)
-UPDATE jobd.jobs j
-SET state = 'running', attempt = j.attempt + 1, lease_token = j.lease_token + 1,
-    lease_owner = $3, lease_until = coalesce($5::timestamptz, now()) + $4 * interval '1 second',
-    started_at = coalesce($5::timestamptz, now()), progress = NULL, progress_note = NULL
-FROM picked WHERE j.id = picked.id
+))
 RETURNING {CLAIMED_COLUMNS}
 """
 
@@ -252,13 +277,6 @@ WHERE state = 'running' AND lease_owner = $1 AND cancel_requested
 # Expired leases: the daemon holding them is gone (or cut off from the database).
 # Bumping the token fences the lost attempt out.
 RESCUE_EXPIRED = """
-WITH expired AS (
-    SELECT id FROM jobd.jobs
-    WHERE state = 'running' AND lease_until < coalesce($2::timestamptz, now())
-    ORDER BY lease_until
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
 UPDATE jobd.jobs j SET
     state = CASE WHEN j.cancel_requested THEN 'cancelled'
                  WHEN j.attempt >= j.max_attempts THEN 'failed'
@@ -271,20 +289,19 @@ UPDATE jobd.jobs j SET
         'attempt', j.attempt, 'at', coalesce($2::timestamptz, now()), 'class', 'rescued',
         'message', 'lease expired (daemon ' || coalesce(j.lease_owner, '?') || ' stopped renewing)',
         'duration_s', extract(epoch FROM coalesce($2::timestamptz, now()) - j.started_at)))
-FROM expired WHERE j.id = expired.id
+WHERE j.id = ANY(ARRAY(
+    SELECT id FROM jobd.jobs
+    WHERE state = 'running' AND lease_until < coalesce($2::timestamptz, now())
+    ORDER BY lease_until
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+))
 RETURNING j.id, j.queue, j.kind, j.state
 """
 
 # A running attempt past its timeout plus grace on any daemon (its worker should
 # have stopped it; this catches a daemon whose loop is stuck but still heartbeats).
 EXPIRE_OVERDUE = """
-WITH overdue AS (
-    SELECT id FROM jobd.jobs
-    WHERE state = 'running' AND timeout_s IS NOT NULL
-      AND started_at + (timeout_s + $2) * interval '1 second' < coalesce($3::timestamptz, now())
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
 UPDATE jobd.jobs j SET
     state = CASE WHEN j.attempt >= j.max_attempts THEN 'failed' ELSE 'available' END,
     finished_at = CASE WHEN j.attempt >= j.max_attempts THEN coalesce($3::timestamptz, now()) END,
@@ -294,7 +311,13 @@ UPDATE jobd.jobs j SET
         'attempt', j.attempt, 'at', coalesce($3::timestamptz, now()), 'class', 'timeout',
         'message', 'exceeded its timeout of ' || j.timeout_s || ' s plus ' || $2 || ' s grace',
         'duration_s', extract(epoch FROM coalesce($3::timestamptz, now()) - j.started_at)))
-FROM overdue WHERE j.id = overdue.id
+WHERE j.id = ANY(ARRAY(
+    SELECT id FROM jobd.jobs
+    WHERE state = 'running' AND timeout_s IS NOT NULL
+      AND started_at + (timeout_s + $2) * interval '1 second' < coalesce($3::timestamptz, now())
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+))
 RETURNING j.id, j.queue, j.kind, j.state
 """
 
@@ -311,7 +334,8 @@ PRUNE_FINISHED = """
 WITH oldest_kept AS (
     SELECT finished_at AS t FROM jobd.jobs WHERE state = $1
     ORDER BY finished_at DESC OFFSET $3 LIMIT 1
-), doomed AS (
+)
+DELETE FROM jobd.jobs WHERE id = ANY(ARRAY(
     SELECT id FROM jobd.jobs
     WHERE state = $1
       AND (finished_at < coalesce($5::timestamptz, now()) - $2 * interval '1 second'
@@ -319,8 +343,7 @@ WITH oldest_kept AS (
     ORDER BY finished_at
     LIMIT $4
     FOR UPDATE SKIP LOCKED
-)
-DELETE FROM jobd.jobs j USING doomed WHERE j.id = doomed.id
+))
 """
 
 # -- reads ------------------------------------------------------------------------
@@ -348,7 +371,7 @@ AND ($2::text IS NULL OR j.queue = $2)
 AND ($3::text IS NULL OR j.kind = $3)
 AND ($4::text[] IS NULL OR j.state = ANY($4))
 AND ($5::text IS NULL OR j.key = $5)
-AND ($6::text IS NULL OR j.tags @> ARRAY[$6::text])
+AND ($6::text IS NULL OR (j.tags @> ARRAY[$6::text] AND j.tags <> '{}'))
 AND ($7::text IS NULL OR j.unique_key = $7)
 AND ($8::timestamptz IS NULL OR j.created_at >= $8)
 AND ($9::timestamptz IS NULL OR j.created_at < $9)

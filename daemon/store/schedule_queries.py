@@ -3,7 +3,7 @@
 Definition changes NOTIFY `jobd_schedules` so every daemon's scheduler re-reads them.
 """
 
-from daemon.store.queries import UNFINISHED
+from daemon.store.queries import NEXT_JOB_ID, UNFINISHED, job_rows
 
 SCHEDULE_COLUMNS = """
 s.name, s.kind, s.cron, s.every_s, s.tz, s.args::text AS args, s.queue, s.key, s.priority,
@@ -113,7 +113,7 @@ WITH target AS (
     SELECT t.name, t.advance_to, l.handled_until FROM target t JOIN locked l USING (name)
     WHERE l.revision = t.revision AND (NOT l.paused OR t.advance_to IS NULL)
 ), occ AS (
-    SELECT nextval(pg_get_serial_sequence('jobd.jobs', 'id')) AS job_id, o.*
+    SELECT {NEXT_JOB_ID} AS job_id, o.*
     FROM unnest($4::text[], $5::timestamptz[], $6::bool[], $7::text[], $8::text[], $9::text[],
                 $10::text[], $11::int[], $12::int[], $13::text[], $14::double precision[],
                 $15::double precision[], $16::text[])
@@ -174,22 +174,18 @@ DELETE FROM jobd.schedule_fires WHERE ctid = ANY(ARRAY(
 # re-run parent (a second trigger for the same day) does not redo finished children.
 ENQUEUE_CHILDREN = f"""
 WITH input AS (
-    SELECT nextval(pg_get_serial_sequence('jobd.jobs', 'id')) AS id, x.*
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
-                $7::double precision[], $8::int[], $9::text[], $10::double precision[])
-         WITH ORDINALITY AS x(queue, kind, args, key, unique_key, priority, delay_s,
-                              max_attempts, tags, timeout_s, ord)
+    SELECT {NEXT_JOB_ID} AS id, x.* FROM {job_rows('$1')}
 ), fresh AS (
     SELECT * FROM input i
     WHERE i.unique_key IS NULL
        OR NOT EXISTS (SELECT 1 FROM jobd.jobs j WHERE j.unique_key = i.unique_key)
 ), ins AS (
     INSERT INTO jobd.jobs (id, queue, kind, args, key, unique_key, priority, run_at, state,
-                           max_attempts, tags, timeout_s, parent_id)
+                           max_attempts, tags, timeout_s, cost, parent_id)
     SELECT id, queue, kind, args::jsonb, key, unique_key, priority,
            now() + coalesce(delay_s, 0) * interval '1 second',
            CASE WHEN coalesce(delay_s, 0) > 0 THEN 'scheduled' ELSE 'available' END,
-           max_attempts, coalesce(tags::text[], '{{}}'), timeout_s, $11
+           max_attempts, coalesce(tags, '{{}}'), timeout_s, coalesce(cost, 1), $2
     FROM fresh ORDER BY ord
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {UNFINISHED}
     DO NOTHING

@@ -103,12 +103,7 @@ class ScheduleStatements:
         if not jobs:
             return []
         rows = await self._fetch(
-            sq.ENQUEUE_CHILDREN,
-            [j.queue for j in jobs], [j.kind for j in jobs], [j.args for j in jobs],
-            [j.key for j in jobs], [j.unique_key for j in jobs], [j.priority for j in jobs],
-            [j.delay_s for j in jobs], [j.max_attempts for j in jobs],
-            [_array_literal(j.tags) for j in jobs], [j.timeout_s for j in jobs],
-            parent_id, op="enqueue",
+            sq.ENQUEUE_CHILDREN, q.job_rows_json(jobs), parent_id, op="enqueue",
         )
         out = []
         for job, row in zip(jobs, rows, strict=True):

@@ -3,6 +3,8 @@ events. Schema and wake-up triggers: migrations/0005_workflows.sql."""
 
 from __future__ import annotations
 
+from daemon.store.queries import NEXT_JOB_ID, job_rows
+
 # Every step of one job, once per attempt: memoized steps then cost no round trip.
 LOAD_STEPS = """
 SELECT name, result::text AS result, finished_at IS NOT NULL AS done
@@ -52,13 +54,9 @@ SELECT (coalesce((SELECT result FROM ins),
 # Children and the step that records their ids, in one statement: either both exist or
 # neither does. Ids are drawn up front so the step can hold them; a second run of the
 # same spawn step (a zombie attempt) inserts nothing and gets the first run's ids.
-SPAWN_CHILDREN = """
+SPAWN_CHILDREN = f"""
 WITH input AS (
-    SELECT nextval(pg_get_serial_sequence('jobd.jobs', 'id')) AS id, x.*
-    FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
-                $8::double precision[], $9::int[], $10::text[], $11::double precision[])
-         WITH ORDINALITY AS x(queue, kind, args, key, priority, delay_s, max_attempts, tags,
-                              timeout_s, ord)
+    SELECT {NEXT_JOB_ID} AS id, x.* FROM {job_rows('$3')}
 ), step AS (
     INSERT INTO jobd.job_steps (job_id, name, result, attempts, finished_at)
     SELECT $1, $2, coalesce(jsonb_agg(id ORDER BY ord), '[]'::jsonb), 1, now() FROM input
@@ -66,11 +64,11 @@ WITH input AS (
     RETURNING result
 ), ins AS (
     INSERT INTO jobd.jobs (id, queue, kind, args, key, priority, run_at, state, max_attempts,
-                           tags, timeout_s, parent_id)
+                           tags, timeout_s, cost, parent_id)
     SELECT id, queue, kind, args::jsonb, key, priority,
            now() + coalesce(delay_s, 0) * interval '1 second',
            CASE WHEN coalesce(delay_s, 0) > 0 THEN 'scheduled' ELSE 'available' END,
-           max_attempts, coalesce(tags::text[], '{}'), timeout_s, $1
+           max_attempts, coalesce(tags, '{{}}'), timeout_s, coalesce(cost, 1), $1
     FROM input WHERE EXISTS (SELECT 1 FROM step)
     ORDER BY ord
     RETURNING id

@@ -9,6 +9,7 @@ import asyncpg
 import msgspec
 
 from actors.ports import NewJob
+from daemon.store import queries as q
 from daemon.store import workflow_queries as wq
 
 
@@ -38,11 +39,7 @@ class WorkflowStatements:
 
     async def spawn_children(self, job_id: int, name: str, jobs: list[NewJob]) -> list[int]:
         rows = await self._fetch(
-            wq.SPAWN_CHILDREN, job_id, name,
-            [j.queue for j in jobs], [j.kind for j in jobs], [j.args for j in jobs],
-            [j.key for j in jobs], [j.priority for j in jobs], [j.delay_s for j in jobs],
-            [j.max_attempts for j in jobs], [_array_literal(j.tags) for j in jobs],
-            [j.timeout_s for j in jobs], op="spawn",
+            wq.SPAWN_CHILDREN, job_id, name, q.job_rows_json(jobs), op="spawn",
         )
         return msgspec.json.decode(rows[0]["ids"])
 
@@ -71,7 +68,3 @@ class WorkflowStatements:
     async def workflow_details(self, job_id: int) -> tuple[str | None, str, str]:
         row = (await self._fetch(wq.WORKFLOW_DETAILS, job_id, op="get"))[0]
         return row["waiting_on"], row["steps"], row["children"]
-
-
-def _array_literal(items: list[str]) -> str:
-    return "{" + ",".join(msgspec.json.encode(i).decode() for i in items) + "}"

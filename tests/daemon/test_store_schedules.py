@@ -268,3 +268,19 @@ async def test_a_daemon_killed_while_holding_the_fire_leaves_no_gap(store, sql):
     assert reports[0].fired == 1
     assert [f for f, _, _ in await jobs_of(sql)] == [T0 + secs(1)]
     assert (await s.tick(T0 + secs(1))).fired == 0
+
+
+async def test_children_keep_every_field_of_their_spec(store, sql):
+    """Children (fan-out and workflow spawns) travel like top-level jobs: cost included."""
+    [parent] = await store.enqueue_many([NewJob(kind="noop")])
+    spec = NewJob(kind="noop", args='{"s": "a\\"b"}', queue="q2", key="acme", priority=4,
+                  max_attempts=7, tags=["x", "y z"], timeout_s=1.5, cost=9)
+    [fanned] = await store.enqueue_children(parent.id, [spec])
+    [spawned] = await store.spawn_children(parent.id, "spawn#1", [spec])
+    for job_id in (fanned.id, spawned):
+        [row] = sql.fetch(
+            "SELECT args::text AS args, queue, key, priority, max_attempts, tags, timeout_s,"
+            " cost, parent_id FROM jobd.jobs WHERE id = $1", job_id)
+        assert dict(row) == {"args": '{"s": "a\\"b"}', "queue": "q2", "key": "acme",
+                             "priority": 4, "max_attempts": 7, "tags": ["x", "y z"],
+                             "timeout_s": 1.5, "cost": 9, "parent_id": parent.id}
