@@ -128,7 +128,7 @@ class Context(WorkflowMixin):
 
     def __init__(
         self,
-        info: JobInfo,
+        info: JobInfo | Callable[[], JobInfo],
         token: int,
         *,
         report_progress: Callable[[int, int, float | None, str | None], None],
@@ -140,7 +140,9 @@ class Context(WorkflowMixin):
         steps: Any = None,
         wall: Callable[[], float] | None = None,
     ):
-        self.job = info
+        # Built on first use: most quick handlers never look, and a JobInfo per attempt
+        # (tags copied, errors decoded) is measurable at thousands of jobs a second.
+        self._job = info
         self._enqueue = enqueue
         self._token = token
         self._report = report_progress
@@ -153,6 +155,12 @@ class Context(WorkflowMixin):
         self.completed_in_transaction = False
         self.result: Any = None
         self._init_workflow(steps, wall)
+
+    @property
+    def job(self) -> JobInfo:
+        if not isinstance(self._job, JobInfo):
+            self._job = self._job()
+        return self._job
 
     def progress(self, pct: float | None = None, note: str | None = None) -> bool:
         """Record progress; written at most every N calls or T seconds. True if written."""

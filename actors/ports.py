@@ -47,8 +47,11 @@ class Enqueued(msgspec.Struct):
     created: bool
 
 
-class Claimed(msgspec.Struct, kw_only=True):
-    """A job this daemon now runs; `lease_token` fences its finish."""
+class Claimed(msgspec.Struct):
+    """A job this daemon now runs; `lease_token` fences its finish.
+
+    Positional in the order of the store's claimed columns, so a row maps in one call.
+    """
 
     id: int
     queue: str

@@ -114,12 +114,14 @@ class AttemptRunner:
         )
 
     def _context(self, job: Claimed) -> Context:
-        info = JobInfo(
-            id=job.id, kind=job.kind, queue=job.queue, key=job.key, attempt=job.attempt,
-            max_attempts=job.max_attempts, tags=list(job.tags), unique_key=job.unique_key,
-            priority=job.priority, run_at=job.run_at, created_at=job.created_at,
-            errors=msgspec.json.decode(job.errors),
-        )
+        def info() -> JobInfo:
+            return JobInfo(
+                id=job.id, kind=job.kind, queue=job.queue, key=job.key, attempt=job.attempt,
+                max_attempts=job.max_attempts, tags=list(job.tags), unique_key=job.unique_key,
+                priority=job.priority, run_at=job.run_at, created_at=job.created_at,
+                errors=msgspec.json.decode(job.errors),
+            )
+
         enqueue = None
         if self._enqueue_children is not None:
             add = self._enqueue_children

@@ -136,7 +136,7 @@ class WorkflowMixin:
         self._steps_store = steps
         self._wall = wall or time.time
         self._memo: dict[str, _Memo] | None = None
-        self._memo_lock = trio.Lock()
+        self._memo_lock: trio.Lock | None = None  # made by the first step that loads
         self._counters: dict[str, int] = {}
         self.step_stats = {"memoized": 0, "executed": 0}
 
@@ -149,6 +149,8 @@ class WorkflowMixin:
 
     async def _loaded(self) -> dict[str, _Memo]:
         if self._memo is None:
+            if self._memo_lock is None:
+                self._memo_lock = trio.Lock()
             async with self._memo_lock:
                 if self._memo is None:
                     rows = await self._store().load_steps(self.job.id)

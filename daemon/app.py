@@ -346,7 +346,8 @@ class Daemon:
             assert self.store is not None
             dispatcher = Dispatcher(
                 box, settings, daemon_id=self.id, store=self.store, runner=runner,
-                finish=self._completer_box.tell, kinds=lambda: sorted(handlers.registered()),
+                finish=self._completer_box.tell, finish_nowait=self._completer_box.tell_nowait,
+                kinds=lambda: sorted(handlers.registered()),
                 paused=self._paused,
                 observer=self.observer, clock=self.clock)
             self.dispatchers[settings.queue] = dispatcher

@@ -133,6 +133,21 @@ async def test_claim_sets_the_lease(store):
     assert (row["lease_owner"], row["lease_until"]) == ("daemon-a", t0 + secs(30))
 
 
+async def test_claimed_fields_map_positionally_from_the_claim_row(store):
+    """The store builds Claimed from the row by position: every field lands in its place."""
+    [done] = await store.enqueue_many([NewJob(kind="k", args='{"a": 1}', key="acme", priority=3,
+                                              max_attempts=4, tags=["t"], timeout_s=2.5,
+                                              unique_key="u-1")])
+    [job] = await claim_one(store)
+    row = await store.get_job(done.id)
+    assert (job.id, job.queue, job.kind, job.args, job.key, job.priority, job.attempt,
+            job.max_attempts, job.lease_token, job.timeout_s, job.tags, job.errors,
+            job.unique_key) == (done.id, "default", "k", '{"a": 1}', "acme", 3, 1, 4, 1, 2.5,
+                                ["t"], "[]", "u-1")
+    assert (job.run_at, job.created_at, job.started_at) == (row["run_at"], row["created_at"],
+                                                            row["started_at"])
+
+
 async def test_claim_respects_the_kinds_filter(store):
     done = await store.enqueue_many([NewJob(kind="a"), NewJob(kind="b"), NewJob(kind="c")])
     claimed = await claim_one(store, kinds=("b", "c"), limit=10)

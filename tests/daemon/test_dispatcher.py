@@ -1,0 +1,137 @@
+"""The dispatcher's worker pool against a real store: slots bound the attempts that run
+at once, quick jobs run back to back, a shrink retires workers, and every claimed job
+reaches the completer exactly once."""
+
+from __future__ import annotations
+
+import random
+from contextlib import asynccontextmanager
+
+import msgspec
+import pytest
+import trio
+
+from actors import handlers
+from actors.clock import TrioClock
+from actors.dispatcher import Dispatcher, QueueSettings, Resize, Running, Wake
+from actors.handlers import job
+from actors.mailbox import Mailbox
+from actors.ports import NewJob, NullObserver, Outcome
+from actors.worker import AttemptRunner
+
+
+class Gate(msgspec.Struct):
+    tag: str = ""
+
+
+class Probe:
+    """Counts the attempts inside the handler right now, and the most at any moment."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.most = 0
+        self.release = trio.Event()
+        self.started = 0
+
+    async def hold(self) -> None:
+        self.started += 1
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        try:
+            await self.release.wait()
+        finally:
+            self.inside -= 1
+
+
+PROBE = Probe()
+
+
+@pytest.fixture(autouse=True)
+def kinds(monkeypatch):
+    global PROBE
+    PROBE = Probe()
+    monkeypatch.setattr(handlers, "_REGISTRY", {})
+
+    @job("test.hold", max_attempts=1)
+    async def hold(ctx, args: Gate) -> None:
+        await PROBE.hold()
+
+    @job("test.quick", max_attempts=1)
+    async def quick(ctx, args: Gate) -> str:
+        return args.tag
+
+
+@asynccontextmanager
+async def dispatcher(store, *, concurrency: int, claim_batch: int = 100):
+    finished: list[Outcome] = []
+    box: Mailbox = Mailbox("pool:default", capacity=100)
+    runner = AttemptRunner(
+        clock=TrioClock(), report_progress=lambda *a: None, transaction=store.transaction,
+        default_timeout_s=None, progress_every_items=10, progress_every_s=10.0,
+        snooze_burns_attempt=False, rng=random.Random(1))
+
+    async def finish(outcome: Outcome) -> None:
+        finished.append(outcome)
+
+    d = Dispatcher(
+        box, QueueSettings(queue="default", concurrency=concurrency, claim_batch=claim_batch,
+                           lease_s=30.0, poll_interval_s=0.2),
+        daemon_id="d1", store=store, runner=runner, finish=finish,
+        finish_nowait=finished.append, kinds=lambda: ["test.hold", "test.quick"],
+        paused=lambda queue: (False, []), observer=NullObserver(), clock=TrioClock())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        yield d, box, finished
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for(predicate, timeout: float = 15.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - state in other tasks and the database
+            await trio.sleep(0.01)
+
+
+async def test_slots_bound_the_attempts_running_at_once(store):
+    await store.enqueue_many([NewJob(kind="test.hold") for _ in range(12)])
+    async with dispatcher(store, concurrency=5) as (d, box, finished):
+        await wait_for(lambda: PROBE.inside == 5)
+        await trio.sleep(0.2)  # a sixth would have started by now
+        assert (PROBE.most, await box.ask(Running())) == (5, 5)
+        PROBE.release.set()
+        await wait_for(lambda: len(finished) == 12)
+    assert PROBE.most == 5
+    assert sorted(o.state for o in finished) == ["completed"] * 12
+
+
+async def test_quick_jobs_each_finish_once_with_their_result(store):
+    done = await store.enqueue_many(
+        [NewJob(kind="test.quick", args=f'{{"tag": "t{i}"}}') for i in range(500)])
+    async with dispatcher(store, concurrency=50, claim_batch=40) as (d, box, finished):
+        await wait_for(lambda: len(finished) == 500)
+        await trio.sleep(0.1)
+        assert len(finished) == 500
+        assert d.running == 0
+        # Quick jobs ran on a few workers back to back, not one task each.
+        assert d._workers <= 50
+    by_id = {o.id: o for o in finished}
+    assert sorted(by_id) == sorted(e.id for e in done)
+    assert {by_id[e.id].result for e in done} == {f'"t{i}"' for i in range(500)}
+
+
+async def test_a_shrink_retires_workers_and_later_attempts_obey_it(store):
+    await store.enqueue_many([NewJob(kind="test.hold") for _ in range(4)])
+    async with dispatcher(store, concurrency=4) as (d, box, finished):
+        await wait_for(lambda: PROBE.inside == 4)
+        await box.ask(Resize(concurrency=2))
+        PROBE.release.set()
+        await wait_for(lambda: len(finished) == 4)
+        PROBE.release = trio.Event()
+        PROBE.most = 0
+        await store.enqueue_many([NewJob(kind="test.hold") for _ in range(6)])
+        await box.ask(Wake())
+        await wait_for(lambda: PROBE.inside == 2)
+        await trio.sleep(0.2)
+        assert PROBE.most == 2
+        PROBE.release.set()
+        await wait_for(lambda: len(finished) == 10)
+        assert d._workers == 2  # the two extra workers left after their attempts
