@@ -331,18 +331,20 @@ WHERE id IN (SELECT id FROM jobd.jobs
 # Retention: a finished job goes once it is older than max_age or no longer among the
 # newest max_count of its state (the OFFSET finds that boundary on the index). Small batches keep locks short.
 PRUNE_FINISHED = """
-WITH oldest_kept AS (
-    SELECT finished_at AS t FROM jobd.jobs WHERE state = $1
-    ORDER BY finished_at DESC OFFSET $3 LIMIT 1
+WITH bound AS (
+    SELECT coalesce($5::timestamptz, now()) - $2 * interval '1 second' AS too_old,
+           (SELECT finished_at FROM jobd.jobs WHERE state = $1
+            ORDER BY finished_at DESC OFFSET $3 LIMIT 1) AS last_past_count
 )
 DELETE FROM jobd.jobs WHERE id = ANY(ARRAY(
-    SELECT id FROM jobd.jobs
-    WHERE state = $1
-      AND (finished_at < coalesce($5::timestamptz, now()) - $2 * interval '1 second'
-           OR finished_at <= (SELECT t FROM oldest_kept))
-    ORDER BY finished_at
+    SELECT j.id FROM jobd.jobs j, bound b
+    -- The greatest() bound lets the scan walk jobs_finished from its oldest end and
+    -- stop at the batch size; the OR says exactly which rows go.
+    WHERE j.state = $1 AND j.finished_at <= greatest(b.too_old, b.last_past_count)
+      AND (j.finished_at < b.too_old OR j.finished_at <= b.last_past_count)
+    ORDER BY j.finished_at
     LIMIT $4
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF j SKIP LOCKED
 ))
 """
 
