@@ -207,8 +207,7 @@ WITH done AS (
     FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::double precision[],
                 $6::text[], $7::int[], $8::text[], $9::double precision[])
          AS x(id, token, state, result, delay_s, error, refund, flow, pause_s)
-    WHERE j.id = ANY($1::bigint[]) AND j.id = x.id AND j.lease_token = x.token
-      AND j.state = {RUNNING}
+    WHERE j.id = x.id AND j.lease_token = x.token AND j.state = {RUNNING}
     RETURNING j.id, j.queue, j.key, x.flow, x.pause_s
 ),
 -- What the remote side said, per key: a 429 pauses the key on every daemon and halves
@@ -252,8 +251,7 @@ UPDATE jobd.jobs j SET
     progress = coalesce(x.pct, j.progress), progress_note = coalesce(x.note, j.progress_note),
     lease_until = now() + $5 * interval '1 second'
 FROM unnest($1::bigint[], $2::int[], $3::real[], $4::text[]) AS x(id, token, pct, note)
-WHERE j.id = ANY($1::bigint[]) AND j.id = x.id AND j.lease_token = x.token
-  AND j.state = {RUNNING}
+WHERE j.id = x.id AND j.lease_token = x.token AND j.state = {RUNNING}
 """
 
 # -- cancel ---------------------------------------------------------------------
