@@ -55,11 +55,16 @@ async def _no_reset(connection: asyncpg.Connection) -> None:
     return None
 
 
-async def create_pool(url: str, min_size: int, max_size: int, timeout_s: float) -> asyncpg.Pool:
-    return await call(_create_pool, url, min_size, max_size, timeout_s)
+async def create_pool(url: str, min_size: int, max_size: int, timeout_s: float,
+                      synchronous_commit: bool = True) -> asyncpg.Pool:
+    return await call(_create_pool, url, min_size, max_size, timeout_s, synchronous_commit)
 
 
-async def _create_pool(url: str, min_size: int, max_size: int, timeout_s: float) -> asyncpg.Pool:
+async def _create_pool(url: str, min_size: int, max_size: int, timeout_s: float,
+                       synchronous_commit: bool) -> asyncpg.Pool:
+    settings = {"application_name": "jobd"}
+    if not synchronous_commit:
+        settings["synchronous_commit"] = "off"
     return await asyncpg.create_pool(
         url,
         min_size=min_size,
@@ -67,7 +72,7 @@ async def _create_pool(url: str, min_size: int, max_size: int, timeout_s: float)
         reset=_no_reset,
         command_timeout=timeout_s,
         timeout=timeout_s,
-        server_settings={"application_name": "jobd"},
+        server_settings=settings,
     )
 
 

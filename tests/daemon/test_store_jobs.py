@@ -343,3 +343,19 @@ async def test_finishes_stay_linear_whatever_the_statistics_say(store, sql, anal
         assert "Join Filter: ((j.id = x.id)" not in plan, plan
         assert "jobs_leases" not in plan, plan
     assert len(await store.finish_many(outcomes)) == 300
+
+
+async def _synchronous_commit(pool) -> tuple[str, str]:
+    async with pool.acquire() as connection:
+        row = await connection.fetchrow(
+            "SELECT setting, source FROM pg_settings WHERE name = 'synchronous_commit'")
+        return row["setting"], row["source"]
+
+
+async def test_only_writes_a_crash_may_lose_skip_the_wal_flush(store):
+    """Claims and lease renewals commit without waiting for the flush (a lost one puts
+    the job back, or is renewed again); enqueues and finishes wait for it."""
+    # The server's own setting (the test cluster's may be off for speed) stays in force...
+    assert (await store._run(_synchronous_commit))[1] != "client"
+    # ...where the unsynced pool's connections turn it off for themselves.
+    assert await store._run(_synchronous_commit, unsynced=True) == ("off", "client")
