@@ -44,13 +44,7 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._timeout_s = timeout_s
-        self._pool: asyncpg.Pool | None = None
-        # Commits a server crash may lose without harm, so they need not wait for the
-        # WAL flush (one fsync less between a NOTIFY and the handler starting): a lost
-        # claim leaves its job available, to run again (at least once, as after a
-        # daemon crash); a lost lease renewal is made again by the next beat. A later
-        # synchronous commit (the finish) flushes them anyway, WAL being sequential.
-        self._unsynced: asyncpg.Pool | None = None
+        self._pool: bridge.Pool | None = None
         self.healthy = False
         self.schema_version = 0
         self.observer: Observer = NullObserver()
@@ -60,49 +54,37 @@ class PgStore(ScheduleStatements, WorkflowStatements):
     async def connect(self) -> None:
         """Open the pool and apply migrations; raises StoreUnavailable while the DB is down."""
         if self._pool is None:
-            self._pool = await bridge.create_pool(
-                self.url, self._pool_min, self._pool_max, self._timeout_s
-            )
-        if self._unsynced is None:
-            self._unsynced = await bridge.create_pool(
-                self.url, 1, 2, self._timeout_s, synchronous_commit=False
-            )
-        await self._run(self._migrate)
+            self._pool = bridge.Pool(self.url, max_size=self._pool_max, timeout_s=self._timeout_s)
+        await self._pool.open(self._pool_min)
+        await self._migrate()
         self.healthy = True
 
-    async def _migrate(self, pool: asyncpg.Pool) -> None:
+    async def _migrate(self) -> None:
         # A dedicated connection: the advisory lock is session-scoped.
-        connection = await asyncpg.connect(self.url, timeout=self._timeout_s)
-        try:
+        async def apply(connection: asyncpg.Connection) -> int:
             await migrate.apply(connection)
-            self.schema_version = await migrate.current_version(connection)
+            return await migrate.current_version(connection)
+
+        connection = await bridge.connect(self.url, self._timeout_s)
+        try:
+            self.schema_version = await bridge.call(apply, connection)
         finally:
-            await connection.close()
+            connection.terminate()
 
     async def close(self) -> None:
-        for pool in (self._unsynced, self._pool):
-            if pool is not None:
-                with trio.move_on_after(5):
-                    try:
-                        await bridge.call(pool.close)
-                    except StoreUnavailable:
-                        pass
-                pool.terminate()
-        self._pool = self._unsynced = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
 
-    async def _run(self, fn: Callable[..., Any], *args: Any, op: str = "other",
-                   unsynced: bool = False) -> Any:
-        """Run `fn(pool, *args)` on the asyncio side; track health (/readyz) and timing.
-
-        `unsynced`: on the pool whose commits do not wait for the WAL flush (see
-        __init__); only for writes whose loss in a server crash is harmless.
-        """
-        pool = self._unsynced if unsynced else self._pool
+    async def _run(self, fn: Callable[..., Any], *args: Any, op: str = "other") -> Any:
+        """Run `fn(connection, *args)` on the asyncio side; track health (/readyz) and timing."""
+        pool = self._pool
         if pool is None:
             raise StoreUnavailable("store is not connected")
         started = time.perf_counter()
         try:
-            result = await bridge.call(fn, pool, *args)
+            async with pool.connection() as connection:
+                result = await bridge.call(fn, connection, *args)
         except Conflict:
             raise  # the database answered; the caller retries
         except StoreUnavailable:
@@ -112,13 +94,11 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         self.healthy = True
         return result
 
-    async def _fetch(self, sql: str, *args: Any, op: str = "other",
-                     unsynced: bool = False) -> list[asyncpg.Record]:
-        return await self._run(_fetch, sql, *args, op=op, unsynced=unsynced)
+    async def _fetch(self, sql: str, *args: Any, op: str = "other") -> list[asyncpg.Record]:
+        return await self._run(_fetch, sql, *args, op=op)
 
-    async def _execute(self, sql: str, *args: Any, op: str = "other",
-                       unsynced: bool = False) -> str:
-        return await self._run(_execute, sql, *args, op=op, unsynced=unsynced)
+    async def _execute(self, sql: str, *args: Any, op: str = "other") -> str:
+        return await self._run(_execute, sql, *args, op=op)
 
     async def ping(self) -> None:
         await self._run(_fetchval, "SELECT 1", op="ping")
@@ -146,7 +126,7 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         here (None renews every job the daemon owns)."""
         tag = await self._execute(
             q.HEARTBEAT, daemon_id, lease_s, status, draining, now,
-            sorted(running) if running is not None else None, op="heartbeat", unsynced=True,
+            sorted(running) if running is not None else None, op="heartbeat",
         )
         return int(tag.split()[-1])
 
@@ -191,7 +171,6 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         if limits is None:
             rows = await self._fetch(
                 q.CLAIM, queue, limit, owner, lease_s, now, kinds, paused_keys or [], op="claim",
-                unsynced=True,
             )
         else:
             rows = await self._fetch(
@@ -235,7 +214,6 @@ class PgStore(ScheduleStatements, WorkflowStatements):
                 [u.note for u in updates],
                 lease_s,
                 op="progress",
-                unsynced=True,
             )
 
     async def cancel(self, job_id: int) -> tuple[str, str] | None:
@@ -345,8 +323,7 @@ class PgStore(ScheduleStatements, WorkflowStatements):
     async def transaction(self) -> AsyncIterator[HandlerTransaction]:
         if self._pool is None:
             raise StoreUnavailable("store is not connected")
-        connection = await bridge.call(self._pool.acquire)
-        try:
+        async with self._pool.connection() as connection:
             tx = connection.transaction()
             await bridge.call(tx.start)
             try:
@@ -357,9 +334,6 @@ class PgStore(ScheduleStatements, WorkflowStatements):
                 raise
             else:
                 await bridge.call(tx.commit)
-        finally:
-            with trio.CancelScope(shield=True):
-                await bridge.call(self._pool.release, connection)
 
     @asynccontextmanager
     async def listen(
@@ -479,16 +453,13 @@ def _outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:
     )
 
 
-async def _fetch(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record]:
-    async with pool.acquire() as connection:
-        return await connection.fetch(sql, *args)
+async def _fetch(connection: asyncpg.Connection, sql: str, *args: Any) -> list[asyncpg.Record]:
+    return await connection.fetch(sql, *args)
 
 
-async def _execute(pool: asyncpg.Pool, sql: str, *args: Any) -> str:
-    async with pool.acquire() as connection:
-        return await connection.execute(sql, *args)
+async def _execute(connection: asyncpg.Connection, sql: str, *args: Any) -> str:
+    return await connection.execute(sql, *args)
 
 
-async def _fetchval(pool: asyncpg.Pool, sql: str, *args: Any) -> Any:
-    async with pool.acquire() as connection:
-        return await connection.fetchval(sql, *args)
+async def _fetchval(connection: asyncpg.Connection, sql: str, *args: Any) -> Any:
+    return await connection.fetchval(sql, *args)

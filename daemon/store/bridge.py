@@ -8,10 +8,12 @@ why store methods take batches.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
+import trio
 import trio_asyncio
 
 from actors.ports import Conflict, StoreUnavailable, ValueRejected
@@ -49,41 +51,73 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNAVAILABLE)
 
 
-async def _no_reset(connection: asyncpg.Connection) -> None:
-    # jobd never leaves session state behind on pooled connections (LISTEN and
-    # advisory locks use dedicated ones), so skip asyncpg's per-release RESET round trip.
-    return None
+class Pool:
+    """asyncpg connections handed out on the trio side.
 
+    asyncpg's own Pool acquires and releases through several asyncio tasks, futures
+    and shields; across trio-asyncio every one of those is a pass of both event loops,
+    and a pooled `SELECT 1` cost 1.3 ms of CPU against 0.5 ms on a held connection.
+    Here waiting for a free connection is a trio semaphore, and only the statement
+    itself crosses to asyncio. A connection that saw an outage, a cancellation or a
+    dead socket is closed instead of being reused; the next user opens a fresh one.
+    """
 
-async def create_pool(url: str, min_size: int, max_size: int, timeout_s: float,
-                      synchronous_commit: bool = True) -> asyncpg.Pool:
-    return await call(_create_pool, url, min_size, max_size, timeout_s, synchronous_commit)
+    def __init__(self, url: str, *, max_size: int, timeout_s: float):
+        self._url = url
+        self._timeout_s = timeout_s
+        self._settings = {"application_name": "jobd"}
+        self._slots = trio.Semaphore(max_size)
+        self._idle: list[asyncpg.Connection] = []
+        self._closed = False
 
+    async def open(self, count: int) -> None:
+        """Open `count` connections now (raises StoreUnavailable if the database is down)."""
+        while len(self._idle) < count:
+            self._idle.append(await call(_connect, self._url, self._timeout_s, self._settings))
 
-async def _create_pool(url: str, min_size: int, max_size: int, timeout_s: float,
-                       synchronous_commit: bool) -> asyncpg.Pool:
-    settings = {"application_name": "jobd"}
-    if not synchronous_commit:
-        settings["synchronous_commit"] = "off"
-    return await asyncpg.create_pool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        reset=_no_reset,
-        command_timeout=timeout_s,
-        timeout=timeout_s,
-        server_settings=settings,
-    )
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.is_closed():
+                conn = await call(_connect, self._url, self._timeout_s, self._settings)
+            reusable = False
+            try:
+                yield conn
+                reusable = True
+            except (Conflict, ValueRejected, asyncpg.PostgresError):
+                reusable = True  # the server answered; the connection is fine
+                raise
+            finally:
+                if reusable and not self._closed and not conn.is_closed() \
+                        and not conn.is_in_transaction():
+                    self._idle.append(conn)
+                else:
+                    conn.terminate()
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        with trio.move_on_after(5):
+            for conn in idle:
+                try:
+                    await call(conn.close)
+                except StoreUnavailable:
+                    pass
+        for conn in idle:
+            conn.terminate()
 
 
 async def connect(url: str, timeout_s: float) -> asyncpg.Connection:
-    return await call(_connect, url, timeout_s)
+    return await call(_connect, url, timeout_s, {"application_name": "jobd"})
 
 
-async def _connect(url: str, timeout_s: float) -> asyncpg.Connection:
+async def _connect(url: str, timeout_s: float, settings: dict[str, str]) -> asyncpg.Connection:
     return await asyncpg.connect(
         url,
         timeout=timeout_s,
         command_timeout=timeout_s,
-        server_settings={"application_name": "jobd"},
+        server_settings=settings,
     )

@@ -124,6 +124,5 @@ def _array_literal(items: list[str]) -> str:
     return "{" + ",".join(msgspec.json.encode(i).decode() for i in items) + "}"
 
 
-async def _fetchval(pool: asyncpg.Pool, sql: str, *args: Any) -> Any:
-    async with pool.acquire() as connection:
-        return await connection.fetchval(sql, *args)
+async def _fetchval(connection: asyncpg.Connection, sql: str, *args: Any) -> Any:
+    return await connection.fetchval(sql, *args)

@@ -301,19 +301,17 @@ async def test_sql_enqueue_options(store, sql):
     assert fresh != job_id
 
 
-async def _generic_plan(pool, query: str, types: str, *args) -> str:
+async def _generic_plan(connection, query: str, types: str, *args) -> str:
     """The plan Postgres settles on for a statement prepared and run many times."""
-    async with pool.acquire() as connection:
-        await connection.execute("SET plan_cache_mode = force_generic_plan")
-        await connection.execute(f"PREPARE probe({types}) AS {query}")
-        try:
-            literals = [await connection.fetchval(f"SELECT quote_literal($1::{t}) || '::{t}'", a)
-                        for t, a in zip(types.split(", "), args, strict=True)]
-            rows = await connection.fetch(
-                f"EXPLAIN (COSTS OFF) EXECUTE probe({', '.join(literals)})")
-            return "\n".join(r[0] for r in rows)
-        finally:
-            await connection.execute("DEALLOCATE probe; RESET plan_cache_mode")
+    await connection.execute("SET plan_cache_mode = force_generic_plan")
+    await connection.execute(f"PREPARE probe({types}) AS {query}")
+    try:
+        literals = [await connection.fetchval(f"SELECT quote_literal($1::{t}) || '::{t}'", a)
+                    for t, a in zip(types.split(", "), args, strict=True)]
+        rows = await connection.fetch(f"EXPLAIN (COSTS OFF) EXECUTE probe({', '.join(literals)})")
+        return "\n".join(r[0] for r in rows)
+    finally:
+        await connection.execute("DEALLOCATE probe; RESET plan_cache_mode")
 
 
 @pytest.mark.parametrize("analyzed", [True, False], ids=["analyzed-while-idle", "never-analyzed"])
@@ -344,18 +342,3 @@ async def test_finishes_stay_linear_whatever_the_statistics_say(store, sql, anal
         assert "jobs_leases" not in plan, plan
     assert len(await store.finish_many(outcomes)) == 300
 
-
-async def _synchronous_commit(pool) -> tuple[str, str]:
-    async with pool.acquire() as connection:
-        row = await connection.fetchrow(
-            "SELECT setting, source FROM pg_settings WHERE name = 'synchronous_commit'")
-        return row["setting"], row["source"]
-
-
-async def test_only_writes_a_crash_may_lose_skip_the_wal_flush(store):
-    """Claims and lease renewals commit without waiting for the flush (a lost one puts
-    the job back, or is renewed again); enqueues and finishes wait for it."""
-    # The server's own setting (the test cluster's may be off for speed) stays in force...
-    assert (await store._run(_synchronous_commit))[1] != "client"
-    # ...where the unsynced pool's connections turn it off for themselves.
-    assert await store._run(_synchronous_commit, unsynced=True) == ("off", "client")
