@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -246,6 +247,44 @@ def retention(ctx: Ctx, n: int) -> dict:
     return {"jobs": n, "jobs_per_s_incl_startup": n / wall,
             "table_total_mb": row[0] / 2**20, "table_heap_mb": row[1] / 2**20,
             "rows_left": rows, "dead_tuples": row[3], "autovacuums": row[4]}
+
+
+# -- 6. workflows -------------------------------------------------------------------------
+
+def workflows(ctx: Ctx, n: int, steps: int = 200) -> dict:
+    """n jobs that each sleep durably (suspend, free the slot, get claimed again and
+    finish) drained like e2e: the CPU per job is the cost of a suspend/resume (the wall
+    clock includes the sleep); then 20 jobs with `steps` steps, whose second run
+    replays them from one load."""
+    out = {}
+    for label, count, args in (("suspend", n, "{}"), ("steps", 20, f'{{"steps": {steps}}}')):
+        ctx.reset()
+        d = ctx.daemon()
+        d.start()
+        try:
+            _client_call(d.socket, lambda c: c.pause("default"))
+            time.sleep(1.0)
+            ctx.insert(count, kind="bench.wf", args=args)
+            cpu0, pg0 = proc_cpu(d.proc.pid), pg_cluster_cpu(ctx.postmaster)
+            t0 = time.perf_counter()
+            _client_call(d.socket, lambda c: c.resume("default"))
+            drain(ctx, [d], 60 + count / 100, 0.05)
+            wall = time.perf_counter() - t0
+            cpu1, pg1 = proc_cpu(d.proc.pid), pg_cluster_cpu(ctx.postmaster)
+            if label == "suspend":
+                out.update(suspend_jobs_per_s=count / wall,
+                           suspend_daemon_cpu_ms_per_job=(cpu1 - cpu0) / count * 1000,
+                           suspend_pg_cpu_ms_per_job=(pg1 - pg0) / count * 1000)
+            else:
+                rows = ctx.sql.fetch(
+                    "SELECT (result->>'replay_us_per_step')::float8, (result->>'load_ms')::float8"
+                    " FROM jobd.jobs WHERE kind = 'bench.wf' AND state = 'completed'")
+                out.update(memoized_step_us=statistics.median(r[0] for r in rows),
+                           step_load_ms=statistics.median(r[1] for r in rows))
+        finally:
+            stop([d])
+    ctx.reset()
+    return out
 
 
 # -- 5. flow control ----------------------------------------------------------------------

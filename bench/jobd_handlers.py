@@ -20,3 +20,28 @@ class LatArgs(msgspec.Struct):
 @job("bench.lat", queue="default")
 async def lat(ctx: Context, args: LatArgs) -> dict:
     return {"lat_ms": (time.time() - args.t) * 1000}
+
+
+class StepsArgs(msgspec.Struct):
+    steps: int = 0
+
+
+# Just past the length jobd sleeps in place (actors.workflow.INLINE_SLEEP_S): every job
+# really suspends, frees its slot and is claimed again when the sleep is over.
+SUSPEND_S = 1.1
+
+
+@job("bench.wf", queue="default")
+async def wf(ctx: Context, args: StepsArgs) -> dict:
+    """`steps` steps, then a durable sleep: the first run executes and stores the steps
+    and suspends; the second replays them and returns what the replay cost: the first
+    step (which loads every stored step in one round trip) and each later one."""
+    started = loaded = time.perf_counter()
+    for i in range(args.steps):
+        await ctx.step(f"s{i}", int, i)
+        if i == 0:
+            loaded = time.perf_counter()
+    done = time.perf_counter()
+    await ctx.sleep("pause", SUSPEND_S)
+    return {"load_ms": (loaded - started) * 1e3,
+            "replay_us_per_step": (done - loaded) / max(1, args.steps - 1) * 1e6}

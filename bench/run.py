@@ -36,10 +36,10 @@ PEERS = ["procrastinate", "pgqueuer", "arq"]
 SYSTEMS = ["jobd", *PEERS]
 FULL = dict(bulk=100_000, single=2_000, e2e=50_000, peer_max_s=30.0, lat_n=300, lat_rate=30.0,
             busy_s=5.0, depth_small=10_000, depth_big=1_000_000, retention=1_000_000,
-            flow=20_000, running=10_000)
+            flow=20_000, workflows=10_000, running=10_000)
 QUICK = dict(bulk=10_000, single=300, e2e=10_000, peer_max_s=8.0, lat_n=60, lat_rate=30.0,
              busy_s=2.0, depth_small=10_000, depth_big=100_000, retention=50_000,
-             flow=5_000, running=1_000)
+             flow=5_000, workflows=2_000, running=1_000)
 
 
 # -- peers ------------------------------------------------------------------------------
@@ -291,6 +291,7 @@ def main() -> None:
                 res.note("jobd", "flow", "skipped: flow control not landed")
             for peer in PEERS:
                 res.note(peer, "flow", res.notes.get(peer, {}).get("flow", "n/a: no per-key limits"))
+                res.note(peer, "workflows", "n/a: no durable workflows")
             if ctx:
                 ctx.close()
             monitor.close()
@@ -308,7 +309,7 @@ def main() -> None:
 
 
 SCENARIO_KEYS = ["enqueue", "e2e_1", "e2e_2", "lat_idle", "lat_busy", "depth_small",
-                 "depth_big", "retention", "flow", "flow_base", "memory"]
+                 "depth_big", "retention", "flow", "flow_base", "workflows", "memory"]
 
 
 def run_jobd(res: Results, ctx, size: dict, last_rep: bool, flow_ok: bool,
@@ -325,6 +326,7 @@ def run_jobd(res: Results, ctx, size: dict, last_rep: bool, flow_ok: bool,
         attempt(res, "jobd", "flow_base", jb.e2e, ctx, size["flow"], keys=50)
         attempt(res, "jobd", "flow", jb.e2e, ctx, size["flow"], keys=50,
                 extra_queue=jb.FLOW_QUEUE)
+    attempt(res, "jobd", "workflows", jb.workflows, ctx, size["workflows"])
     attempt(res, "jobd", "memory", jb.memory, ctx, size["running"])
     if last_rep:
         attempt(res, "jobd", "retention", jb.retention, ctx, size["retention"])
@@ -376,6 +378,11 @@ ROWS = [
     ("4 retention: dead tuples", "retention", "dead_tuples", "{:,.0f}", None),
     ("5 50 keys, no limits, jobs/s", "flow_base", "jobs_per_s", "{:,.0f}", None),
     ("5 50 keys, limits, jobs/s", "flow", "jobs_per_s", "{:,.0f}", None),
+    ("6 suspend+resume, jobs/s", "workflows", "suspend_jobs_per_s", "{:,.0f}", None),
+    ("6   daemon CPU ms / job", "workflows", "suspend_daemon_cpu_ms_per_job", "{:.3f}", None),
+    ("6   store CPU ms / job", "workflows", "suspend_pg_cpu_ms_per_job", "{:.3f}", None),
+    ("6 memoized step, us", "workflows", "memoized_step_us", "{:.1f}", None),
+    ("6   load of 200 steps, ms", "workflows", "step_load_ms", "{:.1f}", None),
     ("7 idle RSS MB", "memory", "idle_rss_mb", "{:.1f}", ("<=", 80)),
     ("7 RSS, N sleeping jobs MB", "memory", "running_rss_mb", "{:.1f}", None),
     ("7 KB per running job", "memory", "kb_per_running_job", "{:.2f}", ("<=", 10)),
@@ -429,7 +436,7 @@ def render(res: Results, systems: list[str], reps: int) -> str:
     widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
     fmt_row = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()  # noqa: E731
     out = [fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines)]
-    out.append(f"median (min-max) over {reps} repetition(s); 6 workflows: skipped, not landed yet")
+    out.append(f"median (min-max) over {reps} repetition(s)")
     for s in systems:
         for sc, note in res.notes.get(s, {}).items():
             if note.startswith("error"):

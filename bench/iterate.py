@@ -1,0 +1,51 @@
+"""Quick loop for perf work: e2e (one daemon) and bulk enqueue, N reps, CPU split.
+
+    .bench-venv/bin/python bench/iterate.py [--jobs 30000] [--reps 2] [--bulk 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import jobd_bench as jb  # noqa: E402
+from daemon.embedded_pg import EmbeddedPostgres  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=30_000)
+    ap.add_argument("--bulk", type=int, default=50_000)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--claim-batch", type=int)
+    ap.add_argument("--concurrency", type=int)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="jobd-it-") as tmp:
+        cluster = EmbeddedPostgres(Path(tmp) / "pg")
+        cluster.start()
+        try:
+            ctx = jb.Ctx(cluster.create_database("jobd"), cluster.url("postgres"), "jobd",
+                         cluster.pid, Path(tmp) / "w")
+            boot = ctx.daemon()
+            boot.start()  # applies jobd's migrations
+            jb.stop([boot])
+            for _ in range(args.reps):
+                extra = {k: v for k, v in (("claim_batch", args.claim_batch),
+                                           ("concurrency", args.concurrency)) if v} or None
+                r = jb.e2e(ctx, args.jobs, extra_queue=extra)
+                print("e2e", {k: round(v, 3) for k, v in r.items()}, flush=True)
+            if args.bulk:
+                for _ in range(args.reps):
+                    r = jb.enqueue(ctx, args.bulk, 0)
+                    print("enqueue", {k: round(v, 1) for k, v in r.items()}, flush=True)
+        finally:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
