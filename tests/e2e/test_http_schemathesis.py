@@ -77,7 +77,11 @@ def guard(name: str, seeded: set[int], queues: set[str]):
     """What makes a generated case safe for the seeded jobs: a map, then a filter."""
 
     def force_dry_run(case):
-        if isinstance(case.body, dict):
+        # A dry_run that negative mode made a non-boolean is left alone: the server
+        # must refuse the request, and schemathesis checks that it does (overwriting
+        # it with true made a valid request schemathesis still believed invalid).
+        if isinstance(case.body, dict) and (
+                "dry_run" not in case.body or type(case.body["dry_run"]) is bool):
             case.body["dry_run"] = True
         return case
 
@@ -90,7 +94,9 @@ def guard(name: str, seeded: set[int], queues: set[str]):
             return not any(body.get("queue") == q for q in queues)
         if name in BULK:
             # A body that is not an object is rejected before anything runs.
-            return not isinstance(case.body, dict) or body.get("dry_run") is True
+            # Safe: a dry run, or a dry_run that is not a boolean (refused before anything runs).
+            return (not isinstance(case.body, dict) or body.get("dry_run") is True
+                    or (type(body.get("dry_run")) is not bool and "dry_run" in body))
         return True
 
     return (force_dry_run if name in BULK else (lambda case: case)), safe
