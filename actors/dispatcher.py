@@ -260,6 +260,7 @@ class Dispatcher(Actor[DispatcherMsg]):
 
     async def _worker(self) -> None:
         in_a_row = 0
+        counted = True
         try:
             while True:
                 self._spare -= 1  # woken (or started) by _wake_a_worker, now looking
@@ -272,11 +273,17 @@ class Dispatcher(Actor[DispatcherMsg]):
                         in_a_row = 0
                         await trio.lowlevel.checkpoint()
                 if self._workers > self.settings.concurrency:
-                    return  # the queue shrank (reload): retire
+                    # The queue shrank (reload): retire, and hand what is queued to a
+                    # parked worker, which takes it or retires and passes it on.
+                    self._workers -= 1
+                    counted = False
+                    self._wake_a_worker()
+                    return
                 in_a_row = 0
                 await self._idle_workers.park()
         finally:
-            self._workers -= 1
+            if counted:
+                self._workers -= 1
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         job = attempt.claimed

@@ -135,3 +135,27 @@ async def test_a_shrink_retires_workers_and_later_attempts_obey_it(store):
         PROBE.release.set()
         await wait_for(lambda: len(finished) == 10)
         assert d._workers == 2  # the two extra workers left after their attempts
+
+
+async def test_a_shrink_between_claim_and_start_still_runs_the_queued_attempt(store):
+    """A reload that shrinks the slots after an attempt was queued and a parked worker
+    woken for it: that worker retires, and the attempt must still reach one."""
+    from actors.worker import Attempt
+
+    await store.enqueue_many([NewJob(kind="test.hold") for _ in range(4)])
+    async with dispatcher(store, concurrency=4) as (d, box, finished):
+        await wait_for(lambda: PROBE.inside == 4)
+        PROBE.release.set()
+        await wait_for(lambda: len(finished) == 4 and d.running == 0)
+        assert d._workers == 4  # all parked now
+        await store.enqueue_many([NewJob(kind="test.quick", args='{"tag": "late"}')])
+        [claimed] = await store.claim("default", 1, "d1", 30.0, ["test.quick"])
+        # What the claim loop and a Resize do, with no checkpoint in between.
+        attempt = Attempt(claimed)
+        d._attempts[claimed.id] = attempt
+        d._ready.append(attempt)
+        d._wake_a_worker()
+        d.settings.concurrency = 1
+        await wait_for(lambda: len(finished) == 5)
+        assert finished[-1].result == '"late"'
+        assert d._workers == 1
