@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import jobd_bench as jb  # noqa: E402
-from daemon.embedded_pg import EmbeddedPostgres  # noqa: E402
 
 
 def main() -> None:
@@ -25,26 +23,15 @@ def main() -> None:
     ap.add_argument("--claim-batch", type=int)
     ap.add_argument("--concurrency", type=int)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="jobd-it-") as tmp:
-        cluster = EmbeddedPostgres(Path(tmp) / "pg")
-        cluster.start()
-        try:
-            ctx = jb.Ctx(cluster.create_database("jobd"), cluster.url("postgres"), "jobd",
-                         cluster.pid, Path(tmp) / "w")
-            boot = ctx.daemon()
-            boot.start()  # applies jobd's migrations
-            jb.stop([boot])
-            for _ in range(args.reps):
-                extra = {k: v for k, v in (("claim_batch", args.claim_batch),
-                                           ("concurrency", args.concurrency)) if v} or None
-                r = jb.e2e(ctx, args.jobs, extra_queue=extra)
-                print("e2e", {k: round(v, 3) for k, v in r.items()}, flush=True)
-            if args.bulk:
-                for _ in range(args.reps):
-                    r = jb.enqueue(ctx, args.bulk, 0)
-                    print("enqueue", {k: round(v, 1) for k, v in r.items()}, flush=True)
-        finally:
-            cluster.stop()
+    extra = {k: v for k, v in (("claim_batch", args.claim_batch),
+                               ("concurrency", args.concurrency)) if v} or None
+    with jb.scratch("jobd-it-") as ctx:
+        for _ in range(args.reps):
+            r = jb.e2e(ctx, args.jobs, extra_queue=extra)
+            print("e2e", {k: round(v, 3) for k, v in r.items()}, flush=True)
+        for _ in range(args.reps if args.bulk else 0):
+            r = jb.enqueue(ctx, args.bulk, 0)
+            print("enqueue", {k: round(v, 1) for k, v in r.items()}, flush=True)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,17 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from bench.common import PgConn, latency_summary, pg_cluster_cpu, proc_cpu, rss_mb, wait_for
+from daemon.embedded_pg import EmbeddedPostgres
 from protocol.client import connect
 from protocol.jobs import JobSpec
 from tests.support import ROOT, JobdProcess
@@ -66,6 +70,26 @@ class Ctx:
     def close(self) -> None:
         self.sql.close()
         self.monitor.close()
+
+
+@contextmanager
+def scratch(prefix: str) -> Iterator[Ctx]:
+    """A throwaway embedded cluster with a migrated `jobd` database, for one script."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        cluster = EmbeddedPostgres(Path(tmp) / "pg")
+        cluster.start()
+        try:
+            ctx = Ctx(cluster.create_database("jobd"), cluster.url("postgres"), "jobd",
+                      cluster.pid, Path(tmp) / "w")
+            boot = ctx.daemon()
+            boot.start()  # applies jobd's migrations
+            stop([boot])
+            try:
+                yield ctx
+            finally:
+                ctx.close()
+        finally:
+            cluster.stop()
 
 
 def stop(daemons: list[JobdProcess]) -> None:

@@ -14,7 +14,6 @@ import collections
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench import jobd_bench as jb  # noqa: E402
 from bench.common import wait_for  # noqa: E402
-from daemon.embedded_pg import EmbeddedPostgres  # noqa: E402
 from protocol.jobs import JobSpec  # noqa: E402
 
 
@@ -84,60 +82,52 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="jobd-prof-") as tmp:
-        cluster = EmbeddedPostgres(Path(tmp) / "pg")
-        cluster.start()
-        try:
-            ctx = jb.Ctx(cluster.create_database("jobd"), cluster.url("postgres"), "jobd",
-                         cluster.pid, Path(tmp) / "w")
-            # (1) bulk enqueue through the socket
-            d = ctx.daemon()
-            d.start()
-            p = spy(d.proc.pid, args.out / "enqueue.txt")
-            time.sleep(1)
+    with jb.scratch("jobd-prof-") as ctx:
+        # (1) bulk enqueue through the socket
+        d = ctx.daemon()
+        d.start()
+        p = spy(d.proc.pid, args.out / "enqueue.txt")
+        time.sleep(1)
 
-            async def bulk(c) -> float:
-                t = time.perf_counter()
-                for _ in range(args.jobs // 5000):
-                    await c.enqueue_batch([JobSpec(kind="noop", queue="parked")] * 5000)
-                return args.jobs / (time.perf_counter() - t)
+        async def bulk(c) -> float:
+            t = time.perf_counter()
+            for _ in range(args.jobs // 5000):
+                await c.enqueue_batch([JobSpec(kind="noop", queue="parked")] * 5000)
+            return args.jobs / (time.perf_counter() - t)
 
-            print(f"bulk enqueue under py-spy: {jb._client_call(d.socket, bulk):,.0f} jobs/s")
-            p.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            p.wait(60)
-            jb.stop([d])
-            ctx.reset()
-            t = time.perf_counter()
-            ctx.insert(args.jobs)
-            print(f"plain INSERT ... SELECT generate_series: "
-                  f"{args.jobs / (time.perf_counter() - t):,.0f} rows/s")
-            ctx.reset()
-            # (2) end to end
-            d = ctx.daemon()
-            d.start()
-            jb._client_call(d.socket, lambda c: c.pause("default"))
-            time.sleep(1)
-            ctx.insert(args.jobs)
-            ctx.sql.execute("ANALYZE jobd.jobs")
-            plan = ctx.sql.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS) WITH picked AS (SELECT id FROM jobd.jobs"
-                " WHERE queue = 'default' AND state IN ('available', 'scheduled')"
-                " AND run_at <= now() AND kind = ANY('{noop}') ORDER BY priority, run_at, id"
-                " LIMIT 200 FOR UPDATE SKIP LOCKED) SELECT count(*) FROM picked")
-            p = spy(d.proc.pid, args.out / "e2e.txt")
-            time.sleep(1)
-            t = time.perf_counter()
-            jb._client_call(d.socket, lambda c: c.resume("default"))
-            wait_for(lambda: not ctx.sql.fetchval(
-                f"SELECT EXISTS (SELECT 1 FROM jobd.jobs WHERE {jb.UNFINISHED})"), 600, 0.1)
-            print(f"e2e under py-spy: {args.jobs / (time.perf_counter() - t):,.0f} jobs/s")
-            p.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            p.wait(60)
-            jb.stop([d])
-            probes = [claim_probe(ctx, k) for k in (10_000, args.depth)] if args.depth else []
-            ctx.close()
-        finally:
-            cluster.stop()
+        print(f"bulk enqueue under py-spy: {jb._client_call(d.socket, bulk):,.0f} jobs/s")
+        p.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        p.wait(60)
+        jb.stop([d])
+        ctx.reset()
+        t = time.perf_counter()
+        ctx.insert(args.jobs)
+        print(f"plain INSERT ... SELECT generate_series: "
+              f"{args.jobs / (time.perf_counter() - t):,.0f} rows/s")
+        ctx.reset()
+        # (2) end to end
+        d = ctx.daemon()
+        d.start()
+        jb._client_call(d.socket, lambda c: c.pause("default"))
+        time.sleep(1)
+        ctx.insert(args.jobs)
+        ctx.sql.execute("ANALYZE jobd.jobs")
+        plan = ctx.sql.fetch(
+            "EXPLAIN (ANALYZE, BUFFERS) WITH picked AS (SELECT id FROM jobd.jobs"
+            " WHERE queue = 'default' AND state IN ('available', 'scheduled')"
+            " AND run_at <= now() AND kind = ANY('{noop}') ORDER BY priority, run_at, id"
+            " LIMIT 200 FOR UPDATE SKIP LOCKED) SELECT count(*) FROM picked")
+        p = spy(d.proc.pid, args.out / "e2e.txt")
+        time.sleep(1)
+        t = time.perf_counter()
+        jb._client_call(d.socket, lambda c: c.resume("default"))
+        wait_for(lambda: not ctx.sql.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM jobd.jobs WHERE {jb.UNFINISHED})"), 600, 0.1)
+        print(f"e2e under py-spy: {args.jobs / (time.perf_counter() - t):,.0f} jobs/s")
+        p.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        p.wait(60)
+        jb.stop([d])
+        probes = [claim_probe(ctx, k) for k in (10_000, args.depth)] if args.depth else []
     print("\nclaim plan (200 of the queued jobs):")
     print("\n".join(r[0] for r in plan))
     for depth, ms, explain in probes:

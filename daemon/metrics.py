@@ -149,20 +149,38 @@ class Metrics:
             self.queue_gauges.queues.add(queue)
 
 
-class _Counter(Collector):
+class _Family(Collector):
+    """What _Counter and _Histogram share: a name, help, label names, a registry."""
+
+    family: type[CounterMetricFamily] | type[HistogramMetricFamily]
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        registry.register(self)  # last: the registry describes us right away
+
+    def _empty(self) -> Any:
+        return self.family(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> list[Any]:
+        return [self._empty()]
+
+
+class _Counter(_Family):
     """A labelled counter for one thread: label-value tuple -> value, a family at scrape.
 
     Exported exactly as prometheus_client's `Counter` exports it (`<name>_total` per
     label set, in first-seen order; no `_created`, which is disabled process-wide).
     """
 
+    family = CounterMetricFamily
+
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *,
                  registry: CollectorRegistry):
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         self.values: dict[tuple[str, ...], float] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
     def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
         """Add `amount` to the series `key` (label values in `labelnames` order)."""
@@ -180,17 +198,14 @@ class _Counter(Collector):
         self.values.setdefault(key, 0.0)
         return key
 
-    def describe(self) -> list[CounterMetricFamily]:
-        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
     def collect(self) -> list[CounterMetricFamily]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._empty()
         for key, value in self.values.items():
             family.add_metric(key, value)
         return [family]
 
 
-class _Histogram(Collector):
+class _Histogram(_Family):
     """A labelled histogram for one thread: label-value tuple -> bucket counts and sum.
 
     Per series one list: a count per bucket (not cumulative; the last bucket is +Inf),
@@ -200,18 +215,17 @@ class _Histogram(Collector):
     last, `_count`, `_sum`, per label set in first-seen order.
     """
 
+    family = HistogramMetricFamily
+
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *,
                  buckets: Sequence[float], registry: CollectorRegistry):
         bounds = tuple(float(b) for b in buckets)
         if list(bounds) != sorted(set(bounds)) or not bounds or bounds[-1] == math.inf:
             raise ValueError(f"histogram {name}: bounds must be finite, increasing, unique")
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         self.bounds = bounds
         self._le = tuple(floatToGoString(b) for b in bounds) + ("+Inf",)
         self.series: dict[tuple[str, ...], list[float]] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
     def observe(self, key: tuple[str, ...], value: float) -> None:
         """Count `value` into the series `key` (label values in `labelnames` order)."""
@@ -232,11 +246,8 @@ class _Histogram(Collector):
             self.series[key] = [0] * (len(self.bounds) + 1) + [0.0]
         return key
 
-    def describe(self) -> list[HistogramMetricFamily]:
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
     def collect(self) -> list[HistogramMetricFamily]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._empty()
         for key, series in self.series.items():
             total = 0
             buckets = []
