@@ -171,6 +171,23 @@ class Daemon(_Strict):
     heartbeat: Duration = "5s"
 
 
+_MiB = 1 << 20
+
+
+class Limits(_Strict):
+    """Sizes every surface enforces alike (README: "Limits").
+
+    A request frame (socket line or HTTP body) must fit the largest args plus the
+    command around them, so `max_frame_bytes` is checked to exceed `max_args_bytes`.
+    """
+
+    max_args_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * _MiB)] = _MiB
+    max_result_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * _MiB)] = _MiB
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=4096, le=512 * _MiB)] = 2 * _MiB
+    # List views (list, watch of many) shorten args/result/errors above this and say so.
+    list_field_bytes: Annotated[int, msgspec.Meta(ge=64, le=_MiB)] = 4096
+
+
 class Config(_Strict):
     region: _Name = "default"
     database: Database = msgspec.field(default_factory=Database)
@@ -179,6 +196,7 @@ class Config(_Strict):
     daemon: Daemon = msgspec.field(default_factory=Daemon)
     metrics: Metrics = msgspec.field(default_factory=Metrics)
     jobs: Jobs = msgspec.field(default_factory=Jobs)
+    limits: Limits = msgspec.field(default_factory=Limits)
     handlers: Handlers = msgspec.field(default_factory=Handlers)
     queues: dict[_Name, Queue] = {}
     schedules: list[ScheduleSpec] = []  # [[schedules]]; see README "Schedules"
@@ -256,6 +274,10 @@ def _validate(config: Config, where: str) -> None:
                 _check_duration(limits.breaker_cooldown,
                                 f"$.queues.{name}.keys.{key}.breaker_cooldown", where)
     _check_schedules(config.schedules, where)
+    if config.limits.max_frame_bytes < config.limits.max_args_bytes + 64 * 1024:
+        raise ConfigError(f"{where}: limits.max_frame_bytes must exceed limits.max_args_bytes "
+                          "by at least 64 KiB (a frame carries the args and the command) "
+                          "- at `$.limits.max_frame_bytes`")
     retention = config.jobs.retention
     for state in ("completed", "failed", "cancelled"):
         _check_duration(getattr(retention, f"{state}_max_age"), f"$.jobs.retention.{state}_max_age", where)

@@ -20,6 +20,7 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     UNAVAILABLE = "unavailable"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    TOO_LARGE = "too_large"  # a value over a configured size limit (args, key, ...)
     INTERNAL = "internal"
 
 
