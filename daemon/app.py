@@ -503,10 +503,15 @@ class Daemon:
             run_queue_gauges, self.store, self.metrics, clock=self.clock,
             interval_s=parse_duration(self.config.metrics.leader_interval),
             key_gauges=self._key_gauges, key_limit=self.config.metrics.key_series_limit))
+        cc = self.config.control
         app = HttpApp(control=control, metrics=self.metrics, readiness=self._readiness,
-                      token=read_token(self.config))
+                      token=read_token(self.config), max_body=self.config.limits.max_frame_bytes,
+                      read_timeout_s=parse_duration(cc.http_read_timeout))
         server = HttpServer(app, [binds] if isinstance(binds, str) else binds,
-                            graceful_timeout_s=parse_duration(self.config.control.http_graceful_timeout))
+                            graceful_timeout_s=parse_duration(cc.http_graceful_timeout),
+                            max_connections=cc.http_max_connections,
+                            keep_alive_s=parse_duration(cc.http_keep_alive),
+                            write_timeout_s=parse_duration(cc.http_write_timeout))
         try:
             urls = await nursery.start(server.run)
         except OSError as exc:

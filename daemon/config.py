@@ -45,6 +45,14 @@ class Control(_Strict):
     http_graceful_timeout: Duration = "10s"  # in-flight requests may finish this long
     token_file: str | None = None
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    # HTTP bounds (README: "Limits"): open connections (more are answered 503 and
+    # closed), the time a request body may take to arrive, the time a client may take
+    # to read a response write, and how long an idle keep-alive (or a connection that
+    # has not sent its request headers yet) is kept.
+    http_max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    http_read_timeout: Duration = "30s"
+    http_write_timeout: Duration = "30s"
+    http_keep_alive: Duration = "5s"
 
 
 class Log(_Strict):
@@ -207,6 +215,7 @@ class Config(_Strict):
 
 _DURATION_FIELDS = {
     "metrics.leader_interval", "control.http_graceful_timeout",
+    "control.http_read_timeout", "control.http_write_timeout", "control.http_keep_alive",
     "database.timeout", "jobs.lease", "jobs.poll_interval", "jobs.timeout_grace",
     "jobs.reaper_interval", "jobs.progress_every", "daemon.drain_grace", "daemon.heartbeat",
 }
@@ -262,6 +271,10 @@ def _validate(config: Config, where: str) -> None:
     for dotted in sorted(_DURATION_FIELDS):
         section, name = dotted.split(".")
         _check_duration(getattr(getattr(config, section), name), f"$.{dotted}", where)
+    for name in ("http_read_timeout", "http_write_timeout", "http_keep_alive"):
+        if not 0 < parse_duration(getattr(config.control, name)) < 86400 * 365:
+            raise ConfigError(f"{where}: control.{name} must be a positive duration "
+                              f"- at `$.control.{name}`")
     for name, queue in config.queues.items():
         for field in ("timeout", "breaker_cooldown", "aging"):
             if getattr(queue, field) is not None:

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     directory.mkdir(parents=True, exist_ok=True, mode=0o750)
     configure_logging(config.log.level, fmt=config.log.format,
                       static={"service": "jobd", "region": config.region, "pid": os.getpid()})
+    _raise_descriptor_limit()
     daemon = Daemon(config, args.config, directory, Notifier.from_env())
     try:
         trio.run(daemon.run)
@@ -73,6 +74,28 @@ def main(argv: list[str] | None = None) -> int:
                                            extra={"event": "daemon.crashed"})
         return 1
     return 0
+
+
+def _raise_descriptor_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (often 1024 of 524288): connections and
+    the database pool share it, and running out stops `accept`."""
+    import logging
+    import resource
+
+    log = logging.getLogger("jobd")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        log.info("descriptor limit %d", soft, extra={"event": "daemon.nofile", "nofile": soft})
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc,
+                    extra={"event": "daemon.nofile", "nofile": soft})
+        return
+    log.info("descriptor limit raised from %d to %d", soft, target,
+             extra={"event": "daemon.nofile", "nofile": target})
 
 
 def _config_errors(exc: BaseException) -> list[ConfigError]:

@@ -115,6 +115,10 @@ class Metrics:
         self.actor_restarts = _Counter("jobd_actor_restarts",
                                        "Actor restarts by their supervisor.", ["actor"],
                                        registry=r)
+        self.http_errors = _Counter(
+            "jobd_http_errors", "HTTP connections refused or cut and requests failed, by "
+            "reason (connection_limit, accept_error, read_timeout, write_timeout, too_large, "
+            "internal).", ["reason"], registry=r)
         self.run_seconds = _Histogram("jobd_job_run_seconds", "Attempt run time.",
                                       ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
         self.wait_seconds = _Histogram("jobd_job_wait_seconds",
