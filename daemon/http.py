@@ -430,7 +430,7 @@ class HttpServer:
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         from hypercorn.config import Config
-        from hypercorn.trio.tcp_server import TCPServer
+        TCPServer = _tcp_server_class()  # noqa: N806 - a class
         from hypercorn.trio.worker_context import WorkerContext
         from hypercorn.typing import ConnectionState
         from hypercorn.utils import repr_socket_addr, wrap_app
@@ -573,6 +573,7 @@ class _BoundedStream(trio.abc.HalfCloseableStream):
             log.info("HTTP client did not read a response within %gs; closing",
                      self._server.write_timeout_s, extra={"event": "http.write_timeout"})
             await trio.aclose_forcefully(self._stream)
+            await self._client_gone()
             raise trio.BrokenResourceError("the client did not read the response in time")
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -581,7 +582,7 @@ class _BoundedStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         try:
             data = await self._stream.receive_some(max_bytes)
-        except trio.BrokenResourceError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self._client_gone()
             raise
         if not data:
@@ -589,17 +590,44 @@ class _BoundedStream(trio.abc.HalfCloseableStream):
         return data
 
     async def _client_gone(self) -> None:
-        # hypercorn ends the connection when the client hangs up, but then waits out
-        # its keep-alive timer before closing the socket: stop the timer, free the
-        # descriptor now (a request still running finishes first).
-        if self.tcp is not None:
-            await self.tcp.idle_task.stop()
+        # hypercorn ends the connection when the client hangs up (or a write fails), but
+        # then waits out its keep-alive timer, restarted after the last response, before
+        # closing the socket: from now on that timer is zero, so the descriptor is freed
+        # as soon as a request still running has finished.
+        tcp = self.tcp
+        if tcp is not None and not tcp.gone:
+            tcp.gone = True
+            if getattr(tcp, "_task_group", None) is not None:
+                await tcp.idle_task.restart(tcp._task_group, tcp._idle_timeout)
 
     async def send_eof(self) -> None:
         await self._stream.send_eof()
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+_TCP_SERVER: Any = None
+
+
+def _tcp_server_class() -> Any:
+    """hypercorn's TCPServer, whose keep-alive timer is zero once the client is gone."""
+    global _TCP_SERVER
+    if _TCP_SERVER is None:
+        from hypercorn.trio.tcp_server import TCPServer
+
+        class _TCPServer(TCPServer):
+            gone = False
+
+            async def _idle_timeout(self) -> None:
+                if not self.gone:
+                    await super()._idle_timeout()
+                    return
+                with trio.CancelScope(shield=True):
+                    await self._initiate_server_close()
+
+        _TCP_SERVER = _TCPServer
+    return _TCP_SERVER
 
 
 def _connection_budget(configured: int) -> int:

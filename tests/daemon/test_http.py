@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from typing import Any
 
 import msgspec
@@ -13,9 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.http import HttpApp, HttpServer, openapi
 from daemon.metrics import Metrics
 from protocol import commands as c
-from protocol.errors import NotFound, Unavailable
+from protocol.errors import ErrorCode, JobdError, NotFound, Unavailable
 
 TOKEN = "s3cret-token"
+BIG_JOB = 7777
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
@@ -31,10 +34,14 @@ class FakeControl:
     async def handle(self, cmd: Any) -> Any:
         self.seen.append(cmd)
         if isinstance(cmd, c.Enqueue):
+            if cmd.job.kind == "big":
+                raise JobdError("args larger than 1048576 bytes", code=ErrorCode.TOO_LARGE)
             return c.EnqueueResult(id=41, created=True)
         if isinstance(cmd, c.Get):
             if cmd.job_id == 404:
                 raise NotFound("no job 404", details={"id": 404})
+            if cmd.job_id == BIG_JOB:
+                return {"id": cmd.job_id, "result": "x" * (8 << 20)}
             return {"id": cmd.job_id, "state": "completed"}
         if isinstance(cmd, c.Stats):
             raise Unavailable("database unavailable: ConnectionRefusedError")
@@ -211,6 +218,81 @@ async def test_body_size_cap():
     assert streamed.status == 413
 
 
+async def test_too_large_from_control_is_413():
+    body = b'{"job": {"kind": "big"}}'
+    response = await call(make_app(), "POST", "/v1/enqueue", body, AUTH)
+    assert response.status == 413 and response.json()["code"] == "too_large"
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000,
+    b'{"job": {"kind": "noop", "args": {"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}}",
+    b'{"job": {"kind": "noop", "args": ' + b'{"a":' * 100_000 + b"1" + b"}" * 100_000 + b"}}",
+])
+async def test_deeply_nested_json_is_bad_json(body):
+    response = await call(make_app(), "POST", "/v1/enqueue", body, AUTH)
+    assert response.status == 400 and response.json()["code"] in {"bad_json", "bad_request"}
+
+
+async def test_nested_args_past_the_recursion_limit_are_bad_json():
+    body = b'{"job": {"kind": "noop", "args": {"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}}"
+    response = await call(make_app(), "POST", "/v1/enqueue", body, AUTH)
+    assert (response.status, response.json()["code"]) == (400, "bad_json")
+
+
+def http_errors(app: HttpApp) -> dict[tuple[str, ...], float]:
+    return dict(app._metrics.http_errors.values)
+
+
+async def test_an_exception_is_contained_logged_and_counted(caplog):
+    app = make_app()
+    response = await call(app, "POST", "/v1/nodes", b"", AUTH)  # FakeControl raises
+    assert response.status == 500 and response.json()["code"] == "internal"
+    assert http_errors(app) == {("internal",): 1.0}
+    assert any(r.getMessage() == "HTTP POST /v1/nodes failed" for r in caplog.records)
+
+
+async def test_a_failing_send_does_not_escape():
+    """The client is gone while we answer (or hypercorn refuses the message): the
+    request ends quietly, nothing reaches hypercorn."""
+    app = make_app()
+    scope = {"type": "http", "method": "POST", "path": "/v1/nodes", "client": None,
+             "headers": [(b"authorization", f"Bearer {TOKEN}".encode())]}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("the client went away")
+
+    await app(scope, receive, send)
+    assert http_errors(app) == {("internal",): 1.0}
+
+
+async def test_a_body_that_never_arrives_is_408(autojump_clock):
+    app = make_app(read_timeout_s=30)
+    scope = {"type": "http", "method": "POST", "path": "/v1/enqueue", "client": None,
+             "headers": [(b"authorization", f"Bearer {TOKEN}".encode())]}
+    chunks = [{"type": "http.request", "body": b'{"job": ', "more_body": True}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            return chunks.pop()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with trio.fail_after(3600):
+        await app(scope, receive, send)
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    body = json.loads(sent[1]["body"])
+    assert body["code"] == "bad_request" and "http_read_timeout" in body["message"]
+    assert http_errors(app) == {("read_timeout",): 1.0}
+
+
 async def test_lifespan_is_answered():
     app = make_app()
     incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
@@ -280,3 +362,106 @@ async def test_served_by_hypercorn_on_tcp_and_unix(tmp_path):
         with trio.fail_after(5):
             await server.stop()
     assert not sock.exists()
+
+
+async def raw_connect(port: int) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def until(predicate, what: str) -> None:
+    with trio.fail_after(10):
+        while not predicate():  # noqa: ASYNC110 - polling a counter in a test
+            await trio.sleep(0.01)
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    try:
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    except trio.BrokenResourceError:
+        pass
+    return data
+
+
+async def test_connections_over_the_cap_get_503_and_a_hang_up_frees_a_slot():
+    server = HttpServer(make_app(), ["127.0.0.1:0"], graceful_timeout_s=1, max_connections=2,
+                        keep_alive_s=60)
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(server.run)
+        port = int(url.rsplit(":", 1)[1])
+        first, second = await raw_connect(port), await raw_connect(port)
+        await until(lambda: server.connections == 2, "two connections")
+        third = await raw_connect(port)
+        reply = await read_all(third)
+        assert reply.startswith(b"HTTP/1.1 503")
+        body = json.loads(reply.partition(b"\r\n\r\n")[2])
+        assert body["code"] == "too_many_connections" and body["details"] == {"limit": 2}
+        assert http_errors(server.app) == {("connection_limit",): 1.0}
+        # A client that hangs up frees its slot now, not after the 60 s keep-alive.
+        await first.aclose()
+        await until(lambda: server.connections == 1, "the slot to be freed")
+        reply = await http_get(await raw_connect(port), "/healthz")
+        assert reply.startswith(b"HTTP/1.1 200")
+        await second.aclose()
+        with trio.fail_after(5):
+            await server.stop()
+
+
+async def test_a_client_that_does_not_read_the_response_is_cut():
+    server = HttpServer(make_app(), ["127.0.0.1:0"], graceful_timeout_s=1, write_timeout_s=0.3)
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(server.run)
+        port = int(url.rsplit(":", 1)[1])
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
+        await stream.send_all(f"GET /v1/jobs/{BIG_JOB} HTTP/1.1\r\nHost: x\r\n"
+                              f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+        await until(lambda: http_errors(server.app).get(("write_timeout",)) == 1.0,
+                    "the write timeout")
+        await until(lambda: server.connections == 0, "the connection to be closed")
+        await stream.aclose()
+        with trio.fail_after(5):
+            await server.stop()
+
+
+class FlakyListener(trio.abc.Listener[trio.SocketStream]):
+    """A real listener whose first `accept`s fail as they do out of descriptors."""
+
+    def __init__(self, inner: trio.SocketListener, failures: int):
+        self.inner = inner
+        self.failures = failures
+
+    async def accept(self) -> trio.SocketStream:
+        await trio.lowlevel.checkpoint()
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await self.inner.accept()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_accept_errors_back_off_and_retry(caplog):
+    server = HttpServer(make_app(), [])
+    [inner] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = inner.socket.getsockname()[1]
+    listener = FlakyListener(inner, failures=3)
+    served: list[int] = []
+
+    async def connection(stream: trio.SocketStream) -> None:
+        served.append(1)
+        await stream.send_all(b"hi")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._accept, listener, nursery, connection)
+        client = await raw_connect(port)
+        assert await read_all(client) == b"hi"
+        nursery.cancel_scope.cancel()
+    assert served == [1] and server.connections == 0
+    assert http_errors(server.app) == {("accept_error",): 3.0}
+    warnings = [r for r in caplog.records if r.getMessage().startswith("HTTP accept failed")]
+    assert len(warnings) == 1 and "EMFILE" in warnings[0].getMessage()
