@@ -580,6 +580,8 @@ class _BoundedStream(trio.abc.HalfCloseableStream):
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.tcp is not None:
+            await self.tcp.idle_check()
         try:
             data = await self._stream.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -614,10 +616,20 @@ def _tcp_server_class() -> Any:
     """hypercorn's TCPServer, whose keep-alive timer is zero once the client is gone."""
     global _TCP_SERVER
     if _TCP_SERVER is None:
+        from hypercorn.protocol.h2 import H2Protocol
         from hypercorn.trio.tcp_server import TCPServer
 
         class _TCPServer(TCPServer):
             gone = False
+
+            async def idle_check(self) -> None:
+                """Before each read: an HTTP/2 connection with no request open gets its
+                keep-alive timer back (hypercorn stops the timer at the `PRI` preface
+                and never restarts it when no stream follows: held forever)."""
+                protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+                if (isinstance(protocol, H2Protocol) and protocol.idle
+                        and self.idle_task._handle is None):
+                    await self.idle_task.restart(self._task_group, self._idle_timeout)
 
             async def _idle_timeout(self) -> None:
                 if not self.gone:

@@ -465,3 +465,18 @@ async def test_accept_errors_back_off_and_retry(caplog):
     assert http_errors(server.app) == {("accept_error",): 3.0}
     warnings = [r for r in caplog.records if r.getMessage().startswith("HTTP accept failed")]
     assert len(warnings) == 1 and "EMFILE" in warnings[0].getMessage()
+
+
+async def test_an_http2_preface_without_a_request_is_closed_after_keep_alive():
+    """hypercorn stops the keep-alive timer at the `PRI` preface and, with no stream
+    following, never restarts it: the connection was held forever."""
+    server = HttpServer(make_app(), ["127.0.0.1:0"], graceful_timeout_s=1, keep_alive_s=0.2)
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(server.run)
+        stream = await raw_connect(int(url.rsplit(":", 1)[1]))
+        await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        with trio.fail_after(10):
+            await read_all(stream)  # the server's SETTINGS, then the close
+        await until(lambda: server.connections == 0, "the connection to be closed")
+        with trio.fail_after(5):
+            await server.stop()
