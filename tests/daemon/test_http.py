@@ -480,3 +480,25 @@ async def test_an_http2_preface_without_a_request_is_closed_after_keep_alive():
         await until(lambda: server.connections == 0, "the connection to be closed")
         with trio.fail_after(5):
             await server.stop()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_http_bounds_in_the_config(tmp_path):
+    from daemon.config import ConfigError, load
+
+    path = tmp_path / "jobd.toml"
+    path.write_text('[control]\nhttp_max_connections = 10\nhttp_read_timeout = "2s"\n'
+                    'http_write_timeout = "3s"\nhttp_keep_alive = "500ms"\n')
+    control = load(path, environ={}).control
+    assert (control.http_max_connections, control.http_read_timeout, control.http_write_timeout,
+            control.http_keep_alive) == (10, "2s", "3s", "500ms")
+    defaults = load(None, environ={}).control
+    assert (defaults.http_max_connections, defaults.http_read_timeout,
+            defaults.http_write_timeout, defaults.http_keep_alive) == (256, "30s", "30s", "5s")
+    for bad in ('http_read_timeout = "0s"', "http_keep_alive = 0", 'http_write_timeout = "x"',
+                "http_max_connections = 0"):
+        path.write_text(f"[control]\n{bad}\n")
+        with pytest.raises(ConfigError, match=r"control\.http_"):
+            load(path, environ={})
