@@ -567,7 +567,11 @@ class _BoundedStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with trio.move_on_after(self._server.write_timeout_s) as deadline:
-            await self._stream.send_all(data)
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._client_gone()
+                raise
         if deadline.cancelled_caught:
             self._server.app.count("write_timeout")
             log.info("HTTP client did not read a response within %gs; closing",
@@ -594,8 +598,8 @@ class _BoundedStream(trio.abc.HalfCloseableStream):
     async def _client_gone(self) -> None:
         # hypercorn ends the connection when the client hangs up (or a write fails), but
         # then waits out its keep-alive timer, restarted after the last response, before
-        # closing the socket: from now on that timer is zero, so the descriptor is freed
-        # as soon as a request still running has finished.
+        # closing the socket: from now on that timer is zero, so the socket is closed at
+        # once (the connection's slot is free when a request still running has ended).
         tcp = self.tcp
         if tcp is not None and not tcp.gone:
             tcp.gone = True
