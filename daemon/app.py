@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
+import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -88,6 +90,10 @@ class Daemon:
         self._limits: dict[str, dict[str, Any] | None] = {}
         self.pauses: set[tuple[str, str]] = set()  # (queue, key); key "" = the whole queue
         self._nursery: trio.Nursery | None = None
+        self._pauses_refreshing = False
+        self._pauses_stale = False
+        self._notify_drops = 0
+        self._notify_warned_at = -NOTIFY_WARN_EVERY_S
 
     # -- life -------------------------------------------------------------------------
 
@@ -171,6 +177,8 @@ class Daemon:
             nursery.start_soon(server.serve, listener)
             http = await self._start_http(nursery, control)
             channels = ["jobd_enqueued", "jobd_cancel", "jobd_paused", "jobd_schedules"]
+            for channel in channels:
+                self.metrics.notifications_dropped.ensure((channel,))
             async with self.store.listen(channels, self._on_notify):
                 self.ready = True
                 self.notifier.ready(self._status_line())
@@ -442,10 +450,21 @@ class Daemon:
     # -- callbacks -------------------------------------------------------------------------
 
     def _on_notify(self, channel: str, payload: str) -> None:
+        """A LISTEN notification. Anyone who can connect to the database can NOTIFY, so a
+        payload is untrusted input: a malformed one is dropped and counted, and nothing
+        here raises (the store calls this from its listener; a raise would end it)."""
+        try:
+            if not _valid_payload(channel, payload):
+                self._drop_notification(channel, payload, "malformed payload")
+                return
+            self._handle_notify(channel, payload)
+        except Exception as exc:  # noqa: BLE001 - contained: one notification, never the daemon
+            self._drop_notification(channel, payload, f"{type(exc).__name__}: {exc}")
+
+    def _handle_notify(self, channel: str, payload: str) -> None:
         if channel == "jobd_paused" or (channel == "jobd_enqueued" and not payload):
             # Pauses changed somewhere (or we reconnected and may have missed it).
-            if self._nursery is not None:
-                self._nursery.start_soon(self._refresh_pauses)
+            self._refresh_pauses_soon()
         if channel == "jobd_enqueued":
             # An empty payload follows a (re)connect: anything may have been missed.
             if payload:
@@ -456,15 +475,50 @@ class Daemon:
             for box in targets:
                 try:
                     box.tell_nowait(Wake())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, MailboxClosed):
                     pass  # a full mailbox means it is busy; it will claim again anyway
         elif channel == "jobd_cancel" and payload:
             self._cancel_nowait(int(payload))
         elif channel == "jobd_schedules":
+            scheduler_box = getattr(self, "_scheduler_box", None)
+            if scheduler_box is None:
+                return
             try:
-                self._scheduler_box.tell_nowait(Tick())
+                scheduler_box.tell_nowait(Tick())
             except (trio.WouldBlock, MailboxClosed):
                 pass  # a full mailbox already holds a pass to run
+
+    def _refresh_pauses_soon(self) -> None:
+        """One refresh at a time: a flood of jobd_paused notifications costs one query per
+        refresh, not one task and one query each."""
+        if self._nursery is None:
+            return
+        if self._pauses_refreshing:
+            self._pauses_stale = True
+            return
+        self._pauses_refreshing = True
+        self._nursery.start_soon(self._refresh_pauses_loop)
+
+    async def _refresh_pauses_loop(self) -> None:
+        try:
+            while True:
+                self._pauses_stale = False
+                await self._refresh_pauses()
+                if not self._pauses_stale:
+                    return
+        finally:
+            self._pauses_refreshing = False
+
+    def _drop_notification(self, channel: str, payload: str, why: str) -> None:
+        self.metrics.notifications_dropped.inc((channel,))
+        self._notify_drops += 1
+        now = time.monotonic()
+        if now - self._notify_warned_at >= NOTIFY_WARN_EVERY_S:
+            log.warning("dropped %d LISTEN notification(s) in the last %.0f s; latest on %s: "
+                        "%s (payload %r)", self._notify_drops, NOTIFY_WARN_EVERY_S, channel, why,
+                        payload[:80], extra={"event": "notify.dropped", "channel": channel})
+            self._notify_warned_at = now
+            self._notify_drops = 0
 
     def _cancel_nowait(self, job_id: int) -> None:
         for box in self._dispatcher_boxes.values():
@@ -527,6 +581,26 @@ class Daemon:
 
     def _ready_now(self) -> bool:
         return self.ready and not self.draining and bool(self.store and self.store.healthy)
+
+
+NOTIFY_WARN_EVERY_S = 60.0  # at most one "dropped notifications" warning a minute
+_INT64_MAX = 2**63 - 1
+_NAME_PAYLOAD = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
+
+
+def _valid_payload(channel: str, payload: str) -> bool:
+    """What jobd itself sends: a queue name (enqueued, paused), a job id (cancel), a
+    schedule name (schedules); empty after a (re)connect."""
+    if not isinstance(payload, str):
+        return False
+    if payload == "":
+        return True
+    if channel == "jobd_cancel":
+        return (payload.isascii() and payload.isdigit() and len(payload) <= 19
+                and 0 < int(payload) <= _INT64_MAX)
+    if channel in ("jobd_enqueued", "jobd_paused", "jobd_schedules"):
+        return _NAME_PAYLOAD.fullmatch(payload) is not None
+    return False
 
 
 def _recheck_s(queue: Queue) -> float | None:

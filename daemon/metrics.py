@@ -115,6 +115,9 @@ class Metrics:
         self.actor_restarts = _Counter("jobd_actor_restarts",
                                        "Actor restarts by their supervisor.", ["actor"],
                                        registry=r)
+        self.notifications_dropped = _Counter(
+            "jobd_notifications_dropped",
+            "LISTEN notifications dropped for a malformed payload.", ["channel"], registry=r)
         self.run_seconds = _Histogram("jobd_job_run_seconds", "Attempt run time.",
                                       ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
         self.wait_seconds = _Histogram("jobd_job_wait_seconds",
