@@ -55,6 +55,8 @@ class Log(_Strict):
 class Handlers(_Strict):
     modules: list[str] = []
     paths: list[str] = []  # prepended to sys.path before importing, relative to the file
+    # A reload whose re-import takes longer is refused (the import is abandoned).
+    import_timeout: Duration = "20s"
 
 
 Rate = str | float | int  # "5/s", "30/m", or events per second
@@ -209,6 +211,7 @@ _DURATION_FIELDS = {
     "metrics.leader_interval", "control.http_graceful_timeout",
     "database.timeout", "jobs.lease", "jobs.poll_interval", "jobs.timeout_grace",
     "jobs.reaper_interval", "jobs.progress_every", "daemon.drain_grace", "daemon.heartbeat",
+    "handlers.import_timeout",
 }
 
 
