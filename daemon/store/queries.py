@@ -338,7 +338,9 @@ WHERE id IN (SELECT id FROM jobd.jobs
 
 # Retention: a finished job goes once it is older than max_age or no longer among the
 # newest max_count of its state (the OFFSET finds that boundary on the index). Small batches keep locks short.
-PRUNE_FINISHED = """
+# A child whose parent has not finished stays whatever its age: the parent's `gather`
+# reads the child's row (a primary-key probe per candidate, only for children).
+PRUNE_FINISHED = f"""
 WITH bound AS (
     SELECT coalesce($5::timestamptz, now()) - $2 * interval '1 second' AS too_old,
            (SELECT finished_at FROM jobd.jobs WHERE state = $1
@@ -350,6 +352,8 @@ DELETE FROM jobd.jobs WHERE id = ANY(ARRAY(
     -- stop at the batch size; the OR says exactly which rows go.
     WHERE j.state = $1 AND j.finished_at <= greatest(b.too_old, b.last_past_count)
       AND (j.finished_at < b.too_old OR j.finished_at <= b.last_past_count)
+      AND (j.parent_id IS NULL OR NOT EXISTS (
+          SELECT 1 FROM jobd.jobs p WHERE p.id = j.parent_id AND p.state IN {UNFINISHED}))
     ORDER BY j.finished_at
     LIMIT $4
     FOR UPDATE OF j SKIP LOCKED

@@ -191,6 +191,38 @@ async def test_prune_with_fewer_jobs_than_the_count_deletes_nothing(store, sql):
     assert await store.prune_finished("failed", 10**9, 0, 100, now=now) == 2
 
 
+async def test_prune_keeps_children_while_their_parent_is_unfinished(store, sql):
+    """Fan-in: a waiting parent gathers its children's rows when it wakes, so retention
+    must not take them first, however old and however many other jobs finished since."""
+    now = datetime.fromisoformat("2030-01-01T00:00:00+00:00")
+    [p] = await store.enqueue_many([NewJob(kind="wf")])
+    [parent] = await store.claim("default", 1, "d1", 30.0, ["wf"])
+    kids = await store.spawn_children(p.id, "spawn#1", [NewJob(kind="child")] * 3)
+    await store.finish_many([Outcome(id=p.id, token=parent.lease_token, state="waiting",
+                                     refund=1)])
+    for _ in kids:
+        [child] = await store.claim("default", 1, "d1", 30.0, ["child"])
+        await store.finish_many([Outcome(id=child.id, token=child.lease_token,
+                                         state="completed", result="1")])
+    sql.execute("UPDATE jobd.jobs SET finished_at = $2 WHERE id = ANY($1)", kids,
+                now - secs(10**6))
+    # Newer unrelated completions push the children past the count, and past the age.
+    others = await finished_jobs(store, sql, "completed", [now - secs(s) for s in (3, 2, 1)])
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", p.id) == "waiting"
+    assert await store.prune_finished("completed", 60, 2, 100, now=now) == 1  # others[0] only
+    assert remaining(sql) == {p.id, *kids, *others[1:]}
+    # Woken and running again (the attempt that gathers): still kept.
+    sql.execute("UPDATE jobd.jobs SET state = 'available' WHERE id = $1", p.id)
+    [parent] = await store.claim("default", 1, "d1", 30.0, ["wf"])
+    assert await store.prune_finished("completed", 60, 2, 100, now=now) == 0
+    assert set(kids) <= remaining(sql)
+    # Once the parent has finished, its children are ordinary finished jobs.
+    await store.finish_many([Outcome(id=p.id, token=parent.lease_token, state="completed")])
+    sql.execute("UPDATE jobd.jobs SET finished_at = $2 WHERE id = $1", p.id, now - secs(1))
+    assert await store.prune_finished("completed", 60, 3, 100, now=now) == 3
+    assert remaining(sql) == {p.id, *others[1:]}
+
+
 # --------------------------------------------------------------------------- one sweep
 
 
