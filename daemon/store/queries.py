@@ -198,7 +198,17 @@ WITH done AS (
         result = coalesce(x.result::jsonb, j.result),
         run_at = CASE WHEN x.delay_s IS NULL THEN j.run_at
                       ELSE now() + x.delay_s * interval '1 second' END,
+        -- A snooze right after a snooze replaces it (counting them, keeping the first's
+        -- time): a job snoozing for days would otherwise grow one entry per snooze.
         errors = CASE WHEN x.error IS NULL THEN j.errors
+                      WHEN x.error::jsonb ->> 'class' = 'snooze'
+                           AND j.errors -> -1 ->> 'class' = 'snooze'
+                      THEN (j.errors - (-1)) || jsonb_build_array(x.error::jsonb
+                           || jsonb_build_object(
+                               'snoozes', coalesce(CASE WHEN jsonb_typeof(j.errors -> -1 -> 'snoozes')
+                                   = 'number' THEN (j.errors -> -1 ->> 'snoozes')::numeric END, 1) + 1,
+                               'first_at', coalesce(j.errors -> -1 -> 'first_at',
+                                                    j.errors -> -1 -> 'at')))
                       ELSE j.errors || jsonb_build_array(x.error::jsonb) END,
         attempt = j.attempt - x.refund,
         finished_at = CASE WHEN x.state IN ('completed', 'failed', 'cancelled') THEN now() END,
