@@ -339,7 +339,8 @@ class Daemon:
                 reaper_box, store, ReaperSettings(
                     interval_s=parse_duration(jobs.reaper_interval),
                     timeout_grace_s=parse_duration(jobs.timeout_grace),
-                    retention=retention, aging=self._aging_rules()),
+                    retention=retention, aging=self._aging_rules(),
+                    events_max_age_s=parse_duration(jobs.retention.events_max_age)),
                 observer=self.observer, clock=clock)),
             ChildSpec.for_actor(lambda: Scheduler(
                 self._scheduler_box, store, SchedulerSettings(),

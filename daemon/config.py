@@ -149,6 +149,8 @@ class Retention(_Strict):
     failed_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     cancelled_max_age: Duration = "7d"
     cancelled_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    # Workflow events (signals) older than this go, unless a live waiter may still need one.
+    events_max_age: Duration = "7d"
 
 
 class Jobs(_Strict):
@@ -284,6 +286,7 @@ def _validate(config: Config, where: str) -> None:
     retention = config.jobs.retention
     for state in ("completed", "failed", "cancelled"):
         _check_duration(getattr(retention, f"{state}_max_age"), f"$.jobs.retention.{state}_max_age", where)
+    _check_duration(retention.events_max_age, "$.jobs.retention.events_max_age", where)
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{where}: log level must be debug|info|warning|error - at `$.log.level`")
 
