@@ -349,7 +349,7 @@ WHERE id IN (SELECT id FROM jobd.jobs
 # Retention: a finished job goes once it is older than max_age or no longer among the
 # newest max_count of its state (the OFFSET finds that boundary on the index). Small batches keep locks short.
 # A child whose parent has not finished stays whatever its age: the parent's `gather`
-# reads the child's row (a primary-key probe per candidate, only for children).
+# reads the child's row.
 PRUNE_FINISHED = f"""
 WITH bound AS (
     SELECT coalesce($5::timestamptz, now()) - $2 * interval '1 second' AS too_old,
@@ -362,8 +362,10 @@ DELETE FROM jobd.jobs WHERE id = ANY(ARRAY(
     -- stop at the batch size; the OR says exactly which rows go.
     WHERE j.state = $1 AND j.finished_at <= greatest(b.too_old, b.last_past_count)
       AND (j.finished_at < b.too_old OR j.finished_at <= b.last_past_count)
-      AND (j.parent_id IS NULL OR NOT EXISTS (
-          SELECT 1 FROM jobd.jobs p WHERE p.id = j.parent_id AND p.state IN {UNFINISHED}))
+      -- A scalar sub-select, not NOT EXISTS: the planner may hash that one, which is a
+      -- scan of every unfinished job per pass; this is one primary-key probe per child.
+      AND (j.parent_id IS NULL OR coalesce(
+          (SELECT p.state FROM jobd.jobs p WHERE p.id = j.parent_id), 'gone') NOT IN {UNFINISHED})
     ORDER BY j.finished_at
     LIMIT $4
     FOR UPDATE OF j SKIP LOCKED
