@@ -97,6 +97,15 @@ def registered() -> dict[str, JobDef]:
     return dict(_REGISTRY)
 
 
+def restore(snapshot: dict[str, JobDef]) -> None:
+    """Put back a registry taken with registered() (a failed reload), with no moment at
+    which a kind both have is missing; safe while another thread registers."""
+    for kind, jobdef in snapshot.items():
+        _REGISTRY[kind] = jobdef
+    for kind in [k for k in list(_REGISTRY) if k not in snapshot]:
+        _REGISTRY.pop(kind, None)
+
+
 class JobInfo(msgspec.Struct, kw_only=True):
     """What a handler may know about its job (`ctx.job`)."""
 

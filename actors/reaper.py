@@ -1,4 +1,5 @@
-"""Returns expired leases to the queue, enforces absolute timeouts, prunes finished jobs.
+"""Returns expired leases to the queue, enforces absolute timeouts, prunes finished jobs
+and old workflow events.
 
 Safe on every daemon at once: each statement takes its rows with SKIP LOCKED.
 """
@@ -40,6 +41,7 @@ class ReaperSettings(msgspec.Struct, kw_only=True):
     batch: int = 1000
     forget_daemons_after_s: float = 3600.0
     retention: list[RetentionRule] = []
+    events_max_age_s: float | None = None  # workflow events; None keeps them forever
     aging: list[AgingRule] = []
 
 
@@ -50,6 +52,7 @@ class SweepReport(msgspec.Struct):
     promoted: int = 0
     pruned: int = 0
     woken: int = 0  # waiting workflows whose wait was over (a missed wake-up, a timeout)
+    pruned_events: int = 0
 
 
 class Reaper(Actor[Sweep]):
@@ -102,6 +105,12 @@ class Reaper(Actor[Sweep]):
                 if n < batch:
                     break
                 await trio.lowlevel.checkpoint()  # let the daemon breathe between batches
+        while self.settings.events_max_age_s is not None:
+            n = await self._store.prune_events(self.settings.events_max_age_s, batch)
+            report.pruned_events += n
+            if n < batch:
+                break
+            await trio.lowlevel.checkpoint()
         await self._store.forget_dead_daemons(self.settings.forget_daemons_after_s)
         if report.rescued or report.timed_out:
             log.info("rescued %d, timed out %d", report.rescued, report.timed_out,

@@ -10,9 +10,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
+import threading
+import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -46,6 +49,7 @@ from daemon import __version__
 from daemon.config import (
     Config,
     ConfigError,
+    Handlers,
     Queue,
     load,
     parse_duration,
@@ -88,13 +92,19 @@ class Daemon:
         self._limits: dict[str, dict[str, Any] | None] = {}
         self.pauses: set[tuple[str, str]] = set()  # (queue, key); key "" = the whole queue
         self._nursery: trio.Nursery | None = None
+        self._reloading = False
+        self._handler_import: _HandlerImport | None = None
+        self._pauses_refreshing = False
+        self._pauses_stale = False
+        self._notify_drops = 0
+        self._notify_warned_at = -NOTIFY_WARN_EVERY_S
 
     # -- life -------------------------------------------------------------------------
 
     async def run(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._signals, signals)
+                nursery.start_soon(self._signals, signals, nursery)
                 interval = self.notifier.watchdog_interval()
                 if interval:
                     nursery.start_soon(run_watchdog, self.notifier, interval)
@@ -171,6 +181,8 @@ class Daemon:
             nursery.start_soon(server.serve, listener)
             http = await self._start_http(nursery, control)
             channels = ["jobd_enqueued", "jobd_cancel", "jobd_paused", "jobd_schedules"]
+            for channel in channels:
+                self.metrics.notifications_dropped.ensure((channel,))
             async with self.store.listen(channels, self._on_notify):
                 self.ready = True
                 self.notifier.ready(self._status_line())
@@ -236,10 +248,11 @@ class Daemon:
         keys = [k for q, k in self.pauses if q == queue]
         return "" in keys, [k for k in keys if k]
 
-    async def _signals(self, signals: Any) -> None:
+    async def _signals(self, signals: Any, nursery: trio.Nursery) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                await self.reload()
+                # In its own task: a slow reload must not hold up a SIGTERM behind it.
+                nursery.start_soon(self._reload_on_signal)
             else:
                 log.info("got %s", signal.Signals(signum).name, extra={"event": "daemon.signal"})
                 self._stop.set()
@@ -326,7 +339,8 @@ class Daemon:
                 reaper_box, store, ReaperSettings(
                     interval_s=parse_duration(jobs.reaper_interval),
                     timeout_grace_s=parse_duration(jobs.timeout_grace),
-                    retention=retention, aging=self._aging_rules()),
+                    retention=retention, aging=self._aging_rules(),
+                    events_max_age_s=parse_duration(jobs.retention.events_max_age)),
                 observer=self.observer, clock=clock)),
             ChildSpec.for_actor(lambda: Scheduler(
                 self._scheduler_box, store, SchedulerSettings(),
@@ -389,34 +403,64 @@ class Daemon:
 
     # -- handlers, reload ------------------------------------------------------------------
 
-    def import_handlers(self, reload: bool = False) -> None:
-        """Import (or re-import) the configured modules; ConfigError names the one that failed."""
-        # Like `python -m`: modules next to where jobd was started are importable.
-        for path in [*self.config.handlers.paths, os.getcwd()]:
-            if path not in sys.path:
-                sys.path.insert(0, path)
-        for name in self.config.handlers.modules:
-            module = sys.modules.get(name)
-            try:
-                if reload and module is not None:
-                    importlib.reload(module)
-                else:
-                    importlib.import_module(name)
-            except Exception as exc:
-                raise ConfigError(f"handlers.modules: cannot import {name!r}: {exc!r}") from exc
+    def import_handlers(self) -> None:
+        """Import the configured modules at start; ConfigError names the one that failed
+        (also when it raised SystemExit or KeyboardInterrupt: its failure, not ours)."""
+        error = _import_modules(self.config.handlers, reload=False)
+        if error is not None:
+            raise ConfigError(error)
         log.info("handlers: %s", ", ".join(sorted(handlers.registered())) or "none",
                  extra={"event": "handlers.loaded"})
 
     async def reload(self) -> c.ReloadResult:
-        """SIGHUP: re-read the file; log level, queue concurrency and handlers change live."""
+        """SIGHUP: re-read the file; log level, queue concurrency and handlers change live.
+
+        All or nothing: a bad file or a handler module that fails to re-import (raising
+        anything, SystemExit included) or takes longer than `handlers.import_timeout`
+        refuses the reload, and the running config and handlers stay."""
+        pending = self._handler_import
+        if pending is not None and not pending.done.is_set():
+            return self._refuse_reload(
+                f"the handler import of an earlier reload is still running "
+                f"({time.monotonic() - pending.started:.0f} s)")
+        if self._reloading:
+            return self._refuse_reload("another reload is in progress")
+        self._reloading = True
+        try:
+            return await self._reload()
+        finally:
+            self._reloading = False
+
+    def _refuse_reload(self, why: str) -> c.ReloadResult:
+        log.error("reload refused, keeping the running config and handlers: %s", why,
+                  extra={"event": "config.reload_failed"})
+        self.notifier.ready(self._status_line())
+        return c.ReloadResult(ok=False, message=f"refused, running config kept: {why}")
+
+    async def _reload(self) -> c.ReloadResult:
         self.notifier.reloading()
         try:
             new = load(self.config_path)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", exc,
-                      extra={"event": "config.reload_failed"})
-            self.notifier.ready(self._status_line())
-            return c.ReloadResult(ok=False, message=f"refused, running config kept: {exc}")
+            return self._refuse_reload(str(exc))
+        # The import runs on a worker thread: a module that sleeps at import must not
+        # stall the control socket, and one that raises SystemExit must not stop us.
+        attempt = self._handler_import = _HandlerImport(new.handlers)
+        timeout_s = parse_duration(new.handlers.import_timeout)
+        try:
+            with trio.move_on_after(timeout_s):
+                await trio.to_thread.run_sync(attempt.run, abandon_on_cancel=True)
+        finally:
+            if not attempt.done.is_set():
+                attempt.abandon()  # timed out (or we are stopping): its registrations are undone
+        if not attempt.done.is_set():
+            return self._refuse_reload(
+                f"handlers.modules: the re-import took longer than {timeout_s:g} s "
+                "(handlers.import_timeout); abandoned, previous handlers kept")
+        if attempt.error is not None:
+            return self._refuse_reload(f"{attempt.error}; previous handlers kept")
+        log.info("handlers: %s", ", ".join(sorted(handlers.registered())) or "none",
+                 extra={"event": "handlers.loaded"})
         from daemon.logs import set_level
 
         set_level(new.log.level)
@@ -428,10 +472,6 @@ class Daemon:
         for queue, box in self._dispatcher_boxes.items():
             qcfg = new.queue(queue)
             await box.tell(Resize(qcfg.concurrency, self.limits_for(queue), _recheck_s(qcfg)))
-        try:
-            self.import_handlers(reload=True)
-        except ConfigError:
-            log.exception("reloading handler modules failed", extra={"event": "handlers.reload_failed"})
         scheduler_box = getattr(self, "_scheduler_box", None)
         if scheduler_box is not None:
             await scheduler_box.tell(SyncConfig())
@@ -439,13 +479,30 @@ class Daemon:
         self.notifier.ready(self._status_line())
         return c.ReloadResult(ok=True, message="reloaded")
 
+    async def _reload_on_signal(self) -> None:
+        try:
+            await self.reload()
+        except Exception:  # noqa: BLE001 - a reload never stops the daemon
+            log.exception("reload failed", extra={"event": "config.reload_failed"})
+
     # -- callbacks -------------------------------------------------------------------------
 
     def _on_notify(self, channel: str, payload: str) -> None:
+        """A LISTEN notification. Anyone who can connect to the database can NOTIFY, so a
+        payload is untrusted input: a malformed one is dropped and counted, and nothing
+        here raises (the store calls this from its listener; a raise would end it)."""
+        try:
+            if not _valid_payload(channel, payload):
+                self._drop_notification(channel, payload, "malformed payload")
+                return
+            self._handle_notify(channel, payload)
+        except Exception as exc:  # noqa: BLE001 - contained: one notification, never the daemon
+            self._drop_notification(channel, payload, f"{type(exc).__name__}: {exc}")
+
+    def _handle_notify(self, channel: str, payload: str) -> None:
         if channel == "jobd_paused" or (channel == "jobd_enqueued" and not payload):
             # Pauses changed somewhere (or we reconnected and may have missed it).
-            if self._nursery is not None:
-                self._nursery.start_soon(self._refresh_pauses)
+            self._refresh_pauses_soon()
         if channel == "jobd_enqueued":
             # An empty payload follows a (re)connect: anything may have been missed.
             if payload:
@@ -456,15 +513,50 @@ class Daemon:
             for box in targets:
                 try:
                     box.tell_nowait(Wake())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, MailboxClosed):
                     pass  # a full mailbox means it is busy; it will claim again anyway
         elif channel == "jobd_cancel" and payload:
             self._cancel_nowait(int(payload))
         elif channel == "jobd_schedules":
+            scheduler_box = getattr(self, "_scheduler_box", None)
+            if scheduler_box is None:
+                return
             try:
-                self._scheduler_box.tell_nowait(Tick())
+                scheduler_box.tell_nowait(Tick())
             except (trio.WouldBlock, MailboxClosed):
                 pass  # a full mailbox already holds a pass to run
+
+    def _refresh_pauses_soon(self) -> None:
+        """One refresh at a time: a flood of jobd_paused notifications costs one query per
+        refresh, not one task and one query each."""
+        if self._nursery is None:
+            return
+        if self._pauses_refreshing:
+            self._pauses_stale = True
+            return
+        self._pauses_refreshing = True
+        self._nursery.start_soon(self._refresh_pauses_loop)
+
+    async def _refresh_pauses_loop(self) -> None:
+        try:
+            while True:
+                self._pauses_stale = False
+                await self._refresh_pauses()
+                if not self._pauses_stale:
+                    return
+        finally:
+            self._pauses_refreshing = False
+
+    def _drop_notification(self, channel: str, payload: str, why: str) -> None:
+        self.metrics.notifications_dropped.inc((channel,))
+        self._notify_drops += 1
+        now = time.monotonic()
+        if now - self._notify_warned_at >= NOTIFY_WARN_EVERY_S:
+            log.warning("dropped %d LISTEN notification(s) in the last %.0f s; latest on %s: "
+                        "%s (payload %r)", self._notify_drops, NOTIFY_WARN_EVERY_S, channel, why,
+                        payload[:80], extra={"event": "notify.dropped", "channel": channel})
+            self._notify_warned_at = now
+            self._notify_drops = 0
 
     def _cancel_nowait(self, job_id: int) -> None:
         for box in self._dispatcher_boxes.values():
@@ -532,6 +624,83 @@ class Daemon:
 
     def _ready_now(self) -> bool:
         return self.ready and not self.draining and bool(self.store and self.store.healthy)
+
+
+def _import_modules(cfg: Handlers, *, reload: bool) -> str | None:
+    """Import (or re-import) the configured modules; the error naming the one that failed."""
+    # Like `python -m`: modules next to where jobd was started are importable.
+    for path in [*cfg.paths, os.getcwd()]:
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    for name in cfg.modules:
+        module = sys.modules.get(name)
+        try:
+            if reload and module is not None:
+                importlib.reload(module)
+            else:
+                importlib.import_module(name)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt too: the module's failure
+            return f"handlers.modules: cannot import {name!r}: {exc!r}"
+    return None
+
+
+class _HandlerImport:
+    """One re-import of the handler modules, run on a worker thread by a reload.
+
+    A failed import puts the registry back as it was. One the daemon stopped waiting for
+    (abandon) cannot be stopped, so the registry is put back at once and again when the
+    import ends; until then a module still running may register kinds for a moment.
+    """
+
+    def __init__(self, cfg: Handlers):
+        self.cfg = cfg
+        self.snapshot = handlers.registered()
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def run(self) -> None:
+        error = None
+        try:
+            error = _import_modules(self.cfg, reload=True)
+        finally:
+            with self._lock:
+                self.error = error
+                if error is not None or self._abandoned:
+                    handlers.restore(self.snapshot)
+                self.done.set()
+            if self._abandoned:
+                log.warning("an abandoned handler import ended after %.0f s (%s); its handlers "
+                            "were discarded", time.monotonic() - self.started, error or "ok",
+                            extra={"event": "handlers.abandoned_import_ended"})
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            if not self.done.is_set():
+                handlers.restore(self.snapshot)
+
+
+NOTIFY_WARN_EVERY_S = 60.0  # at most one "dropped notifications" warning a minute
+_INT64_MAX = 2**63 - 1
+_NAME_PAYLOAD = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
+
+
+def _valid_payload(channel: str, payload: str) -> bool:
+    """What jobd itself sends: a queue name (enqueued, paused), a job id (cancel), a
+    schedule name (schedules); empty after a (re)connect."""
+    if not isinstance(payload, str):
+        return False
+    if payload == "":
+        return True
+    if channel == "jobd_cancel":
+        return (payload.isascii() and payload.isdigit() and len(payload) <= 19
+                and 0 < int(payload) <= _INT64_MAX)
+    if channel in ("jobd_enqueued", "jobd_paused", "jobd_schedules"):
+        return _NAME_PAYLOAD.fullmatch(payload) is not None
+    return False
 
 
 def _recheck_s(queue: Queue) -> float | None:

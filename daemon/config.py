@@ -63,6 +63,8 @@ class Log(_Strict):
 class Handlers(_Strict):
     modules: list[str] = []
     paths: list[str] = []  # prepended to sys.path before importing, relative to the file
+    # A reload whose re-import takes longer is refused (the import is abandoned).
+    import_timeout: Duration = "20s"
 
 
 Rate = str | float | int  # "5/s", "30/m", or events per second
@@ -155,6 +157,8 @@ class Retention(_Strict):
     failed_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     cancelled_max_age: Duration = "7d"
     cancelled_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    # Workflow events (signals) older than this go, unless a live waiter may still need one.
+    events_max_age: Duration = "7d"
 
 
 class Jobs(_Strict):
@@ -218,6 +222,7 @@ _DURATION_FIELDS = {
     "control.http_read_timeout", "control.http_write_timeout", "control.http_keep_alive",
     "database.timeout", "jobs.lease", "jobs.poll_interval", "jobs.timeout_grace",
     "jobs.reaper_interval", "jobs.progress_every", "daemon.drain_grace", "daemon.heartbeat",
+    "handlers.import_timeout",
 }
 
 
@@ -294,6 +299,7 @@ def _validate(config: Config, where: str) -> None:
     retention = config.jobs.retention
     for state in ("completed", "failed", "cancelled"):
         _check_duration(getattr(retention, f"{state}_max_age"), f"$.jobs.retention.{state}_max_age", where)
+    _check_duration(retention.events_max_age, "$.jobs.retention.events_max_age", where)
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{where}: log level must be debug|info|warning|error - at `$.log.level`")
 

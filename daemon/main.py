@@ -1,4 +1,5 @@
-"""`jobd`: the daemon's entry point. Exit 0 on a clean stop, 78 on a bad config."""
+"""`jobd`: the daemon's entry point. Exit 0 on a clean stop, 78 on a bad config, 75 when
+another daemon already runs on the state directory or the socket."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import trio
 
-from daemon import __version__
-from daemon.config import EX_CONFIG, ConfigError, load, state_dir
+from daemon import __version__, lock
+from daemon.config import EX_CONFIG, ConfigError, load, socket_path, state_dir
+
+EX_TEMPFAIL = 75  # another daemon holds the state directory or the socket: try later
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
 
     directory = state_dir(args.state_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+    # Before anything touches the embedded Postgres or the socket: one daemon each.
+    try:
+        lock.hold(directory, socket_path(config, directory))
+    except lock.AlreadyRunning as exc:
+        print(f"jobd: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except OSError as exc:
+        print(f"jobd: cannot take the daemon lock: {exc}", file=sys.stderr)
+        return EX_CONFIG
     configure_logging(config.log.level, fmt=config.log.format,
                       static={"service": "jobd", "region": config.region, "pid": os.getpid()})
     _raise_descriptor_limit()

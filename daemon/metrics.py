@@ -119,6 +119,9 @@ class Metrics:
             "jobd_http_errors", "HTTP connections refused or cut and requests failed, by "
             "reason (connection_limit, accept_error, read_timeout, write_timeout, too_large, "
             "internal).", ["reason"], registry=r)
+        self.notifications_dropped = _Counter(
+            "jobd_notifications_dropped",
+            "LISTEN notifications dropped for a malformed payload.", ["channel"], registry=r)
         self.run_seconds = _Histogram("jobd_job_run_seconds", "Attempt run time.",
                                       ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
         self.wait_seconds = _Histogram("jobd_job_wait_seconds",

@@ -198,7 +198,17 @@ WITH done AS (
         result = coalesce(x.result::jsonb, j.result),
         run_at = CASE WHEN x.delay_s IS NULL THEN j.run_at
                       ELSE now() + x.delay_s * interval '1 second' END,
+        -- A snooze right after a snooze replaces it (counting them, keeping the first's
+        -- time): a job snoozing for days would otherwise grow one entry per snooze.
         errors = CASE WHEN x.error IS NULL THEN j.errors
+                      WHEN x.error::jsonb ->> 'class' = 'snooze'
+                           AND j.errors -> -1 ->> 'class' = 'snooze'
+                      THEN (j.errors - (-1)) || jsonb_build_array(x.error::jsonb
+                           || jsonb_build_object(
+                               'snoozes', coalesce(CASE WHEN jsonb_typeof(j.errors -> -1 -> 'snoozes')
+                                   = 'number' THEN (j.errors -> -1 ->> 'snoozes')::numeric END, 1) + 1,
+                               'first_at', coalesce(j.errors -> -1 -> 'first_at',
+                                                    j.errors -> -1 -> 'at')))
                       ELSE j.errors || jsonb_build_array(x.error::jsonb) END,
         attempt = j.attempt - x.refund,
         finished_at = CASE WHEN x.state IN ('completed', 'failed', 'cancelled') THEN now() END,
@@ -338,7 +348,9 @@ WHERE id IN (SELECT id FROM jobd.jobs
 
 # Retention: a finished job goes once it is older than max_age or no longer among the
 # newest max_count of its state (the OFFSET finds that boundary on the index). Small batches keep locks short.
-PRUNE_FINISHED = """
+# A child whose parent has not finished stays whatever its age: the parent's `gather`
+# reads the child's row.
+PRUNE_FINISHED = f"""
 WITH bound AS (
     SELECT coalesce($5::timestamptz, now()) - $2 * interval '1 second' AS too_old,
            (SELECT finished_at FROM jobd.jobs WHERE state = $1
@@ -350,6 +362,10 @@ DELETE FROM jobd.jobs WHERE id = ANY(ARRAY(
     -- stop at the batch size; the OR says exactly which rows go.
     WHERE j.state = $1 AND j.finished_at <= greatest(b.too_old, b.last_past_count)
       AND (j.finished_at < b.too_old OR j.finished_at <= b.last_past_count)
+      -- A scalar sub-select, not NOT EXISTS: the planner may hash that one, which is a
+      -- scan of every unfinished job per pass; this is one primary-key probe per child.
+      AND (j.parent_id IS NULL OR coalesce(
+          (SELECT p.state FROM jobd.jobs p WHERE p.id = j.parent_id), 'gone') NOT IN {UNFINISHED})
     ORDER BY j.finished_at
     LIMIT $4
     FOR UPDATE OF j SKIP LOCKED

@@ -3,7 +3,7 @@ events. Schema and wake-up triggers: migrations/0005_workflows.sql."""
 
 from __future__ import annotations
 
-from daemon.store.queries import NEXT_JOB_ID, job_rows
+from daemon.store.queries import NEXT_JOB_ID, UNFINISHED, job_rows
 
 # Every step of one job, once per attempt: memoized steps then cost no round trip.
 LOAD_STEPS = """
@@ -140,6 +140,28 @@ WHERE j.id IN (SELECT id FROM jobd.jobs
                WHERE state = 'waiting' AND jobd.wait_satisfied(waiting_on)
                LIMIT $1 FOR UPDATE SKIP LOCKED)
 RETURNING j.id, pg_notify('jobd_enqueued', j.queue)
+"""
+
+# Workflow events (migration 0005) go once older than max_age, except one a live waiter
+# may still read: an unfinished job whose wait (jobs.waiting_on, kept after the wake-up
+# until the job re-runs and consumes the event) names it, began before it was sent and
+# matches its data. The waiter test must stay in step with jobd.wait_satisfied().
+PRUNE_EVENTS = f"""
+DELETE FROM jobd.events WHERE id = ANY(ARRAY(
+    SELECT e.id FROM jobd.events e
+    WHERE e.sent_at < coalesce($3::timestamptz, now()) - $1 * interval '1 second'
+      AND NOT EXISTS (
+          SELECT 1 FROM jobd.jobs j
+          WHERE j.waiting_on ->> 'type' = 'event' AND j.state IN {UNFINISHED}
+            AND j.waiting_on ->> 'name' = e.name
+            AND coalesce(CASE WHEN jsonb_typeof(j.waiting_on -> 'since') = 'number'
+                              THEN (j.waiting_on ->> 'since')::float8 END, '-Infinity')
+                <= extract(epoch FROM e.sent_at)
+            AND e.data @> coalesce(j.waiting_on -> 'match', '{{}}'::jsonb))
+    ORDER BY e.sent_at
+    LIMIT $2
+    FOR UPDATE OF e SKIP LOCKED
+))
 """
 
 REGISTER_FAILURE_HOOKS = """

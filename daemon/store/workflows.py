@@ -3,6 +3,7 @@ in workflow_queries.py. A mixin; PgStore provides `_fetch` and `_execute`."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -60,6 +61,11 @@ class WorkflowStatements:
 
     async def wake_waiting(self, limit: int) -> list[int]:
         return [r["id"] for r in await self._fetch(wq.WAKE_WAITING, limit, op="wake")]
+
+    async def prune_events(self, max_age_s: float, limit: int,
+                           now: datetime | None = None) -> int:
+        tag = await self._execute(wq.PRUNE_EVENTS, max_age_s, limit, now, op="prune")
+        return int(tag.split()[-1])
 
     async def register_failure_hooks(self, kinds: list[str]) -> None:
         if kinds:

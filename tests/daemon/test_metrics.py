@@ -43,6 +43,7 @@ FIXED = {
     "jobd_key_pauses": "counter",
     "jobd_breaker_openings": "counter",
     "jobd_actor_restarts": "counter",
+    "jobd_notifications_dropped": "counter",
     "jobd_job_run_seconds": "histogram",
     "jobd_job_wait_seconds": "histogram",
     "jobd_db_round_trip_seconds": "histogram",

@@ -7,7 +7,7 @@ hour in the past).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
@@ -189,6 +189,81 @@ async def test_prune_with_fewer_jobs_than_the_count_deletes_nothing(store, sql):
     await finished_jobs(store, sql, "failed", [now - secs(1), now - secs(2)])
     assert await store.prune_finished("failed", 10**9, 2, 100, now=now) == 0
     assert await store.prune_finished("failed", 10**9, 0, 100, now=now) == 2
+
+
+async def test_prune_keeps_children_while_their_parent_is_unfinished(store, sql):
+    """Fan-in: a waiting parent gathers its children's rows when it wakes, so retention
+    must not take them first, however old and however many other jobs finished since."""
+    now = datetime.fromisoformat("2030-01-01T00:00:00+00:00")
+    [p] = await store.enqueue_many([NewJob(kind="wf")])
+    [parent] = await store.claim("default", 1, "d1", 30.0, ["wf"])
+    kids = await store.spawn_children(p.id, "spawn#1", [NewJob(kind="child")] * 3)
+    await store.finish_many([Outcome(id=p.id, token=parent.lease_token, state="waiting",
+                                     refund=1)])
+    for _ in kids:
+        [child] = await store.claim("default", 1, "d1", 30.0, ["child"])
+        await store.finish_many([Outcome(id=child.id, token=child.lease_token,
+                                         state="completed", result="1")])
+    sql.execute("UPDATE jobd.jobs SET finished_at = $2 WHERE id = ANY($1)", kids,
+                now - secs(10**6))
+    # Newer unrelated completions push the children past the count, and past the age.
+    others = await finished_jobs(store, sql, "completed", [now - secs(s) for s in (3, 2, 1)])
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", p.id) == "waiting"
+    assert await store.prune_finished("completed", 60, 2, 100, now=now) == 1  # others[0] only
+    assert remaining(sql) == {p.id, *kids, *others[1:]}
+    # Woken and running again (the attempt that gathers): still kept.
+    sql.execute("UPDATE jobd.jobs SET state = 'available' WHERE id = $1", p.id)
+    [parent] = await store.claim("default", 1, "d1", 30.0, ["wf"])
+    assert await store.prune_finished("completed", 60, 2, 100, now=now) == 0
+    assert set(kids) <= remaining(sql)
+    # Once the parent has finished, its children are ordinary finished jobs.
+    await store.finish_many([Outcome(id=p.id, token=parent.lease_token, state="completed")])
+    sql.execute("UPDATE jobd.jobs SET finished_at = $2 WHERE id = $1", p.id, now - secs(1))
+    assert await store.prune_finished("completed", 60, 3, 100, now=now) == 3
+    assert remaining(sql) == {p.id, *others[1:]}
+
+
+async def test_prune_events_keeps_what_a_live_waiter_needs(store, sql):
+    # Sent before the wait began: no use to the waiter.
+    before, _ = await store.send_event("approval", '{"order": 1}')
+    sql.execute("UPDATE jobd.events SET sent_at = sent_at - interval '1 hour'")
+    [w] = await store.enqueue_many([NewJob(kind="wf")])
+    [waiter] = await store.claim("default", 1, "d1", 30.0, ["wf"])
+    await store.begin_wait(w.id, waiter.lease_token, "event:approval", "approval",
+                           '{"order": 1}', None)
+    await store.finish_many([Outcome(id=w.id, token=waiter.lease_token, state="waiting",
+                                     refund=1)])
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", w.id) == "waiting"
+    await store.send_event("other", "{}")  # no waiter for its name
+    await store.send_event("approval", '{"order": 2}')  # the waiter's match says no
+    # The one the waiter waits for: it wakes the job, which has yet to re-run and read it.
+    needed, woken = await store.send_event("approval", '{"order": 1, "ok": true}')
+    assert woken == [w.id]
+    recent, _ = await store.send_event("other", "{}")
+    now = datetime.now(UTC) + timedelta(days=10)
+    sql.execute("UPDATE jobd.events SET sent_at = $2 WHERE id = $1", recent, now - secs(60))
+
+    def events() -> set[int]:
+        return {r["id"] for r in sql.fetch("SELECT id FROM jobd.events")}
+
+    week = 7 * 86400.0
+    assert await store.prune_events(week, 2, now=now) == 2  # batches of 2
+    assert await store.prune_events(week, 2, now=now) == 1
+    assert await store.prune_events(week, 2, now=now) == 0
+    assert events() == {needed, recent}
+    # Re-run (it consumes the event) and finished: the event is no longer needed.
+    [rerun] = await store.claim("default", 1, "d1", 30.0, ["wf"])
+    await store.finish_many([Outcome(id=w.id, token=rerun.lease_token, state="completed")])
+    assert await store.prune_events(week, 100, now=now) == 1
+    assert events() == {recent}
+    assert await store.prune_events(30.0, 100, now=now) == 1
+    # The reaper's pass runs it (jobs.retention.events_max_age).
+    late, _ = await store.send_event("late", "{}")
+    sql.execute("UPDATE jobd.events SET sent_at = now() - interval '1 day' WHERE id = $1", late)
+    reaper = Reaper(Mailbox[Sweep]("reaper"), store, ReaperSettings(events_max_age_s=3600.0),
+                    observer=NullObserver(), clock=TrioClock())
+    assert (await reaper.sweep()).pruned_events == 1
+    assert events() == set()
 
 
 # --------------------------------------------------------------------------- one sweep

@@ -222,6 +222,35 @@ async def test_finish_many_mixes_outcomes(store):
     assert (rc["state"], rc["attempt"], msgspec.json.decode(rc["errors"])) == ("scheduled", 0, [])
 
 
+async def test_snoozes_do_not_grow_errors(store):
+    """A job that snoozes (RetryAfter) every attempt for days keeps one entry for its run
+    of snoozes, counted, not one per snooze; real errors are all kept."""
+    [done] = await store.enqueue_many([NewJob(kind="k")])
+
+    async def finish(cls: str, at: int) -> list[dict]:
+        [job] = await claim_one(store, now=await run_at(store, done.id) + secs(1))
+        error = msgspec.json.encode({"attempt": job.attempt, "at": f"t{at}", "class": cls,
+                                     "message": cls}).decode()
+        refund = 1 if cls == "snooze" else 0
+        assert await store.finish_many([Outcome(id=job.id, token=job.lease_token,
+                                                state="available", error=error,
+                                                refund=refund)]) == {job.id}
+        return msgspec.json.decode((await store.get_job(done.id))["errors"])
+
+    for i in range(50):
+        errors = await finish("snooze", i)
+    assert len(errors) == 1
+    assert errors[0]["snoozes"] == 50 and errors[0]["first_at"] == "t0"
+    assert errors[0]["at"] == "t49" and errors[0]["class"] == "snooze"
+    errors = await finish("network", 50)
+    assert [e["class"] for e in errors] == ["snooze", "network"]
+    for i in range(51, 54):
+        errors = await finish("snooze", i)
+    assert [e["class"] for e in errors] == ["snooze", "network", "snooze"]
+    assert (errors[-1]["snoozes"], errors[-1]["first_at"], errors[-1]["at"]) == (3, "t51", "t53")
+    assert (await store.get_job(done.id))["attempt"] == 1  # only the network error counted
+
+
 # --------------------------------------------------------------------------- cancel, progress
 
 
