@@ -32,6 +32,7 @@ class Probe:
         self.most = 0
         self.release = trio.Event()
         self.started = 0
+        self.events: list[tuple[str, int]] = []
 
     async def hold(self) -> None:
         self.started += 1
@@ -60,9 +61,19 @@ def kinds(monkeypatch):
     async def quick(ctx, args: Gate) -> str:
         return args.tag
 
+    @job("test.lapse", max_attempts=5)
+    async def lapse(ctx, args: Gate) -> str:
+        PROBE.events.append(("start", ctx.job.attempt))
+        try:
+            await PROBE.hold()
+        finally:
+            PROBE.events.append(("end", ctx.job.attempt))
+        return "done"
+
 
 @asynccontextmanager
-async def dispatcher(store, *, concurrency: int, claim_batch: int = 100):
+async def dispatcher(store, *, concurrency: int, claim_batch: int = 100,
+                     kinds: tuple[str, ...] = ("test.hold", "test.quick")):
     finished: list[Outcome] = []
     box: Mailbox = Mailbox("pool:default", capacity=100)
     runner = AttemptRunner(
@@ -77,7 +88,7 @@ async def dispatcher(store, *, concurrency: int, claim_batch: int = 100):
         box, QueueSettings(queue="default", concurrency=concurrency, claim_batch=claim_batch,
                            lease_s=30.0, poll_interval_s=0.2),
         daemon_id="d1", store=store, runner=runner, finish=finish,
-        finish_nowait=finished.append, kinds=lambda: ["test.hold", "test.quick"],
+        finish_nowait=finished.append, kinds=lambda: list(kinds),
         paused=lambda queue: (False, []), observer=NullObserver(), clock=TrioClock())
     async with trio.open_nursery() as nursery:
         await nursery.start(d.run)
@@ -152,10 +163,65 @@ async def test_a_shrink_between_claim_and_start_still_runs_the_queued_attempt(st
         [claimed] = await store.claim("default", 1, "d1", 30.0, ["test.quick"])
         # What the claim loop and a Resize do, with no checkpoint in between.
         attempt = Attempt(claimed)
-        d._attempts[claimed.id] = attempt
+        d._attempts[attempt.key] = attempt
         d._ready.append(attempt)
         d._wake_a_worker()
         d.settings.concurrency = 1
         await wait_for(lambda: len(finished) == 5)
         assert finished[-1].result == '"late"'
         assert d._workers == 1
+
+
+# --------------------------------------------------------------------------- lost leases
+
+
+async def lapse_the_lease(store) -> None:
+    """What a stall past the lease leads to: the lease expires and a reaper rescues it."""
+    async with store.transaction() as tx:
+        await tx.execute("UPDATE jobd.jobs SET lease_until = now() - interval '1 second'"
+                         " WHERE state = 'running'")
+    assert len(await store.rescue_expired(100)) == 1
+
+
+async def test_a_job_claimed_again_here_waits_for_its_old_attempt_to_stop(store):
+    """The same daemon reclaims a job whose lease lapsed while its attempt still ran:
+    the old attempt is stopped first (its outcome is never sent), the new one starts
+    after it ended, and the heart renews the new attempt."""
+    [done] = await store.enqueue_many([NewJob(kind="test.lapse")])
+    async with dispatcher(store, concurrency=3, kinds=("test.lapse",)) as (d, box, finished):
+        await wait_for(lambda: PROBE.inside == 1)
+        [(job_id, first_token)] = d.running_attempts()
+        await lapse_the_lease(store)
+        await box.ask(Wake())  # the claim loop takes the job again: attempt 2
+        await wait_for(lambda: ("start", 2) in PROBE.events)
+        assert PROBE.events == [("start", 1), ("end", 1), ("start", 2)]
+        assert PROBE.most == 1, "two attempts of one job ran at once"
+        [(again, token)] = d.running_attempts()
+        assert (again, token > first_token) == (job_id, True)
+        assert await store.heartbeat("d1", 30.0, "ok", False,
+                                     running=d.running_attempts()) == []
+        PROBE.release.set()
+        await wait_for(lambda: len(finished) == 1)
+    [outcome] = finished  # nothing was sent for the stopped attempt
+    assert (outcome.id, outcome.token, outcome.state) == (done.id, token, "completed")
+
+
+async def test_the_heart_stops_an_attempt_whose_lease_is_gone(store):
+    from actors.dispatcher import Drain, LeaseLost
+    from actors.heart import Heart
+
+    await store.enqueue_many([NewJob(kind="test.lapse")])
+    async with dispatcher(store, concurrency=3, kinds=("test.lapse",)) as (d, box, finished):
+        await wait_for(lambda: PROBE.inside == 1)
+        await box.ask(Drain())  # claim nothing more: only the heart can notice
+        await lapse_the_lease(store)
+        heart = Heart(Mailbox("heart", capacity=4), store, daemon_id="d1", lease_s=30.0,
+                      interval_s=10.0, status=lambda: ("ok", False),
+                      running=d.running_attempts, cancel=lambda job_id: None,
+                      lease_lost=lambda i, t: box.tell_nowait(LeaseLost(i, t)),
+                      clock=TrioClock())
+        await heart.beat()
+        await wait_for(lambda: ("end", 1) in PROBE.events and d.running == 0)
+        await trio.sleep(0.1)
+    assert finished == []  # fenced anyway: not written, not counted as a failure
+    assert PROBE.events == [("start", 1), ("end", 1)]
