@@ -331,7 +331,7 @@ class Dispatcher(Actor[DispatcherMsg]):
                 attempt.after = None
             wait_s = max(0.0, (job.started_at - job.run_at).total_seconds())
             self._observer.job_started(job.queue, job.kind, wait_s)
-            lag.RUNNING[task] = (job.kind, job.id)  # who to name if this task blocks the loop
+            began = lag.attempt_started(task, job.kind, job.id)  # named if it blocks the loop
             try:
                 outcome, label, run_s = await self._runner.run(attempt)
             except trio.Cancelled:
@@ -339,7 +339,7 @@ class Dispatcher(Actor[DispatcherMsg]):
             except BaseException as exc:  # noqa: BLE001 - a bug around one attempt fails that attempt
                 outcome, label, run_s = _crashed(self._runner, job, exc), "error", 0.0
             finally:
-                lag.RUNNING.pop(task, None)
+                lag.attempt_ended(task, began)
             if label == "lease_lost":
                 # The job is another attempt's now; a finish would be fenced, so none is sent.
                 self._observer.job_finished(job.queue, job.kind, label, run_s)

@@ -20,30 +20,69 @@ from actors.clock import Clock
 
 log = logging.getLogger("jobd.lag")
 
-# Worker task -> (kind, job id) of the attempt it is running; set by the dispatcher.
+# Worker task -> (kind, job id) of the attempt it is running; see attempt_started.
 RUNNING: dict[trio.lowlevel.Task, tuple[str, int]] = {}
+_active: LoopLag | None = None  # the installed instrument, if any
+
+
+def attempt_started(task: trio.lowlevel.Task, kind: str, job_id: int) -> float:
+    """The dispatcher's worker `task` starts an attempt; returns its start for
+    attempt_ended."""
+    RUNNING[task] = (kind, job_id)
+    return perf_counter()
+
+
+def attempt_ended(task: trio.lowlevel.Task, started: float) -> None:
+    """The attempt ended. Quick attempts run back to back within one task step, so the
+    step's own check could only name the last of them: the part of this attempt that
+    ran in the current step is checked here, where we know whose it was."""
+    running = RUNNING.pop(task, None)
+    instrument = _active
+    if instrument is not None and running is not None:
+        instrument.check_attempt(task, running, started)
 
 
 class LoopLag(trio.abc.Instrument):
     """Warns (and calls `on_block(kind or None, seconds)`) when one task step holds the
-    loop for `threshold_s` or more. Costs two perf_counter calls per task step."""
+    loop for `threshold_s` or more, naming the handler it was running. Costs two
+    perf_counter calls per task step, and two per attempt."""
 
     def __init__(self, threshold_s: float,
                  on_block: Callable[[str | None, float], None] | None = None):
         self.threshold_s = threshold_s
         self._on_block = on_block
-        self._step_started = 0.0
+        self._step_started = perf_counter()
+        self._reported = False  # this step's block was already named by an attempt
+
+    def install(self) -> None:
+        global _active
+        trio.lowlevel.add_instrument(self)
+        _active = self
+
+    def uninstall(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
+        trio.lowlevel.remove_instrument(self)
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._reported = False
         self._step_started = perf_counter()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = perf_counter() - self._step_started
-        if took >= self.threshold_s:
-            self._blocked(task, took)
+        if took >= self.threshold_s and not self._reported:
+            self._blocked(task, RUNNING.get(task), took)
 
-    def _blocked(self, task: trio.lowlevel.Task, took: float) -> None:
-        running = RUNNING.get(task)
+    def check_attempt(self, task: trio.lowlevel.Task, running: tuple[str, int],
+                      started: float) -> None:
+        took = perf_counter() - max(started, self._step_started)
+        if took >= self.threshold_s:
+            self._reported = True
+            self._blocked(task, running, took)
+
+    def _blocked(self, task: trio.lowlevel.Task, running: tuple[str, int] | None,
+                 took: float) -> None:
         try:
             if running is not None:
                 kind, job_id = running

@@ -96,11 +96,11 @@ class Daemon:
     async def run(self) -> None:
         instrument = lag.LoopLag(parse_duration(self.config.daemon.loop_lag_warning),
                                  on_block=self._loop_blocked)
-        trio.lowlevel.add_instrument(instrument)
+        instrument.install()
         try:
             await self._run_signals()
         finally:
-            trio.lowlevel.remove_instrument(instrument)
+            instrument.uninstall()
 
     def _loop_blocked(self, kind: str | None, seconds: float) -> None:
         self.metrics.loop_blocks.inc((kind or "",))
