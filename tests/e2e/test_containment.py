@@ -131,25 +131,38 @@ def test_a_hung_job_is_stopped_by_the_queue_timeout_or_the_global_max_runtime(jo
 # --------------------------------------------------------------------------- item 17
 
 
-def test_a_loop_stalled_past_the_lease_leaves_innocent_jobs_completed(jobd, sql):
+def test_a_loop_stalled_past_the_lease_leaves_innocent_jobs_completed(jobd, sql, tmp_path):
+    """A handler blocks the loop past the lease; meanwhile their leases lapse and are
+    rescued (as another daemon's reaper would), so this daemon claims its own running
+    jobs again. Each old attempt must be stopped before its job's new one starts, and
+    the new one renewed: the innocents complete, none fails 'lease expired'."""
+    from daemon.store import queries
+
     sql.execute(RUNS_TABLE)
     daemon = jobd(modules=MODULES, queues={"default": {"concurrency": 10}},
                   jobs={"lease": "1s", "reaper_interval": "0.2s", "poll_interval": "0.2s"},
                   daemon={"heartbeat": "0.3s"})
-    innocents = [enqueue(daemon, "logged", {"hold_s": 4}) for _ in range(5)]
-    wait_until(lambda: sql.fetchval("SELECT count(*) FROM runs") >= 5, "innocents running",
+    args_file = tmp_path / "innocents.jsonl"
+    args_file.write_text('{"hold_s": 6}\n' * 5)
+    innocents = daemon.jobctl_json("enqueue", "logged", "--args-file", str(args_file))["ids"]
+    wait_until(lambda: sql.fetchval("SELECT count(*) FROM runs") == 5, "innocents running",
                daemons=(daemon,))
-    blocker = enqueue(daemon, "logged", {"block_s": 3})  # blocks the loop for 3 leases
+    blocker = enqueue(daemon, "logged", {"block_s": 4})  # the loop stops for 4 leases
+    wait_until(lambda: sql.fetchval("SELECT count(*) FROM runs WHERE job_id = $1", blocker),
+               "the blocker to start", daemons=(daemon,))
+    sql.execute("UPDATE jobd.jobs SET lease_until = now() - interval '1 second'"
+                " WHERE state = 'running' AND id = ANY($1::bigint[])", innocents)
+    assert len(sql.fetch(queries.RESCUE_EXPIRED, 100, None)) == 5
     for job_id in [*innocents, blocker]:
         job = finished(daemon, sql, job_id)
         assert job["state"] == "completed", (job_id, job)
         assert all(e["class"] == "rescued" for e in job["errors"]), job["errors"]
     # Never two runs of one job at once in this daemon: each start follows the end of
     # the run before it.
-    for job_id in [*innocents, blocker]:
-        events = [r["event"] for r in sql.fetch(
-            "SELECT event FROM runs WHERE job_id = $1 ORDER BY at", job_id)]
-        assert events == ["start", "end"] * (len(events) // 2), (job_id, events)
+    for job_id in innocents:
+        events = [(r["event"], r["attempt"]) for r in sql.fetch(
+            "SELECT event, attempt FROM runs WHERE job_id = $1 ORDER BY at", job_id)]
+        assert events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)], (job_id, events)
     assert_alive(daemon, sql)
 
 
