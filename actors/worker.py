@@ -32,6 +32,7 @@ LEASE_LOST = "lease_lost"
 
 # A timeout past this (about 31 years), or not a positive finite number, can only be a
 # bad row (the edges refuse it): its attempt fails as invalid_value instead of crashing.
+# The same bound holds for a retry delay a handler asks for (RetryAfter(inf)).
 MAX_TIMEOUT_S = 1e9
 
 # A NUL in any JSON string: msgspec writes it as \u0000 (after an even run of
@@ -243,6 +244,10 @@ class AttemptRunner:
 
     def _after_error(self, job: Claimed, jobdef: JobDef, exc: Exception, run_s: float) -> Outcome:
         decision = retry.decide(exc, job.attempt, job.max_attempts, self._rng, jobdef.base_delays)
+        if not 0 <= decision.delay_s <= MAX_TIMEOUT_S:  # RetryAfter(inf) or NaN: no such time
+            bad = ValueError(f"{type(exc).__name__} asked for a delay of {decision.delay_s!r} s, "
+                             f"not a usable delay (0 <= delay <= {MAX_TIMEOUT_S:g} s)")
+            return self._fail(job, bad, "invalid_value", run_s)
         error = self._error(job, exc, decision.error_class, run_s)
         log.info(
             "job %s attempt %s raised %s: %s", job.id, job.attempt, type(exc).__name__, exc,

@@ -474,3 +474,35 @@ async def test_a_timed_out_sync_handler_is_abandoned_and_told_at_its_next_progre
             break
         await trio.sleep(0.02)
     assert told == ["abandoned"]
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), 1e300])
+async def test_a_retry_after_no_clock_can_reach_fails_as_invalid_value(autojump_clock, seconds):
+    @job("forever")
+    async def forever(ctx: Context, args: Args) -> None:
+        raise RetryAfter(seconds)
+
+    outcome, _, _ = await Harness().runner.run(Attempt(claimed("forever")))
+    error = error_of(outcome)
+    assert (outcome.state, outcome.delay_s, error["class"]) == ("failed", None, "invalid_value")
+    assert "not a usable delay" in error["message"]
+
+
+async def test_an_exception_that_cannot_be_printed_is_still_recorded(autojump_clock):
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str for you")
+
+    class UnprintableBase(BaseException):
+        def __str__(self) -> str:
+            raise RuntimeError("no str for you")
+
+    @job("unprintable")
+    async def unprintable(ctx: Context, args: Args) -> None:
+        raise (Unprintable() if args.n == 0 else UnprintableBase())
+
+    for n, cls in ((0, "unknown"), (1, "crashed")):
+        outcome, _, _ = await Harness().runner.run(Attempt(claimed("unprintable", {"n": n})))
+        error = error_of(outcome)
+        assert (outcome.state, error["class"]) == ("scheduled", cls)
+        assert error["type"].startswith("Unprintable")
