@@ -61,6 +61,10 @@ def kinds(monkeypatch):
     async def quick(ctx, args: Gate) -> str:
         return args.tag
 
+    @job("test.crash", max_attempts=1)
+    async def crash(ctx, args: Gate) -> None:
+        raise SystemExit(args.tag)
+
     @job("test.lapse", max_attempts=5)
     async def lapse(ctx, args: Gate) -> str:
         PROBE.events.append(("start", ctx.job.attempt))
@@ -73,7 +77,7 @@ def kinds(monkeypatch):
 
 @asynccontextmanager
 async def dispatcher(store, *, concurrency: int, claim_batch: int = 100,
-                     kinds: tuple[str, ...] = ("test.hold", "test.quick")):
+                     kinds: tuple[str, ...] = ("test.hold", "test.quick"), observer=None):
     finished: list[Outcome] = []
     box: Mailbox = Mailbox("pool:default", capacity=100)
     runner = AttemptRunner(
@@ -89,7 +93,8 @@ async def dispatcher(store, *, concurrency: int, claim_batch: int = 100,
                            lease_s=30.0, poll_interval_s=0.2),
         daemon_id="d1", store=store, runner=runner, finish=finish,
         finish_nowait=finished.append, kinds=lambda: list(kinds),
-        paused=lambda queue: (False, []), observer=NullObserver(), clock=TrioClock())
+        paused=lambda queue: (False, []), observer=observer or NullObserver(),
+        clock=TrioClock())
     async with trio.open_nursery() as nursery:
         await nursery.start(d.run)
         yield d, box, finished
@@ -225,3 +230,56 @@ async def test_the_heart_stops_an_attempt_whose_lease_is_gone(store):
         await trio.sleep(0.1)
     assert finished == []  # fenced anyway: not written, not counted as a failure
     assert PROBE.events == [("start", 1), ("end", 1)]
+
+
+# --------------------------------------------------------------------------- containment
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+        self.finished: list[str] = []
+
+    def error_classified(self, queue: str, error_class: str) -> None:
+        self.errors.append((queue, error_class))
+
+    def job_finished(self, queue: str, kind: str, outcome: str, run_s: float) -> None:
+        self.finished.append(outcome)
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None
+
+
+async def test_a_crashing_handler_is_counted_and_the_pool_goes_on(store):
+    await store.enqueue_many([NewJob(kind="test.crash", args='{"tag": "exit"}', max_attempts=1),
+                              NewJob(kind="test.quick", args='{"tag": "after"}')])
+    seen = Recorder()
+    async with dispatcher(store, concurrency=1, kinds=("test.crash", "test.quick"),
+                          observer=seen) as (d, box, finished):
+        await wait_for(lambda: len(finished) == 2)
+    assert sorted((o.state, o.result) for o in finished) == [
+        ("completed", '"after"'), ("failed", None)]
+    assert seen.errors == [("default", "crashed")]
+    assert sorted(seen.finished) == ["completed", "failed"]
+
+
+async def test_a_bug_around_one_attempt_fails_that_attempt_only(store, monkeypatch):
+    """Whatever escapes the runner (here: a RecursionError from building the attempt's
+    context) fails that attempt as crashed; the dispatcher and the other jobs go on."""
+    [bad, good] = await store.enqueue_many([
+        NewJob(kind="test.quick", args='{"tag": "bad"}'),
+        NewJob(kind="test.quick", args='{"tag": "good"}')])
+    async with dispatcher(store, concurrency=1) as (d, box, finished):
+        real = d._runner._context
+
+        def context(job):
+            if job.id == bad.id:
+                raise RecursionError("maximum recursion depth exceeded")
+            return real(job)
+
+        monkeypatch.setattr(d._runner, "_context", context)
+        await wait_for(lambda: len(finished) == 2)
+    by_id = {o.id: o for o in finished}
+    assert by_id[good.id].state == "completed"
+    assert by_id[bad.id].state == "scheduled"  # crashed: retried per max_attempts
+    assert msgspec.json.decode(by_id[bad.id].error)["class"] == "crashed"
