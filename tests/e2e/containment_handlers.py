@@ -121,7 +121,9 @@ def sync_wait(ctx: Context, args: WaitFileArgs) -> dict:
     while not path.exists():
         time.sleep(0.02)
     ctx.progress(90, "file seen")
-    return {"read": path.read_text()}
+    # The async ctx methods are reached through trio.from_thread.run.
+    one = trio.from_thread.run(ctx.fetch, "SELECT 1 AS one")
+    return {"read": path.read_text(), "one": one[0]["one"]}
 
 
 class SleepArgs(msgspec.Struct):

@@ -182,7 +182,7 @@ def test_a_sync_handler_runs_on_a_thread_while_the_daemon_answers(jobd, sql, tmp
     assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", job_id) == "running"
     gate.write_text("opened")
     job = finished(daemon, sql, job_id)
-    assert (job["state"], job["result"]) == ("completed", {"read": "opened"})
+    assert (job["state"], job["result"]) == ("completed", {"read": "opened", "one": 1})
 
 
 def test_a_sync_handler_past_its_timeout_is_abandoned(jobd, sql):
