@@ -169,6 +169,8 @@ class Jobs(_Strict):
     progress_every_items: Annotated[int, msgspec.Meta(ge=1)] = 100
     progress_every: Duration = "2s"
     snooze_burns_attempt: bool = False
+    # An attempt's timeout when neither its kind nor its queue sets one ("0s": none).
+    max_runtime: Duration = "1h"
     retention: Retention = msgspec.field(default_factory=Retention)
 
 
@@ -181,6 +183,8 @@ class Metrics(_Strict):
 class Daemon(_Strict):
     drain_grace: Duration = "30s"
     heartbeat: Duration = "5s"
+    # A task step holding the event loop this long logs a warning naming the handler.
+    loop_lag_warning: Duration = "1s"
 
 
 _MiB = 1 << 20
@@ -223,6 +227,7 @@ _DURATION_FIELDS = {
     "database.timeout", "jobs.lease", "jobs.poll_interval", "jobs.timeout_grace",
     "jobs.reaper_interval", "jobs.progress_every", "daemon.drain_grace", "daemon.heartbeat",
     "handlers.import_timeout",
+    "jobs.max_runtime", "daemon.loop_lag_warning",
 }
 
 
