@@ -249,6 +249,8 @@ class Connection:
                 if isinstance(reply, _Stream):
                     await self._stream_replies(reply)
                     return
+            except (_Drop, *_HANGUP):
+                raise  # the connection is over (a watch's peer left): its boundary says so
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the daemon
                 log.exception("control request failed", extra={"event": "control.crashed"})
                 reply = c.Error(code=ErrorCode.INTERNAL, message=f"internal error: {exc}")

@@ -93,6 +93,9 @@ def assert_alive(daemon: JobdProcess) -> None:
     finally:
         s.close()
     assert "stopped on an error" not in daemon.log_text()
+    # A hang-up is logged once, as a drop, never as a crashed request.
+    crashed = [e for e in daemon.log_events() if e.get("event") == "control.crashed"]
+    assert not crashed, crashed[:1]
 
 
 def start_long_job(daemon: JobdProcess) -> int:
