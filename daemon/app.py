@@ -193,7 +193,9 @@ class Daemon:
             self._nursery = nursery
             await nursery.start(root.run)
             listener = await open_listener(sock, self.config.control.socket_group)
-            server = ControlServer(control, max_connections=self.config.control.max_connections)
+            server = ControlServer(control, max_connections=self.config.control.max_connections,
+                                   max_line=self.config.limits.max_frame_bytes,
+                                   on_drop=lambda reason: self.metrics.control_dropped.inc((reason,)))
             nursery.start_soon(server.serve, listener)
             http = await self._start_http(nursery, control)
             channels = ["jobd_enqueued", "jobd_cancel", "jobd_paused", "jobd_schedules"]

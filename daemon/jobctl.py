@@ -1,12 +1,14 @@
 """`jobctl`: drive a running jobd. Human tables by default, `--json` everywhere.
 
-Exit status: 0 ok, 1 an error from jobd (or jobd unreachable), 2 bad usage.
+Exit status: 0 ok, 1 an error from jobd (or jobd unreachable), 2 bad usage, 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -57,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     enq.add_argument("--queue")
     enq.add_argument("--key", help="flow-control key (marketplace, model, ...)")
     enq.add_argument("--unique-key")
-    enq.add_argument("--delay", type=float, help="seconds from now")
+    enq.add_argument("--delay", type=duration,
+                     help="run this long from now (90s, 5m, 2h; a plain number is seconds)")
     enq.add_argument("--priority", type=int, help="lower runs first")
     enq.add_argument("--max-attempts", type=int)
     enq.add_argument("--timeout-s", type=float)
@@ -110,6 +113,13 @@ def add_filters(p: argparse.ArgumentParser) -> None:
                        help="ISO time, or a duration meaning that long ago (24h)")
 
 
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def when(text: str) -> datetime:
     try:
         return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
@@ -145,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"jobctl: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for a user, never a traceback
+        print(f"jobctl: internal: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def run(args: argparse.Namespace, client: SyncClient) -> int:
@@ -295,7 +310,8 @@ def watch(args: argparse.Namespace, client: SyncClient) -> int:
 
 
 def top(args: argparse.Namespace, client: SyncClient) -> int:
-    """Redraws in place (ANSI) until Ctrl-C; `--once` prints a single frame."""
+    """Redraws in place (ANSI) until `q` or Ctrl-C; `--once` prints a single frame."""
+    keys = _Keys() if not args.once and sys.stdin.isatty() else None
     try:
         while True:
             frame = render_top(client.call(c.Stats()),
@@ -303,11 +319,45 @@ def top(args: argparse.Namespace, client: SyncClient) -> int:
             if args.once:
                 print(frame)
                 return 0
-            sys.stdout.write("\x1b[H\x1b[2J" + frame + "\n")
+            sys.stdout.write("\x1b[H\x1b[2J" + frame + "\n\n(q or Ctrl-C to quit)\n")
             sys.stdout.flush()
-            time.sleep(args.interval)
+            if keys is None:
+                time.sleep(args.interval)
+            elif keys.wait_for_quit(args.interval):
+                return 0
     except KeyboardInterrupt:
         return 0
+    finally:
+        if keys is not None:
+            keys.restore()
+
+
+class _Keys:
+    """The terminal in cbreak mode (keys arrive unbuffered, Ctrl-C still interrupts)."""
+
+    def __init__(self) -> None:
+        import termios
+        import tty
+
+        self._fd = sys.stdin.fileno()
+        self._saved = termios.tcgetattr(self._fd)
+        tty.setcbreak(self._fd)
+
+    def wait_for_quit(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds; True once `q` is pressed."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self._fd], [], [], left)
+            if readable:
+                key = os.read(self._fd, 32)
+                if not key or b"q" in key.lower():
+                    return True
+        return False
+
+    def restore(self) -> None:
+        import termios
+
+        termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
 
 
 def render_top(stats: c.StatsResult, running: c.JobsPage) -> str:

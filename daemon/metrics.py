@@ -123,6 +123,11 @@ class Metrics:
         self.notifications_dropped = _Counter(
             "jobd_notifications_dropped",
             "LISTEN notifications dropped for a malformed payload.", ["channel"], registry=r)
+        self.control_dropped = _Counter(
+            "jobd_control_connections_dropped",
+            "Control socket connections ended by jobd or lost, by reason (hung_up, "
+            "send_timeout, frame_too_long, too_many_connections, handshake_timeout, "
+            "idle_timeout, accept_failed, error).", ["reason"], registry=r)
         self.run_seconds = _Histogram("jobd_job_run_seconds", "Attempt run time.",
                                       ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
         self.wait_seconds = _Histogram("jobd_job_wait_seconds",

@@ -22,12 +22,19 @@ import msgspec
 from anyio.abc import ObjectStream
 
 from protocol import commands as c
-from protocol.errors import ConnectionFailed, JobdError
-from protocol.framing import PROTOCOL_VERSION, LineBuffer, encode_line
+from protocol.errors import ConnectionFailed, ErrorCode, JobdError
+from protocol.framing import PROTOCOL_VERSION, FrameTooLong, LineBuffer, encode_line
 from protocol.jobs import JobSpec, JobView
 from protocol.tree import TreeNode
 
 CLIENT_NAME = "jobd-client/1"
+# Replies are capped far above the daemon's request-line cap (limits.max_frame_bytes):
+# `get` of a job returns its stored args and result whole, and those may be large (up
+# to limits.max_result_bytes each, or more for rows written before a limit was lowered).
+MAX_REPLY_BYTES = 64 << 20
+# After a failed send, how long to wait for what the daemon sent before it closed (e.g.
+# frame_too_long or too_many_connections), so the caller sees that and not EPIPE.
+_LAST_WORDS_S = 5.0
 
 
 def default_socket() -> str:
@@ -43,9 +50,13 @@ class Client:
         self._ids = itertools.count(1)
         self._waiting: dict[int, Any] = {}  # request id -> send side of its reply stream
         self._send_lock = anyio.Lock()
-        self._buffer = LineBuffer()
+        self._buffer = LineBuffer(MAX_REPLY_BYTES)
         self._task_group: Any = None
         self._reader_error: BaseException | None = None
+        # Set once the reply reader has stopped: why (a JobdError to raise), and any
+        # connection-level error the daemon sent (no id: limit, frame, timeout).
+        self._closed: JobdError | None = None
+        self._final: c.Error | None = None
         self.server: c.HelloResult | None = None
 
     async def __aenter__(self) -> Client:
@@ -80,6 +91,8 @@ class Client:
     async def _request(self, cmd: c.Command) -> AsyncIterator[Any]:
         request_id = next(self._ids)
         cmd.id = request_id
+        if self._closed is not None:  # the reader is gone: nobody would deliver a reply
+            raise self._closing_error()
         send, receive = anyio.create_memory_object_stream[c.Reply](math.inf)
         self._waiting[request_id] = send
         try:
@@ -87,7 +100,20 @@ class Client:
                 async with self._send_lock:
                     await self._stream.send(encode_line(cmd))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                raise ConnectionFailed(f"connection to jobd lost: {exc}") from exc
+                # The daemon may have answered and closed while we were still sending
+                # (a line over its cap, its connection limit): what it sent is still
+                # there to read, and it says why far better than EPIPE does.
+                reply: c.Reply | None = None
+                with anyio.move_on_after(min(self._timeout, _LAST_WORDS_S)):
+                    try:
+                        reply = await receive.receive()
+                    except anyio.EndOfStream:
+                        pass
+                if isinstance(reply, c.Error):
+                    raise _reply_error(reply) from None
+                if self._closed is not None:
+                    raise self._closing_error() from None
+                raise ConnectionFailed(f"connection to jobd lost: {_describe(exc)}") from None
             yield receive
         finally:
             self._waiting.pop(request_id, None)
@@ -101,21 +127,33 @@ class Client:
         except TimeoutError:
             raise JobdError(f"no reply within {self._timeout}s", code="timeout") from None
         except anyio.EndOfStream:
-            raise ConnectionFailed(f"connection to jobd lost: {self._reader_error}") from None
+            raise self._closing_error() from None
+
+    def _closing_error(self) -> JobdError:
+        if self._final is not None:
+            return _reply_error(self._final)
+        return self._closed or ConnectionFailed("connection to jobd lost")
 
     def _result(self, cmd: c.Command, reply: c.Reply) -> Any:
         if isinstance(reply, c.Error):
-            raise JobdError(reply.message, code=reply.code, details=reply.details)
-        return msgspec.convert(reply.result, c.RESULT_TYPES[type(cmd)], strict=False)
+            raise _reply_error(reply)
+        try:
+            return msgspec.convert(reply.result, c.RESULT_TYPES[type(cmd)], strict=False)
+        except msgspec.ValidationError as exc:
+            raise JobdError(f"unexpected reply from jobd to {type(cmd).__name__}: {exc}",
+                            code=ErrorCode.INTERNAL) from None
 
     async def _read_replies(self) -> None:
+        closed: JobdError = ConnectionFailed("connection to jobd closed by this client")
         try:
             while True:
                 data = await self._stream.receive(65536)
                 for line in self._buffer.feed(data):
                     reply = c.reply_decoder.decode(line)
                     if reply.id is None and isinstance(reply, c.Error):
-                        # A connection-level error (limit, handshake): fail every caller.
+                        # A connection-level error (limit, frame, timeout): fail every
+                        # caller, and any that comes later (jobd closes after it).
+                        self._final = reply
                         for waiter in self._waiting.values():
                             waiter.send_nowait(reply)
                         continue
@@ -124,8 +162,17 @@ class Client:
                         waiter.send_nowait(reply)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
                 OSError) as exc:
-            self._reader_error = exc or "closed by jobd"
+            self._reader_error = exc
+            closed = ConnectionFailed(f"connection to jobd lost: {_describe(exc)}")
+        except FrameTooLong as exc:
+            closed = JobdError(f"reply from jobd longer than {exc.limit} bytes",
+                               code=ErrorCode.FRAME_TOO_LONG, details={"limit": exc.limit})
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            closed = JobdError(f"unreadable reply from jobd: {exc}", code=ErrorCode.BAD_JSON)
         finally:
+            # Set before the waiters close, so each of them (and any later request)
+            # raises the reason rather than a bare "connection lost".
+            self._closed = closed
             for waiter in self._waiting.values():
                 waiter.close()
 
@@ -192,6 +239,19 @@ class Client:
     def watch(self, job_id: int, interval_s: float = 0.5) -> AsyncIterator[JobView]:
         """Yields the job each time it changes, ending when it is finished."""
         return self.stream(c.Watch(job_id=job_id, interval_s=interval_s))
+
+
+def _reply_error(reply: c.Error) -> JobdError:
+    return JobdError(reply.message, code=reply.code, details=reply.details)
+
+
+def _describe(exc: BaseException) -> str:
+    """anyio's stream errors carry no text of their own; the OSError behind one does."""
+    if isinstance(exc, anyio.EndOfStream):
+        return "jobd closed the connection"
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc) or (str(cause) if cause is not None else "") or type(exc).__name__
+    return text
 
 
 class _Connecting:

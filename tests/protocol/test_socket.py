@@ -19,11 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.config import Limits
 from protocol.errors import ErrorCode
-from protocol.framing import MAX_LINE_BYTES
 from tests.support import JobdProcess
 
 DEADLINE_S = 60.0
+FRAME_CAP = Limits().max_frame_bytes  # the daemon's request-line cap by default
 HELLO = {"type": "hello", "protocol": 1, "client": "test_socket"}
 
 
@@ -211,7 +212,7 @@ def test_blank_lines_and_crlf_are_fine(raw: Raw) -> None:
 def test_a_line_of_exactly_the_cap_is_accepted(raw: Raw) -> None:
     raw.hello()
     body = b'{"id": 8, "type": "ping"}'
-    raw.send(body + b" " * (MAX_LINE_BYTES - len(body)) + b"\n")
+    raw.send(body + b" " * (FRAME_CAP - len(body)) + b"\n")
     reply = raw.reply()
     assert reply["type"] == "ok" and reply["id"] == 8
 
@@ -220,7 +221,7 @@ def test_a_line_of_exactly_the_cap_is_accepted(raw: Raw) -> None:
 def test_a_line_over_the_cap_closes_the_connection(raw: Raw, newline: bool) -> None:
     raw.hello()
     # Exactly one byte over, so the daemon has read everything we sent when it closes.
-    raw.send(b"x" * (MAX_LINE_BYTES + 1) + (b"\n" if newline else b""))
+    raw.send(b"x" * (FRAME_CAP + 1) + (b"\n" if newline else b""))
     reply = raw.reply()
     assert reply["type"] == "error" and reply["code"] == "frame_too_long"
     assert raw.closed()

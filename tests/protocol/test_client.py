@@ -1,0 +1,103 @@
+"""The client against a scripted peer: what it raises when replies go wrong.
+
+The peer is a real Unix socket that answers hello and then does one odd thing; every
+failure must come out as one JobdError with a code, never as an ExceptionGroup.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from protocol import client as client_module
+from protocol.client import connect
+from protocol.errors import JobdError
+
+Script = Callable[[trio.SocketStream, bytes], Awaitable[None]]
+
+
+async def _serve_once(path: Path, script: Script, task_status: trio.TaskStatus[None]) -> None:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(1)
+    task_status.started()
+    conn, _ = await sock.accept()
+    stream = trio.SocketStream(conn)
+    async with stream:
+        hello = await _line(stream)
+        request_id = json.loads(hello)["id"]
+        await stream.send_all(json.dumps({"id": request_id, "type": "ok", "result": {
+            "protocol": 1, "server": "fake", "commands": ["ping"]}}).encode() + b"\n")
+        await script(stream, await _line(stream))
+    sock.close()
+
+
+async def _line(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+async def _ping_against(tmp_path: Path, script: Script) -> JobdError:
+    path = tmp_path / "fake.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_serve_once, path, script)
+        with pytest.raises(JobdError) as caught:
+            async with connect(str(path), timeout=5) as conn:
+                await conn.ping()
+    return caught.value
+
+
+async def test_a_reply_over_the_cap_is_a_typed_error(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "MAX_REPLY_BYTES", 4096)
+
+    async def huge(stream: trio.SocketStream, request: bytes) -> None:
+        await stream.send_all(b'{"id": 2, "type": "ok", "result": "' + b"x" * 10_000 + b'"}\n')
+
+    error = await _ping_against(tmp_path, huge)
+    assert error.code == "frame_too_long" and error.details == {"limit": 4096}
+
+
+async def test_an_unreadable_reply_is_a_typed_error(tmp_path: Path) -> None:
+    async def garbage(stream: trio.SocketStream, request: bytes) -> None:
+        await stream.send_all(b"\xff not json\n")
+
+    error = await _ping_against(tmp_path, garbage)
+    assert error.code == "bad_json"
+
+
+async def test_a_reply_of_the_wrong_shape_is_a_typed_error(tmp_path: Path) -> None:
+    async def wrong(stream: trio.SocketStream, request: bytes) -> None:
+        request_id = json.loads(request)["id"]
+        await stream.send_all(json.dumps({"id": request_id, "type": "ok",
+                                          "result": {"ready": "maybe"}}).encode() + b"\n")
+
+    error = await _ping_against(tmp_path, wrong)
+    assert error.code == "internal" and "unexpected reply" in error.message
+
+
+async def test_a_closing_error_is_raised_to_the_caller(tmp_path: Path) -> None:
+    async def refuse(stream: trio.SocketStream, request: bytes) -> None:
+        await stream.send_all(b'{"id": null, "type": "error", "code": "too_many_connections",'
+                              b' "message": "connection limit reached", "details": {}}\n')
+
+    error = await _ping_against(tmp_path, refuse)
+    assert error.code == "too_many_connections"
+
+
+async def test_a_plain_close_says_so(tmp_path: Path) -> None:
+    async def hang_up(stream: trio.SocketStream, request: bytes) -> None:
+        pass
+
+    error = await _ping_against(tmp_path, hang_up)
+    assert error.code == "unavailable"
+    assert error.message == "connection to jobd lost: jobd closed the connection"
