@@ -6,6 +6,7 @@ Safe on every daemon at once: each statement takes its rows with SKIP LOCKED.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import msgspec
 import trio
@@ -54,12 +55,17 @@ class SweepReport(msgspec.Struct):
 
 class Reaper(Actor[Sweep]):
     def __init__(self, mailbox: Mailbox[Sweep], store: Store, settings: ReaperSettings,
-                 *, observer: Observer, clock: Clock):
+                 *, observer: Observer, clock: Clock,
+                 hold: Callable[[], str | None] | None = None):
+        """`hold()` gives a reason not to rescue or expire running jobs on this pass
+        (after an outage, until this daemon's leases are renewed), or None."""
         super().__init__(mailbox.name, mailbox)
         self._store = store
         self.settings = settings
         self._observer = observer
         self._clock = clock
+        self._hold = hold
+        self._held: str | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -80,14 +86,20 @@ class Reaper(Actor[Sweep]):
         """One pass; each step loops in small batches until it has nothing left."""
         report = SweepReport()
         batch = self.settings.batch
-        while swept := await self._store.rescue_expired(batch):
+        held = self._hold() if self._hold is not None else None
+        if held != self._held:
+            if held is not None:
+                log.info("rescue held: %s", held, extra={"event": "reaper.rescue_held"})
+            self._held = held
+        while held is None and (swept := await self._store.rescue_expired(batch)):
             for row in swept:
                 self._observer.jobs_rescued(row.queue, row.kind, 1)
             report.rescued += len(swept)
             report.failed_on_rescue += sum(1 for r in swept if r.state == "failed")
             if len(swept) < batch:
                 break
-        while overdue := await self._store.expire_overdue(batch, self.settings.timeout_grace_s):
+        while held is None and (
+                overdue := await self._store.expire_overdue(batch, self.settings.timeout_grace_s)):
             report.timed_out += len(overdue)
             if len(overdue) < batch:
                 break

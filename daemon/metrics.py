@@ -115,6 +115,9 @@ class Metrics:
         self.actor_restarts = _Counter("jobd_actor_restarts",
                                        "Actor restarts by their supervisor.", ["actor"],
                                        registry=r)
+        self.loop_errors = _Counter("jobd_asyncio_errors",
+                                    "Errors the asyncio loop reported with nobody awaiting "
+                                    "them (logged, not raised).", [], registry=r)
         self.run_seconds = _Histogram("jobd_job_run_seconds", "Attempt run time.",
                                       ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
         self.wait_seconds = _Histogram("jobd_job_wait_seconds",
@@ -358,6 +361,12 @@ class PromObserver:
     def claim_batch(self, queue: str, size: int) -> None:
         try:
             self._m.claim_batch.observe((queue,), size)
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def loop_error(self) -> None:
+        try:
+            self._m.loop_errors.inc(())
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 

@@ -46,6 +46,10 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         self._timeout_s = timeout_s
         self._pool: bridge.Pool | None = None
         self.healthy = False
+        # time.monotonic() of the last call that found the database unavailable, and of
+        # the last heartbeat that renewed this daemon's leases (the reaper's rescue hold).
+        self.unavailable_at: float | None = None
+        self.renewed_at: float | None = None
         self.schema_version = 0
         self.observer: Observer = NullObserver()
 
@@ -95,6 +99,7 @@ class PgStore(ScheduleStatements, WorkflowStatements):
             raise  # the database answered; the caller retries
         except StoreUnavailable:
             self.healthy = False
+            self.unavailable_at = time.monotonic()
             raise
         self.observer.db_round_trip(op, time.perf_counter() - started)
         self.healthy = True
@@ -134,6 +139,7 @@ class PgStore(ScheduleStatements, WorkflowStatements):
             q.HEARTBEAT, daemon_id, lease_s, status, draining, now,
             sorted(running) if running is not None else None, op="heartbeat",
         )
+        self.renewed_at = time.monotonic()
         return int(tag.split()[-1])
 
     async def deregister_daemon(self, daemon_id: str) -> None:

@@ -143,6 +143,11 @@ class Pool:
             except (Conflict, ValueRejected, asyncpg.PostgresError):
                 reusable = True  # the server answered; the connection is fine
                 raise
+            except StoreUnavailable:
+                # A restart or a mass termination takes every connection opened before
+                # it: do not hand the others out one failure at a time.
+                self.discard_idle()
+                raise
             finally:
                 if reusable and not self._closed and not conn.is_closed() \
                         and not conn.is_in_transaction():

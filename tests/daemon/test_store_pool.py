@@ -6,6 +6,7 @@ import asyncpg
 import pytest
 import trio
 
+from actors.ports import StoreUnavailable
 from daemon.store import bridge
 
 
@@ -102,11 +103,18 @@ async def test_the_store_reruns_a_statement_refused_by_a_stale_connection(store)
     pool = store._pool
     await pool.open(3)
     await _terminate_idle(pool, store.url)
-    # Never sent, so it is safe to run again on a fresh connection: the caller sees
-    # nothing of it (and /readyz does not flap).
+    # Refused before it was sent, so it is safe to run again on a fresh connection: the
+    # caller sees nothing of it. (If the statement went out before the FATAL was read,
+    # its fate is unknown: that one call is unavailable, and the next works.)
+    failures = 0
     for _ in range(3):
-        await store.ping()
-        assert store.healthy
+        try:
+            await store.ping()
+        except StoreUnavailable:
+            failures += 1
+    assert failures <= 1
+    await store.ping()
+    assert store.healthy
 
 
 async def _orphan_error() -> None:
