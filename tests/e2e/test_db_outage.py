@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from daemon.embedded_pg import EmbeddedPostgres
-from tests.support import JobdProcess, wait_until
+from tests.support import JobdProcess, Sql, wait_until
 
 DEADLINE_S = 60.0
 
@@ -100,5 +100,116 @@ def test_daemon_survives_database_outage(cluster: EmbeddedPostgres, tmp_path: Pa
 
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()
+    finally:
+        daemon.kill()
+
+
+# --------------------------------------------------------------------------- under load
+
+MODULES = ["examples.basic", "tests.e2e.outage_handlers"]
+
+
+def outage_daemon(tmp_path: Path, url: str, **options) -> tuple[JobdProcess, Path]:
+    effects = tmp_path / "effects.log"
+    effects.touch()
+    options.setdefault("jobs", {"lease": "2s", "reaper_interval": "0.5s"})
+    options.setdefault("daemon", {"heartbeat": "0.5s"})
+    daemon = JobdProcess(tmp_path / "d", url, modules=MODULES,
+                         queues={"outage": {"concurrency": 100, "claim_batch": 100}},
+                         env={"JOBD_TEST_EFFECTS": str(effects)}, **options)
+    return daemon, effects
+
+
+def sql_enqueue(url: str, n: int, args: dict) -> list[int]:
+    rows = Sql(url).fetch(
+        "SELECT jobd.enqueue('file_effect', $1::jsonb, queue => 'outage', max_attempts => 25)"
+        " AS id FROM generate_series(1, $2)", json.dumps(args), n)
+    return [r["id"] for r in rows]
+
+
+def effects_by_job(effects: Path, what: str = "done") -> dict[int, list[int]]:
+    runs: dict[int, list[int]] = {}
+    for line in effects.read_text().splitlines():
+        kind, job_id, attempt = line.split()
+        if kind == what:
+            runs.setdefault(int(job_id), []).append(int(attempt))
+    return runs
+
+
+def states(url: str) -> dict[str, int]:
+    return {r["state"]: r["n"] for r in Sql(url).fetch(
+        "SELECT state, count(*) AS n FROM jobd.jobs GROUP BY state")}
+
+
+def terminate_jobd_backends(cluster: EmbeddedPostgres) -> None:
+    cluster.query("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                  " WHERE application_name = 'jobd'")
+
+
+def test_jobs_that_finish_during_an_outage_longer_than_the_lease_run_once(
+        cluster: EmbeddedPostgres, tmp_path: Path) -> None:
+    """The completer holds their outcomes; the heart renews their leases as soon as the
+    database is back, and the reaper holds rescue until it has: none runs again."""
+    url = cluster.create_database("jobd_long_outage")
+    daemon, effects = outage_daemon(tmp_path, url)
+    try:
+        daemon.start()
+        ids = sql_enqueue(url, 40, {"hold_s": 2.5, "started": True})
+        wait_until(lambda: len(effects_by_job(effects, "start")) == 40, "all 40 to start",
+                   daemons=(daemon,))
+        cluster.stop()
+        # They finish while the database is away; the 2 s leases lapse meanwhile.
+        wait_until(lambda: len(effects_by_job(effects)) == 40, "all 40 to finish",
+                   daemons=(daemon,))
+        # Long enough for the completer's retries to back off to seconds apart, so the
+        # reaper (every 0.5 s) would sweep first after the restart.
+        time.sleep(8)
+        cluster.start()
+        wait_until(lambda: states(url).get("completed") == 40, "all 40 completed in Postgres",
+                   daemons=(daemon,))
+        time.sleep(1.5)  # a few more sweeps: nothing may be rescued late either
+        assert effects_by_job(effects) == {i: [1] for i in ids}
+        rows = Sql(url).fetch("SELECT id, attempt, errors::text AS errors FROM jobd.jobs")
+        assert {(r["attempt"], r["errors"]) for r in rows} == {(1, "[]")}
+        events = [e.get("event") for e in daemon.log_events()]
+        assert "reaper.rescue_held" in events
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()[-5000:]
+    finally:
+        daemon.kill()
+
+
+def test_daemon_survives_terminated_connections_and_restarts_under_load(
+        cluster: EmbeddedPostgres, tmp_path: Path) -> None:
+    """pg_terminate_backend of every jobd connection, again and again, and fast restarts,
+    with jobs in flight: the same daemon process finishes them all."""
+    url = cluster.create_database("jobd_kills")
+    daemon, effects = outage_daemon(tmp_path, url, jobs={"lease": "5s"})
+    try:
+        daemon.start()
+        ids = sql_enqueue(url, 3000, {"hold_s": 0.2})
+        for round_ in range(12):
+            time.sleep(0.5)
+            if round_ in (4, 8):
+                cluster.stop()  # pg_ctl stop -m fast, then start: a fast restart
+                cluster.start()
+            else:
+                terminate_jobd_backends(cluster)
+            assert daemon.proc.poll() is None, daemon.log_text()[-5000:]
+        assert len(effects_by_job(effects)) < len(ids)  # the faults hit a busy daemon
+
+        def all_done() -> bool:
+            # Retention prunes completed jobs past the newest 1,000: count what is left.
+            return (len(effects_by_job(effects)) == len(ids)
+                    and set(states(url)) <= {"completed"})
+
+        wait_until(all_done, "every job completed", daemons=(daemon,), timeout=90)
+        assert set(effects_by_job(effects)) == set(ids)
+        tree = daemon.jobctl_json("tree")
+        assert all(child["state"] == "running" for child in tree["children"]), tree
+        crashed = [e for e in daemon.log_events() if e.get("event") == "actor.crashed"]
+        assert crashed == [], crashed[:3]
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()[-5000:]
     finally:
         daemon.kill()
