@@ -7,6 +7,7 @@ Uses a private cluster (not the session one) so the test can stop and restart it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -109,12 +110,15 @@ def test_daemon_survives_database_outage(cluster: EmbeddedPostgres, tmp_path: Pa
 MODULES = ["examples.basic", "tests.e2e.outage_handlers"]
 
 
-def outage_daemon(tmp_path: Path, url: str, **options) -> tuple[JobdProcess, Path]:
+def outage_daemon(tmp_path: Path, url: str, name: str = "d",
+                  **options) -> tuple[JobdProcess, Path]:
+    """A daemon running tests/e2e/outage_handlers.py; daemons of one test share the
+    effects file."""
     effects = tmp_path / "effects.log"
     effects.touch()
     options.setdefault("jobs", {"lease": "2s", "reaper_interval": "0.5s"})
     options.setdefault("daemon", {"heartbeat": "0.5s"})
-    daemon = JobdProcess(tmp_path / "d", url, modules=MODULES,
+    daemon = JobdProcess(tmp_path / name, url, modules=MODULES,
                          queues={"outage": {"concurrency": 100, "claim_batch": 100}},
                          env={"JOBD_TEST_EFFECTS": str(effects)}, **options)
     return daemon, effects
@@ -213,3 +217,107 @@ def test_daemon_survives_terminated_connections_and_restarts_under_load(
         assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()[-5000:]
     finally:
         daemon.kill()
+
+
+# --------------------------------------------------------------------------- drains
+
+
+def cluster_pids(cluster: EmbeddedPostgres) -> list[int]:
+    """The postmaster and its children (backends, checkpointer, ...)."""
+    postmaster = cluster.pid
+    assert postmaster is not None
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def hang(cluster: EmbeddedPostgres) -> list[int]:
+    """Accepting nothing, answering nothing: every process of the cluster stopped."""
+    pids = cluster_pids(cluster)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def unhang(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def drain_daemon(tmp_path: Path, url: str, name: str = "d") -> tuple[JobdProcess, Path]:
+    return outage_daemon(tmp_path, url, name, jobs={"lease": "3s", "reaper_interval": "0.5s"},
+                         daemon={"heartbeat": "0.5s", "drain_grace": "1s"})
+
+
+def unwritten(daemon: JobdProcess) -> dict:
+    [event] = [e for e in daemon.log_events() if e.get("event") == "daemon.unwritten"]
+    return event
+
+
+def drain_while(cluster: EmbeddedPostgres, tmp_path: Path, fault: str) -> None:
+    url = cluster.create_database(f"jobd_drain_{fault}")
+    daemon, effects = drain_daemon(tmp_path, url)
+    pids: list[int] = []
+    try:
+        daemon.start()
+        # 20 jobs that run until released, 30 that finish during the fault.
+        long_ids = sql_enqueue(url, 20, {"hold_s": 3600, "started": True})
+        short_ids = sql_enqueue(url, 30, {"hold_s": 2, "started": True})
+        wait_until(lambda: len(effects_by_job(effects, "start")) == 50, "all 50 to start",
+                   daemons=(daemon,))
+        if fault == "down":
+            cluster.stop()
+        else:
+            pids = hang(cluster)
+        wait_until(lambda: len(effects_by_job(effects)) == 30, "30 to finish meanwhile",
+                   daemons=(daemon,))
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()[-5000:]
+        took = time.monotonic() - started
+        # Bounded: grace 1 s + release + completer 15 s + the rest, whatever Postgres does.
+        assert took < 45, took
+        event = unwritten(daemon)
+        assert (event["outcomes"], event["releases"]) == (30, 20), event
+        assert "daemon.crashed" not in [e.get("event") for e in daemon.log_events()]
+
+        # The database comes back; the leases lapse and another daemon takes the jobs.
+        if fault == "down":
+            cluster.start()
+        else:
+            unhang(pids)
+            pids = []
+        second, _ = drain_daemon(tmp_path, url, name="d2")
+        try:
+            second.start()
+            wait_until(lambda: set(states(url)) == {"completed"}, "every job completed",
+                       daemons=(second,))
+            # At-least-once: the 30 finished during the fault ran again, nothing was lost.
+            runs = effects_by_job(effects)
+            assert set(runs) == set(long_ids) | set(short_ids)
+            second.signal(signal.SIGTERM)
+            assert second.wait(DEADLINE_S) == 0
+        finally:
+            second.kill()
+    finally:
+        unhang(pids)
+        daemon.kill()
+
+
+def test_a_drain_with_the_database_down_exits_cleanly_and_says_what_it_could_not_write(
+        cluster: EmbeddedPostgres, tmp_path: Path) -> None:
+    drain_while(cluster, tmp_path, "down")
+
+
+def test_a_drain_with_the_database_hung_exits_cleanly_and_says_what_it_could_not_write(
+        cluster: EmbeddedPostgres, tmp_path: Path) -> None:
+    drain_while(cluster, tmp_path, "hung")
