@@ -161,7 +161,19 @@ class Daemon:
     async def _run_actors(self) -> None:
         assert self.store is not None
         self.import_handlers()
-        await self.store.register_failure_hooks(failure_hooks.hooked_kinds())
+        backoff = 0.2
+        while True:
+            try:
+                await self.store.register_failure_hooks(failure_hooks.hooked_kinds())
+                break
+            except StoreUnavailable as exc:  # the database went away right after connecting
+                log.warning("database not reachable, retrying in %.1fs: %s", backoff, exc,
+                            extra={"event": "store.unavailable"})
+                with trio.move_on_after(backoff):
+                    await self._stop.wait()
+                if self._stop.is_set():
+                    return
+                backoff = min(backoff * 2, 10.0)
         root = self._build_tree()
         control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
                           tree=self.registry.tree, running_here=self._running_here,

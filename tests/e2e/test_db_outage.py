@@ -278,6 +278,9 @@ def drain_while(cluster: EmbeddedPostgres, tmp_path: Path, fault: str) -> None:
             cluster.stop()
         else:
             pids = hang(cluster)
+            # Not-ready well before any statement times out (database.timeout, 30 s).
+            wait_until(lambda: (p := ping(daemon)) is not None and p["ready"] is False,
+                       "ping to report ready false", timeout=20, daemons=(daemon,))
         wait_until(lambda: len(effects_by_job(effects)) == 30, "30 to finish meanwhile",
                    daemons=(daemon,))
         started = time.monotonic()
