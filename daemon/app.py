@@ -211,7 +211,7 @@ class Daemon:
             nursery.cancel_scope.cancel()
         sock.unlink(missing_ok=True)
         try:
-            with trio.move_on_after(5):
+            with trio.move_on_after(3):  # a hung database must not hold the exit
                 await self.store.deregister_daemon(self.id)
         except StoreUnavailable as exc:
             log.warning("could not deregister (the daemons row ages out): %s", exc,

@@ -163,7 +163,7 @@ class Pool:
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
-        with trio.move_on_after(5):
+        with trio.move_on_after(2):  # a polite goodbye; terminate() below is the bound
             for conn in idle:
                 try:
                     await call(conn.close)
