@@ -371,7 +371,7 @@ class Daemon:
                 reaper_box, store, ReaperSettings(
                     interval_s=parse_duration(jobs.reaper_interval),
                     timeout_grace_s=parse_duration(jobs.timeout_grace),
-                    retention=retention, aging=self._aging_rules()),
+                    retention=retention, aging=self._aging_rules(), max_hold_s=4 * lease_s),
                 observer=self.observer, clock=clock, hold=self._rescue_hold)),
             ChildSpec.for_actor(lambda: Scheduler(
                 self._scheduler_box, store, SchedulerSettings(),

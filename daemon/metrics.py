@@ -561,4 +561,4 @@ async def run_queue_gauges(
             # Whatever ended the session ended the lock with it (or we are stopping).
             gauges.clear()
         await clock.sleep(backoff)
-        backoff = min(backoff * 2, 60.0)
+        backoff = min(backoff * 2, 10.0)  # after an outage the gauges come back soon

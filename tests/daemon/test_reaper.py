@@ -253,3 +253,14 @@ async def test_a_held_sweep_rescues_nothing_until_the_hold_ends(store, sql):
     assert (await reaper.sweep()).rescued == 1
     assert dict(sql.fetch("SELECT id, state FROM jobd.jobs")) == {
         first.id: "completed", expired[1].id: "available"}
+
+
+async def test_a_hold_that_never_ends_does_not_starve_rescue(store):
+    """A store that fails now and then (a statement timing out) keeps the app's hold
+    reason alive; after max_hold_s of sweeps that reached the database, rescue goes on."""
+    await store.enqueue_many([NewJob(kind="lease")])
+    await store.claim("default", 10, "gone", -1, ["lease"])
+    reaper = Reaper(Mailbox[Sweep]("reaper"), store,
+                    ReaperSettings(interval_s=1.0, max_hold_s=2.0), observer=NullObserver(),
+                    clock=TrioClock(), hold=lambda: "always")
+    assert [(await reaper.sweep()).rescued for _ in range(3)] == [0, 0, 1]
