@@ -141,3 +141,15 @@ async def test_an_unretrieved_asyncio_error_is_logged_not_raised(caplog):
         gc.collect()
         await trio.sleep(0.05)
     assert counted == [1]
+
+
+@pytest.mark.parametrize("errcode", ["disk_full", "out_of_memory", "too_many_connections",
+                                     "io_error", "read_only_sql_transaction",
+                                     "admin_shutdown", "cannot_connect_now"])
+async def test_a_server_that_cannot_do_the_work_now_is_unavailable(pool, errcode):
+    # What a full disk (or a failover, or a restart) looks like to jobd: not a bug in a
+    # statement, an outage to wait out like any other.
+    sql = f"DO $$ BEGIN RAISE EXCEPTION 'simulated' USING ERRCODE = '{errcode}'; END $$"
+    with pytest.raises(StoreUnavailable):
+        await call(pool, _fetchval, sql)
+    assert isinstance(await call(pool, _pid), int)
