@@ -128,6 +128,9 @@ class Metrics:
             "Control socket connections ended by jobd or lost, by reason (hung_up, "
             "send_timeout, frame_too_long, too_many_connections, handshake_timeout, "
             "idle_timeout, accept_failed, error).", ["reason"], registry=r)
+        self.loop_errors = _Counter("jobd_asyncio_errors",
+                                    "Errors the asyncio loop reported with nobody awaiting "
+                                    "them (logged, not raised).", [], registry=r)
         self.run_seconds = _Histogram("jobd_job_run_seconds", "Attempt run time.",
                                       ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
         self.wait_seconds = _Histogram("jobd_job_wait_seconds",
@@ -381,6 +384,12 @@ class PromObserver:
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
+    def loop_error(self) -> None:
+        try:
+            self._m.loop_errors.inc(())
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
     def db_round_trip(self, operation: str, seconds: float) -> None:
         try:
             self._m.db_seconds.observe((operation,), seconds)
@@ -572,4 +581,4 @@ async def run_queue_gauges(
             # Whatever ended the session ended the lock with it (or we are stopping).
             gauges.clear()
         await clock.sleep(backoff)
-        backoff = min(backoff * 2, 60.0)
+        backoff = min(backoff * 2, 10.0)  # after an outage the gauges come back soon
