@@ -1,4 +1,5 @@
-"""Returns expired leases to the queue, enforces absolute timeouts, prunes finished jobs.
+"""Returns expired leases to the queue, enforces absolute timeouts, prunes finished jobs
+and idle flow keys.
 
 Safe on every daemon at once: each statement takes its rows with SKIP LOCKED.
 """
@@ -39,6 +40,10 @@ class ReaperSettings(msgspec.Struct, kw_only=True):
     timeout_grace_s: float = 60.0
     batch: int = 1000
     forget_daemons_after_s: float = 3600.0
+    # A flow key with nothing available or running, idle this long, loses its row if it
+    # is in its default state; its failure streak and slowed rate last forget_key_state.
+    idle_key_after_s: float = 600.0
+    forget_key_state_after_s: float = 3600.0
     retention: list[RetentionRule] = []
     aging: list[AgingRule] = []
 
@@ -50,6 +55,7 @@ class SweepReport(msgspec.Struct):
     promoted: int = 0
     pruned: int = 0
     woken: int = 0  # waiting workflows whose wait was over (a missed wake-up, a timeout)
+    keys_pruned: int = 0  # idle flow-key rows deleted
 
 
 class Reaper(Actor[Sweep]):
@@ -102,6 +108,13 @@ class Reaper(Actor[Sweep]):
                 if n < batch:
                     break
                 await trio.lowlevel.checkpoint()  # let the daemon breathe between batches
+        while True:
+            n = await self._store.prune_idle_keys(batch, self.settings.idle_key_after_s,
+                                                  self.settings.forget_key_state_after_s)
+            report.keys_pruned += n
+            if n < batch:
+                break
+            await trio.lowlevel.checkpoint()
         await self._store.forget_dead_daemons(self.settings.forget_daemons_after_s)
         if report.rescued or report.timed_out:
             log.info("rescued %d, timed out %d", report.rescued, report.timed_out,
