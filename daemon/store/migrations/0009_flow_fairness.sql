@@ -56,6 +56,7 @@ CREATE INDEX jobs_scheduled_by_key ON jobd.jobs (queue, run_at)
     WHERE state = 'scheduled' AND key IS NOT NULL;
 
 -- -- one key's limits, read against its row (NULL row = defaults) --------------------------
+-- One expression each, no FROM, so the planner inlines them into the claim's statements.
 
 -- Requests per second the key's bucket refills at (adaptive: times its factor).
 CREATE FUNCTION jobd.flow_rate(f jobd.flow_keys, lim jsonb) RETURNS double precision
@@ -73,7 +74,7 @@ $$;
 
 -- Request tokens at `at` (NULL: no rate limit).
 CREATE FUNCTION jobd.flow_tokens(f jobd.flow_keys, lim jsonb, at timestamptz)
-RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
+RETURNS double precision LANGUAGE sql STABLE AS $$
     SELECT CASE WHEN lim->>'rate' IS NOT NULL THEN
         least(jobd.flow_burst(f, lim),
               coalesce(f.tokens, jobd.flow_burst(f, lim)) + jobd.flow_rate(f, lim)
@@ -83,7 +84,7 @@ $$;
 
 -- Cost tokens (tokens per minute) at `at` (NULL: no such limit).
 CREATE FUNCTION jobd.flow_cost_tokens(f jobd.flow_keys, lim jsonb, at timestamptz)
-RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
+RETURNS double precision LANGUAGE sql STABLE AS $$
     SELECT CASE WHEN lim->>'tpm' IS NOT NULL THEN
         least((lim->>'tpm')::float8,
               coalesce(f.cost_tokens, (lim->>'tpm')::float8) + (lim->>'tpm')::float8 / 60
@@ -97,26 +98,31 @@ CREATE FUNCTION jobd.flow_limited(lim jsonb) RETURNS boolean LANGUAGE sql IMMUTA
     SELECT lim ?| array['concurrency', 'rate', 'tpm', 'breaker_failures']
 $$;
 
+-- Has the key failed breaker_failures times in a row (no success since)?
+CREATE FUNCTION jobd.flow_breaker_open(f jobd.flow_keys, lim jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT lim->>'breaker_failures' IS NOT NULL
+           AND coalesce(f.consecutive_failures, 0) >= (lim->>'breaker_failures')::integer
+$$;
+
 -- How many jobs the key may start at `at` by its own limits, `running` of its jobs
 -- running now: 0 while paused, while its breaker is open and cooling down (then one
 -- probe at a time), or while its buckets are empty.
 CREATE FUNCTION jobd.flow_allowance(f jobd.flow_keys, lim jsonb, running bigint,
                                     at timestamptz)
-RETURNS integer LANGUAGE sql IMMUTABLE AS $$
+RETURNS integer LANGUAGE sql STABLE AS $$
     SELECT CASE
         WHEN f.paused_until > at THEN 0
-        WHEN b.open AND (running > 0 OR at < f.last_failure_at + make_interval(
-                secs => coalesce((lim->>'breaker_cooldown_s')::float8, 30))) THEN 0
+        WHEN jobd.flow_breaker_open(f, lim)
+             AND (running > 0 OR at < f.last_failure_at + make_interval(
+                  secs => coalesce((lim->>'breaker_cooldown_s')::float8, 30))) THEN 0
         WHEN jobd.flow_cost_tokens(f, lim, at) <= 0 THEN 0
         ELSE greatest(0, least(
-            CASE WHEN b.open THEN 1 END,
+            CASE WHEN jobd.flow_breaker_open(f, lim) THEN 1 END,
             (lim->>'concurrency')::bigint - running,
             floor(jobd.flow_tokens(f, lim, at))::bigint,
             1000000000))::integer
     END
-    FROM (SELECT lim->>'breaker_failures' IS NOT NULL
-                 AND coalesce(f.consecutive_failures, 0) >= (lim->>'breaker_failures')::integer
-                 AS open) b
 $$;
 
 -- -- the claim -----------------------------------------------------------------------
@@ -160,6 +166,7 @@ DECLARE
     v_lost     text[];
     v_keyless  boolean := false;
     v_share    integer;
+    v_after    integer;  -- how many of v_keys come after the cursor (the rest wrapped)
     v_ids      bigint[];
     v_next     text;
 BEGIN
@@ -238,12 +245,16 @@ BEGIN
             CROSS JOIN LATERAL (SELECT v_def || coalesce(v_over -> w.key, '{}') AS lim) l
             LEFT JOIN LATERAL (SELECT f FROM jobd.flow_keys f
                                WHERE f.queue = p_queue AND f.key = w.key) fk ON true
+            -- A column, not an argument: the planner inlines the flow_ functions only
+            -- when their arguments are plain values.
+            CROSS JOIN LATERAL (
+                SELECT CASE WHEN l.lim ?| array['concurrency', 'breaker_failures'] THEN
+                           (SELECT count(*) FROM jobd.jobs r
+                            WHERE r.queue = p_queue AND r.key = w.key AND r.state = 'running')
+                       ELSE 0 END AS n
+                OFFSET 0) run
             WHERE NOT w.key = ANY(p_paused)
-              AND jobd.flow_allowance(fk.f, l.lim,
-                    CASE WHEN l.lim ?| array['concurrency', 'breaker_failures'] THEN
-                        (SELECT count(*) FROM jobd.jobs r
-                         WHERE r.queue = p_queue AND r.key = w.key AND r.state = 'running')
-                    ELSE 0 END, v_now) > 0
+              AND jobd.flow_allowance(fk.f, l.lim, run.n, v_now) > 0
               AND EXISTS (SELECT 1 FROM jobd.jobs j
                           WHERE j.queue = p_queue AND j.key = w.key AND j.state = 'available'
                             AND j.run_at <= v_now AND j.kind = ANY(p_kinds))
@@ -275,7 +286,8 @@ BEGIN
     END IF;
 
     -- Jobs without a key take their turn where the walk wraps around.
-    IF coalesce(cardinality(array_positions(v_parts, 1)), 0) < v_left
+    v_after := coalesce(cardinality(array_positions(v_parts, 1)), 0);
+    IF v_after < v_left
        AND EXISTS (SELECT 1 FROM jobd.flow_keys WHERE queue = p_queue AND key = '') THEN
         v_keyless := true;
     END IF;
@@ -295,20 +307,21 @@ BEGIN
     -- second, ...) up to v_left.
     WITH cand AS (
         SELECT k.key, k.ord, l.lim, fk.f,
-               jobd.flow_allowance(fk.f, l.lim,
-                   CASE WHEN l.lim ?| array['concurrency', 'breaker_failures'] THEN
-                       (SELECT count(*) FROM jobd.jobs r
-                        WHERE r.queue = p_queue AND r.key = k.key AND r.state = 'running')
-                   ELSE 0 END, v_now) AS allow,
+               jobd.flow_allowance(fk.f, l.lim, run.n, v_now) AS allow,
                jobd.flow_cost_tokens(fk.f, l.lim, v_now) AS ctokens,
                (l.lim->>'tpm')::float8 AS tpm
         FROM unnest(v_keys, v_parts) WITH ORDINALITY AS k(key, part, ord)
         CROSS JOIN LATERAL (SELECT v_def || coalesce(v_over -> k.key, '{}') AS lim) l
         LEFT JOIN LATERAL (SELECT f FROM jobd.flow_keys f
                            WHERE f.queue = p_queue AND f.key = k.key) fk ON true
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN l.lim ?| array['concurrency', 'breaker_failures'] THEN
+                       (SELECT count(*) FROM jobd.jobs r
+                        WHERE r.queue = p_queue AND r.key = k.key AND r.state = 'running')
+                   ELSE 0 END AS n
+            OFFSET 0) run
     ), keyed AS (
-        SELECT c.ord::float8 + CASE WHEN c.ord > coalesce(cardinality(array_positions(v_parts, 1)), 0)
-                                    THEN 1 ELSE 0 END AS ord,
+        SELECT c.ord::float8 + CASE WHEN c.ord > v_after THEN 1 ELSE 0 END AS ord,
                t.id, t.cost, t.rn,
                sum(t.cost) OVER (PARTITION BY c.key ORDER BY t.rn) - t.cost AS before,
                c.ctokens, c.tpm
@@ -325,7 +338,7 @@ BEGIN
         WHERE c.allow > 0
     ), keyless AS (
         -- Jobs without a key obey only the queue-wide limits.
-        SELECT coalesce(cardinality(array_positions(v_parts, 1)), 0) + 1::float8 AS ord,
+        SELECT v_after + 1::float8 AS ord,
                s.id, 1::integer AS cost, row_number() OVER (ORDER BY s.priority, s.run_at, s.id) AS rn,
                0::bigint AS before, NULL::float8 AS ctokens, NULL::float8 AS tpm
         FROM (SELECT j.id, j.priority, j.run_at FROM jobd.jobs j
