@@ -228,7 +228,8 @@ async def test_an_empty_claim_writes_nothing(store, sql):
         return (sql.fetch("SELECT queue, key, xmin::text, xmax::text, ctid::text "
                           "FROM jobd.flow_keys ORDER BY queue, key"),
                 sql.fetch("SELECT queue, xmin::text, xmax::text, ctid::text "
-                          "FROM jobd.flow_queues ORDER BY queue"))
+                          "FROM jobd.flow_queues ORDER BY queue")
+                if sql.fetchval("SELECT to_regclass('jobd.flow_queues') IS NOT NULL") else [])
 
     before = versions()
     for minute in range(10):
