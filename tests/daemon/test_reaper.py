@@ -233,3 +233,17 @@ async def test_sweep_reports_what_it_did(store, sql):
     assert [i for i, s in states.items() if s == "completed"] == [min(j.id for j in finished)]
     # A second pass finds nothing left to do.
     assert await reaper.sweep() == SweepReport()
+
+
+async def test_sweep_prunes_idle_flow_keys(store, sql):
+    # (issue 14, item 7) flow_keys grew by a row per key ever seen and was never pruned.
+    sql.execute("INSERT INTO jobd.flow_keys (queue, key, served_at) "
+                "SELECT 'crawl', 'user-' || g, now() - interval '1 hour' "
+                "FROM generate_series(1, 2500) g")
+    await store.enqueue_many([NewJob(kind="k", queue="crawl", key="user-7")])  # has work
+    settings = ReaperSettings(batch=1000, idle_key_after_s=600)
+    reaper = Reaper(Mailbox[Sweep]("reaper"), store, settings, observer=NullObserver(),
+                    clock=TrioClock())
+    assert (await reaper.sweep()).keys_pruned == 2499
+    assert [r["key"] for r in sql.fetch("SELECT key FROM jobd.flow_keys WHERE key <> ''")] == [
+        "user-7"]
