@@ -6,12 +6,29 @@ from __future__ import annotations
 class RetryAfter(Exception):
     """Run this job again in `seconds`; by default the attempt is not counted (a snooze).
 
-    Raise it when a remote side asks you to come back later (a 429 with Retry-After).
+    A snooze concerns this job only: its key is not paused and its rate is not touched.
+    For a remote side that rate-limits you, raise RateLimited (or let the HTTP 429 error
+    propagate), which pauses the whole key.
     """
 
     def __init__(self, seconds: float, reason: str = ""):
         super().__init__(reason or f"retry after {seconds:g} s")
         self.seconds = max(0.0, float(seconds))
+
+
+class RateLimited(Exception):
+    """The remote side rate-limited this call (what an HTTP 429 means too).
+
+    The job's key is paused on every daemon for `seconds` (None: the remote did not say;
+    the queue's `rate_limit_pause` applies) and its adaptive rate is slowed; the job
+    retries after that pause (or its rate-limit backoff), as an attempt. To run this one
+    job later without telling the key's limiter, raise RetryAfter instead.
+    """
+
+    def __init__(self, seconds: float | None = None, reason: str = ""):
+        super().__init__(reason or ("rate limited" if seconds is None
+                                    else f"rate limited for {seconds:g} s"))
+        self.seconds = None if seconds is None else max(0.0, float(seconds))
 
 
 class Fail(Exception):

@@ -1,5 +1,5 @@
 """Returns expired leases to the queue, enforces absolute timeouts, prunes finished jobs
-and old workflow events.
+old workflow events and idle flow keys.
 
 Safe on every daemon at once: each statement takes its rows with SKIP LOCKED.
 """
@@ -44,6 +44,10 @@ class ReaperSettings(msgspec.Struct, kw_only=True):
     # A hold (see Reaper) lasts at most this long while the store answers, so that a
     # store failing now and then (a statement timing out) cannot starve rescue.
     max_hold_s: float = 120.0
+    # A flow key with nothing available or running, idle this long, loses its row if it
+    # is in its default state; its failure streak and slowed rate last forget_key_state.
+    idle_key_after_s: float = 600.0
+    forget_key_state_after_s: float = 3600.0
     retention: list[RetentionRule] = []
     events_max_age_s: float | None = None  # workflow events; None keeps them forever
     aging: list[AgingRule] = []
@@ -57,6 +61,7 @@ class SweepReport(msgspec.Struct):
     pruned: int = 0
     woken: int = 0  # waiting workflows whose wait was over (a missed wake-up, a timeout)
     pruned_events: int = 0
+    keys_pruned: int = 0  # idle flow-key rows deleted
 
 
 class Reaper(Actor[Sweep]):
@@ -130,6 +135,13 @@ class Reaper(Actor[Sweep]):
         while self.settings.events_max_age_s is not None:
             n = await self._store.prune_events(self.settings.events_max_age_s, batch)
             report.pruned_events += n
+            if n < batch:
+                break
+            await trio.lowlevel.checkpoint()
+        while True:
+            n = await self._store.prune_idle_keys(batch, self.settings.idle_key_after_s,
+                                                  self.settings.forget_key_state_after_s)
+            report.keys_pruned += n
             if n < batch:
                 break
             await trio.lowlevel.checkpoint()

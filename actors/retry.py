@@ -4,7 +4,8 @@ Pure functions; the worker applies the decision. Classes and default first delay
 
 | class       | when                                             | then                      |
 |-------------|--------------------------------------------------|---------------------------|
-| rate_limit  | HTTP 429 (Retry-After honoured, else 60 s)       | retry after that          |
+| rate_limit  | HTTP 429 or RateLimited (Retry-After / seconds    | retry after that; the key |
+|             | honoured, else the 60 s backoff)                  | pauses (see Decision)     |
 | snooze      | the handler raised RetryAfter(seconds)           | run again then            |
 | network     | timeouts, refused/reset connections, 5xx          | retry, 10 s base          |
 | timeout     | the attempt ran past the job's timeout           | retry, 10 s base          |
@@ -23,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from actors.errors import Fail, RetryAfter
+from actors.errors import Fail, RateLimited, RetryAfter
 
 BASE_DELAY_S = {"rate_limit": 60.0, "network": 10.0, "timeout": 10.0, "unknown": 5.0}
 MAX_DELAY_S = 3600.0
@@ -35,6 +36,9 @@ class Decision(msgspec.Struct, frozen=True):
     action: str  # "retry" | "fail" | "snooze"
     error_class: str
     delay_s: float = 0.0
+    # rate_limit only: how long the remote asked the whole key to wait (Retry-After,
+    # RateLimited(seconds)); None = it did not say, the queue's rate_limit_pause applies.
+    pause_s: float | None = None
 
 
 def http_status(exc: BaseException) -> int | None:
@@ -67,9 +71,18 @@ def retry_after_header(exc: BaseException) -> float | None:
     return None
 
 
+def stated_pause(exc: BaseException) -> float | None:
+    """How long a rate-limit error says to wait: RateLimited's seconds or Retry-After."""
+    if isinstance(exc, RateLimited):
+        return exc.seconds
+    return retry_after_header(exc)
+
+
 def error_class(exc: BaseException) -> str:
     if isinstance(exc, Fail):
         return "fail"
+    if isinstance(exc, RateLimited):
+        return "rate_limit"
     if isinstance(exc, RetryAfter):
         return "snooze"
     if isinstance(exc, msgspec.ValidationError):
@@ -110,12 +123,11 @@ def decide(exc: BaseException, attempt: int, max_attempts: int, rng: random.Rand
         return Decision("snooze", cls, exc.seconds)
     if cls in _FAIL_NOW:
         return Decision("fail", cls)
+    pause = stated_pause(exc) if cls == "rate_limit" else None
     if attempt >= max_attempts:
-        return Decision("fail", cls)
-    if cls == "rate_limit":
-        header = retry_after_header(exc)
-        if header is not None:
-            return Decision("retry", cls, header)
+        return Decision("fail", cls, pause_s=pause)
+    if pause is not None:
+        return Decision("retry", cls, pause, pause_s=pause)
     return Decision("retry", cls, backoff(cls, attempt, rng, base_delays))
 
 

@@ -311,12 +311,14 @@ class AttemptRunner:
 def _remote_signal(decision: retry.Decision) -> tuple[str | None, float | None]:
     """What an error says about the job's key: back-pressure, a failure, or nothing.
 
-    A 429 or RetryAfter pauses the whole key (on every daemon) for the time given;
-    network-ish failures count toward the key's breaker; a job's own bad input
-    (validation, 4xx, Fail) says nothing about the remote side.
+    A rate limit (HTTP 429, RateLimited) pauses the whole key on every daemon for the time
+    the remote gave (None: the queue's rate_limit_pause) and slows its adaptive rate; a
+    snooze (RetryAfter) concerns this job only; network-ish failures count toward the
+    key's breaker; a job's own bad input (validation, 4xx, Fail) says nothing about the
+    remote side.
     """
-    if decision.error_class in ("rate_limit", "snooze"):
-        return "rate_limited", decision.delay_s or None
+    if decision.error_class == "rate_limit":
+        return "rate_limited", decision.pause_s
     if decision.error_class in ("network", "timeout", "unknown"):
         return "fail", None
     return None, None

@@ -180,8 +180,12 @@ class WorkflowMixin:
         The result is msgspec-encoded; every run (the first one too) returns the value
         decoded from that encoding, so a resumed run sees exactly what an undisturbed
         one did. A failing call is retried in place up to `retries` times with
-        exponential backoff (429 honours Retry-After); errors classified as
-        non-retryable (actors/retry.py) and long delays go straight to the job's retry.
+        exponential backoff; errors classified as non-retryable (actors/retry.py) and
+        long delays go straight to the job's retry. A rate limit (HTTP 429, RateLimited)
+        in a job with a key is not retried in place: it ends the run as the job's own
+        rate-limit outcome, so the key is paused on every daemon and its adaptive rate
+        slowed (the job resumes after the pause, its finished steps replayed). Without
+        a key it is retried in place after its Retry-After.
         """
         memo = await self._loaded()
         entry = memo.get(name)
@@ -199,7 +203,8 @@ class WorkflowMixin:
                     value = await value
                 break
             except Exception as exc:
-                delay = _inline_retry_delay(exc, tries, retries, backoff_s)
+                delay = _inline_retry_delay(exc, tries, retries, backoff_s,
+                                            keyed=self.job.key is not None)
                 if delay is None:
                     error = msgspec.json.encode({"class": retry.error_class(exc),
                                                  **retry.summarize(exc, limit=4)}).decode()
@@ -337,14 +342,17 @@ def _maybe_json(raw: str | None) -> Any:
     return None if raw is None else msgspec.json.decode(raw)
 
 
-def _inline_retry_delay(exc: Exception, tries: int, retries: int, backoff_s: float) -> float | None:
+def _inline_retry_delay(exc: Exception, tries: int, retries: int, backoff_s: float,
+                        keyed: bool = False) -> float | None:
     """Seconds to wait before retrying a step in place, or None to give up (raise)."""
     cls = retry.error_class(exc)
     if cls in ("validation", "client", "fail", "snooze") or tries > retries:
         return None
+    if cls == "rate_limit" and keyed:
+        return None  # the key's limiter must hear it: the job's outcome pauses the key
     delay = None
     if cls == "rate_limit":
-        delay = retry.retry_after_header(exc)
+        delay = retry.stated_pause(exc)
     if delay is None:
         delay = backoff_s * 2.0 ** (tries - 1) * random.uniform(0.75, 1.25)
     return delay if delay <= MAX_INLINE_RETRY_S else None

@@ -97,6 +97,9 @@ class Queue(_Strict):
     adaptive: bool = False
     breaker_failures: Annotated[int, msgspec.Meta(ge=1)] | None = None
     breaker_cooldown: Duration = "30s"
+    # A rate limit that does not say how long (a 429 without Retry-After, RateLimited())
+    # pauses the key this long.
+    rate_limit_pause: Duration = "30s"
     aging: Duration | None = None  # waiting this long moves a job one priority step up
     aging_floor: int = 0
     keys: dict[str, KeyLimits] = {}
@@ -114,7 +117,8 @@ class Queue(_Strict):
         }
         if not default and not any(keys.values()) and self.queue_rate is None:
             return None
-        limits: dict[str, Any] = {"default": default, "keys": keys}
+        limits: dict[str, Any] = {"default": default, "keys": keys,
+                                  "rate_limit_pause_s": parse_duration(self.rate_limit_pause)}
         if self.queue_rate is not None:
             limits["queue_rate"] = parse_rate(self.queue_rate)
             if self.queue_burst is not None:
@@ -286,7 +290,7 @@ def _validate(config: Config, where: str) -> None:
             raise ConfigError(f"{where}: control.{name} must be a positive duration "
                               f"- at `$.control.{name}`")
     for name, queue in config.queues.items():
-        for field in ("timeout", "breaker_cooldown", "aging"):
+        for field in ("timeout", "breaker_cooldown", "rate_limit_pause", "aging"):
             if getattr(queue, field) is not None:
                 _check_duration(getattr(queue, field), f"$.queues.{name}.{field}", where)
         for field in ("rate", "queue_rate"):

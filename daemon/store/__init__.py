@@ -352,6 +352,14 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         )
         return int(tag.split()[-1])
 
+    async def prune_idle_keys(
+        self, limit: int, idle_s: float, forget_s: float, now: datetime | None = None
+    ) -> int:
+        """Delete up to `limit` flow-key rows in their default state whose key has nothing
+        available or running and was idle for `idle_s` (queries.PRUNE_IDLE_KEYS)."""
+        tag = await self._execute(q.PRUNE_IDLE_KEYS, limit, idle_s, now, forget_s, op="prune")
+        return int(tag.split()[-1])
+
     # -- metrics ------------------------------------------------------------------
 
     @asynccontextmanager

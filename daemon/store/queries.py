@@ -121,25 +121,32 @@ j.lease_token, j.timeout_s, j.tags, j.errors::text AS errors, j.unique_key, j.ru
 j.created_at, j.started_at
 """
 
-# The same claim under flow control: jobd.claim_flow (migration 0004) walks the queue's
-# keys round robin and takes what every limit allows.
+# The same claim under flow control: jobd.claim_flow (migration 0009) walks the queue's
+# keys that have available jobs round robin and takes what every limit allows.
 CLAIM_FLOW = f"""
 SELECT {CLAIMED_COLUMNS}
 FROM jobd.claim_flow($1, $2, $3, $4, $6::text[], $7::text[], $5::timestamptz, $8::jsonb) j
 """
 
 # Per key: what runs, what waits, and the bucket and breaker state (`jobctl stats`).
+# Counted from the jobs in one pass; a key whose row was pruned (it is in its default
+# state) still shows while it has jobs.
 KEY_STATS = """
-SELECT f.queue, f.key, f.tokens, f.rate_factor, f.paused_until, f.consecutive_failures,
-       f.last_failure_at,
-       (SELECT count(*) FROM jobd.jobs j
-        WHERE j.queue = f.queue AND j.key = f.key AND j.state = 'running') AS running,
-       (SELECT count(*) FROM jobd.jobs j
-        WHERE j.queue = f.queue AND j.key = f.key AND j.state IN ('available', 'scheduled'))
-           AS queued
-FROM jobd.flow_keys f
-WHERE f.key <> '' AND ($1::text IS NULL OR f.queue = $1)
-ORDER BY queued DESC, f.queue, f.key
+WITH counts AS (
+    SELECT queue, key, count(*) FILTER (WHERE state = 'running') AS running,
+           count(*) FILTER (WHERE state <> 'running') AS queued
+    FROM jobd.jobs
+    WHERE state IN ('available', 'scheduled', 'running') AND key IS NOT NULL
+      AND ($1::text IS NULL OR queue = $1)
+    GROUP BY queue, key
+)
+SELECT coalesce(f.queue, c.queue) AS queue, coalesce(f.key, c.key) AS key, f.tokens,
+       coalesce(f.rate_factor, 1) AS rate_factor, f.paused_until,
+       coalesce(f.consecutive_failures, 0) AS consecutive_failures, f.last_failure_at,
+       coalesce(c.running, 0) AS running, coalesce(c.queued, 0) AS queued
+FROM (SELECT * FROM jobd.flow_keys WHERE key <> '' AND ($1::text IS NULL OR queue = $1)) f
+FULL JOIN counts c ON c.queue = f.queue AND c.key = f.key
+ORDER BY queued DESC, queue, key
 LIMIT $2
 """
 
@@ -229,26 +236,33 @@ WITH done AS (
     WHERE j.id = x.id AND j.lease_token = x.token AND j.state = {RUNNING}
     RETURNING j.id, j.queue, j.key, x.flow, x.pause_s
 ),
--- What the remote side said, per key: a 429 pauses the key on every daemon and halves
--- its adaptive rate; successes raise the rate additively and close the breaker.
+-- What the remote side said, per key: a rate limit pauses the key on every daemon (for
+-- the time the remote gave, else the queue's rate_limit_pause, which the claims keep in
+-- jobd.flow_queues) and halves its adaptive rate; successes raise the rate additively
+-- and close the breaker.
 effects AS (
-    SELECT queue, key,
-           count(*) FILTER (WHERE flow = 'ok') AS ok,
-           count(*) FILTER (WHERE flow = 'fail') AS failed,
-           count(*) FILTER (WHERE flow = 'rate_limited') AS limited,
-           max(pause_s) AS pause_s
-    FROM done WHERE flow IS NOT NULL AND key IS NOT NULL
-    GROUP BY queue, key
+    SELECT d.queue, d.key,
+           count(*) FILTER (WHERE d.flow = 'ok') AS ok,
+           count(*) FILTER (WHERE d.flow = 'fail') AS failed,
+           count(*) FILTER (WHERE d.flow = 'rate_limited') AS limited,
+           max(CASE WHEN d.flow = 'rate_limited'
+                    THEN coalesce(d.pause_s, q.rate_limit_pause_s, 0) END) AS pause_s
+    FROM done d LEFT JOIN jobd.flow_queues q ON q.queue = d.queue
+    WHERE d.flow IS NOT NULL AND d.key IS NOT NULL
+    GROUP BY d.queue, d.key
 ),
--- Lock the key rows in one order, so two daemons' finishes cannot deadlock.
+-- Lock the key rows in one order, so two daemons' finishes cannot deadlock; only rows
+-- this batch changes (successes on a healthy key write nothing).
 locked AS (
     SELECT f.queue, f.key FROM jobd.flow_keys f JOIN effects e USING (queue, key)
+    WHERE e.limited > 0 OR e.failed > 0
+       OR (e.ok > 0 AND (f.rate_factor < 1 OR f.consecutive_failures > 0))
     ORDER BY f.queue, f.key
     FOR UPDATE OF f
 ),
 flow AS (
     UPDATE jobd.flow_keys f SET
-        paused_until = CASE WHEN e.pause_s > 0
+        paused_until = CASE WHEN e.limited > 0
             THEN greatest(coalesce(f.paused_until, now()), now() + e.pause_s * interval '1 second')
             ELSE f.paused_until END,
         rate_factor = CASE WHEN e.limited > 0 THEN greatest(0.05, f.rate_factor * 0.5)
@@ -259,10 +273,29 @@ flow AS (
     FROM effects e JOIN locked l USING (queue, key)
     WHERE f.queue = e.queue AND f.key = e.key
     RETURNING f.queue, f.key, f.consecutive_failures
+),
+-- A key whose row was pruned (it was in its default state) gets it back, with this
+-- batch's effects applied to the defaults.
+fresh AS (
+    INSERT INTO jobd.flow_keys (queue, key, paused_until, rate_factor, consecutive_failures,
+                                last_failure_at)
+    SELECT e.queue, e.key,
+           CASE WHEN e.limited > 0 THEN now() + e.pause_s * interval '1 second' END,
+           CASE WHEN e.limited > 0 THEN 0.5 ELSE 1 END,
+           CASE WHEN e.ok > 0 THEN 0 ELSE e.failed END,
+           CASE WHEN e.failed > 0 THEN now() END
+    FROM effects e
+    WHERE (e.limited > 0 OR e.failed > 0)
+      AND NOT EXISTS (SELECT 1 FROM jobd.flow_keys f WHERE f.queue = e.queue AND f.key = e.key)
+    ORDER BY e.queue, e.key
+    ON CONFLICT DO NOTHING
+    RETURNING queue, key, consecutive_failures
 )
 SELECT id, NULL::text AS key, NULL::int AS failures FROM done
 UNION ALL
 SELECT NULL, queue || ':' || key, consecutive_failures FROM flow
+UNION ALL
+SELECT NULL, queue || ':' || key, consecutive_failures FROM fresh
 """
 
 WRITE_PROGRESS = f"""
@@ -379,6 +412,35 @@ DELETE FROM jobd.jobs WHERE id = ANY(ARRAY(
     LIMIT $4
     FOR UPDATE OF j SKIP LOCKED
 ))
+"""
+
+# Idle flow keys: a row in its default state (no pause, breaker closed, full rate, full
+# buckets) says nothing a missing row does not, so it goes once none of the key's jobs is
+# available or running and the key has been idle (not served, not rate limited) for $2
+# seconds; claims and finishes recreate it when the key is used again. A failure streak
+# or a slowed adaptive rate is forgotten after $4 seconds without news.
+PRUNE_IDLE_KEYS = """
+DELETE FROM jobd.flow_keys d
+USING (
+    SELECT f.queue, f.key FROM jobd.flow_keys f
+    WHERE f.key <> ''
+      AND coalesce(f.served_at, '-infinity') < coalesce($3::timestamptz, now()) - $2 * interval '1 second'
+      AND coalesce(f.paused_until, '-infinity')
+          < coalesce($3::timestamptz, now()) - $2 * interval '1 second'
+      AND (f.consecutive_failures = 0
+           OR f.last_failure_at < coalesce($3::timestamptz, now()) - $4 * interval '1 second')
+      AND (f.rate_factor >= 1 OR coalesce(f.paused_until, '-infinity')
+           < coalesce($3::timestamptz, now()) - $4 * interval '1 second')
+      AND ((f.tokens IS NULL AND f.cost_tokens IS NULL)
+           OR f.full_at <= coalesce($3::timestamptz, now()))
+      AND NOT EXISTS (SELECT 1 FROM jobd.jobs j
+                      WHERE j.queue = f.queue AND j.key = f.key AND j.state = 'available')
+      AND NOT EXISTS (SELECT 1 FROM jobd.jobs j
+                      WHERE j.queue = f.queue AND j.key = f.key AND j.state = 'running')
+    LIMIT $1
+    FOR UPDATE OF f SKIP LOCKED
+) idle
+WHERE d.queue = idle.queue AND d.key = idle.key
 """
 
 # -- reads ------------------------------------------------------------------------

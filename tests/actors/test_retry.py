@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from actors import retry
-from actors.errors import Fail, RetryAfter
+from actors.errors import Fail, RateLimited, RetryAfter
 
 # --------------------------------------------------------------------------- fakes
 
@@ -73,7 +73,7 @@ def test_status_on_the_exception_itself_counts_too():
 
 def test_429_honours_retry_after_header():
     exc = FakeHTTPStatusError(429, {"Retry-After": "7"})
-    assert retry.decide(exc, 1, 5, rng()) == retry.Decision("retry", "rate_limit", 7.0)
+    assert retry.decide(exc, 1, 5, rng()) == retry.Decision("retry", "rate_limit", 7.0, 7.0)
 
 
 def test_429_lowercase_header_is_found():
@@ -197,3 +197,46 @@ def test_summarize_keeps_type_message_and_frames():
     assert summary["type"] == "ValueError"
     assert len(summary["message"]) == 2000
     assert "test_summarize_keeps_type_message_and_frames" in summary["traceback"]
+
+
+# --------------------------------------------------------------------------- the key's signal
+# (issue 14, item 8) A snooze is this job's business; a rate limit is the key's.
+
+
+def signal(exc: BaseException, attempt: int = 1, max_attempts: int = 5):
+    from actors.worker import _remote_signal
+
+    return _remote_signal(retry.decide(exc, attempt, max_attempts, rng()))
+
+
+def test_a_snooze_says_nothing_about_the_key():
+    assert signal(RetryAfter(30, "come back later")) == (None, None)
+
+
+def test_a_429_with_retry_after_pauses_the_key_that_long():
+    assert signal(FakeHTTPStatusError(429, {"Retry-After": "7"})) == ("rate_limited", 7.0)
+
+
+def test_a_429_without_retry_after_leaves_the_pause_to_the_queue_default():
+    # Not the job's own backoff (60 s, doubling up to an hour): the claim's configured
+    # rate_limit_pause applies to the key; the job still backs off on its own.
+    decision = retry.decide(FakeHTTPStatusError(429), 4, 10, rng())
+    assert decision.delay_s > 300 and decision.pause_s is None
+    assert signal(FakeHTTPStatusError(429), attempt=4, max_attempts=10) == ("rate_limited", None)
+
+
+def test_rate_limited_is_a_rate_limit_with_or_without_seconds():
+    assert retry.error_class(RateLimited()) == "rate_limit"
+    assert retry.decide(RateLimited(5), 1, 3, rng()) == retry.Decision(
+        "retry", "rate_limit", 5.0, 5.0)
+    assert signal(RateLimited(5)) == ("rate_limited", 5.0)
+    assert signal(RateLimited()) == ("rate_limited", None)
+    assert RateLimited(-1).seconds == 0.0
+    # On the last attempt the job fails, and the key still hears about it.
+    assert signal(RateLimited(5), attempt=3, max_attempts=3) == ("rate_limited", 5.0)
+
+
+def test_rate_limited_is_exported_for_handlers():
+    import actors
+
+    assert actors.RateLimited is RateLimited

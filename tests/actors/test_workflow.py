@@ -100,10 +100,11 @@ class Harness:
     async def _tx(self):
         yield None
 
-    async def run(self, kind: str, args: dict | None = None, attempt: int = 1):
+    async def run(self, kind: str, args: dict | None = None, attempt: int = 1,
+                  key: str | None = None):
         at = datetime(2024, 1, 1, tzinfo=UTC)
         claimed = Claimed(id=7, queue="default", kind=kind,
-                          args=msgspec.json.encode(args or {}).decode(), key=None, priority=0,
+                          args=msgspec.json.encode(args or {}).decode(), key=key, priority=0,
                           attempt=attempt, max_attempts=5, lease_token=1, timeout_s=None,
                           tags=[], errors="[]", unique_key=None, run_at=at, created_at=at,
                           started_at=at)
@@ -167,6 +168,38 @@ async def test_step_retries_in_place_honouring_retry_after():
     outcome, _ = await h.run("t.wf.retry")
     assert outcome.state == "completed" and outcome.result == "3"
     assert h.store.steps[(7, "call")]["attempts"] == 3
+
+
+async def test_a_keyed_steps_rate_limit_reaches_the_keys_limiter():
+    # (issue 14, item 8) Retried in place, the 429 would never pause the key: every other
+    # job of the key would go on hitting the site. It ends the run as the job's own
+    # rate-limit outcome instead; the finished steps are kept for the next run.
+    FLAKY.clear()
+    h = Harness()
+    outcome, label = await h.run("t.wf.retry", key="ebay")
+    assert len(FLAKY) == 1 and label == "error"
+    assert (outcome.state, outcome.flow, outcome.pause_s) == ("scheduled", "rate_limited", 0.01)
+    assert "rate_limit" in h.store.steps[(7, "call")]["error"]
+
+
+@job("t.wf.limited")
+async def limited_handler(ctx, args: Empty) -> None:
+    from actors import RateLimited
+
+    async def call() -> None:
+        FLAKY.append(1)
+        raise RateLimited()
+
+    await ctx.step("call", call)
+
+
+async def test_rate_limited_without_seconds_leaves_the_pause_to_the_queue():
+    FLAKY.clear()
+    h = Harness()
+    outcome, _ = await h.run("t.wf.limited", key="ebay")
+    assert len(FLAKY) == 1
+    assert (outcome.flow, outcome.pause_s) == ("rate_limited", None)
+    assert outcome.state == "scheduled" and outcome.delay_s > 30  # the job's own backoff
 
 
 @job("t.wf.fatal")

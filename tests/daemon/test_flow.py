@@ -164,3 +164,172 @@ async def test_adaptive_rate_recovers_additively_on_success(store, sql):
     later = now + timedelta(seconds=10)
     await claim(store, limits, n=1000, at=later)  # drain the refilled bucket (its burst)
     assert len(await claim(store, limits, n=1000, at=later + timedelta(seconds=0.1))) == 7
+
+
+# --------------------------------------------------------------------------- issue 14, item 7
+# Fairness at any number of keys, empty claims that write nothing, idle keys pruned.
+
+ANY_KEY: dict = {"default": {}, "keys": {}}
+
+
+async def test_a_new_key_is_served_after_a_hundred_thousand_one_off_keys(store, sql):
+    # 0004 walked the 1,000 least recently served rows: rows of finished one-off keys
+    # filled that window for ever, and a new key's second job never ran.
+    sql.execute("INSERT INTO jobd.flow_keys (queue, key, served_at) "
+                "SELECT 'crawl', 'user-' || g, now() - interval '1 day' "
+                "FROM generate_series(1, 100000) g")
+    new = await enqueue(store, "new", 10)
+    deep = await enqueue(store, "deep", 30)
+    order = []
+    for _ in range(10):
+        got = await claim(store, ANY_KEY, n=2)
+        assert keys(got) == {"new": 1, "deep": 1}  # one each, claim after claim
+        order += [j.id for j in got if j.key == "new"]
+    assert order == new  # every job of the new key, in order
+    assert keys(await claim(store, ANY_KEY, n=30)) == {"deep": 20}
+    assert sorted(deep) == deep
+
+
+async def test_keys_are_served_round_robin_at_twenty_thousand_keys_with_work(store, sql):
+    sql.execute("INSERT INTO jobd.jobs (queue, kind, key) "
+                "SELECT 'crawl', 'noop', 'user-' || lpad(g::text, 6, '0') "
+                "FROM generate_series(1, 20000) g")
+    await enqueue(store, "m-deep", 200)
+    served: dict[str, int] = {}
+    while len(served) < 20_001:
+        got = await claim(store, ANY_KEY, n=2000)
+        assert got
+        if len(got) == 2000:  # a full claim: 2,000 keys, one job each
+            assert set(keys(got).values()) == {1}
+        for key, n in keys(got).items():
+            served[key] = served.get(key, 0) + n
+    # One round served every key, the deep one no sooner than a one-off key.
+    assert all(served[f"user-{g:06}"] == 1 for g in range(1, 20_001))
+
+
+async def test_an_empty_claim_writes_nothing(store, sql):
+    # 500 keys whose jobs are done, one paused, one at its concurrency, one rate-bound:
+    # 0004 rewrote all 500 rows on every claim (every 2 s per idle queue).
+    ids = []
+    for i in range(500):
+        ids += await enqueue(store, f"k{i:03}", 1)
+    limits = {"default": {"concurrency": 1, "rate": 0.0001, "burst": 1},
+              "keys": {"k001": {"rate": 1000, "burst": 10}},
+              "rate_limit_pause_s": 30}
+    done = await claim(store, limits, n=1000)
+    await store.finish_many([ok(j) for j in done])
+    await enqueue(store, "k000", 1)  # its bucket is empty now
+    await enqueue(store, "k001", 2)
+    [busy] = await claim(store, limits, n=10, at=T0 + timedelta(hours=2))  # k001 at its limit
+    assert busy.key == "k001"
+    await enqueue(store, "k002", 1)
+
+    def versions():
+        return (sql.fetch("SELECT queue, key, xmin::text, xmax::text, ctid::text "
+                          "FROM jobd.flow_keys ORDER BY queue, key"),
+                sql.fetch("SELECT queue, xmin::text, xmax::text, ctid::text "
+                          "FROM jobd.flow_queues ORDER BY queue")
+                if sql.fetchval("SELECT to_regclass('jobd.flow_queues') IS NOT NULL") else [])
+
+    before = versions()
+    for minute in range(10):
+        at = T0 + timedelta(hours=2, minutes=1 + minute)
+        assert await claim(store, limits, n=100, at=at, paused=["k002"]) == []
+    assert versions() == before
+
+
+async def test_idle_keys_are_pruned_and_come_back_in_their_default_state(store, sql):
+    limits = {"default": {"rate": 1.0, "burst": 2}, "keys": {}}
+    for key in ("idle", "queued", "running", "paused", "failing", "refilling"):
+        await enqueue(store, key, 1)
+    got = {j.key: j for j in await claim(store, limits, n=100, at=T0)}  # one token each
+    await store.finish_many([ok(got[k]) for k in ("idle", "queued", "paused", "refilling")])
+    await store.finish_many([Outcome(id=got["failing"].id, token=got["failing"].lease_token,
+                                     state="failed", flow="fail")])
+    hour = T0 + timedelta(hours=1)
+    sql.execute("UPDATE jobd.flow_keys SET last_failure_at = $1 WHERE key = 'failing'", hour)
+    sql.execute("UPDATE jobd.flow_keys SET paused_until = $1 WHERE key = 'paused'", hour)
+    await enqueue(store, "refilling", 1)
+    [refill] = await claim(store, limits, n=100, at=hour)
+    assert refill.key == "refilling"
+    await store.finish_many([ok(refill)])
+    await enqueue(store, "queued", 1)
+
+    async def prune(at):
+        return await store.prune_idle_keys(1000, 600, 3600, now=at)
+
+    def rows():
+        return {r["key"] for r in sql.fetch("SELECT key FROM jobd.flow_keys WHERE key <> ''")}
+
+    assert await prune(T0 + timedelta(minutes=5)) == 0  # not idle for 10 minutes yet
+    assert await prune(T0 + timedelta(minutes=20)) == 1
+    assert rows() == {"queued", "running", "paused", "failing", "refilling"}
+    assert await prune(hour + timedelta(minutes=5)) == 0
+    # Ten minutes after the pause ended and the bucket refilled, those go ...
+    assert await prune(hour + timedelta(minutes=11)) == 2
+    assert rows() == {"queued", "running", "failing"}
+    # ... a failure streak an hour after the last failure; never a key with work.
+    assert await prune(hour + timedelta(hours=1, minutes=1)) == 1
+    assert rows() == {"queued", "running"}
+    assert sql.fetchval("SELECT count(*) FROM jobd.flow_keys WHERE key = ''") == 0
+    # A pruned key is the default key: a full bucket (the burst of 2), no pause ...
+    await enqueue(store, "idle", 3)
+    later = T0 + timedelta(hours=3)
+    again = await claim(store, limits, n=100, at=later)
+    assert keys(again) == {"idle": 2, "queued": 1}
+    assert sql.fetchval("SELECT tokens FROM jobd.flow_keys WHERE key = 'idle'") == 0
+    # ... and an outcome of a key whose row is gone brings the row back with its effect.
+    sql.execute("DELETE FROM jobd.flow_keys WHERE key = 'idle'")
+    job = next(j for j in again if j.key == "idle")
+    await store.finish_many([Outcome(id=job.id, token=job.lease_token, state="scheduled",
+                                     delay_s=60, flow="rate_limited", pause_s=60)])
+    row = sql.fetch("SELECT paused_until > now() + interval '50 s' AS paused, rate_factor "
+                    "FROM jobd.flow_keys WHERE key = 'idle'")[0]
+    assert row["paused"] and row["rate_factor"] == 0.5
+
+
+async def test_a_rate_limit_that_states_no_pause_uses_the_queues_default(store, sql):
+    await enqueue(store, "ebay", 3)
+    limits = {"default": {"concurrency": 5}, "keys": {}, "rate_limit_pause_s": 30}
+    now = datetime.now(UTC)
+    [first, *rest] = await claim(store, limits, at=now)
+    await store.finish_many([Outcome(id=first.id, token=first.lease_token, state="scheduled",
+                                     delay_s=600, flow="rate_limited")])
+    pause = sql.fetchval("SELECT extract(epoch FROM paused_until - now())::float8 "
+                         "FROM jobd.flow_keys WHERE key = 'ebay'")
+    assert 25 < pause <= 30
+
+
+async def test_due_delayed_jobs_of_a_key_are_claimed(store):
+    ids = await enqueue(store, "later", 2, delay_s=60)
+    assert await claim(store, ANY_KEY, at=datetime.now(UTC)) == []
+    got = await claim(store, ANY_KEY, at=datetime.now(UTC) + timedelta(seconds=61))
+    assert sorted(j.id for j in got) == ids
+
+
+async def test_two_claimers_at_once_never_exceed_a_keys_limits(store, sql):
+    import trio
+
+    for i in range(40):
+        await enqueue(store, f"k{i:02}", 8)
+    limits = {"default": {"concurrency": 3, "rate": 1.0, "burst": 5}, "keys": {}}
+    claimed: list = []
+
+    async def claimer():
+        for _ in range(15):
+            claimed.extend(await claim(store, limits, n=7, at=T0))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(claimer)
+    per_key = keys(claimed)
+    assert len({j.id for j in claimed}) == len(claimed)
+    assert per_key and max(per_key.values()) <= 3 and len(per_key) == 40
+    # Finish them all at once; the pinned clock has not moved, so only the bucket's
+    # remaining two tokens per key may start more.
+    await store.finish_many([ok(j) for j in claimed])
+    claimed.clear()
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(claimer)
+    assert max(keys(claimed).values()) <= 2

@@ -340,3 +340,15 @@ async def test_a_hold_that_never_ends_does_not_starve_rescue(store):
                     ReaperSettings(interval_s=1.0, max_hold_s=2.0), observer=NullObserver(),
                     clock=TrioClock(), hold=lambda: "always")
     assert [(await reaper.sweep()).rescued for _ in range(3)] == [0, 0, 1]
+async def test_sweep_prunes_idle_flow_keys(store, sql):
+    # (issue 14, item 7) flow_keys grew by a row per key ever seen and was never pruned.
+    sql.execute("INSERT INTO jobd.flow_keys (queue, key, served_at) "
+                "SELECT 'crawl', 'user-' || g, now() - interval '1 hour' "
+                "FROM generate_series(1, 2500) g")
+    await store.enqueue_many([NewJob(kind="k", queue="crawl", key="user-7")])  # has work
+    settings = ReaperSettings(batch=1000, idle_key_after_s=600)
+    reaper = Reaper(Mailbox[Sweep]("reaper"), store, settings, observer=NullObserver(),
+                    clock=TrioClock())
+    assert (await reaper.sweep()).keys_pruned == 2499
+    assert [r["key"] for r in sql.fetch("SELECT key FROM jobd.flow_keys WHERE key <> ''")] == [
+        "user-7"]

@@ -8,7 +8,7 @@ import time
 import msgspec
 import trio
 
-from actors import Context, RetryAfter, job
+from actors import Context, RateLimited, RetryAfter, job
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS flow_calls (
@@ -19,13 +19,19 @@ CREATE TABLE IF NOT EXISTS flow_calls (
 class CallArgs(msgspec.Struct):
     key: str
     hold_s: float = 0.1
-    rate_limited: bool = False
+    rate_limited: bool = False  # the first attempt gets a 429 that says 2 s
+    unstated: bool = False  # the first attempt gets a 429 that says nothing
+    snooze_s: float = 0.0  # the first run snoozes itself (RetryAfter)
 
 
 @job("flow.call", queue="crawl", key=lambda a: a.key, max_attempts=10)
 async def call(ctx: Context, args: CallArgs) -> None:
-    if args.rate_limited and not ctx.job.errors:  # a snooze keeps the attempt number
-        raise RetryAfter(2.0, "429 from the marketplace")
+    if args.rate_limited and not ctx.job.errors:
+        raise RateLimited(2.0, "429 from the marketplace")
+    if args.unstated and not ctx.job.errors:
+        raise RateLimited(reason="429 without Retry-After")
+    if args.snooze_s and not ctx.job.errors:
+        raise RetryAfter(args.snooze_s, "not yet")
     started = time.time()
     await trio.sleep(args.hold_s)
     async with ctx.transaction() as tx:

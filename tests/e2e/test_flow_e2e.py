@@ -130,7 +130,61 @@ def test_rate_limited_key_pauses_on_every_daemon(jobd, sql):
     # Nobody called the marketplace while the key was paused (2 s from the 429).
     assert min(starts) >= paused_at + 1.5
     job = json.loads(a.jobctl("--json", "get", str(first)).stdout)
-    assert job["attempt"] == 1 and job["errors"][0]["class"] == "snooze"
+    assert job["attempt"] == 2 and job["errors"][0]["class"] == "rate_limit"
+
+
+def test_a_snooze_holds_only_its_own_job(jobd, sql):
+    # (issue 14, item 8) RetryAfter used to pause the whole key on every daemon and halve
+    # its rate, as if it were a 429.
+    sql.execute(TABLE)
+    a, _b = start_two(jobd)
+    client = SyncClient(str(a.socket))
+    [snoozed] = client.enqueue_batch([JobSpec(kind="flow.call", args={
+        "key": "ebay", "hold_s": 0.0, "snooze_s": 30.0})]).ids
+    deadline = time.monotonic() + 20
+    while not sql.fetchval("SELECT errors <> '[]' FROM jobd.jobs WHERE id = $1", snoozed):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    snoozed_at = time.time()
+    client.enqueue_batch([JobSpec(kind="flow.call", args={"key": "ebay", "hold_s": 0.0})
+                          for _ in range(5)])
+    wait_done(sql, 5, timeout=30)
+    starts = [r["started"] for r in sql.fetch("SELECT started FROM flow_calls")]
+    assert max(starts) < snoozed_at + 10  # nobody waited for the 30 s snooze
+    row = sql.fetch("SELECT paused_until, rate_factor FROM jobd.flow_keys "
+                    "WHERE queue = 'crawl' AND key = 'ebay'")[0]
+    assert row["paused_until"] is None and row["rate_factor"] == 1.0
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", snoozed) == "scheduled"
+
+
+def test_an_unstated_rate_limit_pauses_the_key_for_the_configured_default(jobd, sql):
+    # (issue 14, item 8) A 429 without Retry-After paused the key for the job's own
+    # backoff (60 s doubling, up to an hour); now for queues.X.rate_limit_pause.
+    sql.execute(TABLE)
+    queues = {**QUEUES, "crawl": {**QUEUES["crawl"], "rate_limit_pause": "1.5s"}}
+    options = {"modules": ["tests.e2e.flow_handlers"], "queues": queues,
+               "jobs": {"lease": "3s", "reaper_interval": "0.5s"}}
+    a, _b = jobd(**options), jobd(**options)
+    client = SyncClient(str(a.socket))
+    [limited] = client.enqueue_batch([JobSpec(kind="flow.call", args={
+        "key": "ebay", "hold_s": 0.0, "unstated": True})]).ids
+    deadline = time.monotonic() + 20
+    while not (row := sql.fetch("SELECT paused_until, rate_factor, now() AS now "
+                                "FROM jobd.flow_keys WHERE key = 'ebay'")) \
+            or row[0]["paused_until"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    pause = (row[0]["paused_until"] - row[0]["now"]).total_seconds()
+    assert 0.5 < pause <= 1.5, pause
+    assert row[0]["rate_factor"] == 0.5
+    paused_at = time.time()
+    client.enqueue_batch([JobSpec(kind="flow.call", args={"key": "ebay", "hold_s": 0.0})
+                          for _ in range(5)])
+    wait_done(sql, 5, timeout=30)
+    starts = [r["started"] for r in sql.fetch("SELECT started FROM flow_calls")]
+    assert paused_at + pause - 0.3 <= min(starts) < paused_at + 10
+    job = json.loads(a.jobctl("--json", "get", str(limited)).stdout)
+    assert job["state"] == "scheduled" and job["errors"][0]["class"] == "rate_limit"
 
 
 def test_limits_change_on_reload(jobd, sql):
