@@ -127,10 +127,18 @@ class Dispatcher(Actor[DispatcherMsg]):
         self._spare = 0  # workers woken or started that have not looked at _ready yet
         self._wake = trio.Event()
         self._draining = False
+        self._claiming = False
 
     @property
     def running(self) -> int:
         return len(self._attempts)
+
+    @property
+    def busy(self) -> bool:
+        """Attempts run here, or a claim is in flight: its jobs are ours once it returns,
+        so a drain that stopped before them would leave them `running` until the lease
+        lapses."""
+        return self._claiming or bool(self._attempts)
 
     def running_attempts(self) -> list[tuple[int, int]]:
         """(job id, lease token) of every attempt here, for the heart to renew."""
@@ -208,14 +216,19 @@ class Dispatcher(Actor[DispatcherMsg]):
                 continue
             asked = min(free, self.settings.claim_batch)
             self._wake = trio.Event()
+            self._claiming = True
             try:
                 claimed = await self._store.claim(
                     self.settings.queue, asked, self._daemon_id, self.settings.lease_s,
                     self._kinds(), paused_keys=paused_keys, limits=self.settings.limits,
                 )
             except StoreUnavailable as exc:
+                self._claiming = False
                 await self._back_off(exc)
                 continue
+            finally:
+                # No checkpoint until the claimed jobs are attempts below.
+                self._claiming = False
             self._backoff = 0.05
             if claimed:
                 self._observer.claim_batch(self.settings.queue, len(claimed))

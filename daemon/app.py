@@ -270,7 +270,7 @@ class Daemon:
             await box.tell(Drain())
         grace = parse_duration(self.config.daemon.drain_grace)
         with trio.move_on_after(grace):
-            while any(d.running for d in self.dispatchers.values()):  # noqa: ASYNC110 - once, at shutdown
+            while any(d.busy for d in self.dispatchers.values()):  # noqa: ASYNC110 - once, at shutdown
                 await trio.sleep(0.05)
         left = sum(d.running for d in self.dispatchers.values())
         if left:

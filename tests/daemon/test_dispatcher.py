@@ -283,3 +283,40 @@ async def test_a_bug_around_one_attempt_fails_that_attempt_only(store, monkeypat
     assert by_id[good.id].state == "completed"
     assert by_id[bad.id].state == "scheduled"  # crashed: retried per max_attempts
     assert msgspec.json.decode(by_id[bad.id].error)["class"] == "crashed"
+
+
+class SlowClaimReply:
+    """The real store, but a claim's reply arrives only when the test lets it: the claim
+    has committed in Postgres while the daemon has not seen its rows yet."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.committed = trio.Event()
+        self.deliver = trio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def claim(self, *args, **kwargs):
+        rows = await self._store.claim(*args, **kwargs)
+        if rows:
+            self.committed.set()
+            await self.deliver.wait()
+        return rows
+
+
+async def test_a_claim_in_flight_keeps_the_pool_busy_for_the_drain(store):
+    from actors.dispatcher import Drain
+
+    await store.enqueue_many([NewJob(kind="test.quick") for _ in range(3)])
+    slow = SlowClaimReply(store)
+    async with dispatcher(slow, concurrency=5) as (d, box, finished):
+        await slow.committed.wait()
+        await box.tell(Drain())
+        # No attempt exists yet, but three jobs are already ours in Postgres: a drain
+        # that stopped now would leave them `running` until their leases lapse.
+        assert d.running == 0 and d.busy
+        slow.deliver.set()
+        await wait_for(lambda: len(finished) == 3)
+        await wait_for(lambda: not d.busy)
+    assert sorted(o.state for o in finished) == ["completed"] * 3
