@@ -359,7 +359,7 @@ class Dispatcher(Actor[DispatcherMsg]):
                 return
             if outcome.error is not None and label in ("error", "failed", "timed_out"):
                 self._observer.error_classified(job.queue, _error_class(outcome.error))
-            if outcome.flow == "rate_limited" and outcome.pause_s and job.key is not None:
+            if outcome.flow == "rate_limited" and job.key is not None:  # stated pause or the default
                 self._observer.key_paused(job.queue, job.key)
             try:
                 self._finish_nowait(outcome)

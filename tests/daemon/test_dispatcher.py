@@ -65,6 +65,12 @@ def kinds(monkeypatch):
     async def crash(ctx, args: Gate) -> None:
         raise SystemExit(args.tag)
 
+    @job("test.limited", max_attempts=1)
+    async def limited(ctx, args: Gate) -> None:
+        from actors import RateLimited
+
+        raise RateLimited(float(args.tag) if args.tag else None)
+
     @job("test.lapse", max_attempts=5)
     async def lapse(ctx, args: Gate) -> str:
         PROBE.events.append(("start", ctx.job.attempt))
@@ -246,6 +252,9 @@ class Recorder:
     def job_finished(self, queue: str, kind: str, outcome: str, run_s: float) -> None:
         self.finished.append(outcome)
 
+    def key_paused(self, queue: str, key: str) -> None:
+        self.errors.append((queue, f"paused:{key}"))
+
     def __getattr__(self, name: str):
         return lambda *a, **k: None
 
@@ -320,3 +329,17 @@ async def test_a_claim_in_flight_keeps_the_pool_busy_for_the_drain(store):
         await wait_for(lambda: len(finished) == 3)
         await wait_for(lambda: not d.busy)
     assert sorted(o.state for o in finished) == ["completed"] * 3
+
+
+async def test_every_rate_limit_on_a_key_counts_as_a_key_pause(store):
+    """A rate limit that states no pause pauses the key for the queue's default: it is a
+    key pause like one with a Retry-After, and the counter says so."""
+    await store.enqueue_many([
+        NewJob(kind="test.limited", key="ebay", args='{"tag": "5"}', max_attempts=1),
+        NewJob(kind="test.limited", key="ebay", args='{"tag": ""}', max_attempts=1)])
+    seen = Recorder()
+    async with dispatcher(store, concurrency=2, kinds=("test.limited",),
+                          observer=seen) as (d, box, finished):
+        await wait_for(lambda: len(finished) == 2)
+    assert [e for e in seen.errors if e[1].startswith("paused")] == [
+        ("default", "paused:ebay")] * 2
