@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from actors.errors import InvalidArgs, UnknownKind
 from actors.ports import Outcome, Transaction
@@ -35,17 +36,126 @@ class JobDef(msgspec.Struct, kw_only=True):
     base_delays: dict[str, float] = {}
     # async fn(ctx, args, last_error): runs once the job has failed (actors/failure_hooks.py)
     on_failure: Callable[..., Awaitable[Any]] | None = None
+    # Unknown fields in args (a misspelling: {"secnds": 3}) are refused, not ignored.
+    strict_args: bool = True
 
     def decode_args(self, raw: bytes | str | dict[str, Any] | msgspec.Struct) -> Any:
-        """Args as the handler's type; InvalidArgs names the offending field."""
+        """Args as the handler's type; InvalidArgs names the offending field.
+
+        With `strict_args` a field the args type does not declare (at any depth of
+        nested Structs) is refused too, as if every Struct forbade unknown fields.
+        """
         try:
             if isinstance(raw, bytes | str):
-                return msgspec.json.decode(raw, type=self.args_type)
-            if isinstance(raw, msgspec.Struct):
-                raw = msgspec.to_builtins(raw)
-            return msgspec.convert(raw, self.args_type)
+                args = msgspec.json.decode(raw, type=self.args_type)
+            else:
+                if isinstance(raw, msgspec.Struct):
+                    raw = msgspec.to_builtins(raw)
+                args = msgspec.convert(raw, self.args_type)
+            info = _struct_info(self.args_type) if self.strict_args else None
+            if info is not None:
+                plain = msgspec.json.decode(raw) if isinstance(raw, bytes | str) else raw
+                unknown = _unknown_field(plain, info, "$")
+                if unknown is not None:
+                    path, name = unknown
+                    raise InvalidArgs(
+                        f"{self.kind}: Object contains unknown field `{name}` - at `{path}` "
+                        "(the handler's args do not declare it; a handler may accept "
+                        "unknown fields with @job(..., strict_args=False))",
+                        field=f"{path}.{name}")
+            return args
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise InvalidArgs(f"{self.kind}: {exc}") from exc
+
+
+_STRUCT_INFO: dict[Any, Any] = {}
+
+
+def _struct_info(args_type: Any) -> Any:
+    """The args type's msgspec type info if a Struct is reachable in it, else None."""
+    try:
+        return _STRUCT_INFO[args_type]
+    except (KeyError, TypeError):
+        pass
+    info = msgspec.inspect.type_info(args_type)
+    found = info if _has_struct(info, set()) else None
+    try:
+        _STRUCT_INFO[args_type] = found
+    except TypeError:  # an unhashable annotation: compute each time
+        pass
+    return found
+
+
+def _has_struct(info: Any, seen: set[int]) -> bool:
+    if id(info) in seen:
+        return False
+    seen.add(id(info))
+    mi = msgspec.inspect
+    if isinstance(info, mi.StructType):
+        return True
+    return any(_has_struct(t, seen) for t in _children(info))
+
+
+def _children(info: Any) -> list[Any]:
+    mi = msgspec.inspect
+    if isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
+        return [info.item_type]
+    if isinstance(info, mi.TupleType):
+        return list(info.item_types)
+    if isinstance(info, mi.DictType):
+        return [info.value_type]
+    if isinstance(info, mi.UnionType):
+        return list(info.types)
+    if isinstance(info, mi.StructType):
+        return [f.type for f in info.fields]
+    return []
+
+
+def _unknown_field(value: Any, info: Any, path: str) -> tuple[str, str] | None:
+    """(path, name) of the first object key no Struct on the way declares."""
+    mi = msgspec.inspect
+    if isinstance(info, mi.UnionType):
+        if not isinstance(value, dict):
+            return None
+        structs = [t for t in info.types if isinstance(t, mi.StructType)]
+        if len(structs) > 1 and structs[0].tag_field is not None:
+            tag = value.get(structs[0].tag_field)
+            structs = [t for t in structs if t.tag == tag]
+        if len(structs) != 1:
+            return None  # ambiguous: msgspec's own validation is all we have
+        info = structs[0]
+    if isinstance(info, mi.StructType):
+        if not isinstance(value, dict):
+            return None  # array_like: positions, not names
+        fields = {f.encode_name: f for f in info.fields}
+        for name, item in value.items():
+            field = fields.get(name)
+            if field is None:
+                if name != info.tag_field:
+                    return path, name
+                continue
+            found = _unknown_field(item, field.type, f"{path}.{name}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                found = _unknown_field(item, info.item_type, f"{path}[{i}]")
+                if found is not None:
+                    return found
+    elif isinstance(info, mi.TupleType):
+        if isinstance(value, list):
+            for i, (item, t) in enumerate(zip(value, info.item_types, strict=False)):
+                found = _unknown_field(item, t, f"{path}[{i}]")
+                if found is not None:
+                    return found
+    elif isinstance(info, mi.DictType) and isinstance(value, dict):
+        for name, item in value.items():
+            found = _unknown_field(item, info.value_type, f"{path}.{name}")
+            if found is not None:
+                return found
+    return None
 
 
 _REGISTRY: dict[str, JobDef] = {}
@@ -62,8 +172,12 @@ def job(
     cost: Callable[[Any], int] | None = None,
     retry_delays: dict[str, float] | None = None,
     on_failure: Callable[..., Awaitable[Any]] | None = None,
+    strict_args: bool = True,
 ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
-    """Declare a handler. Its second parameter's annotation is the args type (a Struct)."""
+    """Declare a handler. Its second parameter's annotation is the args type (a Struct).
+
+    `strict_args=False` accepts (and drops) args fields the type does not declare.
+    """
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
     timeout_s = seconds(timeout)
@@ -79,6 +193,7 @@ def job(
             kind=kind, fn=fn, args_type=hints.get(params[1], dict[str, Any]), queue=queue,
             timeout_s=timeout_s, max_attempts=max_attempts, priority=priority, key=key, cost=cost,
             base_delays=dict(retry_delays or {}), on_failure=on_failure,
+            strict_args=strict_args,
         )
         return fn
 
