@@ -48,6 +48,7 @@ STATUS = {
     ErrorCode.UNKNOWN_COMMAND: 404,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.FRAME_TOO_LONG: 413,
+    ErrorCode.TOO_LARGE: 413,
     ErrorCode.UNKNOWN_KIND: 422,
     ErrorCode.INVALID_ARGS: 422,
     ErrorCode.CONFLICT: 409,
