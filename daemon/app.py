@@ -155,12 +155,17 @@ class Daemon:
         assert self.store is not None
         self.import_handlers()
         await self.store.register_failure_hooks(failure_hooks.hooked_kinds())
+        await self._publish_queues_and_limits()
         root = self._build_tree()
+        limits = self.config.limits
         control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
                           tree=self.registry.tree, running_here=self._running_here,
                           cancel_here=self._cancel_here, drain=self.set_draining,
                           flow_limits=self.limits_for, observer=self.observer,
-                          reload=self.reload, pauses=lambda: self.pauses)
+                          reload=self.reload, pauses=lambda: self.pauses,
+                          max_args_bytes=limits.max_args_bytes,
+                          list_field_bytes=limits.list_field_bytes,
+                          queues=lambda: set(self.queue_names()), live_s=self._live_s())
         await self._refresh_pauses()
         sock = socket_path(self.config, self.state_dir)
         async with trio.open_nursery() as nursery:
@@ -383,6 +388,21 @@ class Daemon:
             self._limits[queue] = self.config.queue(queue).flow_limits()
         return self._limits[queue]
 
+    def _live_s(self) -> float:
+        """A daemon whose heartbeat is older than this no longer counts as serving."""
+        return max(30.0, 3 * parse_duration(self.config.daemon.heartbeat))
+
+    async def _publish_queues_and_limits(self) -> None:
+        """The queues served here (for enqueue warnings) and the limits for jobd.enqueue."""
+        assert self.store is not None
+        try:
+            await self.store.set_daemon_queues(self.id, self.queue_names())
+            await self.store.put_settings({"max_args_bytes": self.config.limits.max_args_bytes,
+                                           "daemon_live_s": self._live_s()})
+        except StoreUnavailable as exc:
+            log.warning("could not record this daemon's queues and limits: %s", exc,
+                        extra={"event": "store.unavailable"})
+
     def queue_names(self) -> list[str]:
         declared = {d.queue for d in handlers.registered().values()}
         return sorted(declared | set(self.config.queues) | {"default"})
@@ -432,6 +452,8 @@ class Daemon:
             self.import_handlers(reload=True)
         except ConfigError:
             log.exception("reloading handler modules failed", extra={"event": "handlers.reload_failed"})
+        if self.store is not None:
+            await self._publish_queues_and_limits()
         scheduler_box = getattr(self, "_scheduler_box", None)
         if scheduler_box is not None:
             await scheduler_box.tell(SyncConfig())
