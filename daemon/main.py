@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from daemon import __version__
-from daemon.config import EX_CONFIG, ConfigError, load, state_dir
+from daemon.config import EX_CONFIG, Config, ConfigError, load, state_dir
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jobd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "check-config":
+        try:
+            check_handlers(config)
+        except ConfigError as exc:
+            print(f"jobd: bad config: {args.config or '<defaults>'}: {exc}", file=sys.stderr)
+            return EX_CONFIG
         print(f"{args.config or '<defaults>'}: ok")
         return 0
     from daemon.app import Daemon
@@ -73,6 +78,31 @@ def main(argv: list[str] | None = None) -> int:
                                            extra={"event": "daemon.crashed"})
         return 1
     return 0
+
+
+def check_handlers(config: Config) -> None:
+    """Import `handlers.modules` as `jobd run` would, and check the config's schedules
+    against them; ConfigError names the module (or schedule) that failed, in one line."""
+    import importlib
+
+    for path in [*config.handlers.paths, os.getcwd()]:
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    for name in config.handlers.modules:
+        try:
+            importlib.import_module(name)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import failure is the config's
+            reason = " ".join(str(exc).split())  # one line, whatever the module raised
+            raise ConfigError(f"handlers.modules: cannot import {name!r}: "
+                              f"{type(exc).__name__}: {reason}") from None
+    from actors.errors import InvalidArgs, UnknownKind
+    from actors.schedule import definition
+
+    for i, spec in enumerate(config.schedules):
+        try:
+            definition(spec, source="config")
+        except (ValueError, UnknownKind, InvalidArgs) as exc:
+            raise ConfigError(f"schedule {spec.name!r}: {exc} - at `$.schedules[{i}]`") from None
 
 
 def _config_errors(exc: BaseException) -> list[ConfigError]:
