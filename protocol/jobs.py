@@ -18,7 +18,7 @@ JOB_STATES = ("scheduled", "available", "running", "waiting", "completed", "fail
 JobState = Annotated[str, msgspec.Meta(pattern=f"^({'|'.join(JOB_STATES)})$")]
 
 # Postgres text cannot hold U+0000: refused at the edge, not by a database error.
-NO_NUL = r"^[^\x00]*\Z"
+NO_NUL = r"^[^\x00]*$"
 
 KIND_MAX_CHARS = 200
 QUEUE_MAX_CHARS = 100
