@@ -193,10 +193,14 @@ class Control:
         return c.BulkResult(matched=matched, changed=changed, dry_run=cmd.dry_run)
 
     async def watch(self, cmd: c.Watch) -> AsyncIterator[JobView]:
-        """The job now, then again each time it changes, until it is finished."""
+        """The job now, then again each time it changes, until it is finished.
+
+        Each frame leaves out args/result/errors over `list_field_bytes` (named in
+        `truncated`), as list pages do: a frame per change of a job with a 2 MB result
+        would be megabytes each time. `get` shows the job whole."""
         last = None
         while True:
-            view = await self.handle(c.Get(job_id=cmd.job_id))
+            view = await self._watch_view(cmd.job_id)
             snapshot = (view.state, view.attempt, view.progress, view.progress_note)
             if snapshot != last:
                 yield view
@@ -204,6 +208,17 @@ class Control:
             if view.state in FINISHED:
                 return
             await trio.sleep(cmd.interval_s)
+
+    async def _watch_view(self, job_id: int) -> JobView:
+        try:
+            row = await self._store.get_job(job_id)
+            if row is None:
+                raise NotFound(f"no job {job_id}", details={"id": job_id})
+            view: JobView = await workflow_view(
+                self._store, job_view(row, field_bytes=self._list_field_bytes))
+            return view
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
 
     async def _live_queues(self) -> set[str]:
         return set(await self._store.live_queues(self._live_s))
@@ -376,20 +391,37 @@ def new_job(spec: JobSpec, *, max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES) -> N
     return row
 
 
-def job_view(row: dict[str, Any]) -> JobView:
-    """A job as a client sees it; list rows may leave out large fields (`truncated`)."""
+def job_view(row: dict[str, Any], *, field_bytes: int | None = None) -> JobView:
+    """A job as a client sees it. List rows may come with large fields left out (the SQL
+    names them in `truncated`); with `field_bytes` this leaves them out here."""
     decode = msgspec.json.decode
+    truncated = list(row.get("truncated") or ())
+    raw = {name: row[name] for name in ("args", "result", "errors")}
+    note = row["progress_note"]
+    if field_bytes is not None:
+        for name, value in raw.items():
+            if value is not None and _over(value, field_bytes):
+                raw[name] = "[]" if name == "errors" else None
+                truncated.append(name)
+        if note is not None and _over(note, field_bytes):
+            note = note[:field_bytes // 4]
+            truncated.append("progress_note")
     return JobView(
         id=row["id"], kind=row["kind"], queue=row["queue"], key=row["key"],
-        args=decode(row["args"]) if row["args"] is not None else None,
+        args=decode(raw["args"]) if raw["args"] is not None else None,
         state=row["state"], attempt=row["attempt"],
         max_attempts=row["max_attempts"], priority=row["priority"],
         unique_key=row["unique_key"], tags=list(row["tags"]), progress=row["progress"],
-        progress_note=row["progress_note"],
-        result=decode(row["result"]) if row["result"] is not None else None,
-        errors=msgspec.json.decode(row["errors"], type=list[AttemptError]),
+        progress_note=note,
+        result=decode(raw["result"]) if raw["result"] is not None else None,
+        errors=msgspec.json.decode(raw["errors"], type=list[AttemptError]),
         run_at=row["run_at"], created_at=row["created_at"], started_at=row["started_at"],
         finished_at=row["finished_at"], lease_owner=row["lease_owner"],
         cancel_requested=row["cancel_requested"],
-        truncated=list(row.get("truncated") or ()),
+        truncated=truncated,
     )
+
+
+def _over(text: str, limit: int) -> bool:
+    # More characters than bytes allowed is over for sure; else count the UTF-8 bytes.
+    return len(text) > limit or len(text.encode()) > limit

@@ -183,3 +183,19 @@ async def test_list_leaves_large_fields_out_and_get_shows_them(store, sql):
     whole = await ctl.handle(c.Get(job_id=done.id))
     assert whole.args["note"] == "x" * 2000 and len(whole.result["page"]) == 100_000
     assert whole.truncated == []
+
+
+async def test_watch_frames_leave_large_fields_out(store, sql):
+    ctl = control(store, list_field_bytes=1024)
+    done = await ctl.handle(c.Enqueue(job=JobSpec(kind="sleep")))
+    sql.execute("UPDATE jobd.jobs SET state = 'completed', finished_at = now(), "
+                "result = $1::jsonb, progress_note = $2 WHERE id = $3",
+                msgspec.json.encode({"page": "r" * 100_000}).decode(), "é" * 600, done.id)
+    frames = [view async for view in ctl.watch(c.Watch(job_id=done.id))]
+    [frame] = frames
+    assert frame.state == "completed" and frame.result is None
+    assert frame.truncated == ["result", "progress_note"] and frame.progress_note == "é" * 256
+    assert frame.args == {"seconds": 1.0, "note": ""}
+    with pytest.raises(JobdError) as info:
+        [view async for view in ctl.watch(c.Watch(job_id=done.id + 100))]
+    assert info.value.code == ErrorCode.NOT_FOUND
