@@ -38,7 +38,7 @@ from croniter import croniter
 from actors.errors import InvalidArgs
 from actors.handlers import lookup
 from actors.ports import NewJob, Occurrence, ScheduleDef
-from actors.validate import check_new_job
+from actors.validate import DEFAULT_MAX_ARGS_BYTES, check_new_job, has_nul
 from protocol.durations import parse_duration
 from protocol.errors import JobdError
 from protocol.schedules import DURATION_MAX_S, ScheduleSpec
@@ -273,9 +273,15 @@ def definition(spec: ScheduleSpec, *, source: str = "runtime") -> ScheduleDef:
                              f"got {value:g} s")
     jobdef = lookup(spec.kind)
     args = jobdef.decode_args(spec.args)
+    encoded = msgspec.json.encode(args)
+    if len(encoded) > DEFAULT_MAX_ARGS_BYTES:
+        raise ValueError(f"args: {len(encoded)} bytes of JSON is over the limit of "
+                         f"{DEFAULT_MAX_ARGS_BYTES} bytes")
+    if has_nul(encoded):
+        raise ValueError("args contain a NUL character (\\u0000), which Postgres cannot store")
     return ScheduleDef(
         name=spec.name, kind=spec.kind, cron=spec.cron, every_s=every_s, tz=spec.tz,
-        args=msgspec.json.encode(args).decode(), queue=spec.queue, key=spec.key,
+        args=encoded.decode(), queue=spec.queue, key=spec.key,
         priority=spec.priority, max_attempts=spec.max_attempts, timeout_s=spec.timeout_s,
         tags=list(spec.tags), jitter_s=jitter_s, missed=spec.missed,
         missed_limit=spec.missed_limit, grace_s=grace_s, source=source,

@@ -199,3 +199,19 @@ async def test_watch_frames_leave_large_fields_out(store, sql):
     with pytest.raises(JobdError) as info:
         [view async for view in ctl.watch(c.Watch(job_id=done.id + 100))]
     assert info.value.code == ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(("schedule", "words"), [
+    ({"every": "99999999d"}, "`every` must be at most"),
+    ({"every": "1m", "grace": "99999999d"}, "`grace` must be at most"),
+    ({"every": "1m", "jitter": "99999999d"}, "`jitter` must be at most"),
+    ({"every": "1m", "args": {"note": "\x00"}}, "NUL"),
+])
+async def test_schedule_values_the_scheduler_cannot_use_are_refused(store, schedule, words):
+    from protocol.schedules import ScheduleSpec
+
+    spec = msgspec.convert({"name": "s", "kind": "sleep", **schedule}, ScheduleSpec)
+    with pytest.raises(JobdError) as info:
+        await control(store).handle(c.ScheduleAdd(schedule=spec))
+    assert info.value.code == ErrorCode.BAD_REQUEST and words in info.value.message
+    assert (await store.list_schedules())[1] == []
