@@ -62,11 +62,12 @@ class Control:
         max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES,
         list_field_bytes: int = 4096,
         queues: Callable[[], set[str]] | None = None,
+        declared: Callable[[], set[str]] | None = None,
         live_s: float = 60.0,
     ):
-        """`queues()`: the queues this daemon serves or declares (config, handlers); an
-        enqueue or pause elsewhere asks the store which queues live daemons serve
-        (heartbeat younger than `live_s`)."""
+        """`queues()`: the queues this daemon serves; an enqueue elsewhere asks the store
+        which queues live daemons serve (heartbeat younger than `live_s`). A pause is
+        also allowed for the queues the config declares (`declared()`)."""
         self._store = store
         self._server = server
         self._pong = pong
@@ -81,6 +82,7 @@ class Control:
         self._max_args_bytes = max_args_bytes
         self._list_field_bytes = list_field_bytes
         self._queues = queues
+        self._declared = declared or set
         self._live_s = live_s
 
     async def handle(self, cmd: c.Command) -> Any:
@@ -245,7 +247,7 @@ class Control:
         """Pausing a queue nothing serves or declares is almost always a typo: refuse it."""
         if self._queues is None:
             return
-        here = self._queues()
+        here = self._queues() | self._declared()
         if queue in here:
             return
         live = await self._live_queues()

@@ -36,7 +36,7 @@ from actors.dispatcher import (
 )
 from actors.heart import Beat, Heart
 from actors.mailbox import Mailbox, MailboxClosed
-from actors.ports import Outcome, ProgressUpdate, StoreUnavailable
+from actors.ports import Outcome, ProgressUpdate, StoreUnavailable, ValueRejected
 from actors.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.registry import Registry
 from actors.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
@@ -155,8 +155,8 @@ class Daemon:
         assert self.store is not None
         self.import_handlers()
         await self.store.register_failure_hooks(failure_hooks.hooked_kinds())
-        await self._publish_queues_and_limits()
         root = self._build_tree()
+        await self._publish_queues_and_limits()
         limits = self.config.limits
         control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
                           tree=self.registry.tree, running_here=self._running_here,
@@ -165,7 +165,8 @@ class Daemon:
                           reload=self.reload, pauses=lambda: self.pauses,
                           max_args_bytes=limits.max_args_bytes,
                           list_field_bytes=limits.list_field_bytes,
-                          queues=lambda: set(self.queue_names()), live_s=self._live_s())
+                          queues=lambda: set(self._dispatcher_boxes),
+                          declared=lambda: set(self.config.queues), live_s=self._live_s())
         await self._refresh_pauses()
         sock = socket_path(self.config, self.state_dir)
         async with trio.open_nursery() as nursery:
@@ -393,13 +394,15 @@ class Daemon:
         return max(30.0, 3 * parse_duration(self.config.daemon.heartbeat))
 
     async def _publish_queues_and_limits(self) -> None:
-        """The queues served here (for enqueue warnings) and the limits for jobd.enqueue."""
+        """The queues served here (for enqueue warnings) and the limits for jobd.enqueue.
+
+        Once, at start: a reload neither adds dispatchers nor changes [limits]."""
         assert self.store is not None
         try:
-            await self.store.set_daemon_queues(self.id, self.queue_names())
+            await self.store.set_daemon_queues(self.id, sorted(self._dispatcher_boxes))
             await self.store.put_settings({"max_args_bytes": self.config.limits.max_args_bytes,
                                            "daemon_live_s": self._live_s()})
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, ValueRejected) as exc:
             log.warning("could not record this daemon's queues and limits: %s", exc,
                         extra={"event": "store.unavailable"})
 
@@ -452,8 +455,6 @@ class Daemon:
             self.import_handlers(reload=True)
         except ConfigError:
             log.exception("reloading handler modules failed", extra={"event": "handlers.reload_failed"})
-        if self.store is not None:
-            await self._publish_queues_and_limits()
         scheduler_box = getattr(self, "_scheduler_box", None)
         if scheduler_box is not None:
             await scheduler_box.tell(SyncConfig())

@@ -175,3 +175,19 @@ def test_check_config_imports_the_handler_modules(tmp_path: Path, module: str,
     [line] = result.stderr.splitlines()
     assert line.startswith("jobd: bad config: ") and module in line and reason in line
     assert _check_config(tmp_path, ["examples.basic"]).returncode == 0
+
+
+def test_a_queue_a_reload_declares_can_be_paused_and_still_warns(jobd, sql):
+    import signal
+
+    daemon = jobd()
+    assert sql.fetchval("SELECT queues FROM jobd.daemons") == ["default", "effects"]
+    refused = daemon.jobctl("pause", "later", check=False)
+    assert refused.returncode == 1 and "not_found" in refused.stderr
+    daemon.config.write_text(daemon.config.read_text() + "[queues.later]\nconcurrency = 1\n")
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "config.reloaded" in [e.get("event") for e in daemon.log_events()],
+               "the reload", daemons=(daemon,))
+    daemon.jobctl("pause", "later")  # declared now
+    # ... but no dispatcher serves it until a restart, and the enqueue says so.
+    assert "warning" in daemon.jobctl("enqueue", "noop", "--queue", "later").stderr
