@@ -68,93 +68,102 @@ class JobDef(msgspec.Struct, kw_only=True):
             raise InvalidArgs(f"{self.kind}: {exc}") from exc
 
 
-_STRUCT_INFO: dict[Any, Any] = {}
+class _StructShape:
+    """What the strict check knows of one Struct: its JSON field names, and for each the
+    shape below it (None: nothing below can hold an unknown field)."""
+
+    __slots__ = ("array_like", "fields", "tag_field")
+
+    def __init__(self, tag_field: str | None, array_like: bool):
+        self.tag_field = tag_field
+        self.array_like = array_like
+        self.fields: dict[str, Any] = {}
+
+
+_SHAPES: dict[Any, Any] = {}
 
 
 def _struct_info(args_type: Any) -> Any:
-    """The args type's msgspec type info if a Struct is reachable in it, else None."""
+    """The args type compiled for the strict check, or None if no Struct is in it."""
     try:
-        return _STRUCT_INFO[args_type]
+        return _SHAPES[args_type]
     except (KeyError, TypeError):
         pass
-    info = msgspec.inspect.type_info(args_type)
-    found = info if _has_struct(info, set()) else None
+    shape = _compile(msgspec.inspect.type_info(args_type), {})
     try:
-        _STRUCT_INFO[args_type] = found
-    except TypeError:  # an unhashable annotation: compute each time
+        _SHAPES[args_type] = shape
+    except TypeError:  # an unhashable annotation: compile each time
         pass
-    return found
+    return shape
 
 
-def _has_struct(info: Any, seen: set[int]) -> bool:
-    if id(info) in seen:
-        return False
-    seen.add(id(info))
+def _compile(info: Any, memo: dict[Any, _StructShape]) -> Any:
     mi = msgspec.inspect
     if isinstance(info, mi.StructType):
-        return True
-    return any(_has_struct(t, seen) for t in _children(info))
-
-
-def _children(info: Any) -> list[Any]:
-    mi = msgspec.inspect
+        if info.cls in memo:  # a recursive Struct
+            return memo[info.cls]
+        shape = memo[info.cls] = _StructShape(info.tag_field, info.array_like)
+        for field in info.fields:
+            shape.fields[field.encode_name] = _compile(field.type, memo)
+        return shape
     if isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
-        return [info.item_type]
+        item = _compile(info.item_type, memo)
+        return None if item is None else ("items", item)
     if isinstance(info, mi.TupleType):
-        return list(info.item_types)
+        items = [_compile(t, memo) for t in info.item_types]
+        return None if all(i is None for i in items) else ("tuple", items)
     if isinstance(info, mi.DictType):
-        return [info.value_type]
+        value = _compile(info.value_type, memo)
+        return None if value is None else ("dict", value)
     if isinstance(info, mi.UnionType):
-        return list(info.types)
-    if isinstance(info, mi.StructType):
-        return [f.type for f in info.fields]
-    return []
-
-
-def _unknown_field(value: Any, info: Any, path: str) -> tuple[str, str] | None:
-    """(path, name) of the first object key no Struct on the way declares."""
-    mi = msgspec.inspect
-    if isinstance(info, mi.UnionType):
-        if not isinstance(value, dict):
-            return None
         structs = [t for t in info.types if isinstance(t, mi.StructType)]
+        if any(isinstance(t, mi.DictType) for t in info.types):
+            return None  # an object could be either: msgspec's own validation is all we have
+        if len(structs) == 1:
+            return _compile(structs[0], memo)
         if len(structs) > 1 and structs[0].tag_field is not None:
-            tag = value.get(structs[0].tag_field)
-            structs = [t for t in structs if t.tag == tag]
-        if len(structs) != 1:
-            return None  # ambiguous: msgspec's own validation is all we have
-        info = structs[0]
-    if isinstance(info, mi.StructType):
-        if not isinstance(value, dict):
-            return None  # array_like: positions, not names
-        fields = {f.encode_name: f for f in info.fields}
+            return ("tagged", structs[0].tag_field,
+                    {t.tag: _compile(t, memo) for t in structs})
+    return None
+
+
+def _unknown_field(value: Any, shape: Any, path: str) -> tuple[str, str] | None:
+    """(path, name) of the first object key no Struct on the way declares."""
+    if shape.__class__ is _StructShape:
+        if shape.array_like or value.__class__ is not dict:
+            return None
+        fields = shape.fields
         for name, item in value.items():
-            field = fields.get(name)
-            if field is None:
-                if name != info.tag_field:
-                    return path, name
-                continue
-            found = _unknown_field(item, field.type, f"{path}.{name}")
-            if found is not None:
-                return found
+            if name in fields:
+                below = fields[name]
+                if below is not None:
+                    found = _unknown_field(item, below, f"{path}.{name}")
+                    if found is not None:
+                        return found
+            elif name != shape.tag_field:
+                return path, name
         return None
-    if isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                found = _unknown_field(item, info.item_type, f"{path}[{i}]")
-                if found is not None:
-                    return found
-    elif isinstance(info, mi.TupleType):
-        if isinstance(value, list):
-            for i, (item, t) in enumerate(zip(value, info.item_types, strict=False)):
-                found = _unknown_field(item, t, f"{path}[{i}]")
-                if found is not None:
-                    return found
-    elif isinstance(info, mi.DictType) and isinstance(value, dict):
-        for name, item in value.items():
-            found = _unknown_field(item, info.value_type, f"{path}.{name}")
+    kind = shape[0]
+    if kind == "items" and value.__class__ is list:
+        for i, item in enumerate(value):
+            found = _unknown_field(item, shape[1], f"{path}[{i}]")
             if found is not None:
                 return found
+    elif kind == "tuple" and value.__class__ is list:
+        for i, (item, below) in enumerate(zip(value, shape[1], strict=False)):
+            if below is not None:
+                found = _unknown_field(item, below, f"{path}[{i}]")
+                if found is not None:
+                    return found
+    elif kind == "dict" and value.__class__ is dict:
+        for name, item in value.items():
+            found = _unknown_field(item, shape[1], f"{path}.{name}")
+            if found is not None:
+                return found
+    elif kind == "tagged" and value.__class__ is dict:
+        below = shape[2].get(value.get(shape[1]))
+        if below is not None:
+            return _unknown_field(value, below, path)
     return None
 
 

@@ -111,3 +111,20 @@ def test_a_handler_may_opt_out():
 
 def test_untyped_handlers_take_anything():
     assert lookup("untyped").decode_args({"anything": 1}) == {"anything": 1}
+
+
+class Node(msgspec.Struct):
+    name: str = ""
+    children: list[Node] = []
+
+
+def test_recursive_args_types_are_checked_at_every_level(registry):
+    @job("tree")
+    async def tree(ctx: Context, args: Node) -> None:
+        return None
+
+    ok = {"name": "a", "children": [{"name": "b", "children": [{"name": "c"}]}]}
+    assert lookup("tree").decode_args(ok).children[0].children[0].name == "c"
+    with pytest.raises(InvalidArgs) as info:
+        lookup("tree").decode_args({"children": [{"children": [{"nme": "c"}]}]})
+    assert info.value.field == "$.children[0].children[0].nme"
