@@ -416,12 +416,21 @@ def job_view(row: dict[str, Any], *, field_bytes: int | None = None) -> JobView:
         unique_key=row["unique_key"], tags=list(row["tags"]), progress=row["progress"],
         progress_note=note,
         result=decode(raw["result"]) if raw["result"] is not None else None,
-        errors=msgspec.json.decode(raw["errors"], type=list[AttemptError]),
+        errors=_errors(raw["errors"]),
         run_at=row["run_at"], created_at=row["created_at"], started_at=row["started_at"],
         finished_at=row["finished_at"], lease_owner=row["lease_owner"],
         cancel_requested=row["cancel_requested"],
         truncated=truncated,
     )
+
+
+def _errors(raw: str) -> list[AttemptError]:
+    try:
+        return msgspec.json.decode(raw, type=list[AttemptError])
+    except msgspec.ValidationError:
+        # Written by hand (SQL) in another shape: shown as text, not an internal error.
+        return [AttemptError(attempt=0, error_class="unknown",
+                             message=f"errors not in jobd's shape: {raw[:1000]}")]
 
 
 def _over(text: str, limit: int) -> bool:

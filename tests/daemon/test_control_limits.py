@@ -215,3 +215,12 @@ async def test_schedule_values_the_scheduler_cannot_use_are_refused(store, sched
         await control(store).handle(c.ScheduleAdd(schedule=spec))
     assert info.value.code == ErrorCode.BAD_REQUEST and words in info.value.message
     assert (await store.list_schedules())[1] == []
+
+
+async def test_errors_written_by_hand_in_another_shape_still_show(store, sql):
+    ctl = control(store)
+    done = await ctl.handle(c.Enqueue(job=JobSpec(kind="sleep")))
+    sql.execute("""UPDATE jobd.jobs SET errors = '[1, {"x": 2}]' WHERE id = $1""", done.id)
+    [error] = (await ctl.handle(c.Get(job_id=done.id))).errors
+    assert error.error_class == "unknown" and '{"x": 2}' in error.message
+    assert (await ctl.handle(c.List())).jobs[0].errors == [error]
