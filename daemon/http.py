@@ -93,7 +93,7 @@ class HttpApp:
         self._token = token.encode() if token else None
         self._max_body = max_body
         self._commands = _command_types()
-        self._decoders = {name: msgspec.json.Decoder(t) for name, t in self._commands.items()}
+        self._decoders = {name: c.JsonDecoder(t) for name, t in self._commands.items()}
         self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -388,6 +388,20 @@ class _Envelope(msgspec.Struct):
     type: str | None = None
 
 
-command_decoder = msgspec.json.Decoder(Command)
-envelope_decoder = msgspec.json.Decoder(_Envelope)
-reply_decoder = msgspec.json.Decoder(Reply)
+class JsonDecoder:
+    """msgspec.json.Decoder, but JSON nested past msgspec's depth limit is a DecodeError
+    (answered bad_json) rather than a RecursionError (which answered internal)."""
+
+    def __init__(self, type_: Any):
+        self._decoder = msgspec.json.Decoder(type_)
+
+    def decode(self, data: bytes | str) -> Any:
+        try:
+            return self._decoder.decode(data)
+        except RecursionError:
+            raise msgspec.DecodeError("JSON is nested too deeply") from None
+
+
+command_decoder = JsonDecoder(Command)
+envelope_decoder = JsonDecoder(_Envelope)
+reply_decoder = JsonDecoder(Reply)

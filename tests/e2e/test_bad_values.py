@@ -191,3 +191,40 @@ def test_a_queue_a_reload_declares_can_be_paused_and_still_warns(jobd, sql):
     daemon.jobctl("pause", "later")  # declared now
     # ... but no dispatcher serves it until a restart, and the enqueue says so.
     assert "warning" in daemon.jobctl("enqueue", "noop", "--queue", "later").stderr
+
+
+def test_deep_nesting_and_oversized_args_over_socket_and_http(jobd, tmp_path):
+    import urllib.request
+
+    from tests.e2e.test_http_e2e import TOKEN, free_port, request
+
+    token_file = tmp_path / "api-token"
+    token_file.write_text(TOKEN)
+    port = free_port()
+    daemon = jobd(control={"http": f"127.0.0.1:{port}", "token_file": str(token_file)},
+                  extra_toml="[limits]\nmax_args_bytes = 4096\n")
+    base = f"http://127.0.0.1:{port}"
+    deep = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
+    client = RawClient(daemon.socket)
+    try:
+        line = ('{"type": "enqueue", "job": {"kind": "noop", "args": ' + deep + "}}").encode()
+        reply = client.call(line)
+        assert reply["code"] == "bad_json" and "nested too deeply" in reply["message"], reply
+        assert client.call({"type": "ping"})["type"] == "ok"
+    finally:
+        client.close()
+    body = ('{"job": {"kind": "noop", "args": ' + deep + "}}").encode()
+    req = urllib.request.Request(base + "/v1/enqueue", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("accepted")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400 and json.loads(exc.read())["code"] == "bad_json"
+    status, _, raw = request(base, "POST", "/v1/enqueue",
+                             {"job": {"kind": "effect", "args": {"name": "x" * 5000}}})
+    assert status == 413 and json.loads(raw)["code"] == "too_large", raw
+    status, _, raw = request(base, "POST", "/v1/enqueue",
+                             {"job": {"kind": "noop", "timeout_s": 1e308}})
+    assert status == 400 and "$.job.timeout_s" in json.loads(raw)["message"]
+    daemon.jobctl("ping")

@@ -136,3 +136,11 @@ def test_replies_carry_a_warning_and_the_truncated_fields():
     assert msgspec.json.decode(b'{"id": 1, "created": true, "warning": "w"}',
                                type=c.EnqueueResult).warning == "w"
     assert "truncated" in JobView.__struct_fields__
+
+
+def test_json_nested_past_the_depth_limit_is_a_decode_error():
+    deep = b'{"type": "enqueue", "job": {"kind": "k", "args": {"a": ' + b"[" * 5000 \
+        + b"]" * 5000 + b"}}}"
+    for decoder in (c.command_decoder, c.envelope_decoder):
+        with pytest.raises(msgspec.DecodeError, match="nested too deeply"):
+            decoder.decode(deep)
