@@ -25,7 +25,8 @@ from actors.ports import (
     StoreUnavailable,
     ValueRejected,
 )
-from actors.validate import DEFAULT_MAX_ARGS_BYTES, check_new_job, has_nul
+from actors.validate import check_new_job, has_nul
+from actors.validate import max_args_bytes as validate_max_args_bytes
 from actors.workflow import workflow_view
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, NotFound, Unavailable
@@ -59,7 +60,7 @@ class Control:
         pauses: Callable[[], set[tuple[str, str]]] | None = None,
         flow_limits: Callable[[str], dict[str, Any] | None] | None = None,
         observer: Observer | None = None,
-        max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES,
+        max_args_bytes: int | None = None,
         list_field_bytes: int = 4096,
         queues: Callable[[], set[str]] | None = None,
         declared: Callable[[], set[str]] | None = None,
@@ -79,7 +80,8 @@ class Control:
         self._pauses = pauses or set
         self._flow_limits = flow_limits or (lambda queue: None)
         self._observer: Observer = observer or NullObserver()
-        self._max_args_bytes = max_args_bytes
+        self._max_args_bytes = max_args_bytes if max_args_bytes is not None else \
+            validate_max_args_bytes()
         self._list_field_bytes = list_field_bytes
         self._queues = queues
         self._declared = declared or set
@@ -341,7 +343,7 @@ def summary(by_state: dict[str, int]) -> c.SummaryResult:
     )
 
 
-def new_job(spec: JobSpec, *, max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES) -> NewJob:
+def new_job(spec: JobSpec, *, max_args_bytes: int | None = None) -> NewJob:
     """Validate a spec against its handler's declaration (the edge: fail here, not later)."""
     try:
         jobdef = lookup(spec.kind)

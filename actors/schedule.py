@@ -38,7 +38,7 @@ from croniter import croniter
 from actors.errors import InvalidArgs
 from actors.handlers import lookup
 from actors.ports import NewJob, Occurrence, ScheduleDef
-from actors.validate import DEFAULT_MAX_ARGS_BYTES, check_new_job, has_nul
+from actors.validate import check_new_job, has_nul, max_args_bytes
 from protocol.durations import parse_duration
 from protocol.errors import JobdError
 from protocol.schedules import DURATION_MAX_S, ScheduleSpec
@@ -274,9 +274,9 @@ def definition(spec: ScheduleSpec, *, source: str = "runtime") -> ScheduleDef:
     jobdef = lookup(spec.kind)
     args = jobdef.decode_args(spec.args)
     encoded = msgspec.json.encode(args)
-    if len(encoded) > DEFAULT_MAX_ARGS_BYTES:
+    if len(encoded) > max_args_bytes():
         raise ValueError(f"args: {len(encoded)} bytes of JSON is over the limit of "
-                         f"{DEFAULT_MAX_ARGS_BYTES} bytes")
+                         f"{max_args_bytes()} bytes (limits.max_args_bytes)")
     if has_nul(encoded):
         raise ValueError("args contain a NUL character (\\u0000), which Postgres cannot store")
     return ScheduleDef(

@@ -16,10 +16,22 @@ from protocol import jobs as limits
 from protocol.errors import BadRequest, ErrorCode, JobdError
 
 DEFAULT_MAX_ARGS_BYTES = 1 << 20  # config limits.max_args_bytes
+_max_args_bytes = DEFAULT_MAX_ARGS_BYTES
+
+
+def configure(max_args_bytes: int) -> None:
+    """The daemon's limits.max_args_bytes, for rows built inside actors (ctx.enqueue,
+    spawn, schedules) as well as by the control actor; set once at start."""
+    global _max_args_bytes
+    _max_args_bytes = max_args_bytes
+
+
+def max_args_bytes() -> int:
+    return _max_args_bytes
 
 
 def check_new_job(row: NewJob, args_bytes: bytes | None = None,
-                  max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES) -> None:
+                  max_args_bytes: int | None = None) -> None:
     """Raise BadRequest (or TOO_LARGE for args) naming the field that is out of range.
 
     `args_bytes` is the row's args as encoded, when the caller has them (saves encoding).
@@ -62,6 +74,8 @@ def check_new_job(row: NewJob, args_bytes: bytes | None = None,
                                   or not 0 < timeout_s <= limits.TIMEOUT_MAX_S):
         _number("timeout_s", timeout_s, 0, limits.TIMEOUT_MAX_S, open_low=True)
     encoded = args_bytes if args_bytes is not None else row.args.encode()
+    if max_args_bytes is None:
+        max_args_bytes = _max_args_bytes
     if len(encoded) > max_args_bytes:
         raise JobdError(
             f"args: {len(encoded)} bytes of JSON is over the limit of {max_args_bytes} "

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from actors import failure_hooks, handlers
+from actors import failure_hooks, handlers, validate
 from actors.batcher import Batcher
 from actors.clock import TrioClock
 from actors.control import Control, key_stats, limits_for_key
@@ -154,6 +154,7 @@ class Daemon:
     async def _run_actors(self) -> None:
         assert self.store is not None
         self.import_handlers()
+        validate.configure(self.config.limits.max_args_bytes)
         await self.store.register_failure_hooks(failure_hooks.hooked_kinds())
         root = self._build_tree()
         await self._publish_queues_and_limits()

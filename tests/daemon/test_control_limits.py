@@ -224,3 +224,22 @@ async def test_errors_written_by_hand_in_another_shape_still_show(store, sql):
     [error] = (await ctl.handle(c.Get(job_id=done.id))).errors
     assert error.error_class == "unknown" and '{"x": 2}' in error.message
     assert (await ctl.handle(c.List())).jobs[0].errors == [error]
+
+
+def test_rows_built_inside_actors_meet_the_configured_args_limit(monkeypatch):
+    from actors import validate
+    from actors.schedule import definition
+    from actors.workflow import Child, _new_job
+    from protocol.schedules import ScheduleSpec
+
+    monkeypatch.setattr(validate, "_max_args_bytes", validate.DEFAULT_MAX_ARGS_BYTES)
+    validate.configure(2048)
+    big = {"note": "x" * 3000}
+    assert refused(JobSpec(kind="sleep", args=big)).code == ErrorCode.TOO_LARGE  # ctx.enqueue
+    with pytest.raises(JobdError) as info:  # ctx.spawn
+        _new_job(Child(kind="sleep", args=big), parent=None)
+    assert info.value.code == ErrorCode.TOO_LARGE and "2048" in info.value.message
+    with pytest.raises(ValueError, match="2048"):
+        definition(ScheduleSpec(name="s", kind="sleep", every="1m", args=big))
+    validate.configure(8192)
+    assert new_job(JobSpec(kind="sleep", args=big))
