@@ -43,6 +43,7 @@ from protocol.jobs import (
 from protocol.tree import TreeNode
 
 MAX_BATCH = c.MAX_BATCH
+LIVE_QUEUES_TTL_S = 5.0
 
 
 class Control:
@@ -86,6 +87,7 @@ class Control:
         self._queues = queues
         self._declared = declared or set
         self._live_s = live_s
+        self._live_cache: tuple[float, set[str]] = (-float("inf"), set())
 
     async def handle(self, cmd: c.Command) -> Any:
         try:
@@ -224,8 +226,16 @@ class Control:
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 
-    async def _live_queues(self) -> set[str]:
-        return set(await self._store.live_queues(self._live_s))
+    async def _live_queues(self, wanted: set[str] | None = None) -> set[str]:
+        """Queues live daemons serve. Kept a few seconds when it holds all `wanted`: a
+        daemon that enqueues for queues other daemons serve must not pay a round trip
+        per enqueue, while a queue missing from it is always asked afresh."""
+        now = trio.current_time()
+        at, queues = self._live_cache
+        if wanted is None or now - at > LIVE_QUEUES_TTL_S or not wanted <= queues:
+            queues = set(await self._store.live_queues(self._live_s))
+            self._live_cache = (now, queues)
+        return queues
 
     async def _unserved(self, rows: list[NewJob]) -> str | None:
         """A warning naming the queues of `rows` that no live daemon serves, else None.
@@ -237,7 +247,7 @@ class Control:
         asked = sorted({r.queue for r in rows} - here)
         if not asked:
             return None
-        live = await self._live_queues()
+        live = await self._live_queues(set(asked))
         missing = [q for q in asked if q not in live]
         if not missing:
             return None

@@ -243,3 +243,23 @@ def test_rows_built_inside_actors_meet_the_configured_args_limit(monkeypatch):
         definition(ScheduleSpec(name="s", kind="sleep", every="1m", args=big))
     validate.configure(8192)
     assert new_job(JobSpec(kind="sleep", args=big))
+
+
+async def test_queues_served_elsewhere_are_not_asked_per_enqueue(store):
+    calls = []
+    live_queues = store.live_queues
+
+    async def counting(live_s: float) -> list[str]:
+        calls.append(live_s)
+        return await live_queues(live_s)
+
+    store.live_queues = counting
+    await store.register_daemon("other", "r", "h", 1, "v")
+    await store.set_daemon_queues("other", ["crawl"])
+    ctl = control(store)
+    for _ in range(5):
+        done = await ctl.handle(c.Enqueue(job=JobSpec(kind="sleep", queue="crawl")))
+        assert done.warning is None
+    assert len(calls) == 1
+    typo = await ctl.handle(c.Enqueue(job=JobSpec(kind="sleep", queue="crawl2")))
+    assert typo.warning is not None and len(calls) == 2  # a miss is always asked afresh
