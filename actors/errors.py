@@ -40,4 +40,8 @@ class UnknownKind(Exception):
 
 
 class InvalidArgs(Exception):
-    """Args do not fit the handler's Struct."""
+    """Args do not fit the handler's Struct; `field` is the offending path when known."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field

@@ -35,10 +35,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from croniter import croniter
 
+from actors.errors import InvalidArgs
 from actors.handlers import lookup
 from actors.ports import NewJob, Occurrence, ScheduleDef
+from actors.validate import check_new_job, has_nul, max_args_bytes
 from protocol.durations import parse_duration
-from protocol.schedules import ScheduleSpec
+from protocol.errors import JobdError
+from protocol.schedules import DURATION_MAX_S, ScheduleSpec
 
 MISSED_POLICIES = ("skip", "latest", "all")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -263,11 +266,22 @@ def definition(spec: ScheduleSpec, *, source: str = "runtime") -> ScheduleDef:
     validate(timing)
     jitter_s = parse_duration(spec.jitter) if spec.jitter is not None else 0.0
     grace_s = parse_duration(spec.grace)
+    for field, value in (("every", every_s), ("jitter", jitter_s), ("grace", grace_s)):
+        # "99999999d" parses; a datetime that far ahead does not exist.
+        if value is not None and value > DURATION_MAX_S:
+            raise ValueError(f"`{field}` must be at most {DURATION_MAX_S} s (ten years), "
+                             f"got {value:g} s")
     jobdef = lookup(spec.kind)
     args = jobdef.decode_args(spec.args)
+    encoded = msgspec.json.encode(args)
+    if len(encoded) > max_args_bytes():
+        raise ValueError(f"args: {len(encoded)} bytes of JSON is over the limit of "
+                         f"{max_args_bytes()} bytes (limits.max_args_bytes)")
+    if has_nul(encoded):
+        raise ValueError("args contain a NUL character (\\u0000), which Postgres cannot store")
     return ScheduleDef(
         name=spec.name, kind=spec.kind, cron=spec.cron, every_s=every_s, tz=spec.tz,
-        args=msgspec.json.encode(args).decode(), queue=spec.queue, key=spec.key,
+        args=encoded.decode(), queue=spec.queue, key=spec.key,
         priority=spec.priority, max_attempts=spec.max_attempts, timeout_s=spec.timeout_s,
         tags=list(spec.tags), jitter_s=jitter_s, missed=spec.missed,
         missed_limit=spec.missed_limit, grace_s=grace_s, source=source,
@@ -285,7 +299,10 @@ def occurrence(row: ScheduleDef, fire_at: datetime, *, manual: bool = False) -> 
     args = jobdef.decode_args(row.args)
     key = row.key
     if key is None and jobdef.key is not None:
-        key = str(jobdef.key(args))
+        try:
+            key = str(jobdef.key(args))
+        except Exception as exc:  # noqa: BLE001 - the handler's key function, on these args
+            raise InvalidArgs(f"{row.kind}: the handler's key function failed: {exc!r}") from None
     job = NewJob(
         kind=row.kind, args=msgspec.json.encode(args).decode(), queue=row.queue or jobdef.queue,
         key=key, unique_key=unique_key(row.name, fire_at),
@@ -295,4 +312,8 @@ def occurrence(row: ScheduleDef, fire_at: datetime, *, manual: bool = False) -> 
         tags=[*row.tags, *fire_tags(row.name, fire_at)],
         timeout_s=row.timeout_s if row.timeout_s is not None else jobdef.timeout_s,
     )
+    try:
+        check_new_job(job)
+    except JobdError as exc:  # e.g. a computed key over its limit: this row, not the scheduler
+        raise InvalidArgs(f"{row.kind}: {exc.message}") from None
     return Occurrence(schedule=row.name, fire_at=fire_at, manual=manual, job=job)

@@ -377,7 +377,7 @@ def _new_job(child: Child, parent: Any) -> NewJob:
         args = msgspec.to_builtins(decoded)
         if key is None and jobdef.key is not None:
             key = str(jobdef.key(decoded))
-    return NewJob(
+    row = NewJob(
         kind=child.kind,
         args=msgspec.json.encode(args).decode(),
         queue=child.queue or (jobdef.queue if jobdef else parent.queue),
@@ -390,6 +390,10 @@ def _new_job(child: Child, parent: Any) -> NewJob:
         timeout_s=child.timeout_s if child.timeout_s is not None else (
             jobdef.timeout_s if jobdef else None),
     )
+    from actors.validate import check_new_job
+
+    check_new_job(row)  # a child out of range fails the parent's attempt, not the store
+    return row
 
 
 

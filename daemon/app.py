@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import trio
 
-from actors import failure_hooks, handlers, lag
+from actors import failure_hooks, handlers, lag, validate
 from actors.batcher import Backlog, Batcher
 from actors.clock import TrioClock
 from actors.control import Control, key_stats, limits_for_key
@@ -186,6 +186,7 @@ class Daemon:
     async def _run_actors(self) -> None:
         assert self.store is not None
         self.import_handlers()
+        validate.configure(self.config.limits.max_args_bytes)
         backoff = 0.2
         while True:
             try:
@@ -200,11 +201,17 @@ class Daemon:
                     return
                 backoff = min(backoff * 2, 10.0)
         root = self._build_tree()
+        await self._publish_queues_and_limits()
+        limits = self.config.limits
         control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
                           tree=self.registry.tree, running_here=self._running_here,
                           cancel_here=self._cancel_here, drain=self.set_draining,
                           flow_limits=self.limits_for, observer=self.observer,
-                          reload=self.reload, pauses=lambda: self.pauses)
+                          reload=self.reload, pauses=lambda: self.pauses,
+                          max_args_bytes=limits.max_args_bytes,
+                          list_field_bytes=limits.list_field_bytes,
+                          queues=lambda: set(self._dispatcher_boxes),
+                          declared=lambda: set(self.config.queues), live_s=self._live_s())
         await self._refresh_pauses()
         sock = socket_path(self.config, self.state_dir)
         async with trio.open_nursery() as nursery:
@@ -517,6 +524,22 @@ class Daemon:
             timeout = self.config.queue(queue).timeout
             self._timeouts[queue] = parse_duration(timeout) if timeout is not None else None
         return self._timeouts[queue]
+    def _live_s(self) -> float:
+        """A daemon whose heartbeat is older than this no longer counts as serving."""
+        return max(30.0, 3 * parse_duration(self.config.daemon.heartbeat))
+
+    async def _publish_queues_and_limits(self) -> None:
+        """The queues served here (for enqueue warnings) and the limits for jobd.enqueue.
+
+        Once, at start: a reload neither adds dispatchers nor changes [limits]."""
+        assert self.store is not None
+        try:
+            await self.store.set_daemon_queues(self.id, sorted(self._dispatcher_boxes))
+            await self.store.put_settings({"max_args_bytes": self.config.limits.max_args_bytes,
+                                           "daemon_live_s": self._live_s()})
+        except (StoreUnavailable, ValueRejected) as exc:
+            log.warning("could not record this daemon's queues and limits: %s", exc,
+                        extra={"event": "store.unavailable"})
 
     def queue_names(self) -> list[str]:
         declared = {d.queue for d in handlers.registered().values()}
@@ -527,7 +550,7 @@ class Daemon:
     def import_handlers(self) -> None:
         """Import the configured modules at start; ConfigError names the one that failed
         (also when it raised SystemExit or KeyboardInterrupt: its failure, not ours)."""
-        error = _import_modules(self.config.handlers, reload=False)
+        error = import_modules(self.config.handlers, reload=False)
         if error is not None:
             raise ConfigError(error)
         log.info("handlers: %s", ", ".join(sorted(handlers.registered())) or "none",
@@ -755,7 +778,7 @@ class Daemon:
         return self.ready and not self.draining and bool(self.store and self.store.healthy)
 
 
-def _import_modules(cfg: Handlers, *, reload: bool) -> str | None:
+def import_modules(cfg: Handlers, *, reload: bool) -> str | None:
     """Import (or re-import) the configured modules; the error naming the one that failed."""
     # Like `python -m`: modules next to where jobd was started are importable.
     for path in [*cfg.paths, os.getcwd()]:
@@ -793,7 +816,7 @@ class _HandlerImport:
     def run(self) -> None:
         error = None
         try:
-            error = _import_modules(self.cfg, reload=True)
+            error = import_modules(self.cfg, reload=True)
         finally:
             with self._lock:
                 self.error = error

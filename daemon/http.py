@@ -108,7 +108,7 @@ class HttpApp:
         self._max_body = max_body
         self._read_timeout_s = read_timeout_s
         self._commands = _command_types()
-        self._decoders = {name: msgspec.json.Decoder(t) for name, t in self._commands.items()}
+        self._decoders = {name: c.JsonDecoder(t) for name, t in self._commands.items()}
         self._openapi: bytes | None = None
 
     def count(self, reason: str) -> None:

@@ -240,6 +240,8 @@ def enqueue(args: argparse.Namespace, client: SyncClient) -> int:
         spec = JobSpec(kind=args.kind, args=_json_object(args.args), unique_key=args.unique_key,
                        **options)
         done = client.call(c.Enqueue(job=spec))
+        if getattr(done, "warning", None):
+            print(f"jobctl: warning: {done.warning}", file=sys.stderr)
         if args.json:
             print(msgspec.json.encode(client.call(c.Get(job_id=done.id))).decode())
         else:
@@ -250,6 +252,7 @@ def enqueue(args: argparse.Namespace, client: SyncClient) -> int:
     ids: list[int] = []
     created = 0
     batch: list[JobSpec] = []
+    done = None
     with args.args_file.open() as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -267,6 +270,8 @@ def enqueue(args: argparse.Namespace, client: SyncClient) -> int:
         done = client.call(c.EnqueueBatch(jobs=batch))
         ids += done.ids
         created += done.created
+    if getattr(done, "warning", None):
+        print(f"jobctl: warning: {done.warning}", file=sys.stderr)
     emit(args, {"ids": ids, "created": created},
          f"enqueued {created} jobs ({len(ids) - created} already queued under their unique key)")
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from daemon import __version__, lock
-from daemon.config import EX_CONFIG, ConfigError, load, socket_path, state_dir
+from daemon.config import EX_CONFIG, Config, ConfigError, load, socket_path, state_dir
 
 EX_TEMPFAIL = 75  # another daemon holds the state directory or the socket: try later
 
@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jobd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "check-config":
+        try:
+            check_handlers(config)
+        except ConfigError as exc:
+            print(f"jobd: bad config: {args.config or '<defaults>'}: {exc}", file=sys.stderr)
+            return EX_CONFIG
         print(f"{args.config or '<defaults>'}: ok")
         return 0
     from daemon.app import Daemon
@@ -108,6 +113,24 @@ def _raise_descriptor_limit() -> None:
         return
     log.info("descriptor limit raised from %d to %d", soft, target,
              extra={"event": "daemon.nofile", "nofile": target})
+
+
+def check_handlers(config: Config) -> None:
+    """Import `handlers.modules` as `jobd run` would, and check the config's schedules
+    against them; ConfigError names the module (or schedule) that failed, in one line."""
+    from daemon.app import import_modules
+
+    error = import_modules(config.handlers, reload=False)
+    if error is not None:
+        raise ConfigError(" ".join(error.split()))  # one line, whatever the module raised
+    from actors.errors import InvalidArgs, UnknownKind
+    from actors.schedule import definition
+
+    for i, spec in enumerate(config.schedules):
+        try:
+            definition(spec, source="config")
+        except (ValueError, UnknownKind, InvalidArgs) as exc:
+            raise ConfigError(f"schedule {spec.name!r}: {exc} - at `$.schedules[{i}]`") from None
 
 
 def _config_errors(exc: BaseException) -> list[ConfigError]:

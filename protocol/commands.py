@@ -3,7 +3,9 @@
 On the socket a request is one line: `{"id": 7, "type": "get", "job_id": 42}`; the
 reply echoes the id: `{"id": 7, "type": "ok", "result": {...}}` or
 `{"id": 7, "type": "error", "code": "not_found", "message": "...", "details": {}}`.
-Unknown fields are ignored so newer clients can talk to older daemons.
+Unknown fields are ignored so newer clients can talk to older daemons. Every field
+has a type and a range (protocol/jobs.py): a request outside them is `bad_request`
+naming the field, on the socket and over HTTP alike.
 """
 
 from __future__ import annotations
@@ -13,21 +15,37 @@ from typing import Annotated, Any
 
 import msgspec
 
-from protocol.jobs import DaemonView, JobSpec, JobView, KeyStats, QueueCounts
-from protocol.schedules import ScheduleSpec, ScheduleView
+from protocol.jobs import (
+    DaemonView,
+    JobId,
+    JobSpec,
+    JobState,
+    JobView,
+    Key,
+    KeyStats,
+    QueueCounts,
+    QueueName,
+    text,
+)
+from protocol.schedules import ScheduleName, ScheduleSpec, ScheduleView
 from protocol.tree import TreeNode
 from protocol.workflows import WorkflowView
 
+MAX_BATCH = 100_000  # jobs per enqueue_batch, ids per filter
+# A filter value is only compared, never stored: bounded by the longest value a job can hold.
+FilterText = text(1024)
+EventName = text(200, 1)
+
 
 class _Command(msgspec.Struct, tag_field="type", kw_only=True):
-    id: int | None = None
+    id: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
 
     mutating = False
 
 
 class Hello(_Command, tag="hello"):
-    protocol: int
-    client: str = ""
+    protocol: Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+    client: text(200) = ""  # type: ignore[valid-type]
 
 
 class Ping(_Command, tag="ping"):
@@ -44,16 +62,16 @@ class Enqueue(_Command, tag="enqueue"):
 
 
 class EnqueueBatch(_Command, tag="enqueue_batch"):
-    jobs: list[JobSpec]
+    jobs: Annotated[list[JobSpec], msgspec.Meta(max_length=MAX_BATCH)]
     mutating = True
 
 
 class Get(_Command, tag="get"):
-    job_id: int
+    job_id: JobId
 
 
 class Cancel(_Command, tag="cancel"):
-    job_id: int
+    job_id: JobId
     mutating = True
 
 
@@ -68,13 +86,13 @@ class Nodes(_Command, tag="nodes"):
 class Filtered(_Command, kw_only=True):
     """Selects jobs; every field narrows the match, `ids` names jobs outright."""
 
-    ids: list[int] | None = None
-    queue: str | None = None
-    kind: str | None = None
-    state: list[str] | None = None
-    key: str | None = None
-    tag: str | None = None
-    unique_key: str | None = None
+    ids: Annotated[list[JobId], msgspec.Meta(max_length=MAX_BATCH)] | None = None
+    queue: FilterText | None = None  # type: ignore[valid-type]
+    kind: FilterText | None = None  # type: ignore[valid-type]
+    state: list[JobState] | None = None  # any other state is refused, naming the valid ones
+    key: FilterText | None = None  # type: ignore[valid-type]
+    tag: FilterText | None = None  # type: ignore[valid-type]
+    unique_key: FilterText | None = None  # type: ignore[valid-type]
     created_after: datetime | None = None
     created_before: datetime | None = None
     finished_after: datetime | None = None
@@ -96,7 +114,7 @@ FILTER_FIELDS = (
 class List(Filtered, tag="list"):
     """Newest first; pass the reply's `next_cursor` back as `cursor` for the next page."""
 
-    cursor: int | None = None
+    cursor: JobId | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
 
 
@@ -126,14 +144,17 @@ class Delete(_Bulk, tag="delete"):
 
 
 class Pause(_Command, tag="pause"):
-    queue: str
-    key: str | None = None
+    """Refused (not_found) for a queue no live daemon serves and this daemon's config
+    and handlers do not declare: a typo would otherwise pause nothing, silently."""
+
+    queue: QueueName
+    key: Key | None = None
     mutating = True
 
 
 class Resume(_Command, tag="resume"):
-    queue: str
-    key: str | None = None
+    queue: QueueName
+    key: Key | None = None
     mutating = True
 
 
@@ -151,8 +172,8 @@ class Reload(_Command, tag="reload"):
 class SendEvent(_Command, tag="send_event"):
     """Wakes every workflow waiting for `name` whose match the data contains."""
 
-    name: str
-    data: dict[str, Any] = {}
+    name: EventName  # type: ignore[valid-type]
+    data: dict[str, Any] = {}  # at most limits.max_args_bytes, JSON-encoded
     mutating = True
 
 
@@ -164,7 +185,7 @@ class SendEventResult(msgspec.Struct, kw_only=True):
 class Watch(_Command, tag="watch"):
     """Streams the job each time it changes, until it is finished."""
 
-    job_id: int
+    job_id: JobId
     interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.5
 
 
@@ -175,24 +196,24 @@ class ScheduleAdd(_Command, tag="schedule_add"):
 
 
 class ScheduleRemove(_Command, tag="schedule_remove"):
-    name: str
+    name: ScheduleName
     mutating = True
 
 
 class SchedulePause(_Command, tag="schedule_pause"):
-    name: str
+    name: ScheduleName
     mutating = True
 
 
 class ScheduleResume(_Command, tag="schedule_resume"):
-    name: str
+    name: ScheduleName
     mutating = True
 
 
 class ScheduleTrigger(_Command, tag="schedule_trigger"):
     """Fire one extra occurrence now; `at` names the occurrence (default: now)."""
 
-    name: str
+    name: ScheduleName
     at: datetime | None = None
     mutating = True
 
@@ -227,14 +248,17 @@ class Pong(msgspec.Struct, kw_only=True):
     draining: bool
 
 
-class EnqueueResult(msgspec.Struct, kw_only=True):
+class EnqueueResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: int
     created: bool
+    # Set when no live daemon serves the job's queue: it waits until one does.
+    warning: str | None = None
 
 
-class BatchResult(msgspec.Struct, kw_only=True):
+class BatchResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     ids: list[int]
     created: int
+    warning: str | None = None
 
 
 class CancelResult(msgspec.Struct, kw_only=True):
@@ -364,6 +388,20 @@ class _Envelope(msgspec.Struct):
     type: str | None = None
 
 
-command_decoder = msgspec.json.Decoder(Command)
-envelope_decoder = msgspec.json.Decoder(_Envelope)
-reply_decoder = msgspec.json.Decoder(Reply)
+class JsonDecoder:
+    """msgspec.json.Decoder, but JSON nested past msgspec's depth limit is a DecodeError
+    (answered bad_json) rather than a RecursionError (which answered internal)."""
+
+    def __init__(self, type_: Any):
+        self._decoder = msgspec.json.Decoder(type_)
+
+    def decode(self, data: bytes | str) -> Any:
+        try:
+            return self._decoder.decode(data)
+        except RecursionError:
+            raise msgspec.DecodeError("JSON is nested too deeply") from None
+
+
+command_decoder = JsonDecoder(Command)
+envelope_decoder = JsonDecoder(_Envelope)
+reply_decoder = JsonDecoder(Reply)

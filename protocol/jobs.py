@@ -1,30 +1,78 @@
-"""Value Structs shared by commands and replies."""
+"""Value Structs shared by commands and replies.
+
+Every field a client sets has its range here (msgspec.Meta), so every surface refuses
+a bad value at decode with the field's path, before it reaches an actor or Postgres
+(README: "Limits"). Text lengths are in characters, sized so that an index entry of
+even four-byte characters stays under Postgres' btree row limit (~2.7 KB).
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 JOB_STATES = ("scheduled", "available", "running", "waiting", "completed", "failed", "cancelled")
+# A pattern, not a Literal: the refusal then spells out the valid states.
+JobState = Annotated[str, msgspec.Meta(pattern=f"^({'|'.join(JOB_STATES)})$")]
+
+# Postgres text cannot hold U+0000: refused at the edge, not by a database error.
+NO_NUL = r"^[^\x00]*$"
+
+KIND_MAX_CHARS = 200
+QUEUE_MAX_CHARS = 100
+KEY_MAX_CHARS = 512
+UNIQUE_KEY_MAX_CHARS = 512
+TAG_MAX_CHARS = 256
+TAGS_MAX = 100
+PRIORITY_MIN, PRIORITY_MAX = -32768, 32767  # the column is a smallint; lower runs first
+MAX_ATTEMPTS_MAX = 1000
+TIMEOUT_MAX_S = 365 * 86400.0  # one year
+DELAY_MAX_S = 10 * 365 * 86400.0  # ten years: run_at may lie at most this far ahead
+COST_MAX = 1_000_000_000
+ID_MAX = 2**63 - 1  # bigint
+
+
+def text(max_chars: int, min_chars: int = 0) -> Any:
+    """A NUL-free string of bounded length (characters)."""
+    return Annotated[str, msgspec.Meta(min_length=min_chars, max_length=max_chars,
+                                       pattern=NO_NUL)]
+
+
+Kind = text(KIND_MAX_CHARS, 1)
+QueueName = text(QUEUE_MAX_CHARS, 1)
+Key = text(KEY_MAX_CHARS, 1)
+UniqueKey = text(UNIQUE_KEY_MAX_CHARS, 1)
+Tag = text(TAG_MAX_CHARS)
+Tags = Annotated[list[Tag], msgspec.Meta(max_length=TAGS_MAX)]
+Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
+MaxAttempts = Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPTS_MAX)]
+TimeoutS = Annotated[float, msgspec.Meta(gt=0, le=TIMEOUT_MAX_S)]
+DelayS = Annotated[float, msgspec.Meta(ge=0, le=DELAY_MAX_S)]
+Cost = Annotated[int, msgspec.Meta(ge=0, le=COST_MAX)]
+JobId = Annotated[int, msgspec.Meta(ge=1, le=ID_MAX)]
 
 
 class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One job to enqueue. Unset options take the handler's declaration."""
+    """One job to enqueue. Unset options take the handler's declaration.
 
-    kind: str
+    `args` must fit `limits.max_args_bytes` (JSON-encoded; refused as `too_large`);
+    `run_at` may lie at most DELAY_MAX_S ahead (a time in the past means now).
+    """
+
+    kind: Kind
     args: dict[str, Any] = {}
-    queue: str | None = None
-    key: str | None = None
-    unique_key: str | None = None
-    priority: int | None = None
-    delay_s: float | None = None
+    queue: QueueName | None = None
+    key: Key | None = None
+    unique_key: UniqueKey | None = None
+    priority: Priority | None = None
+    delay_s: DelayS | None = None
     run_at: datetime | None = None
-    max_attempts: int | None = None
-    tags: list[str] = []
-    timeout_s: float | None = None
-    cost: int | None = None  # weight against the key's tokens_per_minute (e.g. tokens)
+    max_attempts: MaxAttempts | None = None
+    tags: Tags = []
+    timeout_s: TimeoutS | None = None
+    cost: Cost | None = None  # weight against the key's tokens_per_minute (e.g. tokens)
 
 
 class AttemptError(msgspec.Struct, kw_only=True):
@@ -59,6 +107,9 @@ class JobView(msgspec.Struct, kw_only=True):
     finished_at: datetime | None
     lease_owner: str | None
     cancel_requested: bool
+    # List views leave out args/result/errors (and shorten progress_note) larger than
+    # `limits.list_field_bytes`; the names of the fields left out. `get` shows them whole.
+    truncated: list[str] = []
 
 
 class QueueCounts(msgspec.Struct, kw_only=True):

@@ -8,8 +8,13 @@ from typing import Annotated, Any
 
 import msgspec
 
+from protocol.jobs import Key, Kind, MaxAttempts, Priority, QueueName, Tags, TimeoutS, text
+
 ScheduleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
-Duration = str | float | int
+DURATION_MAX_S = 10 * 365 * 86400  # every, jitter, grace: at most ten years
+# "30s", or seconds; the parsed value is bounded too (actors/schedule.py definition).
+Duration = (text(64, 1) | Annotated[int, msgspec.Meta(ge=0, le=DURATION_MAX_S)]
+            | Annotated[float, msgspec.Meta(ge=0, le=DURATION_MAX_S)])
 
 
 class ScheduleSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -19,17 +24,17 @@ class ScheduleSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """
 
     name: ScheduleName
-    kind: str
-    cron: str | None = None
+    kind: Kind
+    cron: text(200, 1) | None = None  # type: ignore[valid-type]
     every: Duration | None = None  # "10s": fixed interval, anchored at the Unix epoch
-    tz: str = "UTC"
+    tz: text(64, 1) = "UTC"  # type: ignore[valid-type]
     args: dict[str, Any] = {}
-    queue: str | None = None
-    key: str | None = None  # flow-control key
-    priority: int | None = None
-    max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    timeout_s: float | None = None
-    tags: list[str] = []
+    queue: QueueName | None = None
+    key: Key | None = None  # flow-control key
+    priority: Priority | None = None
+    max_attempts: MaxAttempts | None = None
+    timeout_s: TimeoutS | None = None
+    tags: Tags = []
     jitter: Duration | None = None  # each job starts up to this much after its occurrence
     missed: Annotated[str, msgspec.Meta(pattern=r"^(skip|latest|all)$")] = "latest"
     missed_limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100  # for missed = "all"

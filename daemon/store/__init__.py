@@ -177,6 +177,17 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         self.renewed_at = time.monotonic()
         return [(r["id"], r["token"]) for r in rows]
 
+    async def set_daemon_queues(self, daemon_id: str, queues: list[str]) -> None:
+        await self._execute(q.SET_DAEMON_QUEUES, daemon_id, sorted(queues))
+
+    async def live_queues(self, live_s: float) -> list[str]:
+        """Queues served by daemons whose heartbeat is younger than `live_s`."""
+        return [r["queue"] for r in await self._fetch(q.LIVE_QUEUES, live_s)]
+
+    async def put_settings(self, settings: dict[str, Any]) -> None:
+        """Limits for jobd.enqueue (SQL), e.g. {"max_args_bytes": 1048576}."""
+        await self._execute(q.PUT_SETTINGS, msgspec.json.encode(settings).decode())
+
     async def deregister_daemon(self, daemon_id: str) -> None:
         await self._execute(q.DEREGISTER_DAEMON, daemon_id)
 
@@ -280,9 +291,11 @@ class PgStore(ScheduleStatements, WorkflowStatements):
     # -- the control plane ----------------------------------------------------------
 
     async def list_jobs(
-        self, where: Filtered, cursor: int | None, limit: int
+        self, where: Filtered, cursor: int | None, limit: int, field_bytes: int = 4096
     ) -> list[dict[str, Any]]:
-        rows = await self._fetch(q.LIST_JOBS, *where.filter_values(), cursor, limit, op="list")
+        """A page; args/result/errors over `field_bytes` are left out, named in `truncated`."""
+        rows = await self._fetch(q.LIST_JOBS, *where.filter_values(), cursor, limit,
+                                 field_bytes, op="list")
         return [dict(r) for r in rows]
 
     async def summarize(self, where: Filtered) -> dict[str, int]:

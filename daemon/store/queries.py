@@ -48,6 +48,23 @@ WHERE NOT EXISTS (SELECT 1 FROM renewed r WHERE r.id = w.id AND r.lease_token = 
 
 DEREGISTER_DAEMON = "DELETE FROM jobd.daemons WHERE id = $1"
 
+# The queues a daemon serves (at start and after a reload), so an enqueue or a pause can
+# tell a queue nobody serves (a typo) from one served elsewhere.
+SET_DAEMON_QUEUES = "UPDATE jobd.daemons SET queues = $2::text[] WHERE id = $1"
+
+LIVE_QUEUES = """
+SELECT DISTINCT unnest(queues) AS queue FROM jobd.daemons
+WHERE heartbeat_at > now() - $1 * interval '1 second'
+"""
+
+# Limits jobd.enqueue (SQL, migration 0008) cannot read from the TOML: each daemon writes
+# its own at start, so the function applies what the daemons apply.
+PUT_SETTINGS = """
+INSERT INTO jobd.settings (name, value, updated_at)
+SELECT key, value, now() FROM jsonb_each($1::jsonb)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+"""
+
 LIST_DAEMONS = """
 SELECT id, region, host, pid, version, started_at, heartbeat_at, draining, status
 FROM jobd.daemons ORDER BY region, started_at
@@ -476,8 +493,32 @@ AND ($10::timestamptz IS NULL OR j.finished_at >= $10)
 AND ($11::timestamptz IS NULL OR j.finished_at < $11)
 """
 
+# A page of jobs: args, result and errors larger than $14 bytes are left out (NULL /
+# empty) and a long progress_note is cut, all named in `truncated`, so one page of big
+# values never becomes a reply over the frame cap. The stored size is checked first, so
+# a large value is not even detoasted unless it compresses below the limit.
 LIST_JOBS = f"""
-SELECT {JOB_COLUMNS} FROM jobd.jobs j
+SELECT j.id, j.queue, j.kind, CASE WHEN big.args THEN NULL ELSE j.args::text END AS args,
+       j.key, j.priority, j.state, j.attempt, j.max_attempts, j.run_at, j.lease_owner,
+       j.lease_until, j.timeout_s, j.unique_key, j.tags, j.parent_id, j.progress,
+       CASE WHEN big.note THEN left(j.progress_note, $14 / 4) ELSE j.progress_note END
+           AS progress_note,
+       CASE WHEN big.result THEN NULL ELSE j.result::text END AS result,
+       CASE WHEN big.errors THEN '[]' ELSE j.errors::text END AS errors,
+       j.cancel_requested, j.created_at, j.started_at, j.finished_at,
+       array_remove(ARRAY[CASE WHEN big.args THEN 'args' END,
+                          CASE WHEN big.result THEN 'result' END,
+                          CASE WHEN big.errors THEN 'errors' END,
+                          CASE WHEN big.note THEN 'progress_note' END], NULL) AS truncated
+FROM jobd.jobs j,
+LATERAL (SELECT
+    CASE WHEN pg_column_size(j.args) > $14 THEN true
+         ELSE octet_length(j.args::text) > $14 END AS args,
+    CASE WHEN j.result IS NULL THEN false WHEN pg_column_size(j.result) > $14 THEN true
+         ELSE octet_length(j.result::text) > $14 END AS result,
+    CASE WHEN pg_column_size(j.errors) > $14 THEN true
+         ELSE octet_length(j.errors::text) > $14 END AS errors,
+    coalesce(octet_length(j.progress_note) > $14, false) AS note) big
 WHERE {JOB_FILTER} AND ($12::bigint IS NULL OR j.id < $12)
 ORDER BY j.id DESC
 LIMIT $13
