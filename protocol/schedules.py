@@ -9,7 +9,27 @@ from typing import Annotated, Any
 import msgspec
 
 ScheduleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
-Duration = str | float | int
+# Ranges (README "Schedules"): the scheduler does date arithmetic with these, so a value
+# out of range is refused here (bad_request) and by migration 0013's CHECK. They match
+# protocol/jobs.py's job limits (timeout, attempts, priority, text lengths).
+DURATION_MAX_S = 10 * 365 * 86400  # every, jitter, grace: at most ten years
+EVERY_MIN_S = 0.001
+TIMEOUT_MAX_S = 365 * 86400.0  # one year, as for a job
+MAX_ATTEMPTS_MAX = 1000
+PRIORITY_MIN, PRIORITY_MAX = -32768, 32767  # the jobs column is a smallint
+TZ_MAX_CHARS = 64  # the longest IANA zone name is 32
+CRON_MAX_CHARS = 200
+_NO_NUL = r"^[^\x00]*$"
+
+
+def _text(max_chars: int, min_chars: int = 0) -> Any:
+    return Annotated[str, msgspec.Meta(min_length=min_chars, max_length=max_chars,
+                                       pattern=_NO_NUL)]
+
+
+# "30s", or seconds; the parsed value is bounded too (actors/schedule.py check_durations).
+Duration = (_text(64, 1) | Annotated[int, msgspec.Meta(ge=0, le=DURATION_MAX_S)]
+            | Annotated[float, msgspec.Meta(ge=0, le=DURATION_MAX_S)])
 
 
 class ScheduleSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -19,17 +39,17 @@ class ScheduleSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """
 
     name: ScheduleName
-    kind: str
-    cron: str | None = None
+    kind: _text(200, 1)  # type: ignore[valid-type]
+    cron: _text(CRON_MAX_CHARS, 1) | None = None  # type: ignore[valid-type]
     every: Duration | None = None  # "10s": fixed interval, anchored at the Unix epoch
-    tz: str = "UTC"
+    tz: _text(TZ_MAX_CHARS, 1) = "UTC"  # type: ignore[valid-type]
     args: dict[str, Any] = {}
-    queue: str | None = None
-    key: str | None = None  # flow-control key
-    priority: int | None = None
-    max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    timeout_s: float | None = None
-    tags: list[str] = []
+    queue: _text(100, 1) | None = None  # type: ignore[valid-type]
+    key: _text(512, 1) | None = None  # type: ignore[valid-type]  # flow-control key
+    priority: Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)] | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPTS_MAX)] | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=TIMEOUT_MAX_S)] | None = None
+    tags: Annotated[list[_text(256)], msgspec.Meta(max_length=100)] = []  # type: ignore[valid-type]
     jitter: Duration | None = None  # each job starts up to this much after its occurrence
     missed: Annotated[str, msgspec.Meta(pattern=r"^(skip|latest|all)$")] = "latest"
     missed_limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100  # for missed = "all"
