@@ -42,8 +42,10 @@ async def call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     except (asyncpg.exceptions.DeadlockDetectedError,
             asyncpg.exceptions.SerializationError) as exc:
         raise Conflict(f"retry: {exc}") from exc
-    except asyncpg.DataError as exc:
+    except (asyncpg.DataError, asyncpg.exceptions.CheckViolationError,
+            asyncpg.exceptions.ProgramLimitExceededError) as exc:
         # The client's mistake, not a server error: every surface answers bad_request.
+        # (A CHECK of migration 0008, or an index entry over the btree's row limit.)
         raise ValueRejected(f"bad value: {exc}") from exc
 
 
