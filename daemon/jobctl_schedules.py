@@ -83,6 +83,8 @@ def render(schedules: list[ScheduleView]) -> str:
     for s in schedules:
         when = s.cron if s.cron is not None else f"every {s.every_s:g}s"
         state = "paused" if s.paused else "active"
+        if s.broken:
+            state = f"broken: {s.broken}"
         rows.append(f"{s.name:24} {when:24} {s.tz:18} {s.kind:22} {_t(s.next_fire_at):26} "
                     f"{_t(s.last_fire_at):26} {state} ({s.source})")
     return "\n".join(rows)

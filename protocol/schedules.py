@@ -80,3 +80,6 @@ class ScheduleView(msgspec.Struct, kw_only=True):
     last_job_id: int | None
     created_at: datetime
     updated_at: datetime
+    # Why the scheduler skips it (a stored value out of range, a zone this machine
+    # lacks); None when it fires. next_fire_at is None then too.
+    broken: str | None = None

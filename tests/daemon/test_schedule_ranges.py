@@ -181,3 +181,23 @@ async def test_a_fire_postgres_refuses_skips_that_schedule_only(store, sql, capl
         "good"]
     assert observer.errors == [("scheduler", "schedule")]
     assert any("big_key" in r.getMessage() for r in caplog.records)
+
+
+async def test_list_shows_a_broken_row_and_trigger_refuses_it(store, sql):
+    from actors import schedule_commands
+    from protocol import commands as c
+    from protocol.errors import BadRequest
+
+    drop_schedule_checks(sql)
+    insert(sql, "good", every_s=60.0)
+    insert(sql, "every", every_s=1e308)
+    insert(sql, "tz", tz="x" * 3000)
+    listed = await schedule_commands.handle(store, c.ScheduleList(id=1))
+    views = {v.name: v for v in listed.schedules}
+    assert views["good"].broken is None and views["good"].next_fire_at is not None
+    for name in ("every", "tz"):
+        assert views[name].next_fire_at is None and views[name].broken
+    assert "time zone" in views["tz"].broken
+    with pytest.raises(BadRequest, match="every"):
+        await schedule_commands.handle(store, c.ScheduleTrigger(id=2, name="every"))
+    assert sql.fetchval("SELECT count(*) FROM jobd.jobs") == 0
