@@ -81,7 +81,9 @@ def render(schedules: list[ScheduleView]) -> str:
     head = f"{'name':24} {'when':24} {'tz':18} {'kind':22} {'next fire':26} {'last fire':26} state"
     rows = [head]
     for s in schedules:
-        when = s.cron if s.cron is not None else f"every {s.every_s:g}s"
+        # every_s is null in JSON for a stored NaN (a row that slipped past the CHECK)
+        every = "?" if s.every_s is None else f"{s.every_s:g}"
+        when = s.cron if s.cron is not None else f"every {every}s"
         state = "paused" if s.paused else "active"
         if s.broken:
             state = f"broken: {s.broken}"
