@@ -139,7 +139,12 @@ class Scheduler(Actor[SchedulerMsg]):
                 log.error("schedule %r from the config not written: %s", spec.name, exc,
                           extra={"event": "scheduler.config_invalid", "schedule": spec.name})
                 continue
-            await self._store.put_schedule(schedule, replace=True)
+            try:
+                await self._store.put_schedule(schedule, replace=True)
+            except ValueRejected as exc:  # a CHECK stricter than this daemon's ranges
+                log.error("schedule %r from the config not written: %s", spec.name, exc,
+                          extra={"event": "scheduler.config_invalid", "schedule": spec.name})
+                self._observer.maintenance_error("scheduler", "config")
         _, rows = await self._store.list_schedules()
         for row in rows:
             if row.source == "config" and row.name not in declared:

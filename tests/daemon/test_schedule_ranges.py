@@ -201,3 +201,21 @@ async def test_list_shows_a_broken_row_and_trigger_refuses_it(store, sql):
     with pytest.raises(BadRequest, match="every"):
         await schedule_commands.handle(store, c.ScheduleTrigger(id=2, name="every"))
     assert sql.fetchval("SELECT count(*) FROM jobd.jobs") == 0
+
+
+async def test_a_config_schedule_the_database_refuses_is_logged_and_the_rest_written(
+        store, sql, caplog):
+    """A CHECK stricter than this daemon's ranges (another version's migration): the
+    config schedule it refuses is logged and skipped, the others are written."""
+    sql.execute("ALTER TABLE jobd.schedules ADD CONSTRAINT stricter CHECK (grace_s < 3600)")
+    specs = [ScheduleSpec(name="strict", kind="noop", every="1s", grace="2h"),
+             ScheduleSpec(name="fine", kind="noop", every="1s")]
+    observer = Counting()
+    s = Scheduler(Mailbox("scheduler"), store, SchedulerSettings(),
+                  config_schedules=lambda: specs, observer=observer,
+                  clock=None)  # type: ignore[arg-type]
+    caplog.set_level(logging.ERROR, "jobd.scheduler")
+    await s.sync_config()
+    assert [r["name"] for r in sql.fetch("SELECT name FROM jobd.schedules")] == ["fine"]
+    assert observer.errors == [("scheduler", "config")]
+    assert any(r.__dict__.get("event") == "scheduler.config_invalid" for r in caplog.records)
