@@ -212,11 +212,11 @@ class Scheduler(Actor[SchedulerMsg]):
         so the schedule whose row it cannot store is skipped and the others fire."""
         try:
             return await self._store.fire_schedules(targets, occurrences, now)
-        except ValueRejected:
+        except ValueRejected as exc:
             if len(targets) == 1:
                 self._broken(targets[0].name, targets[0].revision,
                              f"schedule {targets[0].name!r} not fired: Postgres refused "
-                             "a value of its job", exc_info=True)
+                             f"a value of its job: {exc}")
                 report.broken += 1
                 return [], set()
         fired: list[Fired] = []
