@@ -277,6 +277,7 @@ class Context(WorkflowMixin):
         enqueue: Callable[[list[JobSpec]], Awaitable[list[Any]]] | None = None,
         steps: Any = None,
         wall: Callable[[], float] | None = None,
+        encode_result: Callable[[Any], str] | None = None,
     ):
         # Built on first use: most quick handlers never look, and a JobInfo per attempt
         # (tags copied, errors decoded) is measurable at thousands of jobs a second.
@@ -292,6 +293,9 @@ class Context(WorkflowMixin):
         self._last_write = -float("inf")
         self.completed_in_transaction = False
         self.result: Any = None
+        # The worker's result check (NUL, lone surrogate, limits.max_result_bytes), for
+        # tx.complete(result); raises actors.worker.InvalidValue.
+        self._encode_result = encode_result or _encode_json
         self._in_thread = False  # a sync handler's: progress goes through trio.from_thread
         self._abandoned = False  # its attempt ended; the thread lives on, unheard
         self._init_workflow(steps, wall)
@@ -398,6 +402,10 @@ def clean_text(text: str) -> str:
     return text
 
 
+def _encode_json(result: Any) -> str:
+    return msgspec.json.encode(result).decode()
+
+
 class HandlerSQL:
     def __init__(self, tx: Transaction, ctx: Context):
         self._tx = tx
@@ -408,13 +416,20 @@ class HandlerSQL:
         self.fetchval = tx.fetchval
 
     async def complete(self, result: Any = None) -> None:
-        """Finish the job in this transaction: both commit, or neither does."""
+        """Finish the job in this transaction: both commit, or neither does.
+
+        A result the worker would refuse (a NUL or lone surrogate, over
+        limits.max_result_bytes) raises before anything is written; raised out of the
+        handler, it rolls the transaction back and fails the attempt as invalid_value /
+        result_too_large, as a returned result would.
+        """
+        encoded = self._ctx._encode_result(result)
         await self._tx.finish(
             Outcome(
                 id=self._ctx.job.id,
                 token=self._ctx._token,
                 state="completed",
-                result=msgspec.json.encode(result).decode(),
+                result=encoded,
                 flow="ok",
             )
         )

@@ -7,7 +7,8 @@ Safe on every daemon at once: each statement takes its rows with SKIP LOCKED.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import msgspec
 import trio
@@ -15,7 +16,7 @@ import trio.lowlevel
 
 from actors.clock import Clock
 from actors.mailbox import Actor, Mailbox
-from actors.ports import Observer, Store, StoreUnavailable
+from actors.ports import Observer, Store, StoreUnavailable, ValueRejected
 
 log = logging.getLogger("jobd.reaper")
 
@@ -62,6 +63,7 @@ class SweepReport(msgspec.Struct):
     woken: int = 0  # waiting workflows whose wait was over (a missed wake-up, a timeout)
     pruned_events: int = 0
     keys_pruned: int = 0  # idle flow-key rows deleted
+    failed_steps: list[str] = []  # steps Postgres refused a value in (see Reaper._contained)
 
 
 class Reaper(Actor[Sweep]):
@@ -78,6 +80,7 @@ class Reaper(Actor[Sweep]):
         self._hold = hold
         self._held: str | None = None
         self._held_for = 0.0  # seconds of sweeps held while the store answered
+        self._failing: set[str] = set()  # steps whose last run was refused
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -95,7 +98,11 @@ class Reaper(Actor[Sweep]):
         return await self.sweep()
 
     async def sweep(self) -> SweepReport:
-        """One pass; each step loops in small batches until it has nothing left."""
+        """One pass; each step loops in small batches until it has nothing left.
+
+        A step whose statement Postgres refuses for a value (a row no CHECK kept out)
+        is logged, counted and left for the next pass; the other steps still run.
+        """
         report = SweepReport()
         batch = self.settings.batch
         held = self._hold() if self._hold is not None else None
@@ -109,46 +116,74 @@ class Reaper(Actor[Sweep]):
             self._held = held
         if held is None:
             self._held_for = 0.0
-        while held is None and (swept := await self._store.rescue_expired(batch)):
-            for row in swept:
-                self._observer.jobs_rescued(row.queue, row.kind, 1)
-            report.rescued += len(swept)
-            report.failed_on_rescue += sum(1 for r in swept if r.state == "failed")
-            if len(swept) < batch:
-                break
-        while held is None and (
-                overdue := await self._store.expire_overdue(batch, self.settings.timeout_grace_s)):
-            report.timed_out += len(overdue)
-            if len(overdue) < batch:
-                break
-        report.promoted = await self._store.promote_due(batch * 10)
-        report.woken = len(await self._store.wake_waiting(batch * 10))
+            with self._contained("rescue", report):
+                while swept := await self._store.rescue_expired(batch):
+                    for row in swept:
+                        self._observer.jobs_rescued(row.queue, row.kind, 1)
+                    report.rescued += len(swept)
+                    report.failed_on_rescue += sum(1 for r in swept if r.state == "failed")
+                    if len(swept) < batch:
+                        break
+            with self._contained("expire", report):
+                while overdue := await self._store.expire_overdue(
+                        batch, self.settings.timeout_grace_s):
+                    report.timed_out += len(overdue)
+                    if len(overdue) < batch:
+                        break
+        with self._contained("promote", report):
+            report.promoted = await self._store.promote_due(batch * 10)
+        with self._contained("wake", report):
+            report.woken = len(await self._store.wake_waiting(batch * 10))
         for rule in self.settings.aging:
-            await self._store.age_priorities(rule.queue, rule.every_s, rule.floor, batch)
+            with self._contained("age", report):
+                await self._store.age_priorities(rule.queue, rule.every_s, rule.floor, batch)
         for rule in self.settings.retention:
-            while True:
-                n = await self._store.prune_finished(rule.state, rule.max_age_s, rule.max_count, batch)
-                report.pruned += n
+            with self._contained("prune", report):
+                while True:
+                    n = await self._store.prune_finished(rule.state, rule.max_age_s,
+                                                         rule.max_count, batch)
+                    report.pruned += n
+                    if n < batch:
+                        break
+                    await trio.lowlevel.checkpoint()  # let the daemon breathe between batches
+        with self._contained("prune_events", report):
+            while self.settings.events_max_age_s is not None:
+                n = await self._store.prune_events(self.settings.events_max_age_s, batch)
+                report.pruned_events += n
                 if n < batch:
                     break
-                await trio.lowlevel.checkpoint()  # let the daemon breathe between batches
-        while self.settings.events_max_age_s is not None:
-            n = await self._store.prune_events(self.settings.events_max_age_s, batch)
-            report.pruned_events += n
-            if n < batch:
-                break
-            await trio.lowlevel.checkpoint()
-        while True:
-            n = await self._store.prune_idle_keys(batch, self.settings.idle_key_after_s,
-                                                  self.settings.forget_key_state_after_s)
-            report.keys_pruned += n
-            if n < batch:
-                break
-            await trio.lowlevel.checkpoint()
-        await self._store.forget_dead_daemons(self.settings.forget_daemons_after_s)
+                await trio.lowlevel.checkpoint()
+        with self._contained("prune_keys", report):
+            while True:
+                n = await self._store.prune_idle_keys(batch, self.settings.idle_key_after_s,
+                                                      self.settings.forget_key_state_after_s)
+                report.keys_pruned += n
+                if n < batch:
+                    break
+                await trio.lowlevel.checkpoint()
+        with self._contained("forget_daemons", report):
+            await self._store.forget_dead_daemons(self.settings.forget_daemons_after_s)
         if held is not None:
             self._held_for += self.settings.interval_s  # this pass reached the database
         if report.rescued or report.timed_out:
             log.info("rescued %d, timed out %d", report.rescued, report.timed_out,
                      extra={"event": "reaper.swept", **msgspec.structs.asdict(report)})
         return report
+
+    @contextmanager
+    def _contained(self, step: str, report: SweepReport) -> Iterator[None]:
+        """Contain a ValueRejected (asyncpg DataError, CHECK violation) from one step."""
+        try:
+            yield
+        except ValueRejected as exc:
+            report.failed_steps.append(step)
+            self._observer.maintenance_error("reaper", step)
+            if step not in self._failing:  # once while it keeps failing, not every pass
+                self._failing.add(step)
+                log.error("reaper step %s failed, the others go on: %s", step, exc,
+                          exc_info=exc, extra={"event": "reaper.step_failed", "step": step})
+        else:
+            if step in self._failing:
+                self._failing.discard(step)
+                log.info("reaper step %s works again", step,
+                         extra={"event": "reaper.step_recovered", "step": step})

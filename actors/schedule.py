@@ -41,7 +41,16 @@ from actors.ports import NewJob, Occurrence, ScheduleDef
 from actors.validate import check_new_job, has_nul, max_args_bytes
 from protocol.durations import parse_duration
 from protocol.errors import JobdError
-from protocol.schedules import DURATION_MAX_S, ScheduleSpec
+from protocol.schedules import (
+    DURATION_MAX_S,
+    EVERY_MIN_S,
+    MAX_ATTEMPTS_MAX,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    TIMEOUT_MAX_S,
+    TZ_MAX_CHARS,
+    ScheduleSpec,
+)
 
 MISSED_POLICIES = ("skip", "latest", "all")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -69,8 +78,9 @@ def validate(timing: Timing) -> None:
         raise ValueError("a schedule needs exactly one of `cron` and `every`")
     zone(timing.tz)
     if timing.every_s is not None:
-        if not timing.every_s >= 0.001:
+        if not timing.every_s >= EVERY_MIN_S:
             raise ValueError(f"`every` must be at least 1ms, got {timing.every_s}")
+        check_duration("every", timing.every_s)
         return
     assert timing.cron is not None
     fields = timing.cron.split()
@@ -86,10 +96,55 @@ def validate(timing: Timing) -> None:
 
 
 def zone(name: str) -> ZoneInfo:
+    if not isinstance(name, str) or not 0 < len(name) <= TZ_MAX_CHARS:
+        shown = name if not isinstance(name, str) else f"{name[:40]}... ({len(name)} characters)"
+        raise ValueError(f"unknown time zone {shown!r} (a zone name is 1 to {TZ_MAX_CHARS} "
+                         "characters)")
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        # OSError: a name the tzdata lookup turns into a path the OS refuses.
         raise ValueError(f"unknown time zone {name!r}") from exc
+
+
+def check_duration(field: str, value: float) -> None:
+    """every / jitter / grace, parsed: within [0, DURATION_MAX_S] ("99999999d" parses)."""
+    if not 0 <= value <= DURATION_MAX_S:  # NaN fails too
+        raise ValueError(f"`{field}` must be at most {DURATION_MAX_S} s (ten years), "
+                         f"got {value:g} s")
+
+
+def check_durations(spec: ScheduleSpec) -> tuple[float | None, float, float]:
+    """(every_s, jitter_s, grace_s) of a declared schedule, each parsed and in range."""
+    every_s = every_seconds(spec.every)
+    jitter_s = parse_duration(spec.jitter) if spec.jitter is not None else 0.0
+    grace_s = parse_duration(spec.grace)
+    for field, value in (("every", every_s), ("jitter", jitter_s), ("grace", grace_s)):
+        if value is not None:
+            check_duration(field, value)
+    return every_s, jitter_s, grace_s
+
+
+def check_row(row: ScheduleDef) -> None:
+    """Raise ValueError naming the first value of a stored schedule out of its range.
+
+    Rows are validated on the way in (definition, migration 0013's CHECK); this is for
+    one that slipped in anyway (an older daemon, a hand-written INSERT, a dropped
+    constraint), so the scheduler skips it instead of crashing on its date arithmetic.
+    """
+    validate(timing_of(row))
+    check_duration("jitter", row.jitter_s)
+    check_duration("grace", row.grace_s)
+    if row.missed not in MISSED_POLICIES:
+        raise ValueError(f"missed must be one of {', '.join(MISSED_POLICIES)}, got {row.missed!r}")
+    if not 1 <= row.missed_limit <= 100_000:
+        raise ValueError(f"missed_limit must be 1 to 100000, got {row.missed_limit}")
+    if row.timeout_s is not None and not 0 < row.timeout_s <= TIMEOUT_MAX_S:
+        raise ValueError(f"timeout_s must be > 0 and <= {TIMEOUT_MAX_S:g}, got {row.timeout_s}")
+    if row.max_attempts is not None and not 1 <= row.max_attempts <= MAX_ATTEMPTS_MAX:
+        raise ValueError(f"max_attempts must be 1 to {MAX_ATTEMPTS_MAX}, got {row.max_attempts}")
+    if row.priority is not None and not PRIORITY_MIN <= row.priority <= PRIORITY_MAX:
+        raise ValueError(f"priority must be {PRIORITY_MIN} to {PRIORITY_MAX}, got {row.priority}")
 
 
 def every_seconds(value: str | float | int | None) -> float | None:
@@ -261,16 +316,9 @@ def definition(spec: ScheduleSpec, *, source: str = "runtime") -> ScheduleDef:
     Raises ValueError (timing, durations), UnknownKind or InvalidArgs (checked against
     this daemon's handlers, like an enqueue).
     """
-    every_s = every_seconds(spec.every)
+    every_s, jitter_s, grace_s = check_durations(spec)
     timing = Timing(cron=spec.cron, every_s=every_s, tz=spec.tz)
     validate(timing)
-    jitter_s = parse_duration(spec.jitter) if spec.jitter is not None else 0.0
-    grace_s = parse_duration(spec.grace)
-    for field, value in (("every", every_s), ("jitter", jitter_s), ("grace", grace_s)):
-        # "99999999d" parses; a datetime that far ahead does not exist.
-        if value is not None and value > DURATION_MAX_S:
-            raise ValueError(f"`{field}` must be at most {DURATION_MAX_S} s (ten years), "
-                             f"got {value:g} s")
     jobdef = lookup(spec.kind)
     args = jobdef.decode_args(spec.args)
     encoded = msgspec.json.encode(args)
@@ -279,13 +327,15 @@ def definition(spec: ScheduleSpec, *, source: str = "runtime") -> ScheduleDef:
                          f"{max_args_bytes()} bytes (limits.max_args_bytes)")
     if has_nul(encoded):
         raise ValueError("args contain a NUL character (\\u0000), which Postgres cannot store")
-    return ScheduleDef(
+    schedule = ScheduleDef(
         name=spec.name, kind=spec.kind, cron=spec.cron, every_s=every_s, tz=spec.tz,
         args=encoded.decode(), queue=spec.queue, key=spec.key,
         priority=spec.priority, max_attempts=spec.max_attempts, timeout_s=spec.timeout_s,
         tags=list(spec.tags), jitter_s=jitter_s, missed=spec.missed,
         missed_limit=spec.missed_limit, grace_s=grace_s, source=source,
     )
+    check_row(schedule)  # a spec built in Python skipped the decoder's ranges
+    return schedule
 
 
 def timing_of(row: ScheduleDef) -> Timing:

@@ -13,7 +13,7 @@ import msgspec
 
 from actors.errors import InvalidArgs, UnknownKind
 from actors.ports import FireTarget, ScheduleRow, Store
-from actors.schedule import definition, next_after, occurrence, timing_of
+from actors.schedule import check_row, definition, next_after, occurrence, timing_of
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, NotFound
 from protocol.schedules import ScheduleView
@@ -67,6 +67,11 @@ async def trigger(store: Store, name: str, at: datetime | None) -> c.ScheduleFir
         now, row = await _get(store, name)
         fire_at = now if at is None else (at if at.tzinfo else at.replace(tzinfo=UTC))
         try:
+            check_row(row)
+        except ValueError as exc:  # a stored row that slipped past the CHECK
+            raise BadRequest(f"schedule {name!r} cannot fire: {exc}",
+                             details={"name": name}) from None
+        try:
             occ = occurrence(row, fire_at, manual=True)
         except UnknownKind as exc:
             raise JobdError(str(exc), code=ErrorCode.UNKNOWN_KIND,
@@ -84,8 +89,14 @@ async def trigger(store: Store, name: str, at: datetime | None) -> c.ScheduleFir
 
 def view(row: ScheduleRow, now: datetime) -> ScheduleView:
     upcoming = None
-    if not row.paused:
-        upcoming = next_after(timing_of(row), max(now, row.handled_until))
+    broken = None
+    try:
+        check_row(row)
+        if not row.paused:
+            upcoming = next_after(timing_of(row), max(now, row.handled_until))
+    except (ValueError, OverflowError) as exc:
+        # A stored row out of range, or a zone this machine lacks: list it, say why.
+        broken = str(exc)
     return ScheduleView(
         name=row.name, kind=row.kind, cron=row.cron, every_s=row.every_s, tz=row.tz,
         args=msgspec.json.decode(row.args), queue=row.queue, key=row.key,
@@ -94,6 +105,7 @@ def view(row: ScheduleRow, now: datetime) -> ScheduleView:
         missed_limit=row.missed_limit, grace_s=row.grace_s, paused=row.paused,
         source=row.source, next_fire_at=upcoming, last_fire_at=row.last_fire_at,
         last_job_id=row.last_job_id, created_at=row.created_at, updated_at=row.updated_at,
+        broken=broken,
     )
 
 

@@ -22,8 +22,16 @@ import trio
 from actors.clock import Clock
 from actors.errors import InvalidArgs, UnknownKind
 from actors.mailbox import Actor, Mailbox
-from actors.ports import FireTarget, Observer, Occurrence, Store, StoreUnavailable
-from actors.schedule import definition, next_after, occurrence, plan, timing_of
+from actors.ports import (
+    Fired,
+    FireTarget,
+    Observer,
+    Occurrence,
+    Store,
+    StoreUnavailable,
+    ValueRejected,
+)
+from actors.schedule import check_row, definition, next_after, occurrence, plan, timing_of
 from protocol.schedules import ScheduleSpec
 
 log = logging.getLogger("jobd.scheduler")
@@ -51,6 +59,7 @@ class TickReport(msgspec.Struct, kw_only=True):
     fired: int = 0
     skipped: int = 0  # missed occurrences dropped by policy (a lower bound)
     refused: int = 0  # schedules changed under us; the next pass sees the change
+    broken: int = 0  # schedules skipped for a stored value out of range (logged once)
     next_in_s: float | None = None
 
 
@@ -130,7 +139,12 @@ class Scheduler(Actor[SchedulerMsg]):
                 log.error("schedule %r from the config not written: %s", spec.name, exc,
                           extra={"event": "scheduler.config_invalid", "schedule": spec.name})
                 continue
-            await self._store.put_schedule(schedule, replace=True)
+            try:
+                await self._store.put_schedule(schedule, replace=True)
+            except ValueRejected as exc:  # a CHECK stricter than this daemon's ranges
+                log.error("schedule %r from the config not written: %s", spec.name, exc,
+                          extra={"event": "scheduler.config_invalid", "schedule": spec.name})
+                self._observer.maintenance_error("scheduler", "config")
         _, rows = await self._store.list_schedules()
         for row in rows:
             if row.source == "config" and row.name not in declared:
@@ -151,13 +165,16 @@ class Scheduler(Actor[SchedulerMsg]):
                 continue
             timing = timing_of(row)
             try:
+                # Validated on the way in (and by a CHECK), so only a zone this machine
+                # lacks, or a row that slipped in around both, gets here; one bad row
+                # must not stop the others.
+                check_row(row)
                 p = plan(timing, row.handled_until, db_now, missed=row.missed,
                          missed_limit=row.missed_limit, grace_s=row.grace_s)
                 upcoming = next_after(timing, max(db_now, row.handled_until))
-            except ValueError as exc:
-                # Validated on the way in, so only a zone this machine lacks gets here;
-                # one bad row must not stop the others.
-                self._warn(row.name, row.revision, f"schedule {row.name!r} skipped: {exc}")
+            except (ValueError, OverflowError) as exc:  # OverflowError: date arithmetic
+                self._broken(row.name, row.revision, f"schedule {row.name!r} skipped: {exc}")
+                report.broken += 1
                 continue
             if p.advance_to is not None:
                 try:
@@ -172,7 +189,7 @@ class Scheduler(Actor[SchedulerMsg]):
                 report.skipped += p.skipped
             next_at = upcoming if next_at is None else min(next_at, upcoming)
         if targets:
-            fired, refused = await self._store.fire_schedules(targets, occurrences, now)
+            fired, refused = await self._fire(targets, occurrences, now, report)
             report.fired, report.refused = len(fired), len(refused)
             by_job = {(o.schedule, o.fire_at): o.job for o in occurrences}
             for f in fired:
@@ -189,11 +206,39 @@ class Scheduler(Actor[SchedulerMsg]):
             report.next_in_s = (next_at - db_now).total_seconds()
         return report
 
-    def _warn(self, name: str, revision: int, message: str) -> None:
+    async def _fire(self, targets: list[FireTarget], occurrences: list[Occurrence],
+                    now: datetime | None, report: TickReport) -> tuple[list[Fired], set[str]]:
+        """One statement for all; if Postgres refuses a value in it, one per schedule,
+        so the schedule whose row it cannot store is skipped and the others fire."""
+        try:
+            return await self._store.fire_schedules(targets, occurrences, now)
+        except ValueRejected as exc:
+            if len(targets) == 1:
+                self._broken(targets[0].name, targets[0].revision,
+                             f"schedule {targets[0].name!r} not fired: Postgres refused "
+                             f"a value of its job: {exc}")
+                report.broken += 1
+                return [], set()
+        fired: list[Fired] = []
+        refused: set[str] = set()
+        for target in targets:
+            mine = [o for o in occurrences if o.schedule == target.name]
+            f, r = await self._fire([target], mine, now, report)
+            fired += f
+            refused |= r
+        return fired, refused
+
+    def _broken(self, name: str, revision: int, message: str, *, exc_info: bool = False
+                ) -> None:
+        self._observer.maintenance_error("scheduler", "schedule")
+        self._warn(name, revision, message, exc_info=exc_info)
+
+    def _warn(self, name: str, revision: int, message: str, *, exc_info: bool = False
+              ) -> None:
         if (name, revision) not in self._warned:  # once per definition, not every pass
             self._warned.add((name, revision))
-            log.warning("%s", message, extra={"event": "scheduler.cannot_fire",
-                                              "schedule": name})
+            log.warning("%s", message, exc_info=exc_info,
+                        extra={"event": "scheduler.cannot_fire", "schedule": name})
 
     async def prune(self, now: datetime | None = None) -> int:
         pruned = 0

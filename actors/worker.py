@@ -136,6 +136,9 @@ class AttemptRunner:
                     result = await jobdef.fn(ctx, args)
             except Suspend as suspend:  # a workflow waits: the slot is freed, no attempt burned
                 return suspend.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
+            except InvalidValue as exc:  # tx.complete(result) refused the result
+                run_s = self._clock.now() - started
+                return self._fail(job, exc, exc.error_class, run_s), "error", run_s
             except Exception as exc:  # noqa: BLE001 - every handler error is classified
                 run_s = self._clock.now() - started
                 return self._after_error(job, jobdef, exc, run_s), "error", run_s
@@ -239,7 +242,7 @@ class AttemptRunner:
             info, job.lease_token, report_progress=self._report_progress,
             transaction=self._transaction, now=self._clock.now,
             progress_every_items=self._every_items, progress_every_s=self._every_s,
-            enqueue=enqueue, steps=self._steps,
+            enqueue=enqueue, steps=self._steps, encode_result=self._encode_result,
         )
 
     def _after_error(self, job: Claimed, jobdef: JobDef, exc: Exception, run_s: float) -> Outcome:

@@ -315,7 +315,7 @@ def _validate(config: Config, where: str) -> None:
 
 def _check_schedules(schedules: list[ScheduleSpec], where: str) -> None:
     """Timing, zone and durations; the kind and args are checked once handlers load."""
-    from actors.schedule import Timing, every_seconds, validate
+    from actors.schedule import Timing, check_durations, validate
 
     seen: set[str] = set()
     for i, spec in enumerate(schedules):
@@ -327,7 +327,8 @@ def _check_schedules(schedules: list[ScheduleSpec], where: str) -> None:
             if getattr(spec, field) is not None:
                 _check_duration(getattr(spec, field), f"{path}.{field}", where)
         try:
-            validate(Timing(cron=spec.cron, every_s=every_seconds(spec.every), tz=spec.tz))
+            every_s, _, _ = check_durations(spec)
+            validate(Timing(cron=spec.cron, every_s=every_s, tz=spec.tz))
         except ValueError as exc:
             raise ConfigError(f"{where}: schedule {spec.name!r}: {exc} - at `{path}`") from exc
 

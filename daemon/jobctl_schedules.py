@@ -81,8 +81,12 @@ def render(schedules: list[ScheduleView]) -> str:
     head = f"{'name':24} {'when':24} {'tz':18} {'kind':22} {'next fire':26} {'last fire':26} state"
     rows = [head]
     for s in schedules:
-        when = s.cron if s.cron is not None else f"every {s.every_s:g}s"
+        # every_s is null in JSON for a stored NaN (a row that slipped past the CHECK)
+        every = "?" if s.every_s is None else f"{s.every_s:g}"
+        when = s.cron if s.cron is not None else f"every {every}s"
         state = "paused" if s.paused else "active"
+        if s.broken:
+            state = f"broken: {s.broken}"
         rows.append(f"{s.name:24} {when:24} {s.tz:18} {s.kind:22} {_t(s.next_fire_at):26} "
                     f"{_t(s.last_fire_at):26} {state} ({s.source})")
     return "\n".join(rows)

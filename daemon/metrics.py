@@ -116,6 +116,10 @@ class Metrics:
         self.actor_restarts = _Counter("jobd_actor_restarts",
                                        "Actor restarts by their supervisor.", ["actor"],
                                        registry=r)
+        self.maintenance_errors = _Counter(
+            "jobd_maintenance_errors", "Reaper statements and schedules skipped because "
+            "Postgres refused a value or a stored row is out of range, by actor and step.",
+            ["actor", "step"], registry=r)
         self.http_errors = _Counter(
             "jobd_http_errors", "HTTP connections refused or cut and requests failed, by "
             "reason (connection_limit, accept_error, read_timeout, write_timeout, too_large, "
@@ -375,6 +379,12 @@ class PromObserver:
     def actor_restarted(self, actor: str) -> None:
         try:
             self._m.actor_restarts.inc((actor,))
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def maintenance_error(self, actor: str, step: str) -> None:
+        try:
+            self._m.maintenance_errors.inc((actor, step))
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 

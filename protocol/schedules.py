@@ -11,8 +11,17 @@ import msgspec
 from protocol.jobs import Key, Kind, MaxAttempts, Priority, QueueName, Tags, TimeoutS, text
 
 ScheduleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+# Ranges (README "Schedules"): the scheduler does date arithmetic with these, so a value
+# out of range is refused here (bad_request) and by migration 0013's CHECK. They match
+# protocol/jobs.py's job limits (timeout, attempts, priority, text lengths).
 DURATION_MAX_S = 10 * 365 * 86400  # every, jitter, grace: at most ten years
-# "30s", or seconds; the parsed value is bounded too (actors/schedule.py definition).
+EVERY_MIN_S = 0.001
+TIMEOUT_MAX_S = 365 * 86400.0  # one year, as for a job
+MAX_ATTEMPTS_MAX = 1000
+PRIORITY_MIN, PRIORITY_MAX = -32768, 32767  # the jobs column is a smallint
+TZ_MAX_CHARS = 64  # the longest IANA zone name is 32
+CRON_MAX_CHARS = 200
+# "30s", or seconds; the parsed value is bounded too (actors/schedule.py check_durations).
 Duration = (text(64, 1) | Annotated[int, msgspec.Meta(ge=0, le=DURATION_MAX_S)]
             | Annotated[float, msgspec.Meta(ge=0, le=DURATION_MAX_S)])
 
@@ -25,9 +34,9 @@ class ScheduleSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     name: ScheduleName
     kind: Kind
-    cron: text(200, 1) | None = None  # type: ignore[valid-type]
+    cron: text(CRON_MAX_CHARS, 1) | None = None  # type: ignore[valid-type]
     every: Duration | None = None  # "10s": fixed interval, anchored at the Unix epoch
-    tz: text(64, 1) = "UTC"  # type: ignore[valid-type]
+    tz: text(TZ_MAX_CHARS, 1) = "UTC"  # type: ignore[valid-type]
     args: dict[str, Any] = {}
     queue: QueueName | None = None
     key: Key | None = None  # flow-control key
@@ -65,3 +74,6 @@ class ScheduleView(msgspec.Struct, kw_only=True):
     last_job_id: int | None
     created_at: datetime
     updated_at: datetime
+    # Why the scheduler skips it (a stored value out of range, a zone this machine
+    # lacks); None when it fires. next_fire_at is None then too.
+    broken: str | None = None

@@ -378,23 +378,40 @@ RETURNING j.id, j.queue, j.kind, j.state
 
 # A running attempt past its timeout plus grace on any daemon (its worker should
 # have stopped it; this catches a daemon whose loop is stuck but still heartbeats).
+# A timeout_s outside (0, 1e9] (NaN, Infinity, 1e308: a row from before the CHECKs or
+# around them; actors/worker.py MAX_TIMEOUT_S) never reaches the interval arithmetic,
+# which would fail the whole statement ("interval out of range") and so every pass: the
+# CASE keeps it out (unlike AND, CASE fixes the order). Such a job fails at once as
+# invalid_value, its timeout dropped so the row meets the CHECK again.
 EXPIRE_OVERDUE = """
 UPDATE jobd.jobs j SET
-    state = CASE WHEN j.attempt >= j.max_attempts THEN 'failed' ELSE 'available' END,
-    finished_at = CASE WHEN j.attempt >= j.max_attempts THEN coalesce($3::timestamptz, now()) END,
+    state = CASE WHEN j.attempt >= j.max_attempts OR p.insane THEN 'failed' ELSE 'available' END,
+    finished_at = CASE WHEN j.attempt >= j.max_attempts OR p.insane
+                       THEN coalesce($3::timestamptz, now()) END,
     run_at = coalesce($3::timestamptz, now()),
     lease_token = j.lease_token + 1, lease_owner = NULL, lease_until = NULL,
+    timeout_s = CASE WHEN p.insane THEN NULL ELSE j.timeout_s END,
     errors = j.errors || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempt, 'at', coalesce($3::timestamptz, now()), 'class', 'timeout',
-        'message', 'exceeded its timeout of ' || j.timeout_s || ' s plus ' || $2 || ' s grace',
-        'duration_s', extract(epoch FROM coalesce($3::timestamptz, now()) - j.started_at)))
-WHERE j.id = ANY(ARRAY(
-    SELECT id FROM jobd.jobs
+        'attempt', j.attempt, 'at', coalesce($3::timestamptz, now()),
+        'class', CASE WHEN p.insane THEN 'invalid_value' ELSE 'timeout' END,
+        'message', CASE WHEN p.insane
+            THEN 'timeout_s ' || j.timeout_s || ' is not a usable timeout (0 < timeout_s <= 1e9 s);'
+                 || ' the job was failed and its timeout dropped'
+            ELSE 'exceeded its timeout of ' || j.timeout_s || ' s plus ' || $2 || ' s grace' END,
+        'duration_s', CASE WHEN isfinite(j.started_at)
+            THEN extract(epoch FROM coalesce($3::timestamptz, now()) - j.started_at) END))
+FROM (
+    SELECT id, NOT coalesce(timeout_s > 0 AND timeout_s <= 1e9, false) AS insane
+    FROM jobd.jobs
     WHERE state = 'running' AND timeout_s IS NOT NULL
-      AND started_at + (timeout_s + $2) * interval '1 second' < coalesce($3::timestamptz, now())
+      AND CASE WHEN timeout_s > 0 AND timeout_s <= 1e9
+               THEN started_at + (timeout_s + least($2::float8, 1e9)) * interval '1 second'
+                    < coalesce($3::timestamptz, now())
+               ELSE true END
     LIMIT $1
     FOR UPDATE SKIP LOCKED
-))
+) p
+WHERE j.id = p.id
 RETURNING j.id, j.queue, j.kind, j.state
 """
 
