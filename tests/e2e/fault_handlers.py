@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import msgspec
 import trio
 
 from actors import Context, job
+from daemon.embedded_pg import EmbeddedPostgres
 
 EFFECTS_ENV = "JOBD_FAULT_EFFECTS"
 
@@ -105,7 +107,7 @@ def analyse(effects: list[Effect], jobs: dict[int, tuple[str, int, list[dict]]],
     the attempt that completed the job is the one that counts; every other effect of a
     job belongs to an attempt whose completion was never written. Such an attempt was
     necessarily rescued (the reaper's `rescued` error for that attempt number records
-    when), so the write it never made was lost somewhere in [attempt started, rescued].
+    when; a drain's release records its own error), so the write it never made was lost somewhere in [attempt started, rescued].
     A fault window must intersect that interval, or the duplicate is unexplained: a bug.
     """
     by_job: dict[int, list[Effect]] = {}
@@ -122,7 +124,11 @@ def analyse(effects: list[Effect], jobs: dict[int, tuple[str, int, list[dict]]],
         if len(mine) < 2 or job_id not in jobs:
             continue
         _, final_attempt, errors = jobs[job_id]
-        rescues = {err.get("attempt"): err for err in errors if err.get("class") == "rescued"}
+        # The rescue (or, for a drained daemon, the release) that ended each attempt.
+        rescues: dict[Any, dict] = {}
+        for err in errors:
+            if err.get("class") == "rescued" or err.get("attempt") not in rescues:
+                rescues[err.get("attempt")] = err
         extra = [e for e in mine if e.attempt != final_attempt]
         if len(extra) < len(mine) - 1:  # the final attempt itself recorded twice
             extra = sorted(mine, key=lambda e: e.effect_at)[:-1]
@@ -153,3 +159,30 @@ def _epoch(at: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(at).timestamp()
+
+
+# --------------------------------------------------------------------------- injection
+
+
+class DurableCluster(EmbeddedPostgres):
+    """A private cluster for fault tests: fsync off (the OS does not crash here) but every
+    commit reaches the kernel before the client hears of it, so `restart -m immediate`
+    loses nothing that was acknowledged (with `fast=True`'s synchronous_commit=off it
+    would drop the last ~0.5 s of commits, and the harness itself would lose jobs)."""
+
+    def _settings(self, sockdir: str) -> dict[str, str]:
+        return {**super()._settings(sockdir), "fsync": "off", "full_page_writes": "off",
+                "synchronous_commit": "on"}
+
+
+def pg_restart(cluster: EmbeddedPostgres, mode: str) -> None:
+    """`pg_ctl restart -m <mode>`: same options, same socket, so the same URL."""
+    cluster._run("pg_ctl", "restart", "-m", mode, "-w", "-t", "60", "-D", str(cluster.datadir),
+                 "-l", str(cluster.logfile))
+
+
+def terminate_backends(cluster: EmbeddedPostgres, database: str) -> int:
+    """pg_terminate_backend on every session of jobd's (application_name 'jobd')."""
+    out = cluster.query("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        f" WHERE application_name = 'jobd' AND datname = '{database}'")
+    return int(out.strip() or 0)

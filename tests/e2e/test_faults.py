@@ -34,7 +34,15 @@ import pytest
 
 from daemon.embedded_pg import EmbeddedPostgres
 from tests import support
-from tests.e2e.fault_handlers import EFFECTS_ENV, Fault, analyse, read_effects
+from tests.e2e.fault_handlers import (
+    EFFECTS_ENV,
+    DurableCluster,
+    Fault,
+    analyse,
+    pg_restart,
+    read_effects,
+    terminate_backends,
+)
 from tests.support import JobdProcess, Sql
 
 DATABASE = "jobd_faults"
@@ -50,15 +58,6 @@ PLAN = ["terminate", "restart_fast", "terminate", "restart_immediate", "terminat
         "terminate", "restart_fast", "terminate"]
 
 
-class DurableCluster(EmbeddedPostgres):
-    """fsync off (the OS does not crash here) but every commit reaches the kernel before
-    the client hears of it, so `-m immediate` loses nothing that was acknowledged."""
-
-    def _settings(self, sockdir: str) -> dict[str, str]:
-        return {**super()._settings(sockdir), "fsync": "off", "full_page_writes": "off",
-                "synchronous_commit": "on"}
-
-
 @pytest.fixture
 def cluster() -> Iterator[DurableCluster]:
     root = Path(tempfile.mkdtemp(prefix="jobd-f-"))  # not under tmp_path: test_db_outage.py
@@ -72,19 +71,6 @@ def cluster() -> Iterator[DurableCluster]:
 
 
 # --------------------------------------------------------------------------- faults
-
-
-def pg_restart(cluster: EmbeddedPostgres, mode: str) -> None:
-    """`pg_ctl restart -m <mode>`: same options, same socket, so the same URL."""
-    cluster._run("pg_ctl", "restart", "-m", mode, "-w", "-t", "60", "-D", str(cluster.datadir),
-                 "-l", str(cluster.logfile))
-
-
-def terminate_backends(cluster: EmbeddedPostgres) -> int:
-    """pg_terminate_backend on every session of jobd's (application_name 'jobd')."""
-    out = cluster.query("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                        f" WHERE application_name = 'jobd' AND datname = '{DATABASE}'")
-    return int(out.strip() or 0)
 
 
 def free_port() -> int:
@@ -151,7 +137,7 @@ class Run:
         started = time.time()
         detail = ""
         if kind == "terminate":
-            detail = f"{terminate_backends(cluster)} backends"
+            detail = f"{terminate_backends(cluster, DATABASE)} backends"
         elif kind == "restart_fast":
             pg_restart(cluster, "fast")
         elif kind == "restart_immediate":
