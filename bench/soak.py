@@ -222,6 +222,7 @@ class Soak:
             target = max(self.completed(), 0) + PROGRESS_BETWEEN_FAULTS
             self.wait(f"{PROGRESS_BETWEEN_FAULTS} completions", lambda t=target:
                       self.completed() >= t, i, kind)
+            self.feed()  # work in hand when the fault hits, and to resume on after it
             self.inject(i, kind)
             self.check_deaths(i, kind)
         self.wait(f"all {len(self.ids)} jobs completed",
