@@ -83,8 +83,14 @@ class PgStore(ScheduleStatements, WorkflowStatements):
             raise StoreUnavailable("store is not connected")
         started = time.perf_counter()
         try:
-            async with pool.connection() as connection:
-                result = await bridge.call(fn, connection, *args)
+            try:
+                async with pool.connection() as connection:
+                    result = await bridge.call(fn, connection, *args)
+            except bridge.StaleConnection:
+                # An idle connection the server had closed (a restart, a terminated
+                # backend); nothing was sent, so run it once more on a fresh one.
+                async with pool.connection(fresh=True) as connection:
+                    result = await bridge.call(fn, connection, *args)
         except Conflict:
             raise  # the database answered; the caller retries
         except StoreUnavailable:
@@ -323,17 +329,36 @@ class PgStore(ScheduleStatements, WorkflowStatements):
     async def transaction(self) -> AsyncIterator[HandlerTransaction]:
         if self._pool is None:
             raise StoreUnavailable("store is not connected")
-        async with self._pool.connection() as connection:
-            tx = connection.transaction()
-            await bridge.call(tx.start)
+        async with self._transaction_connection() as (connection, tx):
             try:
                 yield HandlerTransaction(connection)
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await bridge.call(tx.rollback)
+                # Bounded: against a hung server the rollback would wait for the command
+                # timeout. If it fails the pool drops the connection (still in a
+                # transaction), and the server rolls back when it sees it gone.
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await bridge.call(tx.rollback)
+                    except StoreUnavailable:
+                        pass
                 raise
             else:
                 await bridge.call(tx.commit)
+
+    @asynccontextmanager
+    async def _transaction_connection(self) -> AsyncIterator[tuple[asyncpg.Connection, Any]]:
+        assert self._pool is not None
+        for fresh in (False, True):
+            async with self._pool.connection(fresh=fresh) as connection:
+                tx = connection.transaction()
+                try:
+                    await bridge.call(tx.start)
+                except bridge.StaleConnection:
+                    if fresh:
+                        raise
+                    continue  # nothing was sent: begin again on a fresh connection
+                yield connection, tx
+                return
 
     @asynccontextmanager
     async def listen(

@@ -8,6 +8,7 @@ why store methods take batches.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -20,23 +21,68 @@ from actors.ports import Conflict, StoreUnavailable, ValueRejected
 
 T = TypeVar("T")
 
-open_loop = trio_asyncio.open_loop
+log = logging.getLogger("jobd.store")
+
+
+@asynccontextmanager
+async def open_loop(on_error: Callable[[], None] | None = None) -> AsyncIterator[Any]:
+    """The asyncio loop asyncpg runs on, with an exception handler that logs and counts.
+
+    trio-asyncio's default handler re-raises whatever asyncio reports into the loop's
+    nursery, and asyncio reports things nobody is waiting for: the "Future exception
+    was never retrieved" of a connect cancelled by its timeout while the server was
+    going away. That must not stop the daemon.
+    """
+    async with trio_asyncio.open_loop() as loop:
+        def handle(_loop: Any, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            log.warning("asyncio: %s%s", context.get("message") or "error",
+                        f": {exc!r}" if exc is not None else "",
+                        extra={"event": "store.loop_error"})
+            if on_error is not None:
+                try:
+                    on_error()
+                except Exception:  # noqa: BLE001 - a metric must not break the loop
+                    pass
+
+        loop.set_exception_handler(handle)
+        yield loop
+
 
 # Errors that mean "the database is not there right now", as opposed to a bad query.
+# InternalClientError is asyncpg's protocol state machine refusing a connection that is
+# half gone (it read the server's FATAL but not yet the EOF): that connection is dead.
 _UNAVAILABLE = (
-    OSError,
+    OSError,  # ConnectionError ("unexpected connection_lost() call") among them
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, crashed
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    # The server is there but cannot do the work now: disk full, out of memory, too many
+    # connections (class 53), I/O errors (class 58), a standby after a failover.
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.PostgresSystemError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
 )
+
+
+class StaleConnection(StoreUnavailable):
+    """An idle connection the server had already closed: the statement was never sent,
+    so it may be run again at once on a fresh connection."""
 
 
 async def call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run an asyncio coroutine function from trio, translating outages."""
     try:
         return await trio_asyncio.aio_as_trio(fn)(*args)
+    except asyncpg.exceptions.InternalClientError as exc:
+        # "cannot switch to state N; another operation is in progress": raised before
+        # anything is written to the socket.
+        if "cannot switch to state" in str(exc):
+            raise StaleConnection(f"database connection lost: {exc}") from exc
+        raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}: {exc}") from exc
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}: {exc}") from exc
     except (asyncpg.exceptions.DeadlockDetectedError,
@@ -76,12 +122,19 @@ class Pool:
             self._idle.append(await call(_connect, self._url, self._timeout_s, self._settings))
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self, fresh: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for one use; `fresh` skips the idle ones (after a StaleConnection,
+        the others idle since the same outage are likely stale too)."""
         if self._closed:
             raise StoreUnavailable("store is closed")
         async with self._slots:
+            if fresh:
+                self.discard_idle()
             conn = self._idle.pop() if self._idle else None
-            if conn is None or conn.is_closed():
+            while conn is not None and (conn.is_closed() or _closing(conn)):
+                conn.terminate()
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
                 conn = await call(_connect, self._url, self._timeout_s, self._settings)
             reusable = False
             try:
@@ -97,6 +150,11 @@ class Pool:
                 else:
                     conn.terminate()
 
+    def discard_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.terminate()
+
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
@@ -108,6 +166,11 @@ class Pool:
                     pass
         for conn in idle:
             conn.terminate()
+
+
+def _closing(conn: asyncpg.Connection) -> bool:
+    transport = getattr(conn, "_transport", None)
+    return transport is not None and transport.is_closing()
 
 
 async def connect(url: str, timeout_s: float) -> asyncpg.Connection:

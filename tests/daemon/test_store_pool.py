@@ -71,3 +71,65 @@ async def test_a_closed_pool_refuses_callers(pool):
     await pool.close()
     with pytest.raises(bridge.StoreUnavailable):
         await call(pool, _pid)
+
+
+async def _terminate_idle(pool: bridge.Pool, url: str) -> None:
+    """Kill the backends of the pool's idle connections, as pg_terminate_backend or a
+    fast restart does, and return while they still look open on our side."""
+    admin = await bridge.connect(url, 10)
+    try:
+        for connection in pool._idle:
+            pid = connection.get_server_pid()
+            await bridge.call(admin.fetchval, "SELECT pg_terminate_backend($1)", pid)
+    finally:
+        admin.terminate()
+
+
+async def test_a_connection_killed_while_idle_is_unavailable_and_dropped(pool, fresh_database):
+    await pool.open(2)
+    await _terminate_idle(pool, fresh_database)
+    # The server's FATAL has arrived, the EOF maybe not: asyncpg refuses the statement
+    # with InternalClientError("cannot switch to state ..."). That is an outage, not a bug.
+    for _ in range(2):
+        try:
+            await call(pool, _pid)
+        except bridge.StoreUnavailable:
+            pass
+    assert isinstance(await call(pool, _pid), int)
+
+
+async def test_the_store_reruns_a_statement_refused_by_a_stale_connection(store):
+    pool = store._pool
+    await pool.open(3)
+    await _terminate_idle(pool, store.url)
+    # Never sent, so it is safe to run again on a fresh connection: the caller sees
+    # nothing of it (and /readyz does not flap).
+    for _ in range(3):
+        await store.ping()
+        assert store.healthy
+
+
+async def _orphan_error() -> None:
+    import asyncio
+
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(ConnectionError("unexpected connection_lost() call"))
+    del future  # "Future exception was never retrieved", as a cancelled connect leaves
+
+
+async def test_an_unretrieved_asyncio_error_is_logged_not_raised(caplog):
+    import gc
+
+    # trio-asyncio's own handler would raise it into the loop's nursery (the daemon's).
+    async with bridge.open_loop():
+        await bridge.call(_orphan_error)
+        gc.collect()
+        await trio.sleep(0.05)
+    assert any(r.__dict__.get("event") == "store.loop_error" for r in caplog.records)
+
+    counted = []
+    async with bridge.open_loop(on_error=lambda: counted.append(1)):
+        await bridge.call(_orphan_error)
+        gc.collect()
+        await trio.sleep(0.05)
+    assert counted == [1]
