@@ -265,6 +265,7 @@ class Soak:
             "not_completed_sample": dict(list(a.not_completed.items())[:20]),
             "duplicate_jobs": a.duplicate_jobs, "duplicate_effects": a.duplicate_effects,
             "duplicates_attributed_to_faults": a.attributed,
+            "duplicates_attributed_by_kind": a.attributed_by_kind,
             "duplicates_unattributed": len(a.unattributed),
             "unattributed_sample": a.unattributed[:20],
             "same_attempt_twice": len(a.attempt_twice),

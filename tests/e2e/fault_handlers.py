@@ -92,6 +92,7 @@ class Analysis(msgspec.Struct):
     duplicate_jobs: int  # jobs with more than one effect
     duplicate_effects: int  # effects beyond the first, over all jobs
     attributed: int  # extra effects whose attempt was in flight at a fault
+    attributed_by_kind: dict[str, int]  # ... by the kind of the latest such fault
     unattributed: list[str]  # extra effects with no fault to explain them (bugs)
     error_classes: dict[str, int]  # every attempt error seen, by class
 
@@ -119,7 +120,7 @@ def analyse(effects: list[Effect], jobs: dict[int, tuple[str, int, list[dict]]],
     for _, _, errors in jobs.values():
         for err in errors:
             classes[err.get("class", "?")] = classes.get(err.get("class", "?"), 0) + 1
-    attributed, unattributed = 0, []
+    attributed, unattributed, by_kind = 0, [], {}
     for job_id, mine in by_job.items():
         if len(mine) < 2 or job_id not in jobs:
             continue
@@ -138,6 +139,8 @@ def analyse(effects: list[Effect], jobs: dict[int, tuple[str, int, list[dict]]],
             hit = [f for f in faults if f.started_at <= until and f.ended_at >= e.started_at]
             if rescue is not None and hit:
                 attributed += 1
+                kind = max(hit, key=lambda f: f.started_at).kind
+                by_kind[kind] = by_kind.get(kind, 0) + 1
             else:
                 unattributed.append(
                     f"job {job_id} attempt {e.attempt} token {e.token} pid {e.pid}: started "
@@ -151,7 +154,7 @@ def analyse(effects: list[Effect], jobs: dict[int, tuple[str, int, list[dict]]],
         attempt_twice=sorted(k for k, n in seen.items() if n > 1),
         duplicate_jobs=sum(1 for m in by_job.values() if len(m) > 1),
         duplicate_effects=sum(len(m) - 1 for m in by_job.values()),
-        attributed=attributed, unattributed=unattributed, error_classes=classes,
+        attributed=attributed, attributed_by_kind=by_kind, unattributed=unattributed, error_classes=classes,
     )
 
 
