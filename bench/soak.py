@@ -266,6 +266,7 @@ class Soak:
             "duplicate_jobs": a.duplicate_jobs, "duplicate_effects": a.duplicate_effects,
             "duplicates_attributed_to_faults": a.attributed,
             "duplicates_attributed_by_kind": a.attributed_by_kind,
+            "duplicates_finished_before_rescue": a.finished_before_rescue,
             "duplicates_unattributed": len(a.unattributed),
             "unattributed_sample": a.unattributed[:20],
             "same_attempt_twice": len(a.attempt_twice),

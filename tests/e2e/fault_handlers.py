@@ -93,6 +93,10 @@ class Analysis(msgspec.Struct):
     duplicate_effects: int  # effects beyond the first, over all jobs
     attributed: int  # extra effects whose attempt was in flight at a fault
     attributed_by_kind: dict[str, int]  # ... by the kind of the latest such fault
+    # Extra effects whose attempt had finished before it was rescued: an outcome that was
+    # produced but never written (held in memory, or lost with the daemon), as opposed to
+    # an attempt still running when its lease was taken (its finish then fenced).
+    finished_before_rescue: int
     unattributed: list[str]  # extra effects with no fault to explain them (bugs)
     error_classes: dict[str, int]  # every attempt error seen, by class
 
@@ -120,7 +124,7 @@ def analyse(effects: list[Effect], jobs: dict[int, tuple[str, int, list[dict]]],
     for _, _, errors in jobs.values():
         for err in errors:
             classes[err.get("class", "?")] = classes.get(err.get("class", "?"), 0) + 1
-    attributed, unattributed, by_kind = 0, [], {}
+    attributed, unattributed, by_kind, held = 0, [], {}, 0
     for job_id, mine in by_job.items():
         if len(mine) < 2 or job_id not in jobs:
             continue
@@ -136,6 +140,7 @@ def analyse(effects: list[Effect], jobs: dict[int, tuple[str, int, list[dict]]],
         for e in extra:
             rescue = rescues.get(e.attempt)
             until = _epoch(rescue["at"]) + RESCUE_SLACK_S if rescue else float("inf")
+            held += rescue is not None and e.effect_at < until - RESCUE_SLACK_S
             hit = [f for f in faults if f.started_at <= until and f.ended_at >= e.started_at]
             if rescue is not None and hit:
                 attributed += 1
@@ -154,7 +159,8 @@ def analyse(effects: list[Effect], jobs: dict[int, tuple[str, int, list[dict]]],
         attempt_twice=sorted(k for k, n in seen.items() if n > 1),
         duplicate_jobs=sum(1 for m in by_job.values() if len(m) > 1),
         duplicate_effects=sum(len(m) - 1 for m in by_job.values()),
-        attributed=attributed, attributed_by_kind=by_kind, unattributed=unattributed, error_classes=classes,
+        attributed=attributed, attributed_by_kind=by_kind, finished_before_rescue=held,
+        unattributed=unattributed, error_classes=classes,
     )
 
 
