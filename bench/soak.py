@@ -116,6 +116,12 @@ class Soak:
         except Exception:
             return -1
 
+    def completed_now(self) -> int:
+        deadline = time.monotonic() + WAIT_S
+        while (n := self.completed()) < 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return max(n, 0)
+
     def check_deaths(self, fault_index: int, kind: str) -> None:
         """A daemon that exited on its own: record it, then start it again."""
         for name, d in self.daemons.items():
@@ -158,16 +164,28 @@ class Soak:
     # -- work -------------------------------------------------------------------
 
     def feed(self) -> None:
-        done = max(self.completed(), 0)
-        if len(self.ids) - done >= BACKLOG:
-            return
-        args = self.work / "args.jsonl"
-        args.write_text("".join(json.dumps({"hold_s": round(self.rng.uniform(0, 0.05), 3)})
-                                + "\n" for _ in range(BACKLOG)))
-        d = self.daemons["A" if len(self.ids) % 2 else "B"]
-        r = d.jobctl("--json", "enqueue", "fault_effect", "--args-file", str(args), check=False)
-        if r.returncode == 0:
-            self.ids += json.loads(r.stdout)["ids"]
+        """Keep at least BACKLOG unfinished jobs queued (counted in Postgres, not here)."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                unfinished = self.sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE kind ="
+                                               " 'fault_effect' AND state <> 'completed'")
+            except Exception:
+                time.sleep(0.2)
+                continue
+            if unfinished >= BACKLOG:
+                return
+            args = self.work / "args.jsonl"
+            args.write_text("".join(json.dumps({"hold_s": round(self.rng.uniform(0, 0.05), 3)})
+                                    + "\n" for _ in range(BACKLOG)))
+            for d in self.daemons.values():
+                r = d.jobctl("--json", "enqueue", "fault_effect", "--args-file", str(args),
+                             check=False)
+                if r.returncode == 0:
+                    self.ids += json.loads(r.stdout)["ids"]
+                    return
+            time.sleep(0.2)
+        log("could not enqueue more work")
 
     # -- faults -----------------------------------------------------------------
 
@@ -219,7 +237,7 @@ class Soak:
         self.start()
         for i, kind in enumerate(kinds):
             self.feed()
-            target = max(self.completed(), 0) + PROGRESS_BETWEEN_FAULTS
+            target = self.completed_now() + PROGRESS_BETWEEN_FAULTS
             self.wait(f"{PROGRESS_BETWEEN_FAULTS} completions", lambda t=target:
                       self.completed() >= t, i, kind)
             self.feed()  # work in hand when the fault hits, and to resume on after it

@@ -184,7 +184,7 @@ def test_daemon_survives_postgres_faults(cluster: DurableCluster, tmp_path: Path
         run.wait("/readyz to answer 200", lambda: readyz(port) == 200)
         run.enqueue(BATCH * 2)
         for kind in PLAN:
-            done = max(run.completed(), 0)
+            done = run.wait("the job count", lambda: (n := run.completed()) >= 0 and (n,))[0]
             if len(run.ids) - done < BATCH:
                 run.enqueue(BATCH)
             target = done + PROGRESS_BETWEEN_FAULTS
