@@ -51,7 +51,7 @@ LEASE_S = 3.0
 MIX = {"terminate": 22, "restart_fast": 14, "restart_immediate": 14, "outage": 6,
        "daemon_kill": 16, "daemon_restart": 12, "sigstop": 16}
 PG_KINDS = ("terminate", "restart_fast", "restart_immediate", "outage")
-BACKLOG = 400
+BACKLOG = 1000
 PROGRESS_BETWEEN_FAULTS = 50
 WAIT_S = 180.0
 
@@ -176,7 +176,7 @@ class Soak:
             if unfinished >= BACKLOG:
                 return
             args = self.work / "args.jsonl"
-            args.write_text("".join(json.dumps({"hold_s": round(self.rng.uniform(0, 0.05), 3)})
+            args.write_text("".join(json.dumps({"hold_s": round(self.rng.uniform(0.02, 0.3), 3)})
                                     + "\n" for _ in range(BACKLOG)))
             for d in self.daemons.values():
                 r = d.jobctl("--json", "enqueue", "fault_effect", "--args-file", str(args),
@@ -236,8 +236,8 @@ class Soak:
         t0 = time.time()
         self.start()
         for i, kind in enumerate(kinds):
-            self.feed()
             target = self.completed_now() + PROGRESS_BETWEEN_FAULTS
+            self.feed()  # counted before the feed: the fed jobs alone reach the target
             self.wait(f"{PROGRESS_BETWEEN_FAULTS} completions", lambda t=target:
                       self.completed() >= t, i, kind)
             self.feed()  # work in hand when the fault hits, and to resume on after it
