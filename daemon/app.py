@@ -13,15 +13,17 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from actors import failure_hooks, handlers
-from actors.batcher import Batcher
+from actors.batcher import Backlog, Batcher
 from actors.clock import TrioClock
 from actors.control import Control, key_stats, limits_for_key
 from actors.dispatcher import (
@@ -36,7 +38,7 @@ from actors.dispatcher import (
 )
 from actors.heart import Beat, Heart
 from actors.mailbox import Mailbox, MailboxClosed
-from actors.ports import Outcome, ProgressUpdate, StoreUnavailable
+from actors.ports import Outcome, ProgressUpdate, StoreUnavailable, ValueRejected
 from actors.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.registry import Registry
 from actors.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
@@ -88,6 +90,11 @@ class Daemon:
         self._limits: dict[str, dict[str, Any] | None] = {}
         self.pauses: set[tuple[str, str]] = set()  # (queue, key); key "" = the whole queue
         self._nursery: trio.Nursery | None = None
+        # Outcomes handed to the completer and not yet written, by (job, lease token):
+        # their leases are renewed like running jobs', and the drain reports them.
+        self._unwritten: dict[tuple[int, int], Outcome] = {}
+        self._completer_backlog: Backlog[Outcome] = Backlog()
+        self._progress_backlog: Backlog[ProgressUpdate] = Backlog()
 
     # -- life -------------------------------------------------------------------------
 
@@ -108,7 +115,7 @@ class Daemon:
         if url is None:
             url = await trio.to_thread.run_sync(self._start_embedded)
         try:
-            async with bridge.open_loop():
+            async with bridge.open_loop(on_error=self.observer.loop_error):
                 db = self.config.database
                 self.store = PgStore(url, pool_min=db.pool_min, pool_max=db.pool_max,
                                      timeout_s=parse_duration(db.timeout))
@@ -154,7 +161,19 @@ class Daemon:
     async def _run_actors(self) -> None:
         assert self.store is not None
         self.import_handlers()
-        await self.store.register_failure_hooks(failure_hooks.hooked_kinds())
+        backoff = 0.2
+        while True:
+            try:
+                await self.store.register_failure_hooks(failure_hooks.hooked_kinds())
+                break
+            except StoreUnavailable as exc:  # the database went away right after connecting
+                log.warning("database not reachable, retrying in %.1fs: %s", backoff, exc,
+                            extra={"event": "store.unavailable"})
+                with trio.move_on_after(backoff):
+                    await self._stop.wait()
+                if self._stop.is_set():
+                    return
+                backoff = min(backoff * 2, 10.0)
         root = self._build_tree()
         control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
                           tree=self.registry.tree, running_here=self._running_here,
@@ -178,16 +197,40 @@ class Daemon:
                          self.config.region, sock, extra={"event": "daemon.ready"})
                 await self._stop.wait()
                 await self._drain()
-                await root.stop()
+                # Each child has its own shutdown timeout (the completer's is the longest);
+                # this bounds the whole, whatever the database does.
+                with trio.move_on_after(_ROOT_STOP_S) as stopping:
+                    await root.stop()
+                if stopping.cancelled_caught:
+                    log.warning("the actors did not stop within %ds; cancelling them",
+                                _ROOT_STOP_S, extra={"event": "daemon.stop_timeout"})
+                self._report_unwritten()
                 if http is not None:
-                    await http.stop()
+                    with trio.move_on_after(_HTTP_STOP_S):
+                        await http.stop()
             nursery.cancel_scope.cancel()
         sock.unlink(missing_ok=True)
         try:
-            with trio.move_on_after(5):
+            with trio.move_on_after(3):  # a hung database must not hold the exit
                 await self.store.deregister_daemon(self.id)
-        except StoreUnavailable:
-            pass
+        except StoreUnavailable as exc:
+            log.warning("could not deregister (the daemons row ages out): %s", exc,
+                        extra={"event": "daemon.deregister_failed"})
+
+    def _report_unwritten(self) -> None:
+        """Say what the database never got. Those jobs are still `running` there under
+        this daemon's leases, which lapse within jobs.lease; then any daemon's reaper
+        hands them back (at-least-once: an attempt that finished here runs again)."""
+        if not self._unwritten:
+            return
+        released = sum(1 for o in self._unwritten.values() if _error_class(o) == "interrupted")
+        outcomes = len(self._unwritten) - released
+        log.error("stopped with %d finished attempts and %d releases not written to the "
+                  "database; their leases lapse within %s and the jobs are rescued",
+                  outcomes, released, self.config.jobs.lease,
+                  extra={"event": "daemon.unwritten", "outcomes": outcomes,
+                         "releases": released,
+                         "jobs": sorted({job_id for job_id, _ in self._unwritten})[:100]})
 
     async def _drain(self) -> None:
         self.draining = True
@@ -311,23 +354,25 @@ class Daemon:
         children = [
             # Outcomes already handed over must reach the database before we exit.
             ChildSpec.for_actor(lambda: Batcher(self._completer_box, finish, clock=clock,
-                                                max_items=2000),
+                                                max_items=2000, backlog=self._completer_backlog,
+                                                reject=_invalid_value, settled=self._written),
                                 stop=Batcher.stopper(self._completer_box), shutdown_timeout=15),
             ChildSpec.for_actor(lambda: Batcher(progress_box, write_progress, clock=clock,
-                                                max_items=2000, max_wait_s=0.25),
+                                                max_items=2000, max_wait_s=0.25,
+                                                backlog=self._progress_backlog),
                                 stop=Batcher.stopper(progress_box), shutdown_timeout=5),
             ChildSpec.for_actor(lambda: Heart(
                 heart_box, store, daemon_id=self.id, lease_s=lease_s,
                 interval_s=min(parse_duration(cfg.daemon.heartbeat), lease_s / 3),
                 status=lambda: (self._status_line(), self.draining),
-                running=lambda: [i for d in self.dispatchers.values() for i in d.running_ids()],
+                running=self._lease_ids,
                 cancel=self._cancel_nowait, clock=clock)),
             ChildSpec.for_actor(lambda: Reaper(
                 reaper_box, store, ReaperSettings(
                     interval_s=parse_duration(jobs.reaper_interval),
                     timeout_grace_s=parse_duration(jobs.timeout_grace),
-                    retention=retention, aging=self._aging_rules()),
-                observer=self.observer, clock=clock)),
+                    retention=retention, aging=self._aging_rules(), max_hold_s=4 * lease_s),
+                observer=self.observer, clock=clock, hold=self._rescue_hold)),
             ChildSpec.for_actor(lambda: Scheduler(
                 self._scheduler_box, store, SchedulerSettings(),
                 config_schedules=lambda: self.config.schedules, observer=self.observer,
@@ -346,7 +391,7 @@ class Daemon:
             assert self.store is not None
             dispatcher = Dispatcher(
                 box, settings, daemon_id=self.id, store=self.store, runner=runner,
-                finish=self._completer_box.tell, finish_nowait=self._completer_box.tell_nowait,
+                finish=self._hand_over, finish_nowait=self._hand_over_nowait,
                 kinds=lambda: sorted(handlers.registered()),
                 paused=self._paused,
                 observer=self.observer, clock=self.clock)
@@ -354,6 +399,55 @@ class Daemon:
             return dispatcher
 
         return make
+
+    # -- outcomes on their way to the database ---------------------------------------------
+
+    async def _hand_over(self, outcome: Outcome) -> None:
+        self._unwritten[outcome.id, outcome.token] = outcome
+        try:
+            await self._completer_box.tell(outcome)
+        except BaseException:
+            self._unwritten.pop((outcome.id, outcome.token), None)
+            raise
+
+    def _hand_over_nowait(self, outcome: Outcome) -> None:
+        self._unwritten[outcome.id, outcome.token] = outcome
+        try:
+            self._completer_box.tell_nowait(outcome)
+        except BaseException:
+            self._unwritten.pop((outcome.id, outcome.token), None)
+            raise
+
+    def _written(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            self._unwritten.pop((outcome.id, outcome.token), None)
+
+    def _lease_ids(self) -> list[int]:
+        """The jobs whose leases the heart renews: attempts running here, and attempts
+        that ended here but whose outcome is not written yet (an outage): nobody may
+        rescue and re-run a job whose result we hold."""
+        ids = {i for d in self.dispatchers.values() for i in d.running_ids()}
+        ids.update(job_id for job_id, _token in self._unwritten)
+        return list(ids)
+
+    def _rescue_hold(self) -> str | None:
+        """Why the reaper must not rescue expired leases yet (None: it may).
+
+        After an outage every lease may have lapsed, including those of jobs that
+        finished here meanwhile. Rescue waits until this daemon's heart has renewed its
+        leases since the last failed store call, and for two heartbeat intervals after
+        it, so that the other live daemons have renewed theirs too.
+        """
+        store = self.store
+        if store is None or store.unavailable_at is None:
+            return None
+        if store.renewed_at is None or store.renewed_at < store.unavailable_at:
+            return "waiting for this daemon's leases to be renewed after the outage"
+        beat = min(parse_duration(self.config.daemon.heartbeat),
+                   parse_duration(self.config.jobs.lease) / 3)
+        if time.monotonic() - store.unavailable_at < 2 * beat:
+            return "the database just came back; live daemons renew their leases first"
+        return None
 
     def _key_gauges(self, rows: list[dict[str, Any]]) -> None:
         """Per-key running jobs, effective rate and breaker state, from the leader's query."""
@@ -527,6 +621,37 @@ class Daemon:
 
     def _ready_now(self) -> bool:
         return self.ready and not self.draining and bool(self.store and self.store.healthy)
+
+
+# The drain's bounds after the grace and the release: the actors (completer 15 s,
+# progress 5 s, the rest at once), the HTTP server.
+_ROOT_STOP_S = 25
+_HTTP_STOP_S = 12
+
+
+class _ErrorClass(msgspec.Struct):
+    cls: str = msgspec.field(default="", name="class")
+
+
+def _error_class(outcome: Outcome) -> str:
+    try:
+        return msgspec.json.decode(outcome.error or "{}", type=_ErrorClass).cls
+    except msgspec.DecodeError:
+        return ""
+
+
+def _invalid_value(outcome: Outcome, exc: ValueRejected) -> Outcome:
+    """An outcome Postgres refused (a NUL byte in a result, a lone surrogate in an error):
+    the attempt fails with `invalid_value` instead, keeping its retry decision."""
+    state = "failed" if outcome.state == "completed" else outcome.state
+    reason = str(exc)[:500].replace("\x00", "\\u0000")
+    reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
+    error = msgspec.json.encode({
+        "class": "invalid_value",
+        "message": f"the database refused this attempt's {outcome.state} outcome "
+                   f"(a value it cannot store, such as a NUL byte): {reason}",
+    }).decode()
+    return msgspec.structs.replace(outcome, state=state, result=None, error=error)
 
 
 def _recheck_s(queue: Queue) -> float | None:

@@ -115,6 +115,9 @@ class Metrics:
         self.actor_restarts = _Counter("jobd_actor_restarts",
                                        "Actor restarts by their supervisor.", ["actor"],
                                        registry=r)
+        self.loop_errors = _Counter("jobd_asyncio_errors",
+                                    "Errors the asyncio loop reported with nobody awaiting "
+                                    "them (logged, not raised).", [], registry=r)
         self.run_seconds = _Histogram("jobd_job_run_seconds", "Attempt run time.",
                                       ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
         self.wait_seconds = _Histogram("jobd_job_wait_seconds",
@@ -361,6 +364,12 @@ class PromObserver:
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 
+    def loop_error(self) -> None:
+        try:
+            self._m.loop_errors.inc(())
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
     def db_round_trip(self, operation: str, seconds: float) -> None:
         try:
             self._m.db_seconds.observe((operation,), seconds)
@@ -552,4 +561,4 @@ async def run_queue_gauges(
             # Whatever ended the session ended the lock with it (or we are stopping).
             gauges.clear()
         await clock.sleep(backoff)
-        backoff = min(backoff * 2, 60.0)
+        backoff = min(backoff * 2, 10.0)  # after an outage the gauges come back soon

@@ -33,6 +33,12 @@ from protocol.commands import Filtered
 
 log = logging.getLogger("jobd.store")
 
+# A store call waiting this long (or the database timeout, if shorter) makes the store
+# unhealthy (not-ready) while it waits. Only the daemon's own short, frequent statements
+# are watched: a bulk command over a big table may rightly take longer.
+_HUNG_AFTER_S = 5.0
+_WATCHED = frozenset({"heartbeat", "claim", "next_due", "finish", "progress", "ping"})
+
 
 class LeaseLost(Exception):
     """A transactional finish matched no row: this attempt was rescued or cancelled."""
@@ -45,11 +51,35 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         self._pool_max = pool_max
         self._timeout_s = timeout_s
         self._pool: bridge.Pool | None = None
-        self.healthy = False
+        self._healthy = False
+        # Calls in flight, by a serial number: their start times (time.monotonic()).
+        self._inflight: dict[int, float] = {}
+        self._serial = 0
+        # time.monotonic() of the last call that found the database unavailable, and of
+        # the last heartbeat that renewed this daemon's leases (the reaper's rescue hold).
+        self.unavailable_at: float | None = None
+        self.renewed_at: float | None = None
         self.schema_version = 0
         self.observer: Observer = NullObserver()
 
     # -- life -------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """The last call answered, and none has been waiting on the database for long:
+        a hung server (accepting, answering nothing) is not-ready before any call times
+        out."""
+        if not self._healthy:
+            return False
+        if self._inflight:
+            oldest = min(self._inflight.values())
+            if time.monotonic() - oldest > min(_HUNG_AFTER_S, self._timeout_s):
+                return False
+        return True
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        self._healthy = value
 
     async def connect(self) -> None:
         """Open the pool and apply migrations; raises StoreUnavailable while the DB is down."""
@@ -82,6 +112,10 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         if pool is None:
             raise StoreUnavailable("store is not connected")
         started = time.perf_counter()
+        self._serial += 1
+        serial = self._serial
+        if op in _WATCHED:
+            self._inflight[serial] = time.monotonic()
         try:
             try:
                 async with pool.connection() as connection:
@@ -95,7 +129,10 @@ class PgStore(ScheduleStatements, WorkflowStatements):
             raise  # the database answered; the caller retries
         except StoreUnavailable:
             self.healthy = False
+            self.unavailable_at = time.monotonic()
             raise
+        finally:
+            self._inflight.pop(serial, None)
         self.observer.db_round_trip(op, time.perf_counter() - started)
         self.healthy = True
         return result
@@ -134,6 +171,7 @@ class PgStore(ScheduleStatements, WorkflowStatements):
             q.HEARTBEAT, daemon_id, lease_s, status, draining, now,
             sorted(running) if running is not None else None, op="heartbeat",
         )
+        self.renewed_at = time.monotonic()
         return int(tag.split()[-1])
 
     async def deregister_daemon(self, daemon_id: str) -> None:
@@ -401,6 +439,9 @@ class PgStore(ScheduleStatements, WorkflowStatements):
                         await bridge.call(connection.fetchval, "SELECT 1")
             except StoreUnavailable as exc:
                 log.warning("LISTEN connection lost: %s", exc, extra={"event": "store.listen_lost"})
+            except Exception:  # noqa: BLE001 - a listener that dies would stop every wake-up
+                log.exception("LISTEN connection failed; reconnecting",
+                              extra={"event": "store.listen_lost"})
             finally:
                 if connection is not None and not connection.is_closed():
                     connection.terminate()

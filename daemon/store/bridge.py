@@ -143,6 +143,11 @@ class Pool:
             except (Conflict, ValueRejected, asyncpg.PostgresError):
                 reusable = True  # the server answered; the connection is fine
                 raise
+            except StoreUnavailable:
+                # A restart or a mass termination takes every connection opened before
+                # it: do not hand the others out one failure at a time.
+                self.discard_idle()
+                raise
             finally:
                 if reusable and not self._closed and not conn.is_closed() \
                         and not conn.is_in_transaction():
@@ -158,7 +163,7 @@ class Pool:
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
-        with trio.move_on_after(5):
+        with trio.move_on_after(2):  # a polite goodbye; terminate() below is the bound
             for conn in idle:
                 try:
                     await call(conn.close)

@@ -233,3 +233,34 @@ async def test_sweep_reports_what_it_did(store, sql):
     assert [i for i, s in states.items() if s == "completed"] == [min(j.id for j in finished)]
     # A second pass finds nothing left to do.
     assert await reaper.sweep() == SweepReport()
+
+
+async def test_a_held_sweep_rescues_nothing_until_the_hold_ends(store, sql):
+    """After an outage the daemon holds outcomes whose leases lapsed meanwhile: its reaper
+    waits (the app's hold) until its heart has renewed them."""
+    await store.enqueue_many([NewJob(kind="lease") for _ in range(2)])
+    expired = await store.claim("default", 10, "here", -1, ["lease"])
+    hold: list[str | None] = ["waiting for this daemon's leases to be renewed"]
+    reaper = Reaper(Mailbox[Sweep]("reaper"), store, ReaperSettings(), observer=NullObserver(),
+                    clock=TrioClock(), hold=lambda: hold[0])
+    assert (await reaper.sweep()).rescued == 0
+    assert {s for (s,) in sql.fetch("SELECT state FROM jobd.jobs")} == {"running"}
+    # The lease token still matches: the fenced finish applies though lease_until passed.
+    first = expired[0]
+    assert await store.finish_many([Outcome(id=first.id, token=first.lease_token,
+                                            state="completed")]) == {first.id}
+    hold[0] = None
+    assert (await reaper.sweep()).rescued == 1
+    assert dict(sql.fetch("SELECT id, state FROM jobd.jobs")) == {
+        first.id: "completed", expired[1].id: "available"}
+
+
+async def test_a_hold_that_never_ends_does_not_starve_rescue(store):
+    """A store that fails now and then (a statement timing out) keeps the app's hold
+    reason alive; after max_hold_s of sweeps that reached the database, rescue goes on."""
+    await store.enqueue_many([NewJob(kind="lease")])
+    await store.claim("default", 10, "gone", -1, ["lease"])
+    reaper = Reaper(Mailbox[Sweep]("reaper"), store,
+                    ReaperSettings(interval_s=1.0, max_hold_s=2.0), observer=NullObserver(),
+                    clock=TrioClock(), hold=lambda: "always")
+    assert [(await reaper.sweep()).rescued for _ in range(3)] == [0, 0, 1]

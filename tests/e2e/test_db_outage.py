@@ -7,6 +7,7 @@ Uses a private cluster (not the session one) so the test can stop and restart it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from daemon.embedded_pg import EmbeddedPostgres
-from tests.support import JobdProcess, wait_until
+from tests.support import JobdProcess, Sql, wait_until
 
 DEADLINE_S = 60.0
 
@@ -100,5 +101,251 @@ def test_daemon_survives_database_outage(cluster: EmbeddedPostgres, tmp_path: Pa
 
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()
+    finally:
+        daemon.kill()
+
+
+# --------------------------------------------------------------------------- under load
+
+MODULES = ["examples.basic", "tests.e2e.outage_handlers"]
+
+
+def outage_daemon(tmp_path: Path, url: str, name: str = "d",
+                  **options) -> tuple[JobdProcess, Path]:
+    """A daemon running tests/e2e/outage_handlers.py; daemons of one test share the
+    effects file."""
+    effects = tmp_path / "effects.log"
+    effects.touch()
+    options.setdefault("jobs", {"lease": "2s", "reaper_interval": "0.5s"})
+    options.setdefault("daemon", {"heartbeat": "0.5s"})
+    daemon = JobdProcess(tmp_path / name, url, modules=MODULES,
+                         queues={"outage": {"concurrency": 100, "claim_batch": 100}},
+                         env={"JOBD_TEST_EFFECTS": str(effects)}, **options)
+    return daemon, effects
+
+
+def sql_enqueue(url: str, n: int, args: dict) -> list[int]:
+    rows = Sql(url).fetch(
+        "SELECT jobd.enqueue('file_effect', $1::jsonb, queue => 'outage', max_attempts => 25)"
+        " AS id FROM generate_series(1, $2)", json.dumps(args), n)
+    return [r["id"] for r in rows]
+
+
+def effects_by_job(effects: Path, what: str = "done") -> dict[int, list[int]]:
+    runs: dict[int, list[int]] = {}
+    for line in effects.read_text().splitlines():
+        kind, job_id, attempt = line.split()
+        if kind == what:
+            runs.setdefault(int(job_id), []).append(int(attempt))
+    return runs
+
+
+def states(url: str) -> dict[str, int]:
+    return {r["state"]: r["n"] for r in Sql(url).fetch(
+        "SELECT state, count(*) AS n FROM jobd.jobs GROUP BY state")}
+
+
+def terminate_jobd_backends(cluster: EmbeddedPostgres) -> None:
+    cluster.query("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                  " WHERE application_name = 'jobd'")
+
+
+def test_jobs_that_finish_during_an_outage_longer_than_the_lease_run_once(
+        cluster: EmbeddedPostgres, tmp_path: Path) -> None:
+    """The completer holds their outcomes; the heart renews their leases as soon as the
+    database is back, and the reaper holds rescue until it has: none runs again."""
+    url = cluster.create_database("jobd_long_outage")
+    daemon, effects = outage_daemon(tmp_path, url)
+    try:
+        daemon.start()
+        ids = sql_enqueue(url, 40, {"hold_s": 2.5, "started": True})
+        wait_until(lambda: len(effects_by_job(effects, "start")) == 40, "all 40 to start",
+                   daemons=(daemon,))
+        cluster.stop()
+        # They finish while the database is away; the 2 s leases lapse meanwhile.
+        wait_until(lambda: len(effects_by_job(effects)) == 40, "all 40 to finish",
+                   daemons=(daemon,))
+        # Long enough for the completer's retries to back off to seconds apart, so the
+        # reaper (every 0.5 s) would sweep first after the restart.
+        time.sleep(8)
+        cluster.start()
+        wait_until(lambda: states(url).get("completed") == 40, "all 40 completed in Postgres",
+                   daemons=(daemon,))
+        time.sleep(1.5)  # a few more sweeps: nothing may be rescued late either
+        assert effects_by_job(effects) == {i: [1] for i in ids}
+        rows = Sql(url).fetch("SELECT id, attempt, errors::text AS errors FROM jobd.jobs")
+        assert {(r["attempt"], r["errors"]) for r in rows} == {(1, "[]")}
+        events = [e.get("event") for e in daemon.log_events()]
+        assert "reaper.rescue_held" in events
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()[-5000:]
+    finally:
+        daemon.kill()
+
+
+def test_daemon_survives_terminated_connections_and_restarts_under_load(
+        cluster: EmbeddedPostgres, tmp_path: Path) -> None:
+    """pg_terminate_backend of every jobd connection, again and again, and fast restarts,
+    with jobs in flight: the same daemon process finishes them all."""
+    url = cluster.create_database("jobd_kills")
+    daemon, effects = outage_daemon(tmp_path, url, jobs={"lease": "5s"})
+    try:
+        daemon.start()
+        ids = sql_enqueue(url, 3000, {"hold_s": 0.2})
+        for round_ in range(12):
+            time.sleep(0.5)
+            if round_ in (4, 8):
+                cluster.stop()  # pg_ctl stop -m fast, then start: a fast restart
+                cluster.start()
+            else:
+                terminate_jobd_backends(cluster)
+            assert daemon.proc.poll() is None, daemon.log_text()[-5000:]
+        assert len(effects_by_job(effects)) < len(ids)  # the faults hit a busy daemon
+
+        def all_done() -> bool:
+            # Retention prunes completed jobs past the newest 1,000: count what is left.
+            return (len(effects_by_job(effects)) == len(ids)
+                    and set(states(url)) <= {"completed"})
+
+        wait_until(all_done, "every job completed", daemons=(daemon,), timeout=90)
+        assert set(effects_by_job(effects)) == set(ids)
+        tree = daemon.jobctl_json("tree")
+        assert all(child["state"] == "running" for child in tree["children"]), tree
+        crashed = [e for e in daemon.log_events() if e.get("event") == "actor.crashed"]
+        assert crashed == [], crashed[:3]
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()[-5000:]
+    finally:
+        daemon.kill()
+
+
+# --------------------------------------------------------------------------- drains
+
+
+def cluster_pids(cluster: EmbeddedPostgres) -> list[int]:
+    """The postmaster and its children (backends, checkpointer, ...)."""
+    postmaster = cluster.pid
+    assert postmaster is not None
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def hang(cluster: EmbeddedPostgres) -> list[int]:
+    """Accepting nothing, answering nothing: every process of the cluster stopped."""
+    pids = cluster_pids(cluster)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def unhang(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def drain_daemon(tmp_path: Path, url: str, name: str = "d") -> tuple[JobdProcess, Path]:
+    return outage_daemon(tmp_path, url, name, jobs={"lease": "3s", "reaper_interval": "0.5s"},
+                         daemon={"heartbeat": "0.5s", "drain_grace": "1s"})
+
+
+def unwritten(daemon: JobdProcess) -> dict:
+    [event] = [e for e in daemon.log_events() if e.get("event") == "daemon.unwritten"]
+    return event
+
+
+def drain_while(cluster: EmbeddedPostgres, tmp_path: Path, fault: str) -> None:
+    url = cluster.create_database(f"jobd_drain_{fault}")
+    daemon, effects = drain_daemon(tmp_path, url)
+    pids: list[int] = []
+    try:
+        daemon.start()
+        # 20 jobs that run until released, 30 that finish during the fault.
+        long_ids = sql_enqueue(url, 20, {"hold_s": 3600, "started": True})
+        short_ids = sql_enqueue(url, 30, {"hold_s": 2, "started": True})
+        wait_until(lambda: len(effects_by_job(effects, "start")) == 50, "all 50 to start",
+                   daemons=(daemon,))
+        if fault == "down":
+            cluster.stop()
+        else:
+            pids = hang(cluster)
+            # Not-ready well before any statement times out (database.timeout, 30 s).
+            wait_until(lambda: (p := ping(daemon)) is not None and p["ready"] is False,
+                       "ping to report ready false", timeout=20, daemons=(daemon,))
+        wait_until(lambda: len(effects_by_job(effects)) == 30, "30 to finish meanwhile",
+                   daemons=(daemon,))
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()[-5000:]
+        took = time.monotonic() - started
+        # Bounded: grace 1 s + release + completer 15 s + the rest, whatever Postgres does.
+        assert took < 45, took
+        event = unwritten(daemon)
+        assert (event["outcomes"], event["releases"]) == (30, 20), event
+        assert "daemon.crashed" not in [e.get("event") for e in daemon.log_events()]
+
+        # The database comes back; the leases lapse and another daemon takes the jobs.
+        if fault == "down":
+            cluster.start()
+        else:
+            unhang(pids)
+            pids = []
+        second, _ = drain_daemon(tmp_path, url, name="d2")
+        try:
+            second.start()
+            wait_until(lambda: set(states(url)) == {"completed"}, "every job completed",
+                       daemons=(second,))
+            # At-least-once: the 30 finished during the fault ran again, nothing was lost.
+            runs = effects_by_job(effects)
+            assert set(runs) == set(long_ids) | set(short_ids)
+            second.signal(signal.SIGTERM)
+            assert second.wait(DEADLINE_S) == 0
+        finally:
+            second.kill()
+    finally:
+        unhang(pids)
+        daemon.kill()
+
+
+def test_a_drain_with_the_database_down_exits_cleanly_and_says_what_it_could_not_write(
+        cluster: EmbeddedPostgres, tmp_path: Path) -> None:
+    drain_while(cluster, tmp_path, "down")
+
+
+def test_a_drain_with_the_database_hung_exits_cleanly_and_says_what_it_could_not_write(
+        cluster: EmbeddedPostgres, tmp_path: Path) -> None:
+    drain_while(cluster, tmp_path, "hung")
+
+
+def test_a_drain_writes_every_outcome_handed_over(cluster: EmbeddedPostgres,
+                                                  tmp_path: Path) -> None:
+    """SIGTERM in the middle of a stream of quick jobs: every attempt that ran to its end
+    is written before the daemon exits (the completer's mailbox closing used to drop the
+    batch in hand), and nothing is left running."""
+    url = cluster.create_database("jobd_drain_flush")
+    daemon, effects = drain_daemon(tmp_path, url)
+    try:
+        daemon.start()
+        sql_enqueue(url, 3000, {"hold_s": 0.01})
+        wait_until(lambda: len(effects_by_job(effects)) >= 500, "500 effects",
+                   daemons=(daemon,))
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()[-5000:]
+        events = [e.get("event") for e in daemon.log_events()]
+        assert "daemon.unwritten" not in events and "actor.crashed" not in events
+        done = set(effects_by_job(effects))
+        rows = dict(Sql(url).fetch("SELECT id, state FROM jobd.jobs"))
+        assert "running" not in rows.values()
+        # Retention may have pruned some completed ones; none that ran is anything else.
+        assert {rows[i] for i in done if i in rows} <= {"completed"}
     finally:
         daemon.kill()
