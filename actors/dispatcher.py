@@ -21,10 +21,11 @@ from typing import Any
 import msgspec
 import trio
 
+from actors import lag
 from actors.clock import Clock
 from actors.mailbox import Actor, Mailbox
 from actors.ports import Observer, Outcome, Store, StoreUnavailable
-from actors.worker import CANCEL_REQUESTED, SHUTDOWN, Attempt, AttemptRunner
+from actors.worker import CANCEL_REQUESTED, LEASE_LOST, SHUTDOWN, Attempt, AttemptRunner
 
 log = logging.getLogger("jobd.dispatcher")
 
@@ -43,6 +44,13 @@ class Wake(msgspec.Struct, tag="wake"):
 
 class CancelJob(msgspec.Struct, tag="cancel_job"):
     job_id: int
+
+
+class LeaseLost(msgspec.Struct, tag="lease_lost"):
+    """The heart could not renew this attempt's lease: stop it now (its finish is fenced)."""
+
+    job_id: int
+    token: int
 
 
 class Drain(msgspec.Struct, tag="drain"):
@@ -67,7 +75,7 @@ class Running(msgspec.Struct, tag="running"):
     """Ask: how many attempts are running here."""
 
 
-DispatcherMsg = Wake | CancelJob | Drain | Release | Resize | Running
+DispatcherMsg = Wake | CancelJob | LeaseLost | Drain | Release | Resize | Running
 
 
 class QueueSettings(msgspec.Struct, kw_only=True):
@@ -107,7 +115,12 @@ class Dispatcher(Actor[DispatcherMsg]):
         self._paused = paused
         self._observer = observer
         self._clock = clock
-        self._attempts: dict[int, Attempt] = {}  # claimed here and not yet finished
+        # Claimed here and not yet finished, by (job id, lease token): after a lapsed
+        # lease the same job can be claimed again while its old attempt still runs.
+        self._attempts: dict[tuple[int, int], Attempt] = {}
+        self._by_job: dict[int, Attempt] = {}  # the newest attempt of each job
+        # Threads of sync handlers; held until a thread really ends, even an abandoned one.
+        self._threads = trio.CapacityLimiter(max(1, settings.concurrency))
         self._ready: deque[Attempt] = deque()  # claimed, waiting for a worker
         self._idle_workers = trio.lowlevel.ParkingLot()
         self._workers = 0
@@ -119,7 +132,8 @@ class Dispatcher(Actor[DispatcherMsg]):
     def running(self) -> int:
         return len(self._attempts)
 
-    def running_ids(self) -> list[int]:
+    def running_attempts(self) -> list[tuple[int, int]]:
+        """(job id, lease token) of every attempt here, for the heart to renew."""
         return list(self._attempts)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -135,6 +149,7 @@ class Dispatcher(Actor[DispatcherMsg]):
             # A dispatcher that dies takes its attempts with it; their leases lapse and
             # the reaper hands the jobs back, so nothing is lost.
             self._attempts.clear()
+            self._by_job.clear()
             self._ready.clear()
             self._workers = self._spare = 0
 
@@ -142,11 +157,21 @@ class Dispatcher(Actor[DispatcherMsg]):
         if isinstance(msg, Wake):
             self._wake.set()
         elif isinstance(msg, CancelJob):
-            attempt = self._attempts.get(msg.job_id)
-            if attempt is not None:
+            attempt = self._by_job.get(msg.job_id)
+            if attempt is None:
+                return False
+            while attempt is not None:
                 attempt.stop(CANCEL_REQUESTED)
-                return True
-            return False
+                attempt = attempt.after
+            return True
+        elif isinstance(msg, LeaseLost):
+            lost = self._attempts.get((msg.job_id, msg.token))
+            if lost is not None and lost.reason is None:
+                log.warning("job %s lost its lease (token %s) while running; stopping that "
+                            "attempt", msg.job_id, msg.token,
+                            extra={"event": "job.lease_lost", "job_id": msg.job_id,
+                                   "queue": self.settings.queue})
+                lost.stop(LEASE_LOST)
         elif isinstance(msg, Drain):
             self._draining = not msg.undo
             self._wake.set()
@@ -158,6 +183,7 @@ class Dispatcher(Actor[DispatcherMsg]):
             self.settings.concurrency = msg.concurrency
             self.settings.limits = msg.limits
             self.settings.recheck_s = msg.recheck_s
+            self._threads.total_tokens = max(1, msg.concurrency)
             self._wake.set()
         elif isinstance(msg, Running):
             return len(self._attempts)
@@ -195,8 +221,19 @@ class Dispatcher(Actor[DispatcherMsg]):
                 self._observer.claim_batch(self.settings.queue, len(claimed))
             # Start what we got before any other round trip: that is the latency users see.
             for job in claimed:
-                attempt = Attempt(job)
-                self._attempts[job.id] = attempt
+                attempt = Attempt(job, self._threads)
+                old = self._by_job.get(job.id)
+                if old is not None:
+                    # Our lease on it lapsed (a stall) and we claimed it again: the old
+                    # attempt must end before the new one starts.
+                    log.warning("job %s claimed again while its attempt %s still runs here; "
+                                "stopping the old one first", job.id, old.claimed.attempt,
+                                extra={"event": "job.lease_lost", "job_id": job.id,
+                                       "queue": job.queue})
+                    old.stop(LEASE_LOST)
+                    attempt.after = old
+                self._attempts[attempt.key] = attempt
+                self._by_job[job.id] = attempt
                 self._ready.append(attempt)
             self._wake_a_worker()
             if len(claimed) < asked:
@@ -287,10 +324,26 @@ class Dispatcher(Actor[DispatcherMsg]):
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         job = attempt.claimed
-        wait_s = max(0.0, (job.started_at - job.run_at).total_seconds())
-        self._observer.job_started(job.queue, job.kind, wait_s)
+        task = trio.lowlevel.current_task()
         try:
-            outcome, label, run_s = await self._runner.run(attempt)
+            if attempt.after is not None:
+                await attempt.after.done.wait()  # never two attempts of one job at once
+                attempt.after = None
+            wait_s = max(0.0, (job.started_at - job.run_at).total_seconds())
+            self._observer.job_started(job.queue, job.kind, wait_s)
+            began = lag.attempt_started(task, job.kind, job.id)  # named if it blocks the loop
+            try:
+                outcome, label, run_s = await self._runner.run(attempt)
+            except trio.Cancelled:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - a bug around one attempt fails that attempt
+                outcome, label, run_s = _crashed(self._runner, job, exc), "error", 0.0
+            finally:
+                lag.attempt_ended(task, began)
+            if label == "lease_lost":
+                # The job is another attempt's now; a finish would be fenced, so none is sent.
+                self._observer.job_finished(job.queue, job.kind, label, run_s)
+                return
             if outcome.error is not None and label in ("error", "failed", "timed_out"):
                 self._observer.error_classified(job.queue, _error_class(outcome.error))
             if outcome.flow == "rate_limited" and outcome.pause_s and job.key is not None:
@@ -301,8 +354,22 @@ class Dispatcher(Actor[DispatcherMsg]):
                 await self._finish(outcome)  # the completer is behind: that wait is backpressure
             self._observer.job_finished(job.queue, job.kind, _metric_outcome(outcome, label), run_s)
         finally:
-            self._attempts.pop(job.id, None)
+            self._attempts.pop(attempt.key, None)
+            if self._by_job.get(job.id) is attempt:
+                del self._by_job[job.id]
+            attempt.done.set()
             self._wake.set()
+
+
+def _crashed(runner: AttemptRunner, job: Any, exc: BaseException) -> Outcome:
+    try:
+        return runner.crashed(job, exc, 0.0)
+    except Exception:  # noqa: BLE001 - even the error could not be built: keep a plain one
+        log.exception("job %s: could not record its crash", job.id,
+                      extra={"event": "job.crashed", "job_id": job.id})
+        error = msgspec.json.encode({"attempt": job.attempt, "class": "crashed",
+                                     "message": type(exc).__name__}).decode()
+        return Outcome(id=job.id, token=job.lease_token, state="failed", error=error)
 
 
 class _ErrorClass(msgspec.Struct):

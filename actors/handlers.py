@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+import trio
 
 from actors.errors import InvalidArgs, UnknownKind
 from actors.ports import Outcome, Transaction
@@ -24,8 +26,9 @@ def seconds(value: str | float | int | None) -> float | None:
 
 class JobDef(msgspec.Struct, kw_only=True):
     kind: str
-    fn: Callable[..., Awaitable[Any]]
+    fn: Callable[..., Any]
     args_type: Any
+    sync: bool = False  # a plain `def`: run on a worker thread (actors/worker.py)
     queue: str = "default"
     timeout_s: float | None = None
     max_attempts: int = 3
@@ -62,15 +65,19 @@ def job(
     cost: Callable[[Any], int] | None = None,
     retry_delays: dict[str, float] | None = None,
     on_failure: Callable[..., Awaitable[Any]] | None = None,
-) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
-    """Declare a handler. Its second parameter's annotation is the args type (a Struct)."""
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a handler. Its second parameter's annotation is the args type (a Struct).
+
+    An `async def` runs on the event loop; a plain `def` runs on a worker thread (for
+    blocking SDKs), so it may block without stalling the daemon.
+    """
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
     timeout_s = seconds(timeout)
 
-    def register(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        if not inspect.iscoroutinefunction(fn):
-            raise TypeError(f"handler for {kind!r} must be an async function")
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+            raise TypeError(f"handler for {kind!r} must be a function, not a generator")
         params = list(inspect.signature(fn).parameters)
         if len(params) != 2:
             raise TypeError(f"handler for {kind!r} must take (ctx, args)")
@@ -79,6 +86,7 @@ def job(
             kind=kind, fn=fn, args_type=hints.get(params[1], dict[str, Any]), queue=queue,
             timeout_s=timeout_s, max_attempts=max_attempts, priority=priority, key=key, cost=cost,
             base_delays=dict(retry_delays or {}), on_failure=on_failure,
+            sync=not inspect.iscoroutinefunction(fn),
         )
         return fn
 
@@ -154,6 +162,8 @@ class Context(WorkflowMixin):
         self._last_write = -float("inf")
         self.completed_in_transaction = False
         self.result: Any = None
+        self._in_thread = False  # a sync handler's: progress goes through trio.from_thread
+        self._abandoned = False  # its attempt ended; the thread lives on, unheard
         self._init_workflow(steps, wall)
 
     @property
@@ -163,7 +173,28 @@ class Context(WorkflowMixin):
         return self._job
 
     def progress(self, pct: float | None = None, note: str | None = None) -> bool:
-        """Record progress; written at most every N calls or T seconds. True if written."""
+        """Record progress; written at most every N calls or T seconds. True if written.
+
+        TypeError/ValueError for a pct that is not a finite number or a note that is not
+        a str; NUL and lone surrogates in the note are replaced (Postgres refuses them).
+        Safe to call from a sync handler's thread.
+        """
+        if pct is not None:
+            if isinstance(pct, bool) or not isinstance(pct, int | float):
+                raise TypeError(f"progress pct must be a number or None, not {type(pct).__name__}")
+            if not math.isfinite(pct):
+                raise ValueError(f"progress pct must be finite, not {pct!r}")
+        if note is not None:
+            if not isinstance(note, str):
+                raise TypeError(f"progress note must be a str or None, not {type(note).__name__}")
+            note = clean_text(note)
+        if self._in_thread:
+            if self._abandoned:
+                raise Abandoned("this attempt was cancelled or timed out; stop working")
+            return trio.from_thread.run_sync(self._progress, pct, note)
+        return self._progress(pct, note)
+
+    def _progress(self, pct: float | None, note: str | None) -> bool:
         self._calls_since_write += 1
         now = self._now()
         due = (
@@ -180,6 +211,11 @@ class Context(WorkflowMixin):
 
     def heartbeat(self) -> None:
         """Renew the lease now (the daemon also renews leases on its own)."""
+        if self._in_thread:
+            if self._abandoned:
+                raise Abandoned("this attempt was cancelled or timed out; stop working")
+            trio.from_thread.run_sync(self._report, self.job.id, self._token, None, None)
+            return
         self._report(self.job.id, self._token, None, None)
 
     async def enqueue_batch(self, jobs: list[JobSpec]) -> list[Any]:
@@ -213,6 +249,23 @@ class Context(WorkflowMixin):
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         async with self.transaction() as tx:
             return await tx.fetch(sql, *args)
+
+
+class Abandoned(BaseException):  # noqa: N818 - control flow, like trio.Cancelled
+    """Raised in a sync handler's thread by ctx.progress/heartbeat once its attempt has
+    ended (timeout, cancel, shutdown): a thread cannot be killed, but it can be told."""
+
+
+def clean_text(text: str) -> str:
+    """NUL and lone surrogates (which Postgres cannot store) replaced by U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
 
 
 class HandlerSQL:

@@ -33,9 +33,10 @@ class Heart(Actor[Beat]):
         lease_s: float,
         interval_s: float,
         status: Callable[[], tuple[str, bool]],
-        running: Callable[[], list[int]],
+        running: Callable[[], list[tuple[int, int]]],
         cancel: Callable[[int], None],
         clock: Clock,
+        lease_lost: Callable[[int, int], None] | None = None,
     ):
         super().__init__(mailbox.name, mailbox)
         self._store = store
@@ -45,6 +46,7 @@ class Heart(Actor[Beat]):
         self._status = status
         self._running = running
         self._cancel = cancel
+        self._lease_lost = lease_lost
         self._clock = clock
         self.beats = 0
 
@@ -60,8 +62,11 @@ class Heart(Actor[Beat]):
 
     async def beat(self) -> None:
         status, draining = self._status()
-        await self._store.heartbeat(self._daemon_id, self._lease_s, status, draining,
-                                    running=self._running())
+        lost = await self._store.heartbeat(self._daemon_id, self._lease_s, status, draining,
+                                           running=self._running())
+        if self._lease_lost is not None:
+            for job_id, token in lost:  # rescued or reclaimed while it ran: stop it now
+                self._lease_lost(job_id, token)
         for job_id in await self._store.running_cancel_requests(self._daemon_id):
             self._cancel(job_id)
         self.beats += 1

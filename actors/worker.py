@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from actors import retry
 from actors.clock import Clock
 from actors.control import new_job
 from actors.errors import InvalidArgs, UnknownKind
-from actors.handlers import Context, JobDef, JobInfo, lookup
+from actors.handlers import Context, JobDef, JobInfo, clean_text, lookup
 from actors.ports import Claimed, Enqueued, NewJob, Outcome
 from actors.workflow import Suspend, only_suspends
 from protocol.jobs import JobSpec
@@ -25,15 +26,38 @@ log = logging.getLogger("jobd.worker")
 # Why an attempt's scope was cancelled from outside (a timeout sets no reason).
 CANCEL_REQUESTED = "cancel"
 SHUTDOWN = "shutdown"
+# The lease is gone (rescued after a stall, reclaimed): this attempt's finish is fenced
+# anyway, so it is stopped at once and its outcome is not written.
+LEASE_LOST = "lease_lost"
+
+# A timeout past this (about 31 years), or not a positive finite number, can only be a
+# bad row (the edges refuse it): its attempt fails as invalid_value instead of crashing.
+# The same bound holds for a retry delay a handler asks for (RetryAfter(inf)).
+MAX_TIMEOUT_S = 1e9
+
+# A NUL in any JSON string: msgspec writes it as \u0000 (after an even run of
+# backslashes, which are escapes themselves), and jsonb cannot store it.
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class Attempt:
-    """Everything one attempt needs; `scope` and `reason` let the dispatcher stop it."""
+    """Everything one attempt needs; `scope` and `reason` let the dispatcher stop it.
 
-    def __init__(self, claimed: Claimed):
+    `limiter` bounds the threads of sync handlers (the queue's concurrency); `after` is an
+    older attempt of the same job still running here, which must end before this starts.
+    """
+
+    def __init__(self, claimed: Claimed, limiter: trio.CapacityLimiter | None = None):
         self.claimed = claimed
         self.scope = trio.CancelScope()
         self.reason: str | None = None
+        self.limiter = limiter
+        self.after: Attempt | None = None
+        self.done = trio.Event()
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.claimed.id, self.claimed.lease_token
 
     def stop(self, reason: str) -> None:
         self.reason = reason
@@ -54,8 +78,13 @@ class AttemptRunner:
         rng: random.Random | None = None,
         steps: Any = None,
         enqueue_children: Callable[[int, list[NewJob]], Awaitable[list[Enqueued]]] | None = None,
+        queue_timeout_s: Callable[[str], float | None] | None = None,
+        max_result_bytes: int | None = None,
     ):
         self._enqueue_children = enqueue_children
+        # timeout: the job's, else its kind's, else its queue's, else the global default.
+        self._queue_timeout_s = queue_timeout_s
+        self._max_result_bytes = max_result_bytes
         self._clock = clock
         self._report_progress = report_progress
         self._transaction = transaction
@@ -67,7 +96,12 @@ class AttemptRunner:
         self._steps = steps  # actors.workflow.StepStore, for ctx.step & co.
 
     async def run(self, attempt: Attempt) -> tuple[Outcome, str, float]:
-        """Returns (outcome, label for metrics, run seconds)."""
+        """Returns (outcome, label for metrics, run seconds).
+
+        Contains the attempt: whatever the handler raises (SystemExit, KeyboardInterrupt,
+        a bare BaseException, a group holding one) becomes this attempt's outcome; only
+        a cancellation that is not the attempt's own goes on up.
+        """
         job = attempt.claimed
         started = self._clock.now()
         try:
@@ -76,23 +110,49 @@ class AttemptRunner:
         except (UnknownKind, InvalidArgs) as exc:
             cls = "validation" if isinstance(exc, InvalidArgs) else "unknown_kind"
             return self._fail(job, exc, cls, 0.0), "failed", 0.0
+        timeout = (job.timeout_s or jobdef.timeout_s
+                   or (self._queue_timeout_s(job.queue) if self._queue_timeout_s else None)
+                   or self._default_timeout_s)
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:  # NaN fails both
+            exc = ValueError(f"timeout_s {timeout!r} is not a usable timeout "
+                             f"(0 < timeout_s <= {MAX_TIMEOUT_S:g} s)")
+            return self._fail(job, exc, "invalid_value", 0.0), "error", 0.0
         ctx = self._context(job)
-        timeout = job.timeout_s or jobdef.timeout_s or self._default_timeout_s
         with attempt.scope:
             if timeout:
                 attempt.scope.deadline = started + timeout
             try:
-                result = await jobdef.fn(ctx, args)
+                if jobdef.sync:
+                    # On a worker thread: the loop goes on. A timeout or cancel abandons
+                    # the thread (it cannot be killed); its result is then discarded.
+                    ctx._in_thread = True
+                    try:
+                        result = await trio.to_thread.run_sync(
+                            jobdef.fn, ctx, args, abandon_on_cancel=True,
+                            limiter=attempt.limiter)
+                    finally:
+                        ctx._abandoned = True
+                else:
+                    result = await jobdef.fn(ctx, args)
             except Suspend as suspend:  # a workflow waits: the slot is freed, no attempt burned
                 return suspend.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
             except Exception as exc:  # noqa: BLE001 - every handler error is classified
                 run_s = self._clock.now() - started
                 return self._after_error(job, jobdef, exc, run_s), "error", run_s
             except BaseExceptionGroup as group:
-                suspend = only_suspends(group)  # steps waiting inside a nursery
-                if suspend is None:
-                    raise
-                return suspend.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
+                suspend = only_suspends(group)  # steps waiting in a nursery
+                if suspend is not None:
+                    return suspend.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
+                _, crash = group.split(trio.Cancelled)
+                if crash is None:
+                    raise  # only cancellations: the scope they belong to takes them
+                run_s = self._clock.now() - started
+                return self.crashed(job, crash, run_s), "error", run_s
+            except trio.Cancelled:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - SystemExit & co. end this attempt only
+                run_s = self._clock.now() - started
+                return self.crashed(job, exc, run_s), "error", run_s
         run_s = self._clock.now() - started
         if attempt.scope.cancelled_caught:
             return self._after_cancel(job, attempt.reason, timeout, run_s)
@@ -103,7 +163,9 @@ class AttemptRunner:
                 run_s,
             )
         try:
-            encoded = msgspec.json.encode(result).decode()
+            encoded = self._encode_result(result)
+        except InvalidValue as exc:
+            return self._fail(job, exc, exc.error_class, run_s), "error", run_s
         except (TypeError, msgspec.EncodeError) as exc:
             return self._fail(job, exc, "validation", run_s), "failed", run_s
         return (
@@ -112,6 +174,50 @@ class AttemptRunner:
             "completed",
             run_s,
         )
+
+    def _encode_result(self, result: Any) -> str:
+        """The result as JSON Postgres can store (jsonb), within the size limit."""
+        try:
+            encoded = msgspec.json.encode(result)
+        except RecursionError as exc:
+            raise InvalidValue("result is self-referencing (or nested too deeply) and "
+                               "cannot be encoded as JSON") from exc
+        except UnicodeEncodeError as exc:
+            raise InvalidValue("result contains a lone surrogate "
+                               f"({exc.object[exc.start:exc.end]!a}), which is not valid "
+                               "UTF-8 and cannot be stored") from exc
+        except (TypeError, msgspec.EncodeError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else msgspec refuses
+            raise InvalidValue(f"result cannot be encoded as JSON: {exc!r}") from exc
+        if b"\\u0000" in encoded and _JSON_NUL.search(encoded):
+            raise InvalidValue("result contains a NUL character (\\u0000), which Postgres "
+                               "cannot store in jsonb; strip or escape it")
+        limit = self._max_result_bytes
+        if limit is not None and len(encoded) > limit:
+            raise InvalidValue(f"result is {len(encoded)} bytes encoded, over the limit of "
+                               f"{limit} bytes (limits.max_result_bytes)", "result_too_large")
+        return encoded.decode()
+
+    def crashed(self, job: Claimed, exc: BaseException, run_s: float) -> Outcome:
+        """A handler raised something no handler should (SystemExit, KeyboardInterrupt, a
+        bare BaseException): fail the attempt as `crashed`, the daemon goes on.
+
+        It retries per max_attempts like an unknown error (a library's sys.exit on a lost
+        connection is transient), so a poison job runs at most max_attempts times.
+        """
+        log.warning(
+            "job %s attempt %s crashed with %s", job.id, job.attempt, type(exc).__name__,
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra={"event": "job.crashed", "job_id": job.id, "queue": job.queue,
+                   "kind": job.kind, "error_class": "crashed"},
+        )
+        error = self._error(job, exc, "crashed", run_s)
+        if job.attempt >= job.max_attempts:
+            return Outcome(id=job.id, token=job.lease_token, state="failed", error=error)
+        delay = retry.backoff("crashed", job.attempt, self._rng)
+        return Outcome(id=job.id, token=job.lease_token, state="scheduled", delay_s=delay,
+                       error=error)
 
     def _context(self, job: Claimed) -> Context:
         def info() -> JobInfo:
@@ -138,6 +244,10 @@ class AttemptRunner:
 
     def _after_error(self, job: Claimed, jobdef: JobDef, exc: Exception, run_s: float) -> Outcome:
         decision = retry.decide(exc, job.attempt, job.max_attempts, self._rng, jobdef.base_delays)
+        if not 0 <= decision.delay_s <= MAX_TIMEOUT_S:  # RetryAfter(inf) or NaN: no such time
+            bad = ValueError(f"{type(exc).__name__} asked for a delay of {decision.delay_s!r} s, "
+                             f"not a usable delay (0 <= delay <= {MAX_TIMEOUT_S:g} s)")
+            return self._fail(job, bad, "invalid_value", run_s)
         error = self._error(job, exc, decision.error_class, run_s)
         log.info(
             "job %s attempt %s raised %s: %s", job.id, job.attempt, type(exc).__name__, exc,
@@ -173,6 +283,11 @@ class AttemptRunner:
                 "released",
                 run_s,
             )
+        if reason == LEASE_LOST:
+            # Not written (the dispatcher drops it): the job belongs to its next attempt.
+            error = _encode({"attempt": job.attempt, "class": "lease_lost",
+                             "message": "lease lost while running", "duration_s": run_s})
+            return Outcome(id=job.id, token=token, state="available", error=error), "lease_lost", run_s
         decision = retry.timeout_decision(job.attempt, job.max_attempts, self._rng)
         error = _encode({"attempt": job.attempt, "class": "timeout",
                          "message": f"timed out after {timeout:g} s", "duration_s": run_s})
@@ -190,7 +305,7 @@ class AttemptRunner:
 
     def _error(self, job: Claimed, exc: BaseException, cls: str, run_s: float) -> str:
         return _encode({"attempt": job.attempt, "at": self._clock.wall().isoformat(),
-                        "class": cls, "duration_s": round(run_s, 6), **retry.summarize(exc)})
+                        "class": cls, "duration_s": round(run_s, 6), **_summarize(exc)})
 
 
 def _remote_signal(decision: retry.Decision) -> tuple[str | None, float | None]:
@@ -207,5 +322,23 @@ def _remote_signal(decision: retry.Decision) -> tuple[str | None, float | None]:
     return None, None
 
 
+class InvalidValue(ValueError):
+    """A result Postgres cannot store (or over the size limit): fails its attempt."""
+
+    def __init__(self, message: str, error_class: str = "invalid_value"):
+        super().__init__(message)
+        self.error_class = error_class
+
+
+def _summarize(exc: BaseException) -> dict[str, Any]:
+    """retry.summarize, safe against an exception whose str() raises."""
+    try:
+        return retry.summarize(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the attempt
+        return {"type": type(exc).__name__, "message": "<the exception could not be printed>"}
+
+
 def _encode(value: dict[str, Any]) -> str:
+    # Error messages and tracebacks are kept, with unstorable characters replaced.
+    value = {k: clean_text(v) if isinstance(v, str) else v for k, v in value.items()}
     return msgspec.json.encode(value).decode()

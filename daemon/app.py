@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import trio
 
-from actors import failure_hooks, handlers
+from actors import failure_hooks, handlers, lag
 from actors.batcher import Backlog, Batcher
 from actors.clock import TrioClock
 from actors.control import Control, key_stats, limits_for_key
@@ -31,6 +31,7 @@ from actors.dispatcher import (
     Dispatcher,
     DispatcherMsg,
     Drain,
+    LeaseLost,
     QueueSettings,
     Release,
     Resize,
@@ -88,6 +89,7 @@ class Daemon:
         self._dispatcher_boxes: dict[str, Mailbox[DispatcherMsg]] = {}
         self._stop = trio.Event()
         self._limits: dict[str, dict[str, Any] | None] = {}
+        self._timeouts: dict[str, float | None] = {}
         self.pauses: set[tuple[str, str]] = set()  # (queue, key); key "" = the whole queue
         self._nursery: trio.Nursery | None = None
         # Outcomes handed to the completer and not yet written, by (job, lease token):
@@ -99,9 +101,23 @@ class Daemon:
     # -- life -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        instrument = lag.LoopLag(parse_duration(self.config.daemon.loop_lag_warning),
+                                 on_block=self._loop_blocked)
+        instrument.install()
+        try:
+            await self._run_signals()
+        finally:
+            instrument.uninstall()
+
+    def _loop_blocked(self, kind: str | None, seconds: float) -> None:
+        self.metrics.loop_blocks.inc((kind or "",))
+
+    async def _run_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, signals)
+                nursery.start_soon(lag.probe, self.clock, 0.5,
+                                   partial(self.metrics.loop_lag.observe, ()))
                 interval = self.notifier.watchdog_interval()
                 if interval:
                     nursery.start_soon(run_watchdog, self.notifier, interval)
@@ -336,7 +352,10 @@ class Daemon:
         ]
         runner = AttemptRunner(
             clock=clock, report_progress=report_progress, transaction=store.transaction,
-            default_timeout_s=None, progress_every_items=jobs.progress_every_items,
+            default_timeout_s=parse_duration(jobs.max_runtime) or None,
+            queue_timeout_s=self.queue_timeout_s,
+            max_result_bytes=cfg.limits.max_result_bytes,
+            progress_every_items=jobs.progress_every_items,
             progress_every_s=parse_duration(jobs.progress_every),
             snooze_burns_attempt=jobs.snooze_burns_attempt,
             enqueue_children=store.enqueue_children, steps=store,
@@ -366,7 +385,7 @@ class Daemon:
                 interval_s=min(parse_duration(cfg.daemon.heartbeat), lease_s / 3),
                 status=lambda: (self._status_line(), self.draining),
                 running=self._lease_ids,
-                cancel=self._cancel_nowait, clock=clock)),
+                cancel=self._cancel_nowait, lease_lost=self._lease_lost_nowait, clock=clock)),
             ChildSpec.for_actor(lambda: Reaper(
                 reaper_box, store, ReaperSettings(
                     interval_s=parse_duration(jobs.reaper_interval),
@@ -422,12 +441,12 @@ class Daemon:
         for outcome in outcomes:
             self._unwritten.pop((outcome.id, outcome.token), None)
 
-    def _lease_ids(self) -> list[int]:
-        """The jobs whose leases the heart renews: attempts running here, and attempts
-        that ended here but whose outcome is not written yet (an outage): nobody may
-        rescue and re-run a job whose result we hold."""
-        ids = {i for d in self.dispatchers.values() for i in d.running_ids()}
-        ids.update(job_id for job_id, _token in self._unwritten)
+    def _lease_ids(self) -> list[tuple[int, int]]:
+        """The (job, lease token) attempts whose leases the heart renews: attempts running
+        here, and attempts that ended here but whose outcome is not written yet (an
+        outage): nobody may rescue and re-run a job whose result we hold."""
+        ids = {a for d in self.dispatchers.values() for a in d.running_attempts()}
+        ids.update(self._unwritten)
         return list(ids)
 
     def _rescue_hold(self) -> str | None:
@@ -477,6 +496,13 @@ class Daemon:
             self._limits[queue] = self.config.queue(queue).flow_limits()
         return self._limits[queue]
 
+    def queue_timeout_s(self, queue: str) -> float | None:
+        """`queues.<name>.timeout`: an attempt's timeout when its kind sets none."""
+        if queue not in self._timeouts:
+            timeout = self.config.queue(queue).timeout
+            self._timeouts[queue] = parse_duration(timeout) if timeout is not None else None
+        return self._timeouts[queue]
+
     def queue_names(self) -> list[str]:
         declared = {d.queue for d in handlers.registered().values()}
         return sorted(declared | set(self.config.queues) | {"default"})
@@ -517,6 +543,7 @@ class Daemon:
         self.config.log = new.log
         self.config.queues = new.queues
         self._limits = {}
+        self._timeouts = {}
         self.config.handlers = new.handlers
         self.config.schedules = new.schedules
         for queue, box in self._dispatcher_boxes.items():
@@ -566,6 +593,13 @@ class Daemon:
                 box.tell_nowait(CancelJob(job_id))
             except trio.WouldBlock:
                 pass  # the heart's next beat finds the request again
+
+    def _lease_lost_nowait(self, job_id: int, token: int) -> None:
+        for box in self._dispatcher_boxes.values():
+            try:
+                box.tell_nowait(LeaseLost(job_id, token))
+            except trio.WouldBlock:
+                pass  # the next beat reports it again
 
     async def _cancel_here(self, job_id: int) -> None:
         self._cancel_nowait(job_id)

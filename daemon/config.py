@@ -157,6 +157,8 @@ class Jobs(_Strict):
     progress_every_items: Annotated[int, msgspec.Meta(ge=1)] = 100
     progress_every: Duration = "2s"
     snooze_burns_attempt: bool = False
+    # An attempt's timeout when neither its kind nor its queue sets one ("0s": none).
+    max_runtime: Duration = "1h"
     retention: Retention = msgspec.field(default_factory=Retention)
 
 
@@ -169,6 +171,8 @@ class Metrics(_Strict):
 class Daemon(_Strict):
     drain_grace: Duration = "30s"
     heartbeat: Duration = "5s"
+    # A task step holding the event loop this long logs a warning naming the handler.
+    loop_lag_warning: Duration = "1s"
 
 
 _MiB = 1 << 20
@@ -209,6 +213,7 @@ _DURATION_FIELDS = {
     "metrics.leader_interval", "control.http_graceful_timeout",
     "database.timeout", "jobs.lease", "jobs.poll_interval", "jobs.timeout_grace",
     "jobs.reaper_interval", "jobs.progress_every", "daemon.drain_grace", "daemon.heartbeat",
+    "jobs.max_runtime", "daemon.loop_lag_warning",
 }
 
 

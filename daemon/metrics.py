@@ -59,6 +59,7 @@ JOB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 30
                900, 1800, 3600, 7200)
 DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "timed_out", "rescued", "released")
 GAUGE_STATES = ("scheduled", "available", "running", "completed", "failed", "cancelled")
@@ -128,6 +129,13 @@ class Metrics:
                                      ["operation"], buckets=DB_BUCKETS, registry=r)
         self.claim_batch = _Histogram("jobd_claim_batch_size", "Jobs per non-empty claim.",
                                       ["queue"], buckets=BATCH_BUCKETS, registry=r)
+        self.loop_lag = _Histogram("jobd_event_loop_lag_seconds",
+                                   "How late the event loop woke a probe sleeping 0.5 s.",
+                                   [], buckets=LAG_BUCKETS, registry=r)
+        self.loop_blocks = _Counter("jobd_event_loop_blocks",
+                                    "Task steps that held the event loop past "
+                                    "daemon.loop_lag_warning, by the handler kind running "
+                                    "(\"\" when no handler).", ["kind"], registry=r)
         info = Gauge("jobd_daemon_info", "Always 1; labels name this daemon.",
                      ["version", "region", "daemon_id"], registry=r)
         info.labels(version, region, daemon_id).set(1)

@@ -163,16 +163,19 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         status: str,
         draining: bool,
         now: datetime | None = None,
-        running: list[int] | None = None,
-    ) -> int:
-        """Renew this daemon's leases; `running` limits it to the attempts still alive
-        here (None renews every job the daemon owns)."""
-        tag = await self._execute(
+        running: list[tuple[int, int]] | None = None,
+    ) -> list[tuple[int, int]]:
+        """Renew this daemon's leases; `running` (job id, lease token) limits it to the
+        attempts still alive here (None renews every job the daemon owns). Returns the
+        attempts of `running` whose lease could not be renewed: they lost it."""
+        pairs = sorted(running) if running is not None else None
+        rows = await self._fetch(
             q.HEARTBEAT, daemon_id, lease_s, status, draining, now,
-            sorted(running) if running is not None else None, op="heartbeat",
+            [p[0] for p in pairs] if pairs is not None else None,
+            [p[1] for p in pairs] if pairs is not None else None, op="heartbeat",
         )
         self.renewed_at = time.monotonic()
-        return int(tag.split()[-1])
+        return [(r["id"], r["token"]) for r in rows]
 
     async def deregister_daemon(self, daemon_id: str) -> None:
         await self._execute(q.DEREGISTER_DAEMON, daemon_id)

@@ -22,19 +22,28 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), status = 'starting'
 """
 
 # One statement per interval renews the daemon's heartbeat and every lease it holds.
+# Returns the attempts ($6 ids, $7 lease tokens) it could NOT renew: their lease is gone
+# (rescued after a stall, reclaimed, finished elsewhere), so the daemon stops them.
 HEARTBEAT = """
 WITH d AS (
     UPDATE jobd.daemons SET heartbeat_at = now(), status = $3, draining = $4 WHERE id = $1
+), renewed AS (
+    UPDATE jobd.jobs SET lease_until = coalesce($5::timestamptz, now()) + $2 * interval '1 second'
+    WHERE id IN (
+        -- Only attempts this daemon still runs ($6, $7): one lost with a restarted actor
+        -- must lapse and be rescued. Locked in id order, like finishes, so they cannot
+        -- deadlock.
+        SELECT id FROM jobd.jobs
+        WHERE state = 'running' AND lease_owner = $1
+          AND ($6::bigint[] IS NULL
+               OR (id, lease_token) IN (SELECT * FROM unnest($6::bigint[], $7::int[])))
+        ORDER BY id
+        FOR UPDATE
+    )
+    RETURNING id, lease_token
 )
-UPDATE jobd.jobs SET lease_until = coalesce($5::timestamptz, now()) + $2 * interval '1 second'
-WHERE id IN (
-    -- Only attempts this daemon still runs ($6): one lost with a restarted actor must
-    -- lapse and be rescued. Locked in id order, like finishes, so they cannot deadlock.
-    SELECT id FROM jobd.jobs
-    WHERE state = 'running' AND lease_owner = $1 AND ($6::bigint[] IS NULL OR id = ANY($6))
-    ORDER BY id
-    FOR UPDATE
-)
+SELECT w.id, w.token FROM unnest($6::bigint[], $7::int[]) AS w(id, token)
+WHERE NOT EXISTS (SELECT 1 FROM renewed r WHERE r.id = w.id AND r.lease_token = w.token)
 """
 
 DEREGISTER_DAEMON = "DELETE FROM jobd.daemons WHERE id = $1"

@@ -60,13 +60,22 @@ def test_unannotated_args_default_to_a_dict():
     assert lookup("loose").decode_args('{"anything": [1, 2]}') == {"anything": [1, 2]}
 
 
-def test_job_rejects_sync_functions():
-    with pytest.raises(TypeError, match="async"):
-        @job("sync")
-        def sync(ctx: Context, args: ResizeArgs) -> None:
-            return None
+def test_job_takes_plain_functions_as_sync_handlers_but_not_generators():
+    @job("sync")
+    def sync(ctx: Context, args: ResizeArgs) -> None:
+        return None
+
+    @job("async")
+    async def asynchronous(ctx: Context, args: ResizeArgs) -> None:
+        return None
+
+    assert lookup("sync").sync and not lookup("async").sync
+    with pytest.raises(TypeError, match="generator"):
+        @job("gen")
+        def gen(ctx: Context, args: ResizeArgs):
+            yield None
     with pytest.raises(UnknownKind):
-        lookup("sync")
+        lookup("gen")
 
 
 def test_job_rejects_wrong_signatures_and_max_attempts():

@@ -52,7 +52,8 @@ class FakeTx:
 
 class Harness:
     def __init__(self, *, snooze_burns_attempt: bool = False,
-                 default_timeout_s: float | None = None) -> None:
+                 default_timeout_s: float | None = None,
+                 queue_timeout_s: Any = None, max_result_bytes: int | None = None) -> None:
         self.progress: list[tuple[int, int, float | None, str | None]] = []
         self.tx = FakeTx()
         self.runner = AttemptRunner(
@@ -64,6 +65,8 @@ class Harness:
             progress_every_s=60.0,
             snooze_burns_attempt=snooze_burns_attempt,
             rng=random.Random(7),
+            queue_timeout_s=queue_timeout_s,
+            max_result_bytes=max_result_bytes,
         )
 
     @asynccontextmanager
@@ -277,3 +280,229 @@ async def test_completing_in_the_handler_transaction(autojump_clock):
     assert h.tx.finished == [
         Outcome(id=11, token=5, state="completed", result='{"n":4}', flow="ok")
     ]
+
+
+# --------------------------------------------------------------------------- containment
+
+
+class Returns(msgspec.Struct):
+    what: str = ""
+
+
+def returning(value: Any):
+    """Register kind `ret` returning `value`."""
+    @job("ret")
+    async def ret(ctx: Context, args: Args) -> Any:
+        return value
+
+
+CRASHES = {
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "SystemExit": SystemExit,
+    "BaseException": BaseException,
+    "GeneratorExit": GeneratorExit,
+}
+
+
+@pytest.mark.parametrize("name", [*CRASHES, "group"])
+async def test_a_handler_raising_any_base_exception_fails_its_attempt_as_crashed(
+        autojump_clock, name):
+    @job("crash")
+    async def crash(ctx: Context, args: Args) -> None:
+        if name == "group":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                raise KeyboardInterrupt("in a nursery")
+        raise CRASHES[name]("poison")
+
+    outcome, label, _ = await Harness().runner.run(Attempt(claimed("crash", max_attempts=3)))
+    error = error_of(outcome)
+    assert (label, outcome.state, error["class"]) == ("error", "scheduled", "crashed")
+    assert outcome.delay_s and outcome.delay_s > 0
+    assert "in crash" in error["traceback"]  # the frame that raised is kept
+    last, _, _ = await Harness().runner.run(Attempt(claimed("crash", attempt=3, max_attempts=3)))
+    assert (last.state, error_of(last)["class"]) == ("failed", "crashed")
+
+
+async def test_the_attempts_own_cancellation_still_wins(autojump_clock):
+    outcome, label, _ = await Harness().runner.run(
+        Attempt(claimed("slow", {"sleep_s": 60})))
+    assert (label, error_of(outcome)["class"]) == ("timed_out", "timeout")
+    with trio.CancelScope() as outer:  # a cancellation from outside goes on up
+        attempt = Attempt(claimed("nap", {"sleep_s": 60}))
+        outer.cancel()
+        await Harness().runner.run(attempt)
+    assert outer.cancelled_caught
+
+
+async def test_a_result_with_a_nul_fails_as_invalid_value(autojump_clock):
+    returning({"html": "<p>a\x00b</p>"})
+    outcome, label, _ = await Harness().runner.run(Attempt(claimed("ret")))
+    error = error_of(outcome)
+    assert (outcome.state, outcome.result, error["class"]) == ("failed", None, "invalid_value")
+    assert "NUL" in error["message"]
+
+
+async def test_an_escaped_backslash_u0000_is_a_fine_result(autojump_clock):
+    returning({"text": "\\u0000 is how JSON spells NUL"})
+    outcome, _, _ = await Harness().runner.run(Attempt(claimed("ret")))
+    assert outcome.state == "completed"
+    assert msgspec.json.decode(outcome.result) == {"text": "\\u0000 is how JSON spells NUL"}
+
+
+@pytest.mark.parametrize("value,words", [
+    ({"s": "lone \ud800 surrogate"}, "surrogate"),
+    (None, "self-referencing"),
+])
+async def test_unstorable_results_fail_as_invalid_value(autojump_clock, value, words):
+    if value is None:
+        value = {}
+        value["me"] = value
+    returning(value)
+    outcome, label, _ = await Harness().runner.run(Attempt(claimed("ret")))
+    error = error_of(outcome)
+    assert (outcome.state, error["class"], label) == ("failed", "invalid_value", "error")
+    assert words in error["message"]
+
+
+async def test_a_result_over_the_limit_fails_as_result_too_large(autojump_clock):
+    returning({"blob": "x" * 5000})
+    outcome, _, _ = await Harness(max_result_bytes=4096).runner.run(Attempt(claimed("ret")))
+    error = error_of(outcome)
+    assert (outcome.state, error["class"]) == ("failed", "result_too_large")
+    assert "5011 bytes" in error["message"] and "4096" in error["message"]
+    ok, _, _ = await Harness(max_result_bytes=6000).runner.run(Attempt(claimed("ret")))
+    assert ok.state == "completed"
+
+
+async def test_error_messages_with_nul_and_surrogates_are_cleaned(autojump_clock):
+    @job("dirty")
+    async def dirty(ctx: Context, args: Args) -> None:
+        raise RuntimeError("bad\x00byte and \udc80 here")
+
+    outcome, _, _ = await Harness().runner.run(Attempt(claimed("dirty")))
+    from actors.worker import _JSON_NUL
+
+    outcome.error.encode("utf-8")  # no lone surrogate left
+    assert _JSON_NUL.search(outcome.error.encode()) is None  # no NUL either
+    assert error_of(outcome)["message"] == "bad\ufffdbyte and \ufffd here"
+
+
+async def test_progress_refuses_non_strings_and_cleans_notes(autojump_clock):
+    seen: list[str] = []
+
+    @job("notes")
+    async def notes(ctx: Context, args: Args) -> str:
+        for pct, note in ((1, {"not": "a str"}), ("50", None), (float("nan"), None)):
+            try:
+                ctx.progress(pct, note)  # type: ignore[arg-type]
+            except (TypeError, ValueError) as exc:
+                seen.append(type(exc).__name__)
+        ctx.progress(10, "nul\x00 and \ud800")
+        return "ok"
+
+    h = Harness()
+    outcome, _, _ = await h.runner.run(Attempt(claimed("notes")))
+    assert outcome.state == "completed"
+    assert seen == ["TypeError", "TypeError", "ValueError"]
+    assert h.progress == [(11, 5, 10.0, "nul\ufffd and \ufffd")]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5.0, 1e308])
+async def test_an_insane_timeout_from_the_row_fails_as_invalid_value(autojump_clock, bad):
+    outcome, label, _ = await Harness().runner.run(Attempt(claimed("ok", timeout_s=bad)))
+    error = error_of(outcome)
+    assert (outcome.state, error["class"], label) == ("failed", "invalid_value", "error")
+    assert "timeout_s" in error["message"]
+
+
+async def test_the_queue_timeout_then_the_global_max_runtime_apply(autojump_clock):
+    h = Harness(default_timeout_s=3600.0, queue_timeout_s={"default": 2.0}.get)
+    outcome, label, run_s = await h.runner.run(Attempt(claimed("nap", {"sleep_s": 10})))
+    assert (label, run_s) == ("timed_out", 2.0)
+    h = Harness(default_timeout_s=3.0, queue_timeout_s={}.get)
+    outcome, label, run_s = await h.runner.run(Attempt(claimed("nap", {"sleep_s": 10})))
+    assert (label, run_s) == ("timed_out", 3.0)
+    # The kind's own timeout beats the queue's.
+    h = Harness(default_timeout_s=3600.0, queue_timeout_s={"default": 1.0}.get)
+    outcome, label, run_s = await h.runner.run(Attempt(claimed("slow", {"sleep_s": 10})))
+    assert (label, run_s) == ("timed_out", 5.0)
+
+
+# --------------------------------------------------------------------------- sync handlers
+
+
+async def test_a_sync_handler_runs_on_a_thread_and_reports_progress():
+    import threading
+
+    loop_thread = threading.get_ident()
+    ran_on: list[int] = []
+
+    @job("sync_ok")
+    def sync_ok(ctx: Context, args: Args) -> dict[str, Any]:
+        ran_on.append(threading.get_ident())
+        ctx.progress(40, "from a thread")
+        return {"n": args.n, "kind": ctx.job.kind}
+
+    h = Harness()
+    outcome, label, _ = await h.runner.run(Attempt(claimed("sync_ok", {"n": 4})))
+    assert (label, outcome.result) == ("completed", '{"n":4,"kind":"sync_ok"}')
+    assert ran_on and ran_on[0] != loop_thread
+    assert h.progress == [(11, 5, 40.0, "from a thread")]
+
+
+async def test_a_timed_out_sync_handler_is_abandoned_and_told_at_its_next_progress():
+    import threading
+
+    go_on = threading.Event()
+    told: list[str] = []
+
+    @job("sync_slow", timeout=0.2)
+    def sync_slow(ctx: Context, args: Args) -> None:
+        go_on.wait(10)
+        try:
+            ctx.progress(1, "still here")
+        except handlers.Abandoned:
+            told.append("abandoned")
+            raise
+
+    outcome, label, _ = await Harness().runner.run(Attempt(claimed("sync_slow")))
+    assert (label, error_of(outcome)["class"]) == ("timed_out", "timeout")
+    go_on.set()
+    for _ in range(100):
+        if told:
+            break
+        await trio.sleep(0.02)
+    assert told == ["abandoned"]
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), 1e300])
+async def test_a_retry_after_no_clock_can_reach_fails_as_invalid_value(autojump_clock, seconds):
+    @job("forever")
+    async def forever(ctx: Context, args: Args) -> None:
+        raise RetryAfter(seconds)
+
+    outcome, _, _ = await Harness().runner.run(Attempt(claimed("forever")))
+    error = error_of(outcome)
+    assert (outcome.state, outcome.delay_s, error["class"]) == ("failed", None, "invalid_value")
+    assert "not a usable delay" in error["message"]
+
+
+async def test_an_exception_that_cannot_be_printed_is_still_recorded(autojump_clock):
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str for you")
+
+    class UnprintableBase(BaseException):
+        def __str__(self) -> str:
+            raise RuntimeError("no str for you")
+
+    @job("unprintable")
+    async def unprintable(ctx: Context, args: Args) -> None:
+        raise (Unprintable() if args.n == 0 else UnprintableBase())
+
+    for n, cls in ((0, "unknown"), (1, "crashed")):
+        outcome, _, _ = await Harness().runner.run(Attempt(claimed("unprintable", {"n": n})))
+        error = error_of(outcome)
+        assert (outcome.state, error["class"]) == ("scheduled", cls)
+        assert error["type"].startswith("Unprintable")

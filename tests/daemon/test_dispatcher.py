@@ -32,6 +32,7 @@ class Probe:
         self.most = 0
         self.release = trio.Event()
         self.started = 0
+        self.events: list[tuple[str, int]] = []
 
     async def hold(self) -> None:
         self.started += 1
@@ -60,9 +61,23 @@ def kinds(monkeypatch):
     async def quick(ctx, args: Gate) -> str:
         return args.tag
 
+    @job("test.crash", max_attempts=1)
+    async def crash(ctx, args: Gate) -> None:
+        raise SystemExit(args.tag)
+
+    @job("test.lapse", max_attempts=5)
+    async def lapse(ctx, args: Gate) -> str:
+        PROBE.events.append(("start", ctx.job.attempt))
+        try:
+            await PROBE.hold()
+        finally:
+            PROBE.events.append(("end", ctx.job.attempt))
+        return "done"
+
 
 @asynccontextmanager
-async def dispatcher(store, *, concurrency: int, claim_batch: int = 100):
+async def dispatcher(store, *, concurrency: int, claim_batch: int = 100,
+                     kinds: tuple[str, ...] = ("test.hold", "test.quick"), observer=None):
     finished: list[Outcome] = []
     box: Mailbox = Mailbox("pool:default", capacity=100)
     runner = AttemptRunner(
@@ -77,8 +92,9 @@ async def dispatcher(store, *, concurrency: int, claim_batch: int = 100):
         box, QueueSettings(queue="default", concurrency=concurrency, claim_batch=claim_batch,
                            lease_s=30.0, poll_interval_s=0.2),
         daemon_id="d1", store=store, runner=runner, finish=finish,
-        finish_nowait=finished.append, kinds=lambda: ["test.hold", "test.quick"],
-        paused=lambda queue: (False, []), observer=NullObserver(), clock=TrioClock())
+        finish_nowait=finished.append, kinds=lambda: list(kinds),
+        paused=lambda queue: (False, []), observer=observer or NullObserver(),
+        clock=TrioClock())
     async with trio.open_nursery() as nursery:
         await nursery.start(d.run)
         yield d, box, finished
@@ -152,10 +168,118 @@ async def test_a_shrink_between_claim_and_start_still_runs_the_queued_attempt(st
         [claimed] = await store.claim("default", 1, "d1", 30.0, ["test.quick"])
         # What the claim loop and a Resize do, with no checkpoint in between.
         attempt = Attempt(claimed)
-        d._attempts[claimed.id] = attempt
+        d._attempts[attempt.key] = attempt
         d._ready.append(attempt)
         d._wake_a_worker()
         d.settings.concurrency = 1
         await wait_for(lambda: len(finished) == 5)
         assert finished[-1].result == '"late"'
         assert d._workers == 1
+
+
+# --------------------------------------------------------------------------- lost leases
+
+
+async def lapse_the_lease(store) -> None:
+    """What a stall past the lease leads to: the lease expires and a reaper rescues it."""
+    async with store.transaction() as tx:
+        await tx.execute("UPDATE jobd.jobs SET lease_until = now() - interval '1 second'"
+                         " WHERE state = 'running'")
+    assert len(await store.rescue_expired(100)) == 1
+
+
+async def test_a_job_claimed_again_here_waits_for_its_old_attempt_to_stop(store):
+    """The same daemon reclaims a job whose lease lapsed while its attempt still ran:
+    the old attempt is stopped first (its outcome is never sent), the new one starts
+    after it ended, and the heart renews the new attempt."""
+    [done] = await store.enqueue_many([NewJob(kind="test.lapse")])
+    async with dispatcher(store, concurrency=3, kinds=("test.lapse",)) as (d, box, finished):
+        await wait_for(lambda: PROBE.inside == 1)
+        [(job_id, first_token)] = d.running_attempts()
+        await lapse_the_lease(store)
+        await box.ask(Wake())  # the claim loop takes the job again: attempt 2
+        await wait_for(lambda: ("start", 2) in PROBE.events)
+        assert PROBE.events == [("start", 1), ("end", 1), ("start", 2)]
+        assert PROBE.most == 1, "two attempts of one job ran at once"
+        [(again, token)] = d.running_attempts()
+        assert (again, token > first_token) == (job_id, True)
+        assert await store.heartbeat("d1", 30.0, "ok", False,
+                                     running=d.running_attempts()) == []
+        PROBE.release.set()
+        await wait_for(lambda: len(finished) == 1)
+    [outcome] = finished  # nothing was sent for the stopped attempt
+    assert (outcome.id, outcome.token, outcome.state) == (done.id, token, "completed")
+
+
+async def test_the_heart_stops_an_attempt_whose_lease_is_gone(store):
+    from actors.dispatcher import Drain, LeaseLost
+    from actors.heart import Heart
+
+    await store.enqueue_many([NewJob(kind="test.lapse")])
+    async with dispatcher(store, concurrency=3, kinds=("test.lapse",)) as (d, box, finished):
+        await wait_for(lambda: PROBE.inside == 1)
+        await box.ask(Drain())  # claim nothing more: only the heart can notice
+        await lapse_the_lease(store)
+        heart = Heart(Mailbox("heart", capacity=4), store, daemon_id="d1", lease_s=30.0,
+                      interval_s=10.0, status=lambda: ("ok", False),
+                      running=d.running_attempts, cancel=lambda job_id: None,
+                      lease_lost=lambda i, t: box.tell_nowait(LeaseLost(i, t)),
+                      clock=TrioClock())
+        await heart.beat()
+        await wait_for(lambda: ("end", 1) in PROBE.events and d.running == 0)
+        await trio.sleep(0.1)
+    assert finished == []  # fenced anyway: not written, not counted as a failure
+    assert PROBE.events == [("start", 1), ("end", 1)]
+
+
+# --------------------------------------------------------------------------- containment
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+        self.finished: list[str] = []
+
+    def error_classified(self, queue: str, error_class: str) -> None:
+        self.errors.append((queue, error_class))
+
+    def job_finished(self, queue: str, kind: str, outcome: str, run_s: float) -> None:
+        self.finished.append(outcome)
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None
+
+
+async def test_a_crashing_handler_is_counted_and_the_pool_goes_on(store):
+    await store.enqueue_many([NewJob(kind="test.crash", args='{"tag": "exit"}', max_attempts=1),
+                              NewJob(kind="test.quick", args='{"tag": "after"}')])
+    seen = Recorder()
+    async with dispatcher(store, concurrency=1, kinds=("test.crash", "test.quick"),
+                          observer=seen) as (d, box, finished):
+        await wait_for(lambda: len(finished) == 2)
+    assert sorted((o.state, o.result) for o in finished) == [
+        ("completed", '"after"'), ("failed", None)]
+    assert seen.errors == [("default", "crashed")]
+    assert sorted(seen.finished) == ["completed", "failed"]
+
+
+async def test_a_bug_around_one_attempt_fails_that_attempt_only(store, monkeypatch):
+    """Whatever escapes the runner (here: a RecursionError from building the attempt's
+    context) fails that attempt as crashed; the dispatcher and the other jobs go on."""
+    [bad, good] = await store.enqueue_many([
+        NewJob(kind="test.quick", args='{"tag": "bad"}'),
+        NewJob(kind="test.quick", args='{"tag": "good"}')])
+    async with dispatcher(store, concurrency=1) as (d, box, finished):
+        real = d._runner._context
+
+        def context(job):
+            if job.id == bad.id:
+                raise RecursionError("maximum recursion depth exceeded")
+            return real(job)
+
+        monkeypatch.setattr(d._runner, "_context", context)
+        await wait_for(lambda: len(finished) == 2)
+    by_id = {o.id: o for o in finished}
+    assert by_id[good.id].state == "completed"
+    assert by_id[bad.id].state == "scheduled"  # crashed: retried per max_attempts
+    assert msgspec.json.decode(by_id[bad.id].error)["class"] == "crashed"

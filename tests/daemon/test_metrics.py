@@ -546,3 +546,12 @@ async def test_run_queue_gauges_refreshes_on_the_leader_only(store):
         assert samples(leader, "jobd_queue_jobs")[(("queue", "default"), ("state", "available"))] == 1
         nursery.cancel_scope.cancel()
     assert samples(leader, "jobd_metrics_leader") == {(): 0}
+
+
+def test_loop_lag_and_blocked_handlers_are_exported():
+    metrics = make()
+    metrics.loop_lag.observe((), 0.3)
+    metrics.loop_blocks.inc(("slow.kind",))
+    body = metrics.exposition()[0].decode()
+    assert 'jobd_event_loop_lag_seconds_bucket{le="0.5"} 1.0' in body
+    assert 'jobd_event_loop_blocks_total{kind="slow.kind"} 1.0' in body

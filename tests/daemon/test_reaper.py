@@ -91,7 +91,8 @@ async def test_rescue_works_in_batches_oldest_lease_first(store):
 async def test_heartbeat_renews_leases_and_keeps_them_from_rescue(store):
     job, t0 = await running_job(store, owner="alive", lease_s=30)
     await store.register_daemon("alive", "r", "h", 1, "v")
-    assert await store.heartbeat("alive", 30, "ok", False, now=t0 + secs(25)) == 1
+    assert await store.heartbeat("alive", 30, "ok", False, now=t0 + secs(25),
+                                 running=[(job.id, job.lease_token)]) == []  # none lost
     assert await store.rescue_expired(100, now=t0 + secs(45)) == []
     assert len(await store.rescue_expired(100, now=t0 + secs(56))) == 1
 
@@ -102,9 +103,9 @@ async def test_heartbeat_does_not_renew_an_attempt_the_daemon_lost(store):
     kept, t0 = await running_job(store, owner="alive", lease_s=30)
     lost, _ = await running_job(store, owner="alive", lease_s=30)
     await store.register_daemon("alive", "r", "h", 1, "v")
-    renewed = await store.heartbeat("alive", 30, "ok", False, now=t0 + secs(25),
-                                    running=[kept.id])
-    assert renewed == 1
+    lost_here = await store.heartbeat("alive", 30, "ok", False, now=t0 + secs(25),
+                                      running=[(kept.id, kept.lease_token)])
+    assert lost_here == []
     rescued = await store.rescue_expired(100, now=t0 + secs(45))
     assert [r.id for r in rescued] == [lost.id]
 

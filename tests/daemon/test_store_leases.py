@@ -31,7 +31,10 @@ async def test_rescued_attempt_cannot_finish_or_touch_the_job(store):
     assert (before["state"], before["lease_owner"]) == ("running", "d2")
 
     # The zombie (attempt 1) tries everything an attempt can do to its row.
-    assert await store.heartbeat("d1", 30.0, "ready", False, now=later) == 0
+    assert await store.heartbeat("d1", 30.0, "ready", False, now=later) == []
+    zombie = (job_id, first.lease_token)
+    assert await store.heartbeat("d1", 30.0, "ready", False, now=later,
+                                 running=[zombie]) == [zombie]  # it lost the lease
     await store.write_progress([ProgressUpdate(job_id, first.lease_token, 99.0, "zombie")], 30.0)
     for state in ("completed", "failed", "available"):
         outcome = Outcome(id=job_id, token=first.lease_token, state=state,
