@@ -8,6 +8,7 @@ write are created by the tests before any daemon starts, so handlers never race 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import msgspec
 import trio
@@ -96,6 +97,16 @@ async def nap(ctx: Context, args: NapArgs) -> dict:
         )
 
     await note("started")
+    try:
+        return await _nap_then_finish(ctx, args, note)
+    except trio.Cancelled:  # e.g. its daemon found the lease gone and stopped it
+        with trio.CancelScope(shield=True):
+            await note("stopped")
+        raise
+
+
+async def _nap_then_finish(ctx: Context, args: NapArgs, note: Any) -> dict:
+    job_id, attempt, pid = ctx.job.id, ctx.job.attempt, os.getpid()
     while not await ctx.fetch(
         "SELECT 1 FROM nap_release WHERE job_id = $1 AND attempt = $2", job_id, attempt
     ):
