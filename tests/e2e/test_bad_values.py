@@ -104,7 +104,7 @@ def test_jobctl_typos_are_refused_or_warned(jobd, sql):
     assert all(s in states.stderr for s in JOB_STATES)
 
     for option in (["--timeout-s", "1e308"], ["--key", "k" * 600], ["--priority", "99999"],
-                   ["--max-attempts", "0"], ["--delay", "1e16"]):
+                   ["--max-attempts", "0"], ["--delay", "999999999999"]):
         refused = daemon.jobctl("enqueue", "noop", *option, check=False)
         assert refused.returncode == 1 and "bad_request" in refused.stderr, (option, refused)
     assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", job_id) == "available"

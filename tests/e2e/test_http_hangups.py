@@ -238,7 +238,9 @@ def test_hangups_slow_clients_and_floods_leave_daemon_and_jobs_intact(jobd, tmp_
     base = f"http://127.0.0.1:{port}"
     seeded = seed_jobs(base)
     # Enough stored data that a list is a response the kernel cannot buffer at once.
-    batch = [{"kind": "noop", "delay_s": 3600, "args": {"pad": "p" * 3000}, "tags": ["seed"]}
+    # (args are strict, so the padding rides in tags.)
+    batch = [{"kind": "noop", "delay_s": 3600,
+              "tags": ["seed", *(f"{i}" + "p" * 250 for i in range(12))]}
              for _ in range(150)]
     status, _, body = request(base, "POST", "/v1/enqueue_batch", {"jobs": batch})
     assert status == 200, body
