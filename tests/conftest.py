@@ -14,6 +14,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -91,10 +92,11 @@ def pg_url(pg_cluster: EmbeddedPostgres | None) -> str:
     return pg_cluster.create_database("jobd_test")
 
 
-@pytest.fixture
-def fresh_database(pg_cluster: EmbeddedPostgres | None) -> Iterator[str]:
-    """URL of a new, empty database `jobd_t_<uuid8>`, dropped (WITH FORCE) afterwards."""
-    name = f"jobd_t_{uuid.uuid4().hex[:8]}"
+@contextmanager
+def scratch_database(pg_cluster: EmbeddedPostgres | None, prefix: str = "jobd_t") -> Iterator[str]:
+    """URL of a new, empty database `<prefix>_<uuid8>`, dropped (WITH FORCE) afterwards:
+    on the session cluster, or on the server JOBD_TEST_DATABASE_URL names."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     if pg_cluster is not None:
         url = pg_cluster.create_database(name)
         try:
@@ -108,6 +110,13 @@ def fresh_database(pg_cluster: EmbeddedPostgres | None) -> Iterator[str]:
         yield _url_with_database(admin_url, name)
     finally:
         _run_sql(admin_url, f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+
+
+@pytest.fixture
+def fresh_database(pg_cluster: EmbeddedPostgres | None) -> Iterator[str]:
+    """URL of a new, empty database for one test."""
+    with scratch_database(pg_cluster) as url:
+        yield url
 
 
 # --------------------------------------------------------------------------- store, daemons

@@ -35,6 +35,25 @@ def wait_until(predicate: Callable[[], Any], what: str = "a condition", *,
         time.sleep(interval)
 
 
+def run_async(fn: Callable[[], Any]) -> Any:
+    """`await fn()` on a private asyncio loop in a helper thread (tests run in trio)."""
+    box: list[Any] = []
+
+    def runner() -> None:
+        try:
+            box.append((True, asyncio.run(fn())))
+        except BaseException as exc:  # re-raised in the caller
+            box.append((False, exc))
+
+    thread = threading.Thread(target=runner)
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 class Sql:
     """Runs one statement per call on a private asyncio loop in a helper thread."""
 
@@ -51,21 +70,7 @@ class Sql:
             finally:
                 await conn.close()
 
-        box: list[Any] = []
-
-        def runner() -> None:
-            try:
-                box.append((True, asyncio.run(main())))
-            except BaseException as exc:  # re-raised in the caller
-                box.append((False, exc))
-
-        thread = threading.Thread(target=runner)
-        thread.start()
-        thread.join()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
+        return run_async(main)
 
     def fetch(self, query: str, *args: Any) -> list[Any]:
         return self._run("fetch", query, *args)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-import threading
 from typing import Any
 
 import asyncpg
@@ -17,25 +16,7 @@ import pytest
 from actors.ports import NewJob, ValueRejected
 from daemon.store import migrate
 from protocol.commands import List
-
-
-def run_async(fn: Any) -> Any:
-    """Run `await fn()` on a private asyncio loop in a helper thread (like tests.support.Sql)."""
-    box: list[Any] = []
-
-    def runner() -> None:
-        try:
-            box.append((True, asyncio.run(fn())))
-        except BaseException as exc:  # re-raised in the caller
-            box.append((False, exc))
-
-    thread = threading.Thread(target=runner)
-    thread.start()
-    thread.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
+from tests.support import run_async
 
 
 def enqueue_sql(url: str, call: str, *args: Any) -> tuple[Any, list[str]]:

@@ -24,7 +24,6 @@ import os
 import socket
 import time
 import typing
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -233,19 +232,11 @@ def expected(text: str) -> set[str] | None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_db(pg_cluster, pg_url: str) -> Iterator[str]:
-    name = f"jobd_fuzz_{uuid.uuid4().hex[:8]}"
-    if pg_cluster is not None:
-        yield pg_cluster.create_database(name)
-        pg_cluster.drop_database(name)
-        return
-    from tests.conftest import _quote_ident, _run_sql, _url_with_database
+def fuzz_db(pg_cluster) -> Iterator[str]:
+    from tests.conftest import scratch_database
 
-    _run_sql(pg_url, f"CREATE DATABASE {_quote_ident(name)}")
-    try:
-        yield _url_with_database(pg_url, name)
-    finally:
-        _run_sql(pg_url, f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+    with scratch_database(pg_cluster, "jobd_fuzz") as url:
+        yield url
 
 
 SEED_COLUMNS = "id, kind, queue, key, args, state, attempt, priority, tags, result, run_at"

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,19 +28,11 @@ FRAME_CAP = Limits().max_frame_bytes
 
 
 @pytest.fixture(scope="module")
-def daemon_db(pg_cluster, pg_url: str) -> Iterator[str]:
-    name = f"jobd_hang_{uuid.uuid4().hex[:8]}"
-    if pg_cluster is not None:
-        yield pg_cluster.create_database(name)
-        pg_cluster.drop_database(name)
-        return
-    from tests.conftest import _quote_ident, _run_sql, _url_with_database
+def daemon_db(pg_cluster) -> Iterator[str]:
+    from tests.conftest import scratch_database
 
-    _run_sql(pg_url, f"CREATE DATABASE {_quote_ident(name)}")
-    try:
-        yield _url_with_database(pg_url, name)
-    finally:
-        _run_sql(pg_url, f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+    with scratch_database(pg_cluster, "jobd_hang") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
