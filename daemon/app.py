@@ -308,8 +308,8 @@ class Daemon:
         for box in self._dispatcher_boxes.values():
             try:
                 box.tell_nowait(Wake())
-            except trio.WouldBlock:
-                pass
+            except (trio.WouldBlock, MailboxClosed):
+                pass  # busy (it claims again anyway) or restarting (it starts by claiming)
 
     def _paused(self, queue: str) -> tuple[bool, list[str]]:
         keys = [k for q, k in self.pauses if q == queue]
@@ -683,12 +683,16 @@ class Daemon:
         self._nursery.start_soon(self._refresh_pauses_loop)
 
     async def _refresh_pauses_loop(self) -> None:
+        # Runs in the daemon's own nursery, outside any supervisor: whatever goes wrong
+        # costs this refresh (the next NOTIFY or reconnect refreshes again), not the daemon.
         try:
             while True:
                 self._pauses_stale = False
                 await self._refresh_pauses()
                 if not self._pauses_stale:
                     return
+        except Exception:  # noqa: BLE001 - contained: one refresh, never the daemon
+            log.exception("refreshing the pauses failed", extra={"event": "pauses.refresh_failed"})
         finally:
             self._pauses_refreshing = False
 
@@ -707,14 +711,14 @@ class Daemon:
         for box in self._dispatcher_boxes.values():
             try:
                 box.tell_nowait(CancelJob(job_id))
-            except trio.WouldBlock:
+            except (trio.WouldBlock, MailboxClosed):
                 pass  # the heart's next beat finds the request again
 
     def _lease_lost_nowait(self, job_id: int, token: int) -> None:
         for box in self._dispatcher_boxes.values():
             try:
                 box.tell_nowait(LeaseLost(job_id, token))
-            except trio.WouldBlock:
+            except (trio.WouldBlock, MailboxClosed):
                 pass  # the next beat reports it again
 
     async def _cancel_here(self, job_id: int) -> None:
