@@ -102,7 +102,9 @@ class JobdProcess:
                  modules: list[str] | None = None, queues: dict[str, dict[str, Any]] | None = None,
                  jobs: dict[str, Any] | None = None, daemon: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None, database: bool = True,
-                 control: dict[str, Any] | None = None, extra_toml: str = ""):
+                 control: dict[str, Any] | None = None, extra_toml: str = "",
+                 nofile: tuple[int, int] | None = None):
+        self.nofile = nofile  # (soft, hard) RLIMIT_NOFILE for the daemon, else inherited
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.socket = directory / "jobd.sock"
@@ -135,9 +137,16 @@ class JobdProcess:
             [sys.executable, "-m", "daemon.main", "run", "--config", str(self.config),
              "--state-dir", str(self.directory / "state")],
             cwd=ROOT, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            preexec_fn=self._limit_descriptors if self.nofile else None,
         )
         if wait:
             self.wait_ready()
+
+    def _limit_descriptors(self) -> None:
+        import resource
+
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -10,36 +10,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.e2e.test_http_e2e import TOKEN, free_port, request
 from tests.support import JobdProcess, wait_until
 
 WAIT_S = 20.0
-
-
-class LimitedJobd(JobdProcess):
-    """`jobd run` started under `prlimit --nofile=SOFT:HARD`."""
-
-    def __init__(self, *args: Any, nofile: str, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.nofile = nofile
-
-    def start(self, wait: bool = True) -> None:
-        self.socket.unlink(missing_ok=True)
-        self._log_file = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            ["prlimit", f"--nofile={self.nofile}", "--", sys.executable, "-m", "daemon.main",
-             "run", "--config", str(self.config), "--state-dir", str(self.directory / "state")],
-            cwd=Path(__file__).resolve().parents[2], env=self.env, stdout=self._log_file,
-            stderr=subprocess.STDOUT)
-        if wait:
-            self.wait_ready()
 
 
 def http_daemon(jobd, tmp_path, **control: Any) -> JobdProcess:
@@ -87,8 +63,6 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-@pytest.mark.skipif(not Path("/usr/bin/prlimit").exists() and not Path("/bin/prlimit").exists(),
-                    reason="prlimit (util-linux) not installed")
 def test_flood_past_the_cap_and_the_descriptor_limit(fresh_database, tmp_path):
     """600 held connections against a daemon allowed 400 descriptors (soft 200 at start):
     the daemon raises its soft limit, keeps HTTP at half of it, answers the rest 503,
@@ -96,7 +70,7 @@ def test_flood_past_the_cap_and_the_descriptor_limit(fresh_database, tmp_path):
     token_file = tmp_path / "api-token"
     token_file.write_text(TOKEN + "\n")
     port = free_port()
-    daemon = LimitedJobd(tmp_path / "d", fresh_database, nofile="200:400", control={
+    daemon = JobdProcess(tmp_path / "d", fresh_database, nofile=(200, 400), control={
         "http": f"127.0.0.1:{port}", "token_file": str(token_file),
         "http_max_connections": 1000, "http_keep_alive": "120s"})
     held: list[socket.socket] = []

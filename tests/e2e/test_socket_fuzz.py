@@ -268,14 +268,11 @@ class World:
         self.seeded = completed + scheduled
         self.snapshot = self.seed_rows()
         self.bases = bases(self.seeded[0], self.target, self.long_job)
-        every = [(tag, path, value) for tag, struct in command_types().items()
-                 for path, value in mutations(self.bases[tag], struct)]
-        # Mutations that kill the daemon today are left to their own xfail tests below.
-        self.mutations = [m for m in every if not any(k.kills and k.matches(*m) for k in KNOWN)]
+        self.mutations = [(tag, path, value) for tag, struct in command_types().items()
+                          for path, value in mutations(self.bases[tag], struct)]
         self.violations: list[str] = []
-        self.known: list[str] = []
         self.trace: list[str] = []  # this run's steps so far
-        self.death: str | None = None  # the first failure of the daemon, with its steps  # wrong answers already listed in KNOWN
+        self.death: str | None = None  # the first failure of the daemon, with its steps
         self.replies = 0
 
     def seed_rows(self) -> list[Any]:
@@ -283,11 +280,8 @@ class World:
                               " ORDER BY id", self.seeded)
         return [dict(r) for r in rows]
 
-    def violation(self, text: str, mutation: tuple[str, str, Any] | None = None) -> None:
-        if mutation is not None and any(k.matches(*mutation) for k in KNOWN):
-            self.known.append(text)
-        else:
-            self.violations.append(text)
+    def violation(self, text: str) -> None:
+        self.violations.append(text)
 
 
 @pytest.fixture(scope="module")
@@ -348,11 +342,9 @@ def check_frame(world: World, line: bytes, what: str) -> c.Ok | c.Error:
     return reply
 
 
-def exchange(world: World, conn: Conn, texts: list[str], labels: list[str],
-             picks: list[tuple[str, str, Any]] | None = None) -> None:
+def exchange(world: World, conn: Conn, texts: list[str], labels: list[str]) -> None:
     """Pipeline the requests, read every reply (by id), check each against its request."""
     ids = list(range(1000, 1000 + len(texts)))
-    origin = dict(zip(ids, picks or [None] * len(texts), strict=True))
     frames = []
     for request_id, text in zip(ids, texts, strict=True):
         obj = text.encode("utf-8", "surrogatepass")
@@ -387,7 +379,7 @@ def exchange(world: World, conn: Conn, texts: list[str], labels: list[str],
         code = reply.code if isinstance(reply, c.Error) else "ok"
         if code == "internal" or (want is not None and code not in want):
             world.violation(f"{label}: got {code} ({getattr(reply, 'message', '')[:160]!r}), "
-                            f"expected {sorted(want) if want else 'not internal'}", origin[key])
+                            f"expected {sorted(want) if want else 'not internal'}")
 
 
 def ping_fresh(world: World) -> None:
@@ -515,7 +507,7 @@ class SocketFuzz(RuleBasedStateMachine):
         picks = [data.draw(st.sampled_from(self.world.mutations)) for _ in range(count)]
         texts = [dumps(apply(self.world.bases[tag], path, value)) for tag, path, value in picks]
         labels = [f"{tag}.{path} = {_show(value)}" for tag, path, value in picks]
-        exchange(self.world, conn, texts, labels, picks)
+        exchange(self.world, conn, texts, labels)
 
     @rule(junk=garbage)
     @traced
@@ -603,30 +595,6 @@ def _show(value: Any) -> str:
 # --------------------------------------------------------------------------- the tests
 
 
-class Known(typing.NamedTuple):
-    """A wrong answer the fuzzer found outside the socket layer, left for its owner.
-
-    Its mutations are still checked strictly, by `test_known_defect` (xfail, strict: it
-    fails loudly once fixed, so the entry gets removed). A `kills` entry stops the daemon,
-    so the shared daemon never gets it; the others are sent and listed, not fatal.
-    """
-
-    tag: str
-    path: str
-    value: typing.Callable[[Any], bool]
-    kills: bool
-    example: Any
-    note: str
-
-    def matches(self, tag: str, path: str, value: Any) -> bool:
-        return tag == self.tag and path == self.path and self.value(value)
-
-
-# Empty for now: the schedule defects it listed (every/grace >= 1e12 crashing the
-# scheduler, a 3000-character tz answered internal) are fixed; add new finds here.
-KNOWN: tuple[Known, ...] = ()
-
-
 def _settle(world: World) -> None:
     """Let the jobs the fuzzing enqueued run, then check the seeded ones and the log."""
     ping_fresh(world)
@@ -635,9 +603,6 @@ def _settle(world: World) -> None:
 
 
 def _assert_no_violations(world: World) -> None:
-    if world.known:
-        print(f"{len(world.known)} known wrong answers (see KNOWN):\n  "
-              + "\n  ".join(sorted(set(world.known))[:20]))
     new = world.violations
     assert not new, f"{len(new)} wrong answers:\n" + "\n".join(sorted(set(new))[:60])
 
@@ -652,7 +617,7 @@ def test_every_field_of_every_command(world: World) -> None:
         picks = world.mutations[i:i + batch]
         texts = [dumps(apply(world.bases[tag], path, value)) for tag, path, value in picks]
         labels = [f"{tag}.{path} = {_show(value)}" for tag, path, value in picks]
-        exchange(world, conn, texts, labels, picks)
+        exchange(world, conn, texts, labels)
     conn.close()
     _settle(world)
     print(f"swept {len(world.mutations)} mutations in {time.monotonic() - start:.1f}s")
@@ -684,29 +649,3 @@ def _run_machine() -> None:
         phases=[Phase.explicit, Phase.generate],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.filter_too_much]))
-
-
-@pytest.mark.parametrize("known", KNOWN, ids=[f"{k.tag}.{k.path}" for k in KNOWN])
-@pytest.mark.xfail(strict=True, reason="a defect outside the socket layer, listed in KNOWN")
-def test_known_defect(jobd, known: Known) -> None:
-    """Each KNOWN entry on a daemon of its own: answered as the protocol says, jobd lives."""
-    daemon: JobdProcess = jobd()
-    base = bases(1, 1, 1)[known.tag]
-    text = dumps(apply(base, known.path, known.example))
-    conn = Conn(daemon)
-    try:
-        conn.send(json.dumps({"id": 1, **HELLO}).encode() + b"\n")
-        conn.frame()
-        conn.send(b'{"id": 2, ' + text.encode()[1:] + b"\n")
-        reply = c.reply_decoder.decode(conn.frame() or b"null")
-    finally:
-        conn.close()
-    code = reply.code if isinstance(reply, c.Error) else "ok"
-    want = expected(text)
-    assert code != "internal" and (want is None or code in want), reply
-    # A scheduler tick or two later, the daemon is still there.
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        assert daemon.proc is not None and daemon.proc.poll() is None, "jobd exited"
-        time.sleep(0.1)
-    assert daemon.jobctl_json("ping")["ready"] is True
