@@ -25,7 +25,14 @@ from actors import lag
 from actors.clock import Clock
 from actors.mailbox import Actor, Mailbox
 from actors.ports import Observer, Outcome, Store, StoreUnavailable
-from actors.worker import CANCEL_REQUESTED, LEASE_LOST, SHUTDOWN, Attempt, AttemptRunner
+from actors.worker import (
+    CANCEL_REQUESTED,
+    LEASE_LOST,
+    SHUTDOWN,
+    Attempt,
+    AttemptRunner,
+    error_class,
+)
 
 log = logging.getLogger("jobd.dispatcher")
 
@@ -358,7 +365,7 @@ class Dispatcher(Actor[DispatcherMsg]):
                 self._observer.job_finished(job.queue, job.kind, label, run_s)
                 return
             if outcome.error is not None and label in ("error", "failed", "timed_out"):
-                self._observer.error_classified(job.queue, _error_class(outcome.error))
+                self._observer.error_classified(job.queue, error_class(outcome.error))
             if outcome.flow == "rate_limited" and job.key is not None:  # stated pause or the default
                 self._observer.key_paused(job.queue, job.key)
             try:
@@ -383,20 +390,6 @@ def _crashed(runner: AttemptRunner, job: Any, exc: BaseException) -> Outcome:
         error = msgspec.json.encode({"attempt": job.attempt, "class": "crashed",
                                      "message": type(exc).__name__}).decode()
         return Outcome(id=job.id, token=job.lease_token, state="failed", error=error)
-
-
-class _ErrorClass(msgspec.Struct):
-    cls: str = msgspec.field(default="unknown", name="class")
-
-
-_error_class_decoder = msgspec.json.Decoder(_ErrorClass)
-
-
-def _error_class(error: str) -> str:
-    try:
-        return _error_class_decoder.decode(error).cls
-    except msgspec.DecodeError:
-        return "unknown"
 
 
 def _metric_outcome(outcome: Outcome, label: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from actors.control import new_job
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import Context, JobDef, JobInfo, clean_text, lookup
 from actors.ports import Claimed, Enqueued, NewJob, Outcome
+from actors.validate import has_nul
 from actors.workflow import Suspend, only_suspends
 from protocol.jobs import JobSpec
 
@@ -35,9 +35,6 @@ LEASE_LOST = "lease_lost"
 # The same bound holds for a retry delay a handler asks for (RetryAfter(inf)).
 MAX_TIMEOUT_S = 1e9
 
-# A NUL in any JSON string: msgspec writes it as \u0000 (after an even run of
-# backslashes, which are escapes themselves), and jsonb cannot store it.
-_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class Attempt:
@@ -193,7 +190,7 @@ class AttemptRunner:
             raise
         except Exception as exc:  # noqa: BLE001 - anything else msgspec refuses
             raise InvalidValue(f"result cannot be encoded as JSON: {exc!r}") from exc
-        if b"\\u0000" in encoded and _JSON_NUL.search(encoded):
+        if has_nul(encoded):
             raise InvalidValue("result contains a NUL character (\\u0000), which Postgres "
                                "cannot store in jsonb; strip or escape it")
         limit = self._max_result_bytes
@@ -347,3 +344,30 @@ def _encode(value: dict[str, Any]) -> str:
     # Error messages and tracebacks are kept, with unstorable characters replaced.
     value = {k: clean_text(v) if isinstance(v, str) else v for k, v in value.items()}
     return msgspec.json.encode(value).decode()
+
+
+class _ErrorClass(msgspec.Struct):
+    cls: str = msgspec.field(default="unknown", name="class")
+
+
+_error_class_decoder = msgspec.json.Decoder(_ErrorClass)
+
+
+def error_class(error: str | None) -> str:
+    """The `class` of an attempt error as stored in a job's `errors` ("unknown" if none)."""
+    try:
+        return _error_class_decoder.decode(error or "{}").cls
+    except msgspec.DecodeError:
+        return "unknown"
+
+
+def refused_outcome(outcome: Outcome, exc: BaseException) -> Outcome:
+    """An outcome Postgres refused (a NUL byte in a result, a lone surrogate in an error):
+    the attempt fails with `invalid_value` instead, keeping its retry decision."""
+    state = "failed" if outcome.state == "completed" else outcome.state
+    error = _encode({
+        "class": "invalid_value",
+        "message": f"the database refused this attempt's {outcome.state} outcome "
+                   f"(a value it cannot store, such as a NUL byte): {clean_text(str(exc)[:500])}",
+    })
+    return msgspec.structs.replace(outcome, state=state, result=None, error=error)

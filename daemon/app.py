@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import trio
 
 from actors import failure_hooks, handlers, lag, validate
@@ -46,7 +45,7 @@ from actors.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Swee
 from actors.registry import Registry
 from actors.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
 from actors.supervisor import ChildSpec, Strategy, Supervisor
-from actors.worker import AttemptRunner
+from actors.worker import AttemptRunner, error_class, refused_outcome
 from daemon import __version__
 from daemon.config import (
     Config,
@@ -259,7 +258,7 @@ class Daemon:
         hands them back (at-least-once: an attempt that finished here runs again)."""
         if not self._unwritten:
             return
-        released = sum(1 for o in self._unwritten.values() if _error_class(o) == "interrupted")
+        released = sum(1 for o in self._unwritten.values() if error_class(o.error) == "interrupted")
         outcomes = len(self._unwritten) - released
         log.error("stopped with %d finished attempts and %d releases not written to the "
                   "database; their leases lapse within %s and the jobs are rescued",
@@ -395,7 +394,7 @@ class Daemon:
             # Outcomes already handed over must reach the database before we exit.
             ChildSpec.for_actor(lambda: Batcher(self._completer_box, finish, clock=clock,
                                                 max_items=2000, backlog=self._completer_backlog,
-                                                reject=_invalid_value, settled=self._written),
+                                                reject=refused_outcome, settled=self._written),
                                 stop=Batcher.stopper(self._completer_box), shutdown_timeout=15),
             ChildSpec.for_actor(lambda: Batcher(progress_box, write_progress, clock=clock,
                                                 max_items=2000, max_wait_s=0.25,
@@ -861,31 +860,6 @@ def _valid_payload(channel: str, payload: str) -> bool:
 # progress 5 s, the rest at once), the HTTP server.
 _ROOT_STOP_S = 25
 _HTTP_STOP_S = 12
-
-
-class _ErrorClass(msgspec.Struct):
-    cls: str = msgspec.field(default="", name="class")
-
-
-def _error_class(outcome: Outcome) -> str:
-    try:
-        return msgspec.json.decode(outcome.error or "{}", type=_ErrorClass).cls
-    except msgspec.DecodeError:
-        return ""
-
-
-def _invalid_value(outcome: Outcome, exc: ValueRejected) -> Outcome:
-    """An outcome Postgres refused (a NUL byte in a result, a lone surrogate in an error):
-    the attempt fails with `invalid_value` instead, keeping its retry decision."""
-    state = "failed" if outcome.state == "completed" else outcome.state
-    reason = str(exc)[:500].replace("\x00", "\\u0000")
-    reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
-    error = msgspec.json.encode({
-        "class": "invalid_value",
-        "message": f"the database refused this attempt's {outcome.state} outcome "
-                   f"(a value it cannot store, such as a NUL byte): {reason}",
-    }).decode()
-    return msgspec.structs.replace(outcome, state=state, result=None, error=error)
 
 
 def _recheck_s(queue: Queue) -> float | None:

@@ -11,7 +11,7 @@ from actors.batcher import Batcher
 from actors.clock import TrioClock
 from actors.mailbox import Mailbox
 from actors.ports import NewJob, Outcome
-from daemon.app import _invalid_value
+from actors.worker import refused_outcome
 
 
 async def test_a_batch_with_values_postgres_refuses_is_split_and_the_rest_written(store):
@@ -41,7 +41,7 @@ async def test_a_batch_with_values_postgres_refuses_is_split_and_the_rest_writte
     settled: list[Outcome] = []
     with trio.fail_after(20):
         await Batcher(box, lambda batch: store.finish_many(batch), clock=TrioClock(),
-                      reject=_invalid_value, settled=settled.extend).run()
+                      reject=refused_outcome, settled=settled.extend).run()
     assert sorted(o.id for o in settled) == sorted(o.id for o in outcomes)
 
     rows = {j.id: await store.get_job(j.id) for j in jobs}
