@@ -89,6 +89,21 @@ def readyz(port: int) -> int:
         return 0
 
 
+TOKEN = "fault-test-token"
+
+
+def v1(port: int, command: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST /v1/<command>: (status, the reply envelope)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/{command}", data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def ping(daemon: JobdProcess) -> dict[str, Any] | None:
     result = daemon.jobctl("--json", "ping", check=False)
     return json.loads(result.stdout) if result.returncode == 0 else None
@@ -154,6 +169,12 @@ class Run:
             assert p is not None and p["ready"] is False, p
             text = self.daemon.jobctl("ping").stdout
             assert "NOT ready" in text, text
+            # Commands that need the database answer `unavailable` on both surfaces.
+            status, reply = v1(self.port, "get", {"job_id": self.ids[0]})
+            assert (status, reply.get("code")) == (503, "unavailable"), (status, reply)
+            got = self.daemon.jobctl("--json", "get", str(self.ids[0]), check=False)
+            assert got.returncode == 1 and json.loads(got.stdout)["error"]["code"] == \
+                "unavailable", got
             self.alive("during the outage")
             cluster.start()
         self.wait(f"ready again after {kind}", self.ready)
@@ -167,12 +188,15 @@ def test_daemon_survives_postgres_faults(cluster: DurableCluster, tmp_path: Path
     url = cluster.create_database(DATABASE)
     effects = tmp_path / "effects.log"
     port = free_port()
+    token_file = tmp_path / "api-token"
+    token_file.write_text(TOKEN + "\n")
     daemon = JobdProcess(
         tmp_path / "d", url, modules=["tests.e2e.fault_handlers"],
         queues={"faults": {"concurrency": 30}},
         jobs={"lease": "3s", "reaper_interval": "0.5s", "poll_interval": "0.5s",
               "retention.completed_max_count": 1_000_000},
-        daemon={"heartbeat": "0.5s"}, control={"http": f"127.0.0.1:{port}"},
+        daemon={"heartbeat": "0.5s"},
+        control={"http": f"127.0.0.1:{port}", "token_file": str(token_file)},
         env={EFFECTS_ENV: str(effects)},
     )
     run = Run(daemon, Sql(url), port, tmp_path)
