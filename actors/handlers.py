@@ -29,7 +29,7 @@ class JobDef(msgspec.Struct, kw_only=True):
     kind: str
     fn: Callable[..., Any]
     args_type: Any
-    sync: bool = False  # a plain `def`: run on a worker thread (actors/worker.py)
+    sync: bool = False  # a plain `def`: run on a worker thread (actors/services/worker.py)
     queue: str = "default"
     timeout_s: float | None = None
     max_attempts: int = 3

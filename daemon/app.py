@@ -23,11 +23,16 @@ from typing import Any
 
 import trio
 
-from actors import failure_hooks, handlers, lag, validate
-from actors.batcher import Backlog, Batcher
-from actors.clock import TrioClock
-from actors.control import Control, key_stats, limits_for_key
-from actors.dispatcher import (
+from actors import failure_hooks, handlers, validate
+from actors.ports import Outcome, ProgressUpdate, StoreUnavailable, ValueRejected
+from actors.runtime import lag
+from actors.runtime.clock import TrioClock
+from actors.runtime.mailbox import Mailbox, MailboxClosed
+from actors.runtime.registry import Registry
+from actors.runtime.supervisor import ChildSpec, Strategy, Supervisor
+from actors.services.batcher import Backlog, Batcher
+from actors.services.control import Control, key_stats, limits_for_key
+from actors.services.dispatcher import (
     CancelJob,
     Dispatcher,
     DispatcherMsg,
@@ -38,14 +43,10 @@ from actors.dispatcher import (
     Resize,
     Wake,
 )
-from actors.heart import Beat, Heart
-from actors.mailbox import Mailbox, MailboxClosed
-from actors.ports import Outcome, ProgressUpdate, StoreUnavailable, ValueRejected
-from actors.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
-from actors.registry import Registry
-from actors.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
-from actors.supervisor import ChildSpec, Strategy, Supervisor
-from actors.worker import AttemptRunner, error_class, refused_outcome
+from actors.services.heart import Beat, Heart
+from actors.services.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
+from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
+from actors.services.worker import AttemptRunner, error_class, refused_outcome
 from daemon import __version__
 from daemon.config import (
     Config,

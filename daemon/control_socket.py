@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from actors.control import Control
+from actors.services.control import Control
 from protocol import commands as c
 from protocol.errors import ErrorCode, JobdError
 from protocol.framing import MAX_LINE_BYTES, FrameTooLong, LineBuffer, encode_line

@@ -41,7 +41,7 @@ from typing import Any
 import msgspec
 import trio
 
-from actors.control import Control
+from actors.services.control import Control
 from daemon.metrics import Metrics
 from protocol import commands as c
 from protocol.errors import ErrorCode, JobdError

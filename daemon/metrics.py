@@ -45,8 +45,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from actors.clock import Clock
 from actors.ports import StoreUnavailable
+from actors.runtime.clock import Clock
 
 log = logging.getLogger("jobd.metrics")
 

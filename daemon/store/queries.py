@@ -379,7 +379,7 @@ RETURNING j.id, j.queue, j.kind, j.state
 # A running attempt past its timeout plus grace on any daemon (its worker should
 # have stopped it; this catches a daemon whose loop is stuck but still heartbeats).
 # A timeout_s outside (0, 1e9] (NaN, Infinity, 1e308: a row from before the CHECKs or
-# around them; actors/worker.py MAX_TIMEOUT_S) never reaches the interval arithmetic,
+# around them; actors/services/worker.py MAX_TIMEOUT_S) never reaches the interval arithmetic,
 # which would fail the whole statement ("interval out of range") and so every pass: the
 # CASE keeps it out (unlike AND, CASE fixes the order). Such a job fails at once as
 # invalid_value, its timeout dropped so the row meets the CHECK again.

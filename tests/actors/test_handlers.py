@@ -9,9 +9,9 @@ import msgspec
 import pytest
 
 from actors import handlers
-from actors.control import new_job
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import Context, JobInfo, job, lookup
+from actors.services.control import new_job
 from protocol.errors import ErrorCode, JobdError
 from protocol.jobs import JobSpec
 

@@ -204,7 +204,7 @@ def test_summarize_keeps_type_message_and_frames():
 
 
 def signal(exc: BaseException, attempt: int = 1, max_attempts: int = 5):
-    from actors.worker import _remote_signal
+    from actors.services.worker import _remote_signal
 
     return _remote_signal(retry.decide(exc, attempt, max_attempts, rng()))
 

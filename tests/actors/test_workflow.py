@@ -12,10 +12,10 @@ import msgspec
 import pytest
 import trio
 
-from actors.clock import TrioClock
 from actors.handlers import job
 from actors.ports import Claimed
-from actors.worker import Attempt, AttemptRunner
+from actors.runtime.clock import TrioClock
+from actors.services.worker import Attempt, AttemptRunner
 from actors.workflow import Child, Suspend
 
 

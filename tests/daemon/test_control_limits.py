@@ -12,8 +12,8 @@ import msgspec
 import pytest
 
 from actors import handlers
-from actors.control import Control, new_job
 from actors.handlers import Context, job
+from actors.services.control import Control, new_job
 from protocol import commands as c
 from protocol.errors import ErrorCode, JobdError
 from protocol.jobs import JobSpec

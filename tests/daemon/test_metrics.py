@@ -19,10 +19,10 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.clock import TrioClock
-from actors.mailbox import Mailbox
 from actors.ports import NewJob, Outcome
-from actors.registry import Registry
+from actors.runtime.clock import TrioClock
+from actors.runtime.mailbox import Mailbox
+from actors.runtime.registry import Registry
 from daemon.metrics import (
     BATCH_BUCKETS,
     DB_BUCKETS,

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 
 import examples.basic  # noqa: F401 - registers the `noop` kind the schedules fire
-from actors.mailbox import Mailbox
 from actors.ports import NullObserver
+from actors.runtime.mailbox import Mailbox
 from actors.schedule import definition
-from actors.scheduler import Scheduler, SchedulerSettings
+from actors.services.scheduler import Scheduler, SchedulerSettings
 from daemon.config import ConfigError, load
 from protocol.schedules import ScheduleSpec
 
@@ -182,7 +182,7 @@ async def test_a_fire_postgres_refuses_skips_that_schedule_only(store, sql, capl
 
 
 async def test_list_shows_a_broken_row_and_trigger_refuses_it(store, sql):
-    from actors import schedule_commands
+    from actors.services import schedule_commands
     from protocol import commands as c
     from protocol.errors import BadRequest
 

@@ -10,11 +10,11 @@ import msgspec
 import trio
 
 import examples.basic  # noqa: F401 - registers the `noop` kind the schedules fire
-from actors.mailbox import Mailbox
 from actors.ports import FireTarget, NewJob, NullObserver
+from actors.runtime.mailbox import Mailbox
 from actors.schedule import definition, jitter_offset, occurrence, unique_key
-from actors.schedule_commands import trigger
-from actors.scheduler import Scheduler, SchedulerSettings
+from actors.services.schedule_commands import trigger
+from actors.services.scheduler import Scheduler, SchedulerSettings
 from daemon.store import PgStore
 from protocol.schedules import ScheduleSpec
 

@@ -12,11 +12,11 @@ import msgspec
 import trio
 
 from actors import retry
-from actors.clock import Clock
-from actors.control import new_job
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import Context, JobDef, JobInfo, clean_text, lookup
 from actors.ports import Claimed, Enqueued, NewJob, Outcome
+from actors.runtime.clock import Clock
+from actors.services.control import new_job
 from actors.validate import has_nul
 from actors.workflow import Suspend, only_suspends
 from protocol.jobs import JobSpec

@@ -15,11 +15,11 @@ import pytest
 import trio
 
 from actors import handlers
-from actors.clock import TrioClock
 from actors.errors import Fail, RetryAfter
 from actors.handlers import Context, job
 from actors.ports import Claimed, Outcome
-from actors.worker import CANCEL_REQUESTED, SHUTDOWN, Attempt, AttemptRunner
+from actors.runtime.clock import TrioClock
+from actors.services.worker import CANCEL_REQUESTED, SHUTDOWN, Attempt, AttemptRunner
 
 
 class Args(msgspec.Struct):

@@ -1,4 +1,4 @@
-"""actors/lag.py: the loop-lag instrument names the attempt that held the loop."""
+"""actors/runtime/lag.py: the loop-lag instrument names the attempt that held the loop."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import trio
 
-from actors import lag
+from actors.runtime import lag
 
 
 async def test_a_blocking_step_is_named_after_the_attempt_that_blocked():
@@ -32,7 +32,7 @@ async def test_a_blocking_step_is_named_after_the_attempt_that_blocked():
 
 
 async def test_the_probe_reports_how_late_the_loop_woke_it():
-    from actors.clock import TrioClock
+    from actors.runtime.clock import TrioClock
 
     lags: list[float] = []
 

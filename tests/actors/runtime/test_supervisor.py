@@ -11,9 +11,9 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.mailbox import Actor, Mailbox
-from actors.registry import Registry
-from actors.supervisor import ChildSpec, Restart, Strategy, Supervisor, SupervisorGaveUp
+from actors.runtime.mailbox import Actor, Mailbox
+from actors.runtime.registry import Registry
+from actors.runtime.supervisor import ChildSpec, Restart, Strategy, Supervisor, SupervisorGaveUp
 
 
 class Boom(Exception):

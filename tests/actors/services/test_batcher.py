@@ -10,11 +10,11 @@ import pytest
 import trio
 import trio.testing
 
-from actors.batcher import Backlog, Batcher
-from actors.clock import TrioClock
-from actors.mailbox import Mailbox
 from actors.ports import StoreUnavailable, ValueRejected
-from actors.supervisor import ChildSpec, Strategy, Supervisor
+from actors.runtime.clock import TrioClock
+from actors.runtime.mailbox import Mailbox
+from actors.runtime.supervisor import ChildSpec, Strategy, Supervisor
+from actors.services.batcher import Backlog, Batcher
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ from datetime import timedelta
 import msgspec
 import pytest
 
-from actors.clock import TrioClock
-from actors.mailbox import Mailbox
 from actors.ports import NewJob, NullObserver
-from actors.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
+from actors.runtime.clock import TrioClock
+from actors.runtime.mailbox import Mailbox
+from actors.services.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
 
 INSANE = [float("nan"), float("inf"), float("-inf"), 1e308, 1e16, -5.0, 0.0]
 

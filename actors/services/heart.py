@@ -12,9 +12,9 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from actors.clock import Clock
-from actors.mailbox import Actor, Mailbox
 from actors.ports import Store, StoreUnavailable
+from actors.runtime.clock import Clock
+from actors.runtime.mailbox import Actor, Mailbox
 
 log = logging.getLogger("jobd.heart")
 

@@ -18,9 +18,9 @@ from typing import Generic, TypeVar
 
 import trio
 
-from actors.clock import Clock
-from actors.mailbox import Actor, Envelope, Mailbox, MailboxClosed
 from actors.ports import StoreUnavailable, ValueRejected
+from actors.runtime.clock import Clock
+from actors.runtime.mailbox import Actor, Envelope, Mailbox, MailboxClosed
 
 log = logging.getLogger("jobd.batcher")
 

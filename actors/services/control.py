@@ -13,7 +13,6 @@ from typing import Any
 import msgspec
 import trio
 
-from actors import schedule_commands
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import lookup
 from actors.ports import (
@@ -25,6 +24,7 @@ from actors.ports import (
     StoreUnavailable,
     ValueRejected,
 )
+from actors.services import schedule_commands
 from actors.validate import check_new_job, has_nul
 from actors.validate import max_args_bytes as validate_max_args_bytes
 from actors.workflow import workflow_view

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from protocol.tree import TreeNode
 
 if TYPE_CHECKING:
-    from actors.mailbox import Mailbox
+    from actors.runtime.mailbox import Mailbox
 
 
 class TreeSource(Protocol):

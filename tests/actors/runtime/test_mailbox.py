@@ -8,7 +8,15 @@ import pytest
 import trio
 import trio.testing
 
-from actors.mailbox import Actor, AskTimeout, Envelope, Mailbox, MailboxClosed, NoReply, reply
+from actors.runtime.mailbox import (
+    Actor,
+    AskTimeout,
+    Envelope,
+    Mailbox,
+    MailboxClosed,
+    NoReply,
+    reply,
+)
 
 
 class Boom(Exception):

@@ -18,9 +18,9 @@ from typing import Any
 
 import trio
 
-from actors.clock import Clock, TrioClock
-from actors.mailbox import Actor, Mailbox
-from actors.registry import Registry
+from actors.runtime.clock import Clock, TrioClock
+from actors.runtime.mailbox import Actor, Mailbox
+from actors.runtime.registry import Registry
 from protocol.tree import TreeNode
 
 log = logging.getLogger("jobd.actors")

@@ -14,9 +14,9 @@ import msgspec
 import trio
 import trio.lowlevel
 
-from actors.clock import Clock
-from actors.mailbox import Actor, Mailbox
 from actors.ports import Observer, Store, StoreUnavailable, ValueRejected
+from actors.runtime.clock import Clock
+from actors.runtime.mailbox import Actor, Mailbox
 
 log = logging.getLogger("jobd.reaper")
 

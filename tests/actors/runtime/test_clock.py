@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 import trio
 
-from actors.clock import Clock, PinnedClock, TrioClock
+from actors.runtime.clock import Clock, PinnedClock, TrioClock
 
 
 async def test_trio_clock_follows_virtual_time(autojump_clock):

@@ -19,9 +19,7 @@ from datetime import datetime
 import msgspec
 import trio
 
-from actors.clock import Clock
 from actors.errors import InvalidArgs, UnknownKind
-from actors.mailbox import Actor, Mailbox
 from actors.ports import (
     Fired,
     FireTarget,
@@ -31,6 +29,8 @@ from actors.ports import (
     StoreUnavailable,
     ValueRejected,
 )
+from actors.runtime.clock import Clock
+from actors.runtime.mailbox import Actor, Mailbox
 from actors.schedule import check_row, definition, next_after, occurrence, plan, timing_of
 from protocol.schedules import ScheduleSpec
 

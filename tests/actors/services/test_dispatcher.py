@@ -12,12 +12,12 @@ import pytest
 import trio
 
 from actors import handlers
-from actors.clock import TrioClock
-from actors.dispatcher import Dispatcher, QueueSettings, Resize, Running, Wake
 from actors.handlers import job
-from actors.mailbox import Mailbox
 from actors.ports import NewJob, NullObserver, Outcome
-from actors.worker import AttemptRunner
+from actors.runtime.clock import TrioClock
+from actors.runtime.mailbox import Mailbox
+from actors.services.dispatcher import Dispatcher, QueueSettings, Resize, Running, Wake
+from actors.services.worker import AttemptRunner
 
 
 class Gate(msgspec.Struct):
@@ -162,7 +162,7 @@ async def test_a_shrink_retires_workers_and_later_attempts_obey_it(store):
 async def test_a_shrink_between_claim_and_start_still_runs_the_queued_attempt(store):
     """A reload that shrinks the slots after an attempt was queued and a parked worker
     woken for it: that worker retires, and the attempt must still reach one."""
-    from actors.worker import Attempt
+    from actors.services.worker import Attempt
 
     await store.enqueue_many([NewJob(kind="test.hold") for _ in range(4)])
     async with dispatcher(store, concurrency=4) as (d, box, finished):
@@ -218,8 +218,8 @@ async def test_a_job_claimed_again_here_waits_for_its_old_attempt_to_stop(store)
 
 
 async def test_the_heart_stops_an_attempt_whose_lease_is_gone(store):
-    from actors.dispatcher import Drain, LeaseLost
-    from actors.heart import Heart
+    from actors.services.dispatcher import Drain, LeaseLost
+    from actors.services.heart import Heart
 
     await store.enqueue_many([NewJob(kind="test.lapse")])
     async with dispatcher(store, concurrency=3, kinds=("test.lapse",)) as (d, box, finished):
@@ -315,7 +315,7 @@ class SlowClaimReply:
 
 
 async def test_a_claim_in_flight_keeps_the_pool_busy_for_the_drain(store):
-    from actors.dispatcher import Drain
+    from actors.services.dispatcher import Drain
 
     await store.enqueue_many([NewJob(kind="test.quick") for _ in range(3)])
     slow = SlowClaimReply(store)

@@ -21,11 +21,11 @@ from typing import Any
 import msgspec
 import trio
 
-from actors import lag
-from actors.clock import Clock
-from actors.mailbox import Actor, Mailbox
 from actors.ports import Observer, Outcome, Store, StoreUnavailable
-from actors.worker import (
+from actors.runtime import lag
+from actors.runtime.clock import Clock
+from actors.runtime.mailbox import Actor, Mailbox
+from actors.services.worker import (
     CANCEL_REQUESTED,
     LEASE_LOST,
     SHUTDOWN,

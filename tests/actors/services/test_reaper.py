@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from actors.clock import TrioClock
-from actors.mailbox import Mailbox
 from actors.ports import NewJob, NullObserver, Outcome
-from actors.reaper import Reaper, ReaperSettings, RetentionRule, Sweep, SweepReport
+from actors.runtime.clock import TrioClock
+from actors.runtime.mailbox import Mailbox
+from actors.services.reaper import Reaper, ReaperSettings, RetentionRule, Sweep, SweepReport
 
 
 def secs(n: float) -> timedelta:

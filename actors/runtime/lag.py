@@ -16,7 +16,7 @@ from time import perf_counter
 
 import trio
 
-from actors.clock import Clock
+from actors.runtime.clock import Clock
 
 log = logging.getLogger("jobd.lag")
 
