@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import anyio  # noqa: E402
 
-from daemon.embedded_pg import EmbeddedPostgres  # noqa: E402
+from daemon.embedded import EmbeddedPostgres  # noqa: E402
 from protocol.client import connect  # noqa: E402
 from protocol.jobs import JobSpec  # noqa: E402
 from tests.support import JobdProcess, Sql  # noqa: E402

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 
 from bench.common import pct, wait_for  # noqa: E402
-from daemon.embedded_pg import EmbeddedPostgres  # noqa: E402
+from daemon.embedded import EmbeddedPostgres  # noqa: E402
 from protocol import commands as c  # noqa: E402
 from protocol.client import connect  # noqa: E402
 from protocol.schedules import ScheduleSpec  # noqa: E402

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 
 from bench.common import PgConn, latency_summary, pg_cluster_cpu, proc_cpu, rss_mb, wait_for
-from daemon.embedded_pg import EmbeddedPostgres
+from daemon.embedded import EmbeddedPostgres
 from protocol.client import connect
 from protocol.jobs import JobSpec
 from tests.support import ROOT, JobdProcess

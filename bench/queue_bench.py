@@ -25,7 +25,7 @@ import trio  # noqa: E402
 
 from actors.ports import NewJob  # noqa: E402
 from bench.common import pct, rss_mb, wait_for  # noqa: E402
-from daemon.embedded_pg import EmbeddedPostgres  # noqa: E402
+from daemon.embedded import EmbeddedPostgres  # noqa: E402
 from daemon.store import PgStore, bridge  # noqa: E402
 from tests.support import JobdProcess, Sql  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     .bench-venv/bin/python bench/run.py [--quick] [--reps 3] [--only jobd,pgqueuer] [--json F]
 
-Starts its own durable Postgres (daemon.embedded_pg.EmbeddedPostgres, one database per
+Starts its own durable Postgres (daemon.embedded.EmbeddedPostgres, one database per
 system) in a temp dir, runs every scenario for every system `--reps` times and prints
 medians with min-max spreads; the raw numbers go to bench/results/<time>.json.
 Peers run as subprocesses (bench/peers/*_peer.py); a peer that fails records its error
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import jobd_bench as jb  # noqa: E402
 from bench.common import PgConn, latency_summary, pg_cluster_cpu, rss_mb, summarize  # noqa: E402
-from daemon.embedded_pg import EmbeddedPostgres  # noqa: E402
+from daemon.embedded import EmbeddedPostgres  # noqa: E402
 
 PEERS = ["procrastinate", "pgqueuer", "arq"]
 SYSTEMS = ["jobd", *PEERS]

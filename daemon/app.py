@@ -156,7 +156,7 @@ class Daemon:
                 log.info("embedded Postgres stopped", extra={"event": "embedded.stopped"})
 
     def _start_embedded(self) -> str:
-        from daemon.embedded_pg import EmbeddedPostgres
+        from daemon.embedded import EmbeddedPostgres
 
         self.embedded = EmbeddedPostgres(self.state_dir)
         self.embedded.start()

@@ -1,7 +1,7 @@
 """Session-wide fixtures shared by all test packages.
 
 Postgres: set JOBD_TEST_DATABASE_URL to test against an existing server; otherwise a
-private, durability-off cluster (daemon.embedded_pg) is started once per session.
+private, durability-off cluster (daemon.embedded) is started once per session.
 Fixtures here are sync on purpose (pytest-trio runs async tests in trio).
 """
 
@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from daemon.embedded_pg import EmbeddedPostgres
+from daemon.embedded import EmbeddedPostgres
 
 TEST_DATABASE_URL_ENV = "JOBD_TEST_DATABASE_URL"
 

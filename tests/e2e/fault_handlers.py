@@ -22,7 +22,7 @@ import msgspec
 import trio
 
 from actors import Context, job
-from daemon.embedded_pg import EmbeddedPostgres
+from daemon.embedded import EmbeddedPostgres
 
 EFFECTS_ENV = "JOBD_FAULT_EFFECTS"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.embedded_pg import EmbeddedPostgres
+from daemon.embedded import EmbeddedPostgres
 from tests.support import JobdProcess, Sql, wait_until
 
 DEADLINE_S = 60.0

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from daemon.embedded_pg import EmbeddedPostgres
+from daemon.embedded import EmbeddedPostgres
 from tests import support
 from tests.e2e.fault_handlers import (
     EFFECTS_ENV,

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import EX_CONFIG
-from daemon.embedded_pg import _pid_alive
+from daemon.embedded.pidfile import pid_alive
 from tests.support import ROOT, JobdProcess, wait_until
 
 DEADLINE_S = 60.0
@@ -109,7 +109,7 @@ def postgres_processes_on(datadir: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if needle in cmdline and _pid_alive(int(entry.name)):
+        if needle in cmdline and pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -167,7 +167,7 @@ def _run_once(daemon: JobdProcess, notify: NotifyListener) -> tuple[float, int]:
     pidfile = daemon.directory / "state" / "pg" / "data" / "postmaster.pid"
     assert pidfile.exists(), f"no embedded Postgres under the state dir:\n{daemon.log_text()}"
     postmaster = int(pidfile.read_text().splitlines()[0])
-    assert _pid_alive(postmaster)
+    assert pid_alive(postmaster)
 
     # Watchdog pings keep coming while the daemon runs (interval: half of WATCHDOG_USEC).
     pings = notify.count("WATCHDOG=1")
@@ -197,7 +197,7 @@ def _run_once(daemon: JobdProcess, notify: NotifyListener) -> tuple[float, int]:
     daemon.signal(signal.SIGTERM)
     notify.wait_for("STOPPING=1", after=t_term)
     assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()
-    assert not _pid_alive(postmaster), f"postmaster {postmaster} outlived jobd"
+    assert not pid_alive(postmaster), f"postmaster {postmaster} outlived jobd"
     assert postgres_processes_on(daemon.directory / "state" / "pg" / "data") == []
     assert not daemon.socket.exists()
     return to_ready, postmaster
@@ -214,7 +214,7 @@ def test_notify_ready_tree_sigterm(private_dir: Path, notify: NotifyListener,
     fresh_s, first_pm = _run_once(daemon, notify)
     # Same state dir again: the cluster exists, only start it.
     reused_s, second_pm = _run_once(daemon, notify)
-    assert second_pm != first_pm or not _pid_alive(first_pm)
+    assert second_pm != first_pm or not pid_alive(first_pm)
 
     events = [e.get("event") for e in daemon.log_events()]
     assert events.count("embedded.started") == 2

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from daemon.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from daemon.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from daemon.main import EX_TEMPFAIL
 from tests.support import ROOT, JobdProcess
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-import daemon.embedded_pg as embedded_pg
-from daemon.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bindir
+from daemon.embedded import EmbeddedPostgres, EmbeddedPostgresError, binaries, find_bindir
+from daemon.embedded.pidfile import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ def execute(url: str, sql: str) -> None:
 
 def process_gone(pid: int) -> bool:
     # Our PID 1 may not reap: an exited-but-unreaped postmaster is a zombie; count it as gone.
-    return not embedded_pg._pid_alive(pid)
+    return not pid_alive(pid)
 
 
 @pytest.fixture
@@ -157,8 +157,8 @@ def test_error_when_bindir_override_is_empty(tmp_path, monkeypatch):
 
 def test_error_when_no_binaries_anywhere(tmp_path, monkeypatch):
     monkeypatch.delenv("JOBD_PG_BINDIR", raising=False)
-    monkeypatch.setattr(embedded_pg, "_system_bindir", lambda: None)
-    monkeypatch.setattr(embedded_pg, "_pgserver_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "_system_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "_pgserver_bindir", lambda: None)
     with pytest.raises(EmbeddedPostgresError) as ei:
         find_bindir()
     assert str(ei.value) == (
@@ -197,7 +197,7 @@ def test_pgserver_binaries(short_root, cleanup):
     url = pg.start()
     assert "PostgreSQL 16" in fetchval(url, "SELECT version()")
     # Reopening the cluster with other (older) binaries fails clearly, not obscurely.
-    system = embedded_pg._system_bindir()
+    system = binaries._system_bindir()
     if system is not None and "16" not in str(system):
         pg.stop()
         with pytest.raises(EmbeddedPostgresError, match="was created by PostgreSQL 16"):
@@ -217,7 +217,7 @@ def test_runs_as_normal_user():
         f"""
         import asyncio, os, asyncpg
         from pathlib import Path
-        from daemon.embedded_pg import EmbeddedPostgres
+        from daemon.embedded import EmbeddedPostgres
         assert os.geteuid() != 0
         pg = EmbeddedPostgres(Path({str(root)!r}), fast=True)
         url = pg.start()
