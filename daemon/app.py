@@ -29,7 +29,8 @@ from actors.runtime import lag
 from actors.runtime.clock import TrioClock
 from actors.runtime.mailbox import Mailbox, MailboxClosed
 from actors.runtime.registry import Registry
-from actors.runtime.supervisor import ChildSpec, Strategy, Supervisor
+from actors.runtime.specs import ChildSpec, Strategy
+from actors.runtime.supervisor import Supervisor
 from actors.services.batcher import Backlog, Batcher
 from actors.services.control import Control, key_stats, limits_for_key
 from actors.services.dispatcher import (

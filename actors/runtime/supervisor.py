@@ -1,4 +1,5 @@
-"""OTP-style supervision: strategies, restart types, restart intensity, ordered shutdown.
+"""OTP-style supervision: the loop that starts children, restarts them by their spec
+(actors/runtime/specs.py) within a restart intensity, and stops them in order.
 
 Each child runs in its own cancel scope inside the supervisor's nursery, so cancelling
 a supervisor cancels its whole subtree and nothing is orphaned. A child that exits on
@@ -8,95 +9,25 @@ itself do not report, so the loop only ever reacts to unrequested exits.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from actors.runtime.clock import Clock, TrioClock
-from actors.runtime.mailbox import Actor, Mailbox
 from actors.runtime.registry import Registry
+from actors.runtime.specs import ChildSpec, Restart, Strategy
 from protocol.tree import TreeNode
 
 log = logging.getLogger("jobd.actors")
 
 
-class Strategy(enum.Enum):
-    ONE_FOR_ONE = "one_for_one"  # restart only the child that exited
-    ONE_FOR_ALL = "one_for_all"  # restart every running child
-    REST_FOR_ONE = "rest_for_one"  # restart the child and those started after it
-
-
-class Restart(enum.Enum):
-    PERMANENT = "permanent"  # always restarted
-    TRANSIENT = "transient"  # restarted only after an exception
-    TEMPORARY = "temporary"  # never restarted, not even when a sibling triggers a restart
-
-
 class SupervisorGaveUp(Exception):
     """Restart intensity exceeded; the parent supervisor sees this as its child crashing."""
-
-
-@dataclass(eq=False)
-class ChildSpec:
-    """How to run one child.
-
-    `start` is awaited as `start(task_status=...)` through `nursery.start`, so it must
-    call `task_status.started()` once it is up. On shutdown the supervisor awaits
-    `stop()` (if given), waits for the child to return, and cancels it once
-    `shutdown_timeout` has passed; without `stop` the child is cancelled at once.
-    A `Supervisor.run` passed as `start` gets `Supervisor.stop` as its default `stop`.
-    """
-
-    name: str
-    start: Callable[..., Awaitable[None]]
-    restart: Restart = Restart.PERMANENT
-    shutdown_timeout: float = 5.0
-    mailbox: Mailbox[Any] | None = None
-    stop: Callable[[], Awaitable[None]] | None = None
-
-    @classmethod
-    def for_actor(
-        cls,
-        factory: Callable[[], Actor[Any]],
-        *,
-        restart: Restart = Restart.PERMANENT,
-        shutdown_timeout: float = 5.0,
-        stop: Callable[[], Awaitable[None]] | None = None,
-    ) -> ChildSpec:
-        """A child that runs a fresh `factory()` actor on every (re)start.
-
-        The factory must hand every actor the same Mailbox (build it once and close
-        over it); the first actor is built here to learn the name and mailbox, and each
-        later one is checked, because a new mailbox would silently strand messages.
-        """
-        first = factory()
-        mailbox = first.mailbox
-        unused = [first]
-
-        async def start(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            actor = unused.pop() if unused else factory()
-            if actor.mailbox is not mailbox:
-                raise RuntimeError(f"factory for {first.name!r} built an actor with a new mailbox")
-            await actor.run(task_status=task_status)
-
-        return cls(first.name, start, restart, shutdown_timeout, mailbox, stop)
-
-    @classmethod
-    def for_supervisor(
-        cls,
-        supervisor: Supervisor,
-        *,
-        restart: Restart = Restart.PERMANENT,
-        shutdown_timeout: float = math.inf,
-    ) -> ChildSpec:
-        """A nested supervisor; by default it gets all the time its own children need."""
-        return cls(supervisor.name, supervisor.run, restart, shutdown_timeout)
 
 
 class _Incarnation:

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from actors.runtime.mailbox import Actor, Mailbox
 from actors.runtime.registry import Registry
-from actors.runtime.supervisor import ChildSpec, Restart, Strategy, Supervisor, SupervisorGaveUp
+from actors.runtime.specs import ChildSpec, Restart, Strategy
+from actors.runtime.supervisor import Supervisor, SupervisorGaveUp
 
 
 class Boom(Exception):

@@ -13,7 +13,8 @@ import trio.testing
 from actors.ports import StoreUnavailable, ValueRejected
 from actors.runtime.clock import TrioClock
 from actors.runtime.mailbox import Mailbox
-from actors.runtime.supervisor import ChildSpec, Strategy, Supervisor
+from actors.runtime.specs import ChildSpec, Strategy
+from actors.runtime.supervisor import Supervisor
 from actors.services.batcher import Backlog, Batcher
 
 
