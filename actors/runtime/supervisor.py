@@ -173,6 +173,7 @@ class Supervisor:
             outcome = await self._start_child(nursery, child)
             if outcome is not _UP:
                 # Failing to start is a crash; its restarts join this pass instead of recursing.
+                assert outcome is None or isinstance(outcome, Exception)
                 more = await self._on_exit(child, outcome)
                 todo = sorted({*todo, *more}, key=lambda c: c.index)
 
