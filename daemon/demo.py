@@ -18,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from daemon.jobctl.render import render_job, render_top
 from examples.standin_servers import StandinServers
 from protocol import commands as c
 from protocol.client import SyncClient
@@ -59,8 +60,6 @@ def _mix() -> list[JobSpec]:
 
 
 def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
-    from daemon.jobctl import render_job, render_top
-
     directory = Path(state_dir or tempfile.mkdtemp(prefix="jobd-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
     socket = directory / "jobd.sock"

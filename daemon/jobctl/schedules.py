@@ -1,4 +1,5 @@
-"""`jobctl schedules list|add|remove|pause|resume|trigger`."""
+"""`jobctl schedules list|add|remove|pause|resume|trigger`: schedules live in Postgres,
+so these are commands to the daemon like any other."""
 
 from __future__ import annotations
 
