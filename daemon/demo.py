@@ -20,9 +20,8 @@ from pathlib import Path
 
 from daemon.jobctl.render import render_job, render_top
 from examples.standin_servers import StandinServers
+from protocol import JobSpec, SyncClient
 from protocol import commands as c
-from protocol.client import SyncClient
-from protocol.jobs import JobSpec
 
 MODULES = ["examples.stock_pipeline", "examples.predictions", "examples.marketplace"]
 ROOT = Path(__file__).resolve().parent.parent

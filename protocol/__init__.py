@@ -1,0 +1,61 @@
+"""The client API: what a program needs to talk to a running jobd, over its socket.
+
+    from protocol import connect, NotFound
+
+    async with connect("/run/jobd/eu-west/jobd.sock") as client:   # asyncio or trio
+        done = await client.enqueue("listings.refresh", {"marketplace": "ebay"})
+        job = await client.get(done.id)
+
+Each client method returns one of the result Structs below or raises `JobdError` (a
+subclass where the code has one) with a stable `code`. Everything else in this package
+(the command Structs, framing, limits) is the wire format the daemon shares; import it
+from its module when you need it. This package imports nothing else of jobd's.
+"""
+
+from protocol.client import Client, SyncClient, connect
+from protocol.commands import (
+    BatchResult,
+    BulkResult,
+    CancelResult,
+    DrainResult,
+    EnqueueResult,
+    HelloResult,
+    JobsPage,
+    NodesResult,
+    PauseResult,
+    Pong,
+    ReloadResult,
+    ScheduleFired,
+    ScheduleListResult,
+    ScheduleRemoved,
+    SendEventResult,
+    StatsResult,
+    SummaryResult,
+)
+from protocol.errors import (
+    BadRequest,
+    ConnectionFailed,
+    ErrorCode,
+    JobdError,
+    NotFound,
+    Unavailable,
+)
+from protocol.jobs import AttemptError, DaemonView, JobSpec, JobView, KeyStats, QueueCounts
+from protocol.schedules import ScheduleSpec, ScheduleView
+from protocol.tree import TreeNode
+from protocol.workflows import ChildView, StepView, WorkflowView
+
+__all__ = [
+    # connecting
+    "Client", "SyncClient", "connect",
+    # errors
+    "BadRequest", "ConnectionFailed", "ErrorCode", "JobdError", "NotFound", "Unavailable",
+    # what a client sends beside plain arguments
+    "JobSpec", "ScheduleSpec",
+    # what a client receives
+    "AttemptError", "BatchResult", "BulkResult", "CancelResult", "ChildView", "DaemonView",
+    "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
+    "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
+    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
+    "StepView", "SummaryResult", "TreeNode", "WorkflowView",
+]

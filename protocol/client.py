@@ -22,7 +22,14 @@ import msgspec
 from anyio.abc import ObjectStream
 
 from protocol import commands as c
-from protocol.errors import ConnectionFailed, ErrorCode, JobdError
+from protocol.errors import (
+    BadRequest,
+    ConnectionFailed,
+    ErrorCode,
+    JobdError,
+    NotFound,
+    Unavailable,
+)
 from protocol.framing import PROTOCOL_VERSION, FrameTooLong, LineBuffer, encode_line
 from protocol.jobs import JobSpec, JobView
 from protocol.tree import TreeNode
@@ -241,8 +248,15 @@ class Client:
         return self.stream(c.Watch(job_id=job_id, interval_s=interval_s))
 
 
+# An error reply raises the subclass for its code where there is one, so a caller can
+# `except NotFound`; every other code is a JobdError carrying that code.
+_ERROR_CLASSES: dict[str, type[JobdError]] = {cls.code: cls for cls in (NotFound, BadRequest,
+                                                                        Unavailable)}
+
+
 def _reply_error(reply: c.Error) -> JobdError:
-    return JobdError(reply.message, code=reply.code, details=reply.details)
+    error_class = _ERROR_CLASSES.get(reply.code, JobdError)
+    return error_class(reply.message, code=reply.code, details=reply.details)
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ import trio
 
 from protocol import client as client_module
 from protocol.client import connect
-from protocol.errors import JobdError
+from protocol.errors import BadRequest, JobdError, NotFound, Unavailable
 
 Script = Callable[[trio.SocketStream, bytes], Awaitable[None]]
 
@@ -101,3 +101,18 @@ async def test_a_plain_close_says_so(tmp_path: Path) -> None:
     error = await _ping_against(tmp_path, hang_up)
     assert error.code == "unavailable"
     assert error.message == "connection to jobd lost: jobd closed the connection"
+
+
+@pytest.mark.parametrize(("code", "error_class"), [
+    ("not_found", NotFound), ("bad_request", BadRequest), ("unavailable", Unavailable),
+    ("unknown_kind", JobdError), ("some_later_code", JobdError)])
+async def test_an_error_reply_raises_the_class_for_its_code(tmp_path: Path, code: str,
+                                                            error_class: type) -> None:
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        request_id = json.loads(request)["id"]
+        await stream.send_all(json.dumps({"id": request_id, "type": "error", "code": code,
+                                          "message": "no", "details": {"x": 1}}).encode() + b"\n")
+
+    error = await _ping_against(tmp_path, answer)
+    assert type(error) is error_class
+    assert (error.code, error.message, error.details) == (code, "no", {"x": 1})
