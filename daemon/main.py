@@ -4,14 +4,21 @@ another daemon already runs on the state directory or the socket."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import resource
 import sys
 from pathlib import Path
 
 import trio
 
-from daemon import __version__, lock
+from actors.errors import InvalidArgs, UnknownKind
+from actors.schedule import definition
+from daemon import __version__, demo, lock
+from daemon.app import Daemon, import_modules
 from daemon.config import EX_CONFIG, Config, ConfigError, load, socket_path, state_dir
+from daemon.logs import configure_logging
+from daemon.systemd import Notifier
 
 EX_TEMPFAIL = 75  # another daemon holds the state directory or the socket: try later
 
@@ -40,9 +47,7 @@ def _default_config() -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "demo":
-        from daemon.demo import run as demo
-
-        return demo(args.state_dir)
+        return demo.run(args.state_dir)
     try:
         config = load(args.config)
     except ConfigError as exc:
@@ -56,10 +61,6 @@ def main(argv: list[str] | None = None) -> int:
             return EX_CONFIG
         print(f"{args.config or '<defaults>'}: ok")
         return 0
-    from daemon.app import Daemon
-    from daemon.logs import configure_logging
-    from daemon.systemd import Notifier
-
     directory = state_dir(args.state_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o750)
     # Before anything touches the embedded Postgres or the socket: one daemon each.
@@ -85,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             for error in config_errors:
                 print(f"jobd: bad config: {error}", file=sys.stderr)
             return EX_CONFIG
-        import logging
-
         logging.getLogger("jobd").critical("jobd stopped on an error: %s", exc, exc_info=True,
                                            extra={"event": "daemon.crashed"})
         return 1
@@ -96,9 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 def _raise_descriptor_limit() -> None:
     """Soft RLIMIT_NOFILE up to the hard limit (often 1024 of 524288): connections and
     the database pool share it, and running out stops `accept`."""
-    import logging
-    import resource
-
     log = logging.getLogger("jobd")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -118,14 +114,9 @@ def _raise_descriptor_limit() -> None:
 def check_handlers(config: Config) -> None:
     """Import `handlers.modules` as `jobd run` would, and check the config's schedules
     against them; ConfigError names the module (or schedule) that failed, in one line."""
-    from daemon.app import import_modules
-
     error = import_modules(config.handlers, reload=False)
     if error is not None:
         raise ConfigError(" ".join(error.split()))  # one line, whatever the module raised
-    from actors.errors import InvalidArgs, UnknownKind
-    from actors.schedule import definition
-
     for i, spec in enumerate(config.schedules):
         try:
             definition(spec, source="config")
