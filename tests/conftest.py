@@ -18,9 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from daemon.embedded import EmbeddedPostgres
+from daemon.store import PgStore, bridge
+from tests.support import JobdProcess, Sql
 
 TEST_DATABASE_URL_ENV = "JOBD_TEST_DATABASE_URL"
 
@@ -35,8 +38,6 @@ def _url_with_database(url: str, database: str) -> str:
 
 def _run_sql(url: str, sql: str) -> None:
     """Run one statement with asyncpg on a private event loop in a helper thread."""
-    import asyncpg
-
     async def main() -> None:
         conn = await asyncpg.connect(url)
         try:
@@ -125,7 +126,6 @@ def fresh_database(pg_cluster: EmbeddedPostgres | None) -> Iterator[str]:
 @pytest.fixture
 async def store(fresh_database: str):
     """A migrated PgStore on a fresh database, inside this test's trio-asyncio loop."""
-    from daemon.store import PgStore, bridge
 
     async with bridge.open_loop():
         pg = PgStore(fresh_database, pool_min=1, pool_max=4, timeout_s=10)
@@ -139,7 +139,6 @@ async def store(fresh_database: str):
 @pytest.fixture
 def sql(fresh_database: str):
     """Sync SQL on the fresh database, for assertions on what Postgres holds."""
-    from tests.support import Sql
 
     return Sql(fresh_database)
 
@@ -147,7 +146,6 @@ def sql(fresh_database: str):
 @pytest.fixture
 def jobd(fresh_database: str, tmp_path):
     """Factory for real `jobd run` processes on the fresh database; all stopped at teardown."""
-    from tests.support import JobdProcess
 
     started: list[JobdProcess] = []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,8 +64,6 @@ class Sql:
         self.url = url
 
     def _run(self, method: str, query: str, *args: Any) -> Any:
-        import asyncpg
-
         async def main() -> Any:
             conn = await asyncpg.connect(self.url)
             try:
@@ -143,8 +144,6 @@ class JobdProcess:
             self.wait_ready()
 
     def _limit_descriptors(self) -> None:
-        import resource
-
         assert self.nofile is not None
         resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 

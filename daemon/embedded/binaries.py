@@ -93,10 +93,10 @@ def find_bindir() -> Path:
                 + MISSING_MSG
             )
         return d.resolve()
-    d = _system_bindir() or _pgserver_bindir()
-    if d is None:
+    found = _system_bindir() or _pgserver_bindir()
+    if found is None:
         raise EmbeddedPostgresError(MISSING_MSG)
-    return d
+    return found
 
 
 # systemd's variables are jobd's, not the server's: a Postgres built with systemd support

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, client: SyncClient) -> int:
             result = client.call(c.Cancel(job_id=args.ids[0]))
             human = f"job {result.id}: {result.was} -> {result.state}"
         case "cancel" | "retry" | "replay" | "delete":
-            command = {"cancel": c.CancelMany, "retry": c.Retry, "replay": c.Replay,
+            command: Any = {"cancel": c.CancelMany, "retry": c.Retry, "replay": c.Replay,
                        "delete": c.Delete}[args.command]
             result = client.call(command(dry_run=args.dry_run, **filters(args)))
             verb = {"cancel": "cancelled", "retry": "retried", "replay": "replayed",

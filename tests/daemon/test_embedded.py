@@ -10,6 +10,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -138,8 +139,10 @@ def test_long_root_uses_short_socket_dir(tmp_path, cleanup):
     assert not sockdir.exists()  # the temporary socket dir is cleaned up
 
 
-def test_session_fixtures(pg_url, fresh_database):
-    assert fetchval(pg_url, "SELECT current_database()") == "jobd_test"
+def test_session_fixtures(pg_cluster, pg_url, fresh_database):
+    # On the session cluster the database is jobd_test; JOBD_TEST_DATABASE_URL's is used as is.
+    session = "jobd_test" if pg_cluster is not None else urlsplit(pg_url).path.lstrip("/")
+    assert fetchval(pg_url, "SELECT current_database()") == session
     assert fetchval(fresh_database, "SELECT current_database()").startswith("jobd_t_")
 
 
