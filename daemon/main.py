@@ -124,11 +124,12 @@ def check_handlers(config: Config) -> None:
     if error is not None:
         raise ConfigError(" ".join(error.split()))  # one line, whatever the module raised
     from actors.errors import InvalidArgs, UnknownKind
-    from actors.schedule import definition
+    from actors.handlers import HANDLERS
+    from actors.schedule_jobs import definition
 
     for i, spec in enumerate(config.schedules):
         try:
-            definition(spec, source="config")
+            definition(HANDLERS, spec, source="config")
         except (ValueError, UnknownKind, InvalidArgs) as exc:
             raise ConfigError(f"schedule {spec.name!r}: {exc} - at `$.schedules[{i}]`") from None
 
