@@ -125,9 +125,9 @@ class AttemptRunner:
                    or (self._queue_timeout_s(job.queue) if self._queue_timeout_s else None)
                    or self._default_timeout_s)
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:  # NaN fails both
-            exc = ValueError(f"timeout_s {timeout!r} is not a usable timeout "
+            bad = ValueError(f"timeout_s {timeout!r} is not a usable timeout "
                              f"(0 < timeout_s <= {MAX_TIMEOUT_S:g} s)")
-            return self._fail(job, exc, "invalid_value", 0.0), "error", 0.0
+            return self._fail(job, bad, "invalid_value", 0.0), "error", 0.0
         ctx = self._context(job)
         with attempt.scope:
             if timeout:
@@ -154,9 +154,9 @@ class AttemptRunner:
                 run_s = self._clock.now() - started
                 return self._after_error(job, jobdef, exc, run_s), "error", run_s
             except BaseExceptionGroup as group:
-                suspend = only_suspends(group)  # steps waiting in a nursery
-                if suspend is not None:
-                    return suspend.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
+                waiting = only_suspends(group)  # steps waiting in a nursery
+                if waiting is not None:
+                    return waiting.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
                 _, crash = group.split(trio.Cancelled)
                 if crash is None:
                     raise  # only cancellations: the scope they belong to takes them
