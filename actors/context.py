@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import trio
 
+from actors.handlers import Handlers
 from actors.ports import NewJob, Outcome, Transaction
 from actors.workflow import Child, ChildResult
 from actors.workflow_context import Workflow
@@ -68,7 +69,7 @@ class Context:
         wall: Callable[[], float] | None = None,
         encode_result: Callable[[Any], str] | None = None,
         new_child: Callable[[Child, JobInfo], NewJob] | None = None,
-        handlers: Any = None,
+        handlers: Handlers | None = None,
     ):
         # Built on first use: most quick handlers never look, and a JobInfo per attempt
         # (tags copied, errors decoded) is measurable at thousands of jobs a second.

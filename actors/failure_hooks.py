@@ -32,6 +32,8 @@ async def run_failure_hook(ctx: Context, args: HookArgs) -> dict[str, Any]:
     row = await ctx.workflow.store.get_job(args.job_id)
     if row is None:
         return {"job_id": args.job_id, "skipped": "job no longer exists"}
+    if ctx.handlers is None:
+        raise RuntimeError("a failure hook runs in a daemon, which hands it its handlers")
     jobdef = ctx.handlers.lookup(row["kind"])
     if jobdef.on_failure is None:
         return {"job_id": args.job_id, "skipped": "no on_failure hook"}
