@@ -16,8 +16,9 @@ from typing import Any
 
 import msgspec
 
+from actors.context import Context
 from actors.errors import Fail
-from actors.handlers import Context, job, lookup
+from actors.handlers import Handlers, job
 
 KIND = "jobd.on_failure"
 
@@ -28,10 +29,12 @@ class HookArgs(msgspec.Struct):
 
 @job(KIND, max_attempts=10, timeout="1h")
 async def run_failure_hook(ctx: Context, args: HookArgs) -> dict[str, Any]:
-    row = await ctx._store().get_job(args.job_id)
+    row = await ctx.workflow.store.get_job(args.job_id)
     if row is None:
         return {"job_id": args.job_id, "skipped": "job no longer exists"}
-    jobdef = lookup(row["kind"])
+    if ctx.handlers is None:
+        raise RuntimeError("a failure hook runs in a daemon, which hands it its handlers")
+    jobdef = ctx.handlers.lookup(row["kind"])
     if jobdef.on_failure is None:
         return {"job_id": args.job_id, "skipped": "no on_failure hook"}
     if row["state"] != "failed":
@@ -42,7 +45,6 @@ async def run_failure_hook(ctx: Context, args: HookArgs) -> dict[str, Any]:
     return {"job_id": args.job_id, "hook": "ran"}
 
 
-def hooked_kinds() -> list[str]:
-    from actors.handlers import registered
-
-    return sorted(k for k, d in registered().items() if d.on_failure is not None)
+def hooked_kinds(handlers: Handlers) -> list[str]:
+    """Kinds with an `on_failure` hook (the daemon registers them in jobd.failure_hooks)."""
+    return sorted(k for k, d in handlers.registered().items() if d.on_failure is not None)

@@ -20,6 +20,7 @@ Retries back off exponentially (base * 2^(attempt-1), capped) with +-25 % jitter
 from __future__ import annotations
 
 import random
+import traceback
 from typing import Any
 
 import msgspec
@@ -139,8 +140,6 @@ def timeout_decision(attempt: int, max_attempts: int, rng: random.Random) -> Dec
 
 def summarize(exc: BaseException, limit: int = 8) -> dict[str, Any]:
     """Message and the innermost frames, small enough to keep for every attempt."""
-    import traceback
-
     frames = traceback.extract_tb(exc.__traceback__)[-limit:]
     return {
         "type": type(exc).__name__,

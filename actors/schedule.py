@@ -35,12 +35,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from croniter import croniter
 
-from actors.errors import InvalidArgs
-from actors.handlers import lookup
-from actors.ports import NewJob, Occurrence, ScheduleDef
-from actors.validate import check_new_job, has_nul, max_args_bytes
+from actors.ports import ScheduleDef
 from protocol.durations import parse_duration
-from protocol.errors import JobdError
 from protocol.schedules import (
     DURATION_MAX_S,
     EVERY_MIN_S,
@@ -307,63 +303,5 @@ def fire_at_from_tags(tags: list[str]) -> datetime | None:
     return None
 
 
-# -- definitions and occurrences -----------------------------------------------------------
-
-
-def definition(spec: ScheduleSpec, *, source: str = "runtime") -> ScheduleDef:
-    """Validate a declared schedule into what the store keeps.
-
-    Raises ValueError (timing, durations), UnknownKind or InvalidArgs (checked against
-    this daemon's handlers, like an enqueue).
-    """
-    every_s, jitter_s, grace_s = check_durations(spec)
-    timing = Timing(cron=spec.cron, every_s=every_s, tz=spec.tz)
-    validate(timing)
-    jobdef = lookup(spec.kind)
-    args = jobdef.decode_args(spec.args)
-    encoded = msgspec.json.encode(args)
-    if len(encoded) > max_args_bytes():
-        raise ValueError(f"args: {len(encoded)} bytes of JSON is over the limit of "
-                         f"{max_args_bytes()} bytes (limits.max_args_bytes)")
-    if has_nul(encoded):
-        raise ValueError("args contain a NUL character (\\u0000), which Postgres cannot store")
-    schedule = ScheduleDef(
-        name=spec.name, kind=spec.kind, cron=spec.cron, every_s=every_s, tz=spec.tz,
-        args=encoded.decode(), queue=spec.queue, key=spec.key,
-        priority=spec.priority, max_attempts=spec.max_attempts, timeout_s=spec.timeout_s,
-        tags=list(spec.tags), jitter_s=jitter_s, missed=spec.missed,
-        missed_limit=spec.missed_limit, grace_s=grace_s, source=source,
-    )
-    check_row(schedule)  # a spec built in Python skipped the decoder's ranges
-    return schedule
-
-
 def timing_of(row: ScheduleDef) -> Timing:
     return Timing(cron=row.cron, every_s=row.every_s, tz=row.tz)
-
-
-def occurrence(row: ScheduleDef, fire_at: datetime, *, manual: bool = False) -> Occurrence:
-    """The job one occurrence enqueues: the handler's defaults under the schedule's options,
-    keyed and tagged by the occurrence. Raises UnknownKind / InvalidArgs."""
-    jobdef = lookup(row.kind)
-    args = jobdef.decode_args(row.args)
-    key = row.key
-    if key is None and jobdef.key is not None:
-        try:
-            key = str(jobdef.key(args))
-        except Exception as exc:  # noqa: BLE001 - the handler's key function, on these args
-            raise InvalidArgs(f"{row.kind}: the handler's key function failed: {exc!r}") from None
-    job = NewJob(
-        kind=row.kind, args=msgspec.json.encode(args).decode(), queue=row.queue or jobdef.queue,
-        key=key, unique_key=unique_key(row.name, fire_at),
-        priority=row.priority if row.priority is not None else jobdef.priority,
-        delay_s=0.0 if manual else jitter_offset(row.name, fire_at, row.jitter_s),
-        max_attempts=row.max_attempts or jobdef.max_attempts,
-        tags=[*row.tags, *fire_tags(row.name, fire_at)],
-        timeout_s=row.timeout_s if row.timeout_s is not None else jobdef.timeout_s,
-    )
-    try:
-        check_new_job(job)
-    except JobdError as exc:  # e.g. a computed key over its limit: this row, not the scheduler
-        raise InvalidArgs(f"{row.kind}: {exc.message}") from None
-    return Occurrence(schedule=row.name, fire_at=fire_at, manual=manual, job=job)

@@ -23,7 +23,9 @@ from typing import Any
 
 import trio
 
-from actors import failure_hooks, handlers, validate
+from actors import failure_hooks, validate
+from actors.handlers import HANDLERS
+from actors.handlers import Handlers as HandlerRegistry
 from actors.ports import Outcome, ProgressUpdate, StoreUnavailable, ValueRejected
 from actors.runtime import lag
 from actors.runtime.clock import TrioClock
@@ -45,9 +47,10 @@ from actors.services.dispatcher import (
     Wake,
 )
 from actors.services.heart import Beat, Heart
+from actors.services.outcomes import error_class, refused_outcome
 from actors.services.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
-from actors.services.worker import AttemptRunner, error_class, refused_outcome
+from actors.services.worker import AttemptRunner
 from daemon import __version__
 from daemon.config import (
     Config,
@@ -98,6 +101,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._reloading = False
         self._handler_import: _HandlerImport | None = None
+        self.handlers = HANDLERS  # the kinds `@job` registered as handler modules imported
         self._pauses_refreshing = False
         self._pauses_stale = False
         self._notify_drops = 0
@@ -191,7 +195,7 @@ class Daemon:
         backoff = 0.2
         while True:
             try:
-                await self.store.register_failure_hooks(failure_hooks.hooked_kinds())
+                await self.store.register_failure_hooks(failure_hooks.hooked_kinds(self.handlers))
                 break
             except StoreUnavailable as exc:  # the database went away right after connecting
                 log.warning("database not reachable, retrying in %.1fs: %s", backoff, exc,
@@ -204,7 +208,7 @@ class Daemon:
         root = self._build_tree()
         await self._publish_queues_and_limits()
         limits = self.config.limits
-        control = Control(self.store, server=f"jobd/{__version__}", pong=self._pong,
+        control = Control(self.store, handlers=self.handlers, server=f"jobd/{__version__}", pong=self._pong,
                           tree=self.registry.tree, running_here=self._running_here,
                           cancel_here=self._cancel_here, drain=self.set_draining,
                           flow_limits=self.limits_for, observer=self.observer,
@@ -373,7 +377,7 @@ class Daemon:
             for state in ("completed", "failed", "cancelled")
         ]
         runner = AttemptRunner(
-            clock=clock, report_progress=report_progress, transaction=store.transaction,
+            handlers=self.handlers, clock=clock, report_progress=report_progress, transaction=store.transaction,
             default_timeout_s=parse_duration(jobs.max_runtime) or None,
             queue_timeout_s=self.queue_timeout_s,
             max_result_bytes=cfg.limits.max_result_bytes,
@@ -417,8 +421,8 @@ class Daemon:
                 observer=self.observer, clock=clock, hold=self._rescue_hold)),
             ChildSpec.for_actor(lambda: Scheduler(
                 self._scheduler_box, store, SchedulerSettings(),
-                config_schedules=lambda: self.config.schedules, observer=self.observer,
-                clock=clock)),
+                handlers=self.handlers, config_schedules=lambda: self.config.schedules,
+                observer=self.observer, clock=clock)),
             ChildSpec.for_supervisor(Supervisor(
                 "pools", pools, Strategy.ONE_FOR_ONE, registry=self.registry,
                 on_restart=self.observer.actor_restarted)),
@@ -434,7 +438,7 @@ class Daemon:
             dispatcher = Dispatcher(
                 box, settings, daemon_id=self.id, store=self.store, runner=runner,
                 finish=self._hand_over, finish_nowait=self._hand_over_nowait,
-                kinds=lambda: sorted(handlers.registered()),
+                kinds=self.handlers.kinds,
                 paused=self._paused,
                 observer=self.observer, clock=self.clock)
             self.dispatchers[settings.queue] = dispatcher
@@ -543,7 +547,7 @@ class Daemon:
                         extra={"event": "store.unavailable"})
 
     def queue_names(self) -> list[str]:
-        declared = {d.queue for d in handlers.registered().values()}
+        declared = {d.queue for d in self.handlers.registered().values()}
         return sorted(declared | set(self.config.queues) | {"default"})
 
     # -- handlers, reload ------------------------------------------------------------------
@@ -554,7 +558,7 @@ class Daemon:
         error = import_modules(self.config.handlers, reload=False)
         if error is not None:
             raise ConfigError(error)
-        log.info("handlers: %s", ", ".join(sorted(handlers.registered())) or "none",
+        log.info("handlers: %s", ", ".join(self.handlers.kinds()) or "none",
                  extra={"event": "handlers.loaded"})
 
     async def reload(self) -> c.ReloadResult:
@@ -590,7 +594,7 @@ class Daemon:
             return self._refuse_reload(str(exc))
         # The import runs on a worker thread: a module that sleeps at import must not
         # stall the control socket, and one that raises SystemExit must not stop us.
-        attempt = self._handler_import = _HandlerImport(new.handlers)
+        attempt = self._handler_import = _HandlerImport(new.handlers, self.handlers)
         timeout_s = parse_duration(new.handlers.import_timeout)
         try:
             with trio.move_on_after(timeout_s):
@@ -604,7 +608,7 @@ class Daemon:
                 "(handlers.import_timeout); abandoned, previous handlers kept")
         if attempt.error is not None:
             return self._refuse_reload(f"{attempt.error}; previous handlers kept")
-        log.info("handlers: %s", ", ".join(sorted(handlers.registered())) or "none",
+        log.info("handlers: %s", ", ".join(self.handlers.kinds()) or "none",
                  extra={"event": "handlers.loaded"})
         from daemon.logs import set_level
 
@@ -809,9 +813,10 @@ class _HandlerImport:
     import ends; until then a module still running may register kinds for a moment.
     """
 
-    def __init__(self, cfg: Handlers):
+    def __init__(self, cfg: Handlers, registry: HandlerRegistry):
         self.cfg = cfg
-        self.snapshot = handlers.registered()
+        self.registry = registry
+        self.snapshot = registry.registered()
         self.started = time.monotonic()
         self.done = threading.Event()
         self.error: str | None = None
@@ -826,7 +831,7 @@ class _HandlerImport:
             with self._lock:
                 self.error = error
                 if error is not None or self._abandoned:
-                    handlers.restore(self.snapshot)
+                    self.registry.restore(self.snapshot)
                 self.done.set()
             if self._abandoned:
                 log.warning("an abandoned handler import ended after %.0f s (%s); its handlers "
@@ -837,7 +842,7 @@ class _HandlerImport:
         with self._lock:
             self._abandoned = True
             if not self.done.is_set():
-                handlers.restore(self.snapshot)
+                self.registry.restore(self.snapshot)
 
 
 NOTIFY_WARN_EVERY_S = 60.0  # at most one "dropped notifications" warning a minute

@@ -13,7 +13,8 @@ from pathlib import Path
 import trio
 
 from actors.errors import InvalidArgs, UnknownKind
-from actors.schedule import definition
+from actors.handlers import HANDLERS
+from actors.schedule_jobs import definition
 from daemon import __version__, demo, lock
 from daemon.app import Daemon, import_modules
 from daemon.config import EX_CONFIG, Config, ConfigError, load, socket_path, state_dir
@@ -119,7 +120,7 @@ def check_handlers(config: Config) -> None:
         raise ConfigError(" ".join(error.split()))  # one line, whatever the module raised
     for i, spec in enumerate(config.schedules):
         try:
-            definition(spec, source="config")
+            definition(HANDLERS, spec, source="config")
         except (ValueError, UnknownKind, InvalidArgs) as exc:
             raise ConfigError(f"schedule {spec.name!r}: {exc} - at `$.schedules[{i}]`") from None
 

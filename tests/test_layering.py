@@ -38,15 +38,8 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {}
 
 # Lazy imports in files other work is rewriting (issue 15): each to be made top-level
 # (and any cycle it hides broken) and its entry deleted. Edges listed here are left out
-# of the cycle check until then; `actors.workflow -> actors.handlers` hides one today.
+# of the cycle check until then.
 LAZY_PENDING: set[tuple[str, str]] = {
-    # helper "handlers": actors.handlers and actors.workflow stop importing each other
-    ("actors/failure_hooks.py", "actors.handlers"),
-    ("actors/retry.py", "traceback"),
-    ("actors/workflow.py", "actors.errors"),
-    ("actors/workflow.py", "actors.handlers"),
-    ("actors/workflow.py", "actors.validate"),
-    ("actors/workflow.py", "protocol.workflows"),
     # helper "compose": daemon/app.py
     ("daemon/app.py", "daemon.embedded"),
     ("daemon/app.py", "daemon.logs"),

@@ -31,8 +31,8 @@ CLIENT_API = [
 ]
 
 HANDLER_API = [
-    "Context", "Fail", "InvalidArgs", "JobInfo", "RateLimited", "RetryAfter", "UnknownKind",
-    "job",
+    "Child", "ChildResult", "Context", "Fail", "Handlers", "InvalidArgs", "JobInfo",
+    "RateLimited", "RetryAfter", "UnknownKind", "job",
 ]
 
 SURFACES = {"protocol": CLIENT_API, "actors": HANDLER_API}

@@ -13,8 +13,8 @@ from typing import Any
 import msgspec
 import trio
 
-from actors.errors import InvalidArgs, UnknownKind
-from actors.handlers import lookup
+from actors import jobs
+from actors.handlers import Handlers
 from actors.ports import (
     Enqueued,
     NewJob,
@@ -25,17 +25,15 @@ from actors.ports import (
     ValueRejected,
 )
 from actors.services import schedule_commands
-from actors.validate import check_new_job, has_nul
+from actors.validate import has_nul
 from actors.validate import max_args_bytes as validate_max_args_bytes
 from actors.workflow import workflow_view
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, NotFound, Unavailable
 from protocol.framing import PROTOCOL_VERSION
 from protocol.jobs import (
-    DELAY_MAX_S,
     AttemptError,
     DaemonView,
-    JobSpec,
     JobView,
     KeyStats,
     QueueCounts,
@@ -51,6 +49,7 @@ class Control:
         self,
         store: Store,
         *,
+        handlers: Handlers,
         server: str,
         pong: Callable[[], c.Pong],
         tree: Callable[[], TreeNode],
@@ -71,6 +70,7 @@ class Control:
         which queues live daemons serve (heartbeat younger than `live_s`). A pause is
         also allowed for the queues the config declares (`declared()`)."""
         self._store = store
+        self._handlers = handlers
         self._server = server
         self._pong = pong
         self._tree = tree
@@ -106,7 +106,7 @@ class Control:
             case c.Tree():
                 return self._tree()
             case c.Enqueue():
-                row = new_job(cmd.job, max_args_bytes=self._max_args_bytes)
+                row = jobs.from_spec(self._handlers, cmd.job, max_args_bytes=self._max_args_bytes)
                 [done] = await self._store.enqueue_many([row])
                 self._count_enqueued([row], [done])
                 return c.EnqueueResult(id=done.id, created=done.created,
@@ -117,7 +117,8 @@ class Control:
                 rows = []
                 for i, spec in enumerate(cmd.jobs):
                     try:
-                        rows.append(new_job(spec, max_args_bytes=self._max_args_bytes))
+                        rows.append(jobs.from_spec(self._handlers, spec,
+                                                   max_args_bytes=self._max_args_bytes))
                     except JobdError as exc:
                         exc.details["index"] = i
                         raise
@@ -183,7 +184,7 @@ class Control:
                 return await self._handle(c.Get(job_id=cmd.job_id))
             case (c.ScheduleAdd() | c.ScheduleRemove() | c.SchedulePause() | c.ScheduleResume()
                   | c.ScheduleTrigger() | c.ScheduleList()):
-                return await schedule_commands.handle(self._store, cmd)
+                return await schedule_commands.handle(self._store, self._handlers, cmd)
         raise JobdError(f"unhandled command {type(cmd).__name__}", code=ErrorCode.UNKNOWN_COMMAND)
 
     async def _bulk(self, cmd: c.CancelMany | c.Retry | c.Delete | c.Replay) -> c.BulkResult:
@@ -351,58 +352,6 @@ def summary(by_state: dict[str, int]) -> c.SummaryResult:
         running=n("running"), completed=n("completed"), failed=n("failed"),
         cancelled=n("cancelled"), by_state=by_state,
     )
-
-
-def new_job(spec: JobSpec, *, max_args_bytes: int | None = None) -> NewJob:
-    """Validate a spec against its handler's declaration (the edge: fail here, not later)."""
-    try:
-        jobdef = lookup(spec.kind)
-        args = jobdef.decode_args(spec.args)
-    except UnknownKind as exc:
-        raise JobdError(str(exc), code=ErrorCode.UNKNOWN_KIND, details={"kind": spec.kind}) from None
-    except InvalidArgs as exc:
-        details: dict[str, Any] = {"kind": spec.kind}
-        if exc.field is not None:
-            details["field"] = exc.field
-        raise JobdError(str(exc), code=ErrorCode.INVALID_ARGS, details=details) from None
-    key = spec.key
-    cost = spec.cost
-    try:
-        if key is None and jobdef.key is not None:
-            key = str(jobdef.key(args))
-        if cost is None and jobdef.cost is not None:
-            cost = int(jobdef.cost(args))
-    except Exception as exc:  # noqa: BLE001 - the handler's own function, on these args
-        raise JobdError(f"{spec.kind}: the handler's key/cost function failed on these args: "
-                        f"{exc!r}", code=ErrorCode.INVALID_ARGS,
-                        details={"kind": spec.kind}) from None
-    delay_s = spec.delay_s
-    if spec.run_at is not None:
-        run_at = spec.run_at if spec.run_at.tzinfo else spec.run_at.replace(tzinfo=UTC)
-        delay_s = (run_at - datetime.now(UTC)).total_seconds()
-        if delay_s > DELAY_MAX_S:
-            raise BadRequest(f"run_at: at most {DELAY_MAX_S:g} s (ten years) from now, "
-                             f"got {spec.run_at.isoformat()}",
-                             details={"field": "run_at", "max_delay_s": DELAY_MAX_S})
-    max_attempts = spec.max_attempts if spec.max_attempts is not None else jobdef.max_attempts
-    if isinstance(max_attempts, int) and max_attempts < 1:
-        raise BadRequest("max_attempts must be at least 1", details={"field": "max_attempts"})
-    encoded = msgspec.json.encode(args)
-    row = NewJob(
-        kind=spec.kind,
-        args=encoded.decode(),
-        queue=spec.queue or jobdef.queue,
-        key=key,
-        unique_key=spec.unique_key,
-        priority=spec.priority if spec.priority is not None else jobdef.priority,
-        delay_s=max(delay_s, 0.0) if isinstance(delay_s, int | float) else delay_s,
-        max_attempts=max_attempts,
-        tags=spec.tags,
-        timeout_s=spec.timeout_s if spec.timeout_s is not None else jobdef.timeout_s,
-        cost=max(1, cost) if isinstance(cost, int) else (1 if cost is None else cost),
-    )
-    check_new_job(row, encoded, max_args_bytes)
-    return row
 
 
 def job_view(row: dict[str, Any], *, field_bytes: int | None = None) -> JobView:

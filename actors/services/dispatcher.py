@@ -25,13 +25,13 @@ from actors.ports import Observer, Outcome, Store, StoreUnavailable
 from actors.runtime import lag
 from actors.runtime.clock import Clock
 from actors.runtime.mailbox import Actor, Mailbox
+from actors.services.outcomes import error_class
 from actors.services.worker import (
     CANCEL_REQUESTED,
     LEASE_LOST,
     SHUTDOWN,
     Attempt,
     AttemptRunner,
-    error_class,
 )
 
 log = logging.getLogger("jobd.dispatcher")

@@ -12,8 +12,10 @@ from typing import Any
 import msgspec
 
 from actors.errors import InvalidArgs, UnknownKind
+from actors.handlers import Handlers
 from actors.ports import FireTarget, ScheduleRow, Store
-from actors.schedule import check_row, definition, next_after, occurrence, timing_of
+from actors.schedule import check_row, next_after, timing_of
+from actors.schedule_jobs import definition, occurrence
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, NotFound
 from protocol.schedules import ScheduleView
@@ -24,11 +26,11 @@ ScheduleCommand = (
 )
 
 
-async def handle(store: Store, cmd: ScheduleCommand) -> Any:
+async def handle(store: Store, handlers: Handlers, cmd: ScheduleCommand) -> Any:
     match cmd:
         case c.ScheduleAdd():
             try:
-                schedule = definition(cmd.schedule)
+                schedule = definition(handlers, cmd.schedule)
             except ValueError as exc:
                 raise BadRequest(f"schedule {cmd.schedule.name!r}: {exc}") from None
             except UnknownKind as exc:
@@ -54,14 +56,14 @@ async def handle(store: Store, cmd: ScheduleCommand) -> Any:
             now, row = await _get(store, cmd.name)
             return view(row, now)
         case c.ScheduleTrigger():
-            return await trigger(store, cmd.name, cmd.at)
+            return await trigger(store, handlers, cmd.name, cmd.at)
         case c.ScheduleList():
             now, rows = await store.list_schedules()
             return c.ScheduleListResult(schedules=[view(r, now) for r in rows])
     raise JobdError(f"unhandled command {type(cmd).__name__}", code=ErrorCode.UNKNOWN_COMMAND)
 
 
-async def trigger(store: Store, name: str, at: datetime | None) -> c.ScheduleFired:
+async def trigger(store: Store, handlers: Handlers, name: str, at: datetime | None) -> c.ScheduleFired:
     """Fire one extra occurrence (at `at`, default the database's now), paused or not."""
     for _ in range(3):
         now, row = await _get(store, name)
@@ -72,7 +74,7 @@ async def trigger(store: Store, name: str, at: datetime | None) -> c.ScheduleFir
             raise BadRequest(f"schedule {name!r} cannot fire: {exc}",
                              details={"name": name}) from None
         try:
-            occ = occurrence(row, fire_at, manual=True)
+            occ = occurrence(handlers, row, fire_at, manual=True)
         except UnknownKind as exc:
             raise JobdError(str(exc), code=ErrorCode.UNKNOWN_KIND,
                             details={"kind": row.kind}) from None

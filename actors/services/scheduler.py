@@ -20,6 +20,7 @@ import msgspec
 import trio
 
 from actors.errors import InvalidArgs, UnknownKind
+from actors.handlers import Handlers
 from actors.ports import (
     Fired,
     FireTarget,
@@ -31,7 +32,8 @@ from actors.ports import (
 )
 from actors.runtime.clock import Clock
 from actors.runtime.mailbox import Actor, Mailbox
-from actors.schedule import check_row, definition, next_after, occurrence, plan, timing_of
+from actors.schedule import check_row, next_after, plan, timing_of
+from actors.schedule_jobs import definition, occurrence
 from protocol.schedules import ScheduleSpec
 
 log = logging.getLogger("jobd.scheduler")
@@ -70,12 +72,14 @@ class Scheduler(Actor[SchedulerMsg]):
         store: Store,
         settings: SchedulerSettings,
         *,
+        handlers: Handlers,
         config_schedules: Callable[[], list[ScheduleSpec]],
         observer: Observer,
         clock: Clock,
     ):
         super().__init__(mailbox.name, mailbox)
         self._store = store
+        self._handlers = handlers
         self.settings = settings
         self._config_schedules = config_schedules
         self._observer = observer
@@ -134,7 +138,7 @@ class Scheduler(Actor[SchedulerMsg]):
         for spec in self._config_schedules():
             declared.add(spec.name)
             try:
-                schedule = definition(spec, source="config")
+                schedule = definition(self._handlers, spec, source="config")
             except (ValueError, UnknownKind, InvalidArgs) as exc:
                 log.error("schedule %r from the config not written: %s", spec.name, exc,
                           extra={"event": "scheduler.config_invalid", "schedule": spec.name})
@@ -178,7 +182,7 @@ class Scheduler(Actor[SchedulerMsg]):
                 continue
             if p.advance_to is not None:
                 try:
-                    built = [occurrence(row, t) for t in p.fire]
+                    built = [occurrence(self._handlers, row, t) for t in p.fire]
                 except (UnknownKind, InvalidArgs) as exc:
                     # Another daemon (with this handler) fires it; if none does, the
                     # missed policy applies once one does.

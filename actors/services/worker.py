@@ -3,6 +3,7 @@ the job's timeout, and turn whatever happened into an Outcome for the completer.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -11,13 +12,20 @@ from typing import Any
 import msgspec
 import trio
 
-from actors import retry
+from actors import jobs, retry
+from actors.context import Context, JobInfo
 from actors.errors import InvalidArgs, UnknownKind
-from actors.handlers import Context, JobDef, JobInfo, clean_text, lookup
+from actors.handlers import Handlers
+from actors.jobdef import JobDef
 from actors.ports import Claimed, Enqueued, NewJob, Outcome
 from actors.runtime.clock import Clock
-from actors.services.control import new_job
-from actors.validate import has_nul
+from actors.services.outcomes import (
+    InvalidValue,
+    encode_error,
+    encode_result,
+    remote_signal,
+    summarize,
+)
 from actors.workflow import Suspend, only_suspends
 from protocol.jobs import JobSpec
 
@@ -62,9 +70,12 @@ class Attempt:
 
 
 class AttemptRunner:
+    """Runs attempts of the kinds in `handlers`; one runner serves every queue."""
+
     def __init__(
         self,
         *,
+        handlers: Handlers,
         clock: Clock,
         report_progress: Callable[[int, int, float | None, str | None], None],
         transaction: Callable[[], Any],
@@ -78,6 +89,9 @@ class AttemptRunner:
         queue_timeout_s: Callable[[str], float | None] | None = None,
         max_result_bytes: int | None = None,
     ):
+        self._handlers = handlers
+        self._new_child = functools.partial(jobs.child, handlers)
+        self._encode_result = functools.partial(encode_result, limit=max_result_bytes)
         self._enqueue_children = enqueue_children
         # timeout: the job's, else its kind's, else its queue's, else the global default.
         self._queue_timeout_s = queue_timeout_s
@@ -102,7 +116,7 @@ class AttemptRunner:
         job = attempt.claimed
         started = self._clock.now()
         try:
-            jobdef = lookup(job.kind)
+            jobdef = self._handlers.lookup(job.kind)
             args = jobdef.decode_args(job.args)
         except (UnknownKind, InvalidArgs) as exc:
             cls = "validation" if isinstance(exc, InvalidArgs) else "unknown_kind"
@@ -111,9 +125,9 @@ class AttemptRunner:
                    or (self._queue_timeout_s(job.queue) if self._queue_timeout_s else None)
                    or self._default_timeout_s)
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:  # NaN fails both
-            exc = ValueError(f"timeout_s {timeout!r} is not a usable timeout "
+            bad = ValueError(f"timeout_s {timeout!r} is not a usable timeout "
                              f"(0 < timeout_s <= {MAX_TIMEOUT_S:g} s)")
-            return self._fail(job, exc, "invalid_value", 0.0), "error", 0.0
+            return self._fail(job, bad, "invalid_value", 0.0), "error", 0.0
         ctx = self._context(job)
         with attempt.scope:
             if timeout:
@@ -140,9 +154,9 @@ class AttemptRunner:
                 run_s = self._clock.now() - started
                 return self._after_error(job, jobdef, exc, run_s), "error", run_s
             except BaseExceptionGroup as group:
-                suspend = only_suspends(group)  # steps waiting in a nursery
-                if suspend is not None:
-                    return suspend.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
+                waiting = only_suspends(group)  # steps waiting in a nursery
+                if waiting is not None:
+                    return waiting.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
                 _, crash = group.split(trio.Cancelled)
                 if crash is None:
                     raise  # only cancellations: the scope they belong to takes them
@@ -175,30 +189,6 @@ class AttemptRunner:
             run_s,
         )
 
-    def _encode_result(self, result: Any) -> str:
-        """The result as JSON Postgres can store (jsonb), within the size limit."""
-        try:
-            encoded = msgspec.json.encode(result)
-        except RecursionError as exc:
-            raise InvalidValue("result is self-referencing (or nested too deeply) and "
-                               "cannot be encoded as JSON") from exc
-        except UnicodeEncodeError as exc:
-            raise InvalidValue("result contains a lone surrogate "
-                               f"({exc.object[exc.start:exc.end]!a}), which is not valid "
-                               "UTF-8 and cannot be stored") from exc
-        except (TypeError, msgspec.EncodeError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - anything else msgspec refuses
-            raise InvalidValue(f"result cannot be encoded as JSON: {exc!r}") from exc
-        if has_nul(encoded):
-            raise InvalidValue("result contains a NUL character (\\u0000), which Postgres "
-                               "cannot store in jsonb; strip or escape it")
-        limit = self._max_result_bytes
-        if limit is not None and len(encoded) > limit:
-            raise InvalidValue(f"result is {len(encoded)} bytes encoded, over the limit of "
-                               f"{limit} bytes (limits.max_result_bytes)", "result_too_large")
-        return encoded.decode()
-
     def crashed(self, job: Claimed, exc: BaseException, run_s: float) -> Outcome:
         """A handler raised something no handler should (SystemExit, KeyboardInterrupt, a
         bare BaseException): fail the attempt as `crashed`, the daemon goes on.
@@ -230,16 +220,18 @@ class AttemptRunner:
 
         enqueue = None
         if self._enqueue_children is not None:
-            add = self._enqueue_children
+            add, handlers = self._enqueue_children, self._handlers
 
             async def enqueue(specs: list[JobSpec]) -> list[Enqueued]:
-                return await add(job.id, [new_job(spec) for spec in specs])
+                return await add(job.id, [jobs.from_spec(handlers, spec) for spec in specs])
 
         return Context(
             info, job.lease_token, report_progress=self._report_progress,
             transaction=self._transaction, now=self._clock.now,
             progress_every_items=self._every_items, progress_every_s=self._every_s,
-            enqueue=enqueue, steps=self._steps, encode_result=self._encode_result,
+            enqueue=enqueue, steps=self._steps,
+            encode_result=self._encode_result, new_child=self._new_child,
+            handlers=self._handlers,
         )
 
     def _after_error(self, job: Claimed, jobdef: JobDef, exc: Exception, run_s: float) -> Outcome:
@@ -255,7 +247,7 @@ class AttemptRunner:
                    "kind": job.kind, "error_class": decision.error_class,
                    "action": decision.action},
         )
-        flow, pause_s = _remote_signal(decision)
+        flow, pause_s = remote_signal(decision)
         if decision.action == "fail":
             return Outcome(id=job.id, token=job.lease_token, state="failed", error=error,
                            flow=flow)
@@ -270,12 +262,12 @@ class AttemptRunner:
     ) -> tuple[Outcome, str, float]:
         token = job.lease_token
         if reason == CANCEL_REQUESTED:
-            error = _encode({"attempt": job.attempt, "class": "cancelled",
+            error = encode_error({"attempt": job.attempt, "class": "cancelled",
                              "message": "cancelled while running", "duration_s": run_s})
             return Outcome(id=job.id, token=token, state="cancelled", error=error), "cancelled", run_s
         if reason == SHUTDOWN:
             # Interrupted by our own shutdown: not the job's fault, so the attempt is refunded.
-            error = _encode({"attempt": job.attempt, "class": "interrupted",
+            error = encode_error({"attempt": job.attempt, "class": "interrupted",
                              "message": "daemon stopped before the attempt finished",
                              "duration_s": run_s})
             return (
@@ -285,11 +277,11 @@ class AttemptRunner:
             )
         if reason == LEASE_LOST:
             # Not written (the dispatcher drops it): the job belongs to its next attempt.
-            error = _encode({"attempt": job.attempt, "class": "lease_lost",
+            error = encode_error({"attempt": job.attempt, "class": "lease_lost",
                              "message": "lease lost while running", "duration_s": run_s})
             return Outcome(id=job.id, token=token, state="available", error=error), "lease_lost", run_s
         decision = retry.timeout_decision(job.attempt, job.max_attempts, self._rng)
-        error = _encode({"attempt": job.attempt, "class": "timeout",
+        error = encode_error({"attempt": job.attempt, "class": "timeout",
                          "message": f"timed out after {timeout:g} s", "duration_s": run_s})
         state = "failed" if decision.action == "fail" else "scheduled"
         delay = None if decision.action == "fail" else decision.delay_s
@@ -304,70 +296,5 @@ class AttemptRunner:
                        error=self._error(job, exc, cls, run_s))
 
     def _error(self, job: Claimed, exc: BaseException, cls: str, run_s: float) -> str:
-        return _encode({"attempt": job.attempt, "at": self._clock.wall().isoformat(),
-                        "class": cls, "duration_s": round(run_s, 6), **_summarize(exc)})
-
-
-def _remote_signal(decision: retry.Decision) -> tuple[str | None, float | None]:
-    """What an error says about the job's key: back-pressure, a failure, or nothing.
-
-    A rate limit (HTTP 429, RateLimited) pauses the whole key on every daemon for the time
-    the remote gave (None: the queue's rate_limit_pause) and slows its adaptive rate; a
-    snooze (RetryAfter) concerns this job only; network-ish failures count toward the
-    key's breaker; a job's own bad input (validation, 4xx, Fail) says nothing about the
-    remote side.
-    """
-    if decision.error_class == "rate_limit":
-        return "rate_limited", decision.pause_s
-    if decision.error_class in ("network", "timeout", "unknown"):
-        return "fail", None
-    return None, None
-
-
-class InvalidValue(ValueError):
-    """A result Postgres cannot store (or over the size limit): fails its attempt."""
-
-    def __init__(self, message: str, error_class: str = "invalid_value"):
-        super().__init__(message)
-        self.error_class = error_class
-
-
-def _summarize(exc: BaseException) -> dict[str, Any]:
-    """retry.summarize, safe against an exception whose str() raises."""
-    try:
-        return retry.summarize(exc)
-    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the attempt
-        return {"type": type(exc).__name__, "message": "<the exception could not be printed>"}
-
-
-def _encode(value: dict[str, Any]) -> str:
-    # Error messages and tracebacks are kept, with unstorable characters replaced.
-    value = {k: clean_text(v) if isinstance(v, str) else v for k, v in value.items()}
-    return msgspec.json.encode(value).decode()
-
-
-class _ErrorClass(msgspec.Struct):
-    cls: str = msgspec.field(default="unknown", name="class")
-
-
-_error_class_decoder = msgspec.json.Decoder(_ErrorClass)
-
-
-def error_class(error: str | None) -> str:
-    """The `class` of an attempt error as stored in a job's `errors` ("unknown" if none)."""
-    try:
-        return _error_class_decoder.decode(error or "{}").cls
-    except msgspec.DecodeError:
-        return "unknown"
-
-
-def refused_outcome(outcome: Outcome, exc: BaseException) -> Outcome:
-    """An outcome Postgres refused (a NUL byte in a result, a lone surrogate in an error):
-    the attempt fails with `invalid_value` instead, keeping its retry decision."""
-    state = "failed" if outcome.state == "completed" else outcome.state
-    error = _encode({
-        "class": "invalid_value",
-        "message": f"the database refused this attempt's {outcome.state} outcome "
-                   f"(a value it cannot store, such as a NUL byte): {clean_text(str(exc)[:500])}",
-    })
-    return msgspec.structs.replace(outcome, state=state, result=None, error=error)
+        return encode_error({"attempt": job.attempt, "at": self._clock.wall().isoformat(),
+                        "class": cls, "duration_s": round(run_s, 6), **summarize(exc)})

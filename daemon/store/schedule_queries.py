@@ -99,6 +99,7 @@ JOIN jobd.schedules s ON s.name = $1
 # - regular occurrences must lie past the watermark; every occurrence needs a new
 #   (schedule, fire_at) row, and its job is inserted only when that row was;
 # - the watermark and last fire only move forward.
+# $18 is each occurrence job's cost (its handler's `cost` on the args; after $17, `now`).
 # Returns the fired occurrences, plus a 'stale' row per schedule that was refused.
 FIRE_SCHEDULES = f"""
 WITH target AS (
@@ -116,9 +117,9 @@ WITH target AS (
     SELECT {NEXT_JOB_ID} AS job_id, o.*
     FROM unnest($4::text[], $5::timestamptz[], $6::bool[], $7::text[], $8::text[], $9::text[],
                 $10::text[], $11::int[], $12::int[], $13::text[], $14::double precision[],
-                $15::double precision[], $16::text[])
+                $15::double precision[], $16::text[], $18::int[])
          AS o(schedule, fire_at, manual, kind, args, queue, key, priority, max_attempts, tags,
-              timeout_s, delay_s, unique_key)
+              timeout_s, delay_s, unique_key, cost)
     JOIN ok ON ok.name = o.schedule
     WHERE o.manual OR o.fire_at > ok.handled_until
 ), fired AS (
@@ -132,11 +133,11 @@ WITH target AS (
     FROM fired f JOIN occ o USING (job_id)
 ), jobs AS (
     INSERT INTO jobd.jobs (id, queue, kind, args, key, unique_key, priority, run_at, state,
-                           max_attempts, tags, timeout_s)
+                           max_attempts, tags, timeout_s, cost)
     SELECT job_id, queue, kind, args::jsonb, key, unique_key, priority, run_at,
            CASE WHEN run_at > coalesce($17::timestamptz, now()) THEN 'scheduled'
                 ELSE 'available' END,
-           max_attempts, coalesce(tags::text[], '{{}}'), timeout_s
+           max_attempts, coalesce(tags::text[], '{{}}'), timeout_s, coalesce(cost, 1)
     FROM timed
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {UNFINISHED}
     DO NOTHING

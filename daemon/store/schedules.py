@@ -86,7 +86,7 @@ class ScheduleStatements:
             [j.key for j in jobs], [j.priority for j in jobs], [j.max_attempts for j in jobs],
             [_array_literal(j.tags) for j in jobs], [j.timeout_s for j in jobs],
             [j.delay_s for j in jobs], [j.unique_key for j in jobs],
-            now, op="fire",
+            now, [j.cost for j in jobs], op="fire",
         )
         fired = [Fired(r["schedule"], r["fire_at"], r["job_id"]) for r in rows
                  if r["status"] == "fired"]

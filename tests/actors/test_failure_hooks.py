@@ -8,16 +8,17 @@ memoizes its steps through the store, as in the daemon.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import pytest
 
-from actors import handlers
+from actors.context import Context, JobInfo
 from actors.errors import Fail
 from actors.failure_hooks import KIND, HookArgs, hooked_kinds, run_failure_hook
-from actors.handlers import Context, JobInfo, job
+from actors.handlers import HANDLERS, Handlers, job
 from actors.ports import NewJob, Outcome
 
 
@@ -26,11 +27,12 @@ class Credits(msgspec.Struct):
 
 
 @pytest.fixture(autouse=True)
-def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Each test declares its kinds into an empty registry of its own."""
-    fresh: dict[str, Any] = {}
-    monkeypatch.setattr(handlers, "_REGISTRY", fresh)
-    return fresh
+def registry() -> Iterator[Handlers]:
+    """Each test declares its kinds with @job into an emptied HANDLERS, put back after."""
+    saved = HANDLERS.registered()
+    HANDLERS.restore({})
+    yield HANDLERS
+    HANDLERS.restore(saved)
 
 
 class Refunds:
@@ -59,7 +61,7 @@ def context_for(store: Any, job_id: int, token: int) -> Context:
                    tags=[], unique_key=None, priority=0, run_at=at, created_at=at, errors=[])
     return Context(info, token, report_progress=lambda *a: None, transaction=lambda: None,
                    now=lambda: 0.0, progress_every_items=100, progress_every_s=60.0,
-                   steps=store)
+                   steps=store, handlers=HANDLERS)
 
 
 async def fail(store: Any, kind: str, error: dict[str, Any]) -> int:
@@ -89,13 +91,13 @@ def test_only_kinds_with_an_on_failure_hook_are_hooked() -> None:
     async def a(ctx: Context, args: dict[str, Any]) -> None:
         return None
 
-    assert hooked_kinds() == ["a.hooked", "wf.doomed"]  # sorted; wf.plain has none
+    assert hooked_kinds(HANDLERS) == ["a.hooked", "wf.doomed"]  # sorted; wf.plain has none
 
 
 async def test_the_hook_runs_with_the_jobs_args_and_last_error_and_its_steps_once(
         store, sql) -> None:
     kinds = Refunds()
-    await store.register_failure_hooks(hooked_kinds())
+    await store.register_failure_hooks(hooked_kinds(HANDLERS))
     failed = await fail(store, "wf.doomed", {"class": "fail", "message": "no"})
     hook_id, token = await hook_job(store, sql, failed)
     result = await run_failure_hook(context_for(store, hook_id, token), HookArgs(job_id=failed))
@@ -112,7 +114,7 @@ async def test_the_hook_runs_with_the_jobs_args_and_last_error_and_its_steps_onc
 
 async def test_no_hook_job_for_a_kind_without_a_hook(store, sql) -> None:
     Refunds()
-    await store.register_failure_hooks(hooked_kinds())
+    await store.register_failure_hooks(hooked_kinds(HANDLERS))
     await fail(store, "wf.plain", {"class": "fail"})
     assert sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE kind = $1", KIND) == 0
 

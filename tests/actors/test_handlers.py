@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 import pytest
 
-from actors import handlers
+from actors import jobs
+from actors.context import Context, JobInfo
 from actors.errors import InvalidArgs, UnknownKind
-from actors.handlers import Context, JobInfo, job, lookup
-from actors.services.control import new_job
+from actors.handlers import HANDLERS, Handlers, job
+from actors.jobdef import JobDef
+from actors.ports import NewJob
 from protocol.errors import ErrorCode, JobdError
 from protocol.jobs import JobSpec
 
@@ -27,11 +30,20 @@ class ShopArgs(msgspec.Struct):
 
 
 @pytest.fixture(autouse=True)
-def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Each test declares its kinds into an empty registry of its own."""
-    fresh: dict[str, Any] = {}
-    monkeypatch.setattr(handlers, "_REGISTRY", fresh)
-    return fresh
+def registry() -> Iterator[Handlers]:
+    """Each test declares its kinds with @job into an emptied HANDLERS, put back after."""
+    saved = HANDLERS.registered()
+    HANDLERS.restore({})
+    yield HANDLERS
+    HANDLERS.restore(saved)
+
+
+def lookup(kind: str) -> JobDef:
+    return HANDLERS.lookup(kind)
+
+
+def new_job(spec: JobSpec) -> NewJob:
+    return jobs.from_spec(HANDLERS, spec)
 
 
 # --------------------------------------------------------------------------- @job
@@ -49,7 +61,7 @@ def test_job_registers_the_kind_with_its_args_type_and_options():
     assert (jobdef.queue, jobdef.timeout_s, jobdef.max_attempts, jobdef.priority) == (
         "images", 90.0, 7, -2)
     assert jobdef.base_delays == {"network": 1.5}
-    assert set(handlers.registered()) == {"resize"}
+    assert set(HANDLERS.registered()) == {"resize"}
 
 
 def test_unannotated_args_default_to_a_dict():

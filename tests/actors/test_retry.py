@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from actors import retry
 from actors.errors import Fail, RateLimited, RetryAfter
+from actors.services.outcomes import remote_signal
 
 # --------------------------------------------------------------------------- fakes
 
@@ -204,9 +205,7 @@ def test_summarize_keeps_type_message_and_frames():
 
 
 def signal(exc: BaseException, attempt: int = 1, max_attempts: int = 5):
-    from actors.services.worker import _remote_signal
-
-    return _remote_signal(retry.decide(exc, attempt, max_attempts, rng()))
+    return remote_signal(retry.decide(exc, attempt, max_attempts, rng()))
 
 
 def test_a_snooze_says_nothing_about_the_key():

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import pytest
 
-from actors import handlers
+from actors import jobs
+from actors.context import Context
 from actors.errors import InvalidArgs
-from actors.handlers import Context, job, lookup
-from actors.services.control import new_job
+from actors.handlers import HANDLERS, Handlers, job
+from actors.jobdef import JobDef
+from actors.ports import NewJob
 from protocol.errors import ErrorCode, JobdError
 from protocol.jobs import JobSpec
 
@@ -39,10 +42,19 @@ class Drawing(msgspec.Struct):
     shape: Tagged | Square | None = None
 
 
+def lookup(kind: str) -> JobDef:
+    return HANDLERS.lookup(kind)
+
+
+def new_job(spec: JobSpec) -> NewJob:
+    return jobs.from_spec(HANDLERS, spec)
+
+
 @pytest.fixture(autouse=True)
-def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    fresh: dict[str, Any] = {}
-    monkeypatch.setattr(handlers, "_REGISTRY", fresh)
+def registry() -> Iterator[Handlers]:
+    """The kinds below, in an emptied HANDLERS put back after each test."""
+    saved = HANDLERS.registered()
+    HANDLERS.restore({})
 
     @job("sleep")
     async def sleep(ctx: Context, args: SleepArgs) -> None:
@@ -60,7 +72,8 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     async def untyped(ctx, args):
         return None
 
-    return fresh
+    yield HANDLERS
+    HANDLERS.restore(saved)
 
 
 def test_a_misspelled_field_is_refused_at_enqueue_naming_it():

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import trio
 
-from actors.handlers import job
+from actors.handlers import HANDLERS, job
 from actors.ports import Claimed
 from actors.runtime.clock import TrioClock
 from actors.services.worker import Attempt, AttemptRunner
@@ -92,7 +92,7 @@ class Harness:
     def __init__(self) -> None:
         self.store = MemoryStore()
         self.runner = AttemptRunner(
-            clock=TrioClock(), report_progress=lambda *a: None, transaction=self._tx,
+            handlers=HANDLERS, clock=TrioClock(), report_progress=lambda *a: None, transaction=self._tx,
             default_timeout_s=None, progress_every_items=1, progress_every_s=60.0,
             snooze_burns_attempt=False, rng=random.Random(1), steps=self.store)
 

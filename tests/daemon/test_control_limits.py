@@ -6,14 +6,17 @@ queues are refused; list pages leave large fields out and `get` shows them whole
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import pytest
 
-from actors import handlers
-from actors.handlers import Context, job
-from actors.services.control import Control, new_job
+from actors import jobs
+from actors.context import Context
+from actors.handlers import HANDLERS, Handlers, job
+from actors.ports import NewJob
+from actors.services.control import Control
 from protocol import commands as c
 from protocol.errors import ErrorCode, JobdError
 from protocol.jobs import JobSpec
@@ -26,9 +29,10 @@ class SleepArgs(msgspec.Struct):
 
 
 @pytest.fixture(autouse=True)
-def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    fresh: dict[str, Any] = {}
-    monkeypatch.setattr(handlers, "_REGISTRY", fresh)
+def registry() -> Iterator[Handlers]:
+    """The kinds below, in an emptied HANDLERS put back after each test."""
+    saved = HANDLERS.registered()
+    HANDLERS.restore({})
 
     @job("sleep")
     async def sleep(ctx: Context, args: SleepArgs) -> None:
@@ -46,14 +50,19 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     async def forever(ctx: Context, args: SleepArgs) -> None:
         return None
 
-    return fresh
+    yield HANDLERS
+    HANDLERS.restore(saved)
+
+
+def new_job(spec: JobSpec, *, max_args_bytes: int | None = None) -> NewJob:
+    return jobs.from_spec(HANDLERS, spec, max_args_bytes=max_args_bytes)
 
 
 def control(store: Any, **options: Any) -> Control:
     async def nothing(*_: Any) -> None:
         return None
 
-    return Control(store, server="test", pong=lambda: None, tree=lambda: TreeNode(
+    return Control(store, handlers=HANDLERS, server="test", pong=lambda: None, tree=lambda: TreeNode(
         name="root", kind="supervisor", state="running"), running_here=dict,
         cancel_here=nothing, queues=lambda: {"default"}, **options)
 
@@ -228,8 +237,8 @@ async def test_errors_written_by_hand_in_another_shape_still_show(store, sql):
 
 def test_rows_built_inside_actors_meet_the_configured_args_limit(monkeypatch):
     from actors import validate
-    from actors.schedule import definition
-    from actors.workflow import Child, _new_job
+    from actors.schedule_jobs import definition
+    from actors.workflow import Child
     from protocol.schedules import ScheduleSpec
 
     monkeypatch.setattr(validate, "_max_args_bytes", validate.DEFAULT_MAX_ARGS_BYTES)
@@ -237,10 +246,10 @@ def test_rows_built_inside_actors_meet_the_configured_args_limit(monkeypatch):
     big = {"note": "x" * 3000}
     assert refused(JobSpec(kind="sleep", args=big)).code == ErrorCode.TOO_LARGE  # ctx.enqueue
     with pytest.raises(JobdError) as info:  # ctx.spawn
-        _new_job(Child(kind="sleep", args=big), parent=None)
+        jobs.child(HANDLERS, Child(kind="sleep", args=big), parent=None)
     assert info.value.code == ErrorCode.TOO_LARGE and "2048" in info.value.message
     with pytest.raises(ValueError, match="2048"):
-        definition(ScheduleSpec(name="s", kind="sleep", every="1m", args=big))
+        definition(HANDLERS, ScheduleSpec(name="s", kind="sleep", every="1m", args=big))
     validate.configure(8192)
     assert new_job(JobSpec(kind="sleep", args=big))
 

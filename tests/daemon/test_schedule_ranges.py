@@ -12,9 +12,10 @@ import msgspec
 import pytest
 
 import examples.basic  # noqa: F401 - registers the `noop` kind the schedules fire
+from actors.handlers import HANDLERS
 from actors.ports import NullObserver
 from actors.runtime.mailbox import Mailbox
-from actors.schedule import definition
+from actors.schedule_jobs import definition
 from actors.services.scheduler import Scheduler, SchedulerSettings
 from daemon.config import ConfigError, load
 from protocol.schedules import ScheduleSpec
@@ -33,7 +34,7 @@ class Counting(NullObserver):
 
 
 def scheduler(store, observer=None) -> Scheduler:
-    return Scheduler(Mailbox("scheduler"), store, SchedulerSettings(), config_schedules=list,
+    return Scheduler(Mailbox("scheduler"), store, SchedulerSettings(), handlers=HANDLERS, config_schedules=list,
                      observer=observer or NullObserver(), clock=None)  # type: ignore[arg-type]
 
 
@@ -77,10 +78,10 @@ def test_the_protocol_refuses_durations_out_of_range(field, value):
     ({"priority": 40_000}, "priority"),
 ])
 def test_definition_turns_every_bad_value_into_a_value_error(options, field):
-    """A spec built in Python skips the decoder's ranges; definition() still refuses."""
+    """A spec built in Python skips the decoder's ranges; definition(HANDLERS, ) still refuses."""
     options.setdefault("every", "1s")
     with pytest.raises(ValueError, match=field):
-        definition(ScheduleSpec(name="s", kind="noop", **options))
+        definition(HANDLERS, ScheduleSpec(name="s", kind="noop", **options))
 
 
 @pytest.mark.parametrize("line, message", [
@@ -190,14 +191,14 @@ async def test_list_shows_a_broken_row_and_trigger_refuses_it(store, sql):
     insert(sql, "good", every_s=60.0)
     insert(sql, "every", every_s=1e308)
     insert(sql, "tz", tz="x" * 3000)
-    listed = await schedule_commands.handle(store, c.ScheduleList(id=1))
+    listed = await schedule_commands.handle(store, HANDLERS, c.ScheduleList(id=1))
     views = {v.name: v for v in listed.schedules}
     assert views["good"].broken is None and views["good"].next_fire_at is not None
     for name in ("every", "tz"):
         assert views[name].next_fire_at is None and views[name].broken
     assert "time zone" in views["tz"].broken
     with pytest.raises(BadRequest, match="every"):
-        await schedule_commands.handle(store, c.ScheduleTrigger(id=2, name="every"))
+        await schedule_commands.handle(store, HANDLERS, c.ScheduleTrigger(id=2, name="every"))
     assert sql.fetchval("SELECT count(*) FROM jobd.jobs") == 0
 
 
@@ -209,7 +210,7 @@ async def test_a_config_schedule_the_database_refuses_is_logged_and_the_rest_wri
     specs = [ScheduleSpec(name="strict", kind="noop", every="1s", grace="2h"),
              ScheduleSpec(name="fine", kind="noop", every="1s")]
     observer = Counting()
-    s = Scheduler(Mailbox("scheduler"), store, SchedulerSettings(),
+    s = Scheduler(Mailbox("scheduler"), store, SchedulerSettings(), handlers=HANDLERS,
                   config_schedules=lambda: specs, observer=observer,
                   clock=None)  # type: ignore[arg-type]
     caplog.set_level(logging.ERROR, "jobd.scheduler")

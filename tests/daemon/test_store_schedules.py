@@ -10,9 +10,11 @@ import msgspec
 import trio
 
 import examples.basic  # noqa: F401 - registers the `noop` kind the schedules fire
+from actors.handlers import HANDLERS
 from actors.ports import FireTarget, NewJob, NullObserver
 from actors.runtime.mailbox import Mailbox
-from actors.schedule import definition, jitter_offset, occurrence, unique_key
+from actors.schedule import jitter_offset, unique_key
+from actors.schedule_jobs import definition, occurrence
 from actors.services.schedule_commands import trigger
 from actors.services.scheduler import Scheduler, SchedulerSettings
 from daemon.store import PgStore
@@ -32,7 +34,7 @@ def spec(name: str = "tick", **options) -> ScheduleSpec:
 
 
 def scheduler(store) -> Scheduler:
-    return Scheduler(Mailbox("scheduler"), store, SchedulerSettings(), config_schedules=list,
+    return Scheduler(Mailbox("scheduler"), store, SchedulerSettings(), handlers=HANDLERS, config_schedules=list,
                      observer=NullObserver(), clock=None)  # type: ignore[arg-type]
 
 
@@ -47,13 +49,13 @@ async def jobs_of(sql, name: str = "tick") -> list[tuple[datetime, str, str]]:
 
 
 async def test_add_list_pause_resume_remove(store):
-    row = await store.put_schedule(definition(spec(cron="0 6 * * *", tz="Europe/Berlin",
+    row = await store.put_schedule(definition(HANDLERS, spec(cron="0 6 * * *", tz="Europe/Berlin",
                                                    args={})), replace=False, now=T0)
     assert (row.name, row.cron, row.tz, row.paused, row.revision) == (
         "tick", "0 6 * * *", "Europe/Berlin", False, 1)
     assert row.handled_until == T0  # a new schedule starts now: no backfill
     # A second add of the name is refused; replace overwrites.
-    assert await store.put_schedule(definition(spec()), replace=False) is None
+    assert await store.put_schedule(definition(HANDLERS, spec()), replace=False) is None
     now, rows = await store.list_schedules(now=T0)
     assert now == T0 and [r.name for r in rows] == ["tick"]
 
@@ -70,13 +72,13 @@ async def test_add_list_pause_resume_remove(store):
 
 
 async def test_replace_bumps_the_revision_only_when_the_definition_changes(store):
-    await store.put_schedule(definition(spec(), source="config"), replace=True, now=T0)
-    same = await store.put_schedule(definition(spec(), source="config"), replace=True,
+    await store.put_schedule(definition(HANDLERS, spec(), source="config"), replace=True, now=T0)
+    same = await store.put_schedule(definition(HANDLERS, spec(), source="config"), replace=True,
                                     now=T0 + secs(50))
     # A daemon restart re-declaring the same schedule keeps its watermark (missed runs
     # are still found), and the revision.
     assert (same.revision, same.handled_until, same.source) == (1, T0, "config")
-    changed = await store.put_schedule(definition(spec(every="5s"), source="config"),
+    changed = await store.put_schedule(definition(HANDLERS, spec(every="5s"), source="config"),
                                        replace=True, now=T0 + secs(60))
     assert (changed.revision, changed.every_s, changed.handled_until) == (2, 5.0, T0 + secs(60))
 
@@ -85,7 +87,7 @@ async def test_replace_bumps_the_revision_only_when_the_definition_changes(store
 
 
 async def test_two_schedulers_fire_each_occurrence_once(store, fresh_database, sql):
-    await store.put_schedule(definition(spec()), replace=False, now=T0)
+    await store.put_schedule(definition(HANDLERS, spec()), replace=False, now=T0)
     other = PgStore(fresh_database, pool_min=1, pool_max=4, timeout_s=10)
     await other.connect()
     try:
@@ -111,27 +113,27 @@ async def test_two_schedulers_fire_each_occurrence_once(store, fresh_database, s
 
 async def test_a_finished_job_does_not_let_its_occurrence_fire_again(store, sql):
     """Unique keys only dedupe unfinished jobs; the fires table covers the rest."""
-    await store.put_schedule(definition(spec()), replace=False, now=T0)
+    await store.put_schedule(definition(HANDLERS, spec()), replace=False, now=T0)
     row = (await store.list_schedules(now=T0))[1][0]
     s = scheduler(store)
     assert (await s.tick(T0 + secs(1))).fired == 1
     sql.execute("UPDATE jobd.jobs SET state = 'completed', finished_at = now()")
     # A daemon that read the schedule before that fire (stale watermark) fires the same
     # occurrence: regular and manual paths both create nothing.
-    occ = occurrence(row, T0 + secs(1))
+    occ = occurrence(HANDLERS, row, T0 + secs(1))
     fired, refused = await store.fire_schedules([FireTarget("tick", 1, T0 + secs(1))], [occ],
                                                 now=T0 + secs(1))
     assert (fired, refused) == ([], set())
-    manual = occurrence(row, T0 + secs(1), manual=True)
+    manual = occurrence(HANDLERS, row, T0 + secs(1), manual=True)
     assert (await store.fire_schedules([FireTarget("tick", 1, None)], [manual]))[0] == []
     assert sql.fetchval("SELECT count(*) FROM jobd.jobs") == 1
 
 
 async def test_a_redefined_or_paused_schedule_refuses_a_stale_fire(store, sql):
-    await store.put_schedule(definition(spec()), replace=False, now=T0)
+    await store.put_schedule(definition(HANDLERS, spec()), replace=False, now=T0)
     row = (await store.list_schedules(now=T0))[1][0]
-    await store.put_schedule(definition(spec(every="2s")), replace=True, now=T0)
-    occ = occurrence(row, T0 + secs(1))
+    await store.put_schedule(definition(HANDLERS, spec(every="2s")), replace=True, now=T0)
+    occ = occurrence(HANDLERS, row, T0 + secs(1))
     fired, refused = await store.fire_schedules([FireTarget("tick", row.revision, T0 + secs(1))],
                                                 [occ], now=T0 + secs(1))
     assert (fired, refused) == ([], {"tick"})
@@ -141,17 +143,17 @@ async def test_a_redefined_or_paused_schedule_refuses_a_stale_fire(store, sql):
 
 
 async def test_trigger_fires_now_even_when_paused(store, sql):
-    await store.put_schedule(definition(spec(cron="0 6 * * *")), replace=False, now=T0)
+    await store.put_schedule(definition(HANDLERS, spec(cron="0 6 * * *")), replace=False, now=T0)
     await store.set_schedule_paused("tick", True)
-    done = await trigger(store, "tick", None)
+    done = await trigger(store, HANDLERS, "tick", None)
     assert done.created and done.job_id is not None
     job = await store.get_job(done.job_id)
     assert job["state"] == "available" and job["unique_key"] == unique_key("tick", done.fire_at)
     assert f"fire:{done.fire_at.isoformat()}" in job["tags"]
     # Naming the occurrence: a second trigger of the same one creates nothing.
     at = datetime(2025, 10, 14, 6, 0, tzinfo=UTC)
-    assert (await trigger(store, "tick", at)).created
-    again = await trigger(store, "tick", at)
+    assert (await trigger(store, HANDLERS, "tick", at)).created
+    again = await trigger(store, HANDLERS, "tick", at)
     assert (again.created, again.job_id) == (False, None)
     assert sql.fetchval("SELECT count(*) FROM jobd.jobs") == 2
     row = (await store.list_schedules())[1][0]
@@ -164,7 +166,7 @@ async def test_trigger_fires_now_even_when_paused(store, sql):
 
 async def down_since(store, sql, policy: str, **options) -> list[datetime]:
     """A one-minute schedule whose daemons were all down from 01:00 to 04:00:30."""
-    await store.put_schedule(definition(spec(every="1m", missed=policy, grace="10s", **options)),
+    await store.put_schedule(definition(HANDLERS, spec(every="1m", missed=policy, grace="10s", **options)),
                              replace=False, now=T0 - secs(3 * 3600))
     report = await scheduler(store).tick(T0 + secs(30))
     fires = [f for f, _, _ in await jobs_of(sql)]
@@ -187,7 +189,7 @@ async def test_missed_all_is_bounded(store, sql):
 
 
 async def test_on_time_fires_under_skip(store, sql):
-    await store.put_schedule(definition(spec(every="1m", missed="skip", grace="10s")),
+    await store.put_schedule(definition(HANDLERS, spec(every="1m", missed="skip", grace="10s")),
                              replace=False, now=T0 - secs(3 * 3600))
     assert (await scheduler(store).tick(T0 + secs(5))).fired == 1
     assert [f for f, _, _ in await jobs_of(sql)] == [T0]
@@ -197,7 +199,7 @@ async def test_on_time_fires_under_skip(store, sql):
 
 
 async def test_jitter_delays_the_job_not_the_occurrence(store, sql):
-    await store.put_schedule(definition(spec(every="1m", jitter="30s")), replace=False,
+    await store.put_schedule(definition(HANDLERS, spec(every="1m", jitter="30s")), replace=False,
                              now=T0 - secs(1))
     assert (await scheduler(store).tick(T0)).fired == 1
     [(fire_at, key, state)] = await jobs_of(sql)
@@ -212,7 +214,7 @@ async def test_jitter_delays_the_job_not_the_occurrence(store, sql):
 
 
 async def test_prune_keeps_recent_fires(store, sql):
-    await store.put_schedule(definition(spec()), replace=False, now=T0)
+    await store.put_schedule(definition(HANDLERS, spec()), replace=False, now=T0)
     s = scheduler(store)
     for i in range(1, 4):
         await s.tick(T0 + secs(i))
@@ -241,7 +243,7 @@ async def test_children_are_created_once_per_key_even_after_finishing(store, sql
 async def test_a_daemon_killed_while_holding_the_fire_leaves_no_gap(store, sql):
     """A daemon dies mid-fire (its session holds the schedule's lock, then the server
     ends it): the waiting daemon fires the occurrence, exactly once."""
-    await store.put_schedule(definition(spec()), replace=False, now=T0)
+    await store.put_schedule(definition(HANDLERS, spec()), replace=False, now=T0)
     s = scheduler(store)
 
     def locker() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 
-from actors.handlers import Context, job
+from actors import Context, job
 
 WRITES_TABLE = "CREATE TABLE IF NOT EXISTS tx_writes (job_id bigint PRIMARY KEY)"
 

@@ -11,7 +11,7 @@ from actors.ports import NewJob, Outcome
 from actors.runtime.clock import TrioClock
 from actors.runtime.mailbox import Mailbox
 from actors.services.batcher import Batcher
-from actors.services.worker import refused_outcome
+from actors.services.outcomes import refused_outcome
 
 
 async def test_a_batch_with_values_postgres_refuses_is_split_and_the_rest_written(store):

@@ -11,8 +11,7 @@ import msgspec
 import pytest
 import trio
 
-from actors import handlers
-from actors.handlers import job
+from actors.handlers import HANDLERS, job
 from actors.ports import NewJob, NullObserver, Outcome
 from actors.runtime.clock import TrioClock
 from actors.runtime.mailbox import Mailbox
@@ -48,10 +47,11 @@ PROBE = Probe()
 
 
 @pytest.fixture(autouse=True)
-def kinds(monkeypatch):
+def kinds():
     global PROBE
     PROBE = Probe()
-    monkeypatch.setattr(handlers, "_REGISTRY", {})
+    saved = HANDLERS.registered()
+    HANDLERS.restore({})
 
     @job("test.hold", max_attempts=1)
     async def hold(ctx, args: Gate) -> None:
@@ -79,6 +79,8 @@ def kinds(monkeypatch):
         finally:
             PROBE.events.append(("end", ctx.job.attempt))
         return "done"
+    yield
+    HANDLERS.restore(saved)
 
 
 @asynccontextmanager
@@ -87,7 +89,7 @@ async def dispatcher(store, *, concurrency: int, claim_batch: int = 100,
     finished: list[Outcome] = []
     box: Mailbox = Mailbox("pool:default", capacity=100)
     runner = AttemptRunner(
-        clock=TrioClock(), report_progress=lambda *a: None, transaction=store.transaction,
+        handlers=HANDLERS, clock=TrioClock(), report_progress=lambda *a: None, transaction=store.transaction,
         default_timeout_s=None, progress_every_items=10, progress_every_s=10.0,
         snooze_burns_attempt=False, rng=random.Random(1))
 

@@ -6,6 +6,7 @@ No database: progress and transactions are fakes, time is trio's MockClock.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -14,9 +15,9 @@ import msgspec
 import pytest
 import trio
 
-from actors import handlers
+from actors.context import Abandoned, Context
 from actors.errors import Fail, RetryAfter
-from actors.handlers import Context, job
+from actors.handlers import HANDLERS, job
 from actors.ports import Claimed, Outcome
 from actors.runtime.clock import TrioClock
 from actors.services.worker import CANCEL_REQUESTED, SHUTDOWN, Attempt, AttemptRunner
@@ -57,6 +58,7 @@ class Harness:
         self.progress: list[tuple[int, int, float | None, str | None]] = []
         self.tx = FakeTx()
         self.runner = AttemptRunner(
+            handlers=HANDLERS,
             clock=TrioClock(),
             report_progress=lambda *a: self.progress.append(a),
             transaction=self._transaction,
@@ -90,8 +92,11 @@ def error_of(outcome: Outcome) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def kinds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(handlers, "_REGISTRY", {})
+def kinds() -> Iterator[None]:
+    """The kinds each test uses, declared with @job into an emptied HANDLERS (put back
+    after the test)."""
+    saved = HANDLERS.registered()
+    HANDLERS.restore({})
 
     @job("ok")
     async def ok(ctx: Context, args: Args) -> dict[str, Any]:
@@ -128,6 +133,8 @@ def kinds(monkeypatch: pytest.MonkeyPatch) -> None:
         async with ctx.transaction() as tx:
             await tx.execute("INSERT INTO t VALUES ($1)", args.n)
             await tx.complete({"n": args.n})
+    yield
+    HANDLERS.restore(saved)
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -462,7 +469,7 @@ async def test_a_timed_out_sync_handler_is_abandoned_and_told_at_its_next_progre
         go_on.wait(10)
         try:
             ctx.progress(1, "still here")
-        except handlers.Abandoned:
+        except Abandoned:
             told.append("abandoned")
             raise
 
