@@ -1,7 +1,8 @@
 """What the actors need from the outside world, and the rows they exchange with it.
 
-`daemon.store.PgStore` implements `Store`; `daemon.metrics` implements `Observer`.
-Actors depend on these Protocols only, never on SQL or asyncpg.
+`daemon.store.PgStore` implements `Store` (and opens `LeaderSession`s);
+`daemon.metrics` implements `Observer`. Actors depend on these Protocols only, never
+on SQL or asyncpg.
 """
 
 from __future__ import annotations
@@ -239,6 +240,22 @@ class Store(Protocol):
     def listen(
         self, channels: list[str], on_notify: Callable[[str, str], None]
     ) -> AbstractAsyncContextManager[None]: ...
+
+
+class LeaderSession(Protocol):
+    """One dedicated connection that asks for, then holds, the database-wide leader lock.
+
+    The lock is the session's: Postgres drops it when the connection ends, however it
+    ends, so a dead daemon never keeps the leadership (`actors.services.peer`).
+    """
+
+    async def try_lead(self) -> bool:
+        """Take the lock if no session holds it; True if this session holds it now."""
+        ...
+
+    async def ping(self) -> None:
+        """One round trip; raises StoreUnavailable once the connection (and lock) is gone."""
+        ...
 
 
 class Observer(Protocol):

@@ -48,6 +48,7 @@ from actors.services.dispatcher import (
 )
 from actors.services.heart import Beat, Heart
 from actors.services.outcomes import error_class, refused_outcome
+from actors.services.peer import Leadership, Peer
 from actors.services.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
 from actors.services.worker import AttemptRunner
@@ -65,7 +66,7 @@ from daemon.config import (
 from daemon.control_socket import ControlServer, open_listener
 from daemon.http import HttpApp, HttpServer
 from daemon.metrics import Metrics, run_queue_gauges
-from daemon.store import PgStore, bridge
+from daemon.store import MetricsSession, PgStore, bridge
 from daemon.systemd import Notifier, run_watchdog
 from protocol import commands as c
 from protocol.jobs import KeyStats
@@ -752,9 +753,13 @@ class Daemon:
         if not binds:
             return None
         self.metrics.init_queues(self.queue_names())
+        leader_interval_s = parse_duration(self.config.metrics.leader_interval)
+        leadership: Leadership[MetricsSession] = Leadership()
+        await nursery.start(Peer(Mailbox("peer"), self.store.metrics_session, leadership,
+                                 interval_s=leader_interval_s, clock=self.clock).run)
         await nursery.start(partial(
-            run_queue_gauges, self.store, self.metrics, clock=self.clock,
-            interval_s=parse_duration(self.config.metrics.leader_interval),
+            run_queue_gauges, leadership, self.metrics, clock=self.clock,
+            interval_s=leader_interval_s,
             key_gauges=self._key_gauges, key_limit=self.config.metrics.key_series_limit))
         cc = self.config.control
         app = HttpApp(control=control, metrics=self.metrics, readiness=self._readiness,

@@ -512,6 +512,10 @@ class MetricsSession:
         return bool(await bridge.call(self._connection.fetchval, q.TRY_METRICS_LEADER,
                                       q.METRICS_LEADER_LOCK))
 
+    async def ping(self) -> None:
+        """One round trip on this session: the Peer's check that it still holds the lock."""
+        await bridge.call(self._connection.fetchval, "SELECT 1")
+
     async def queue_gauges(
         self, now: datetime | None = None
     ) -> tuple[list[tuple[str, str, int]], list[tuple[str, float]]]:

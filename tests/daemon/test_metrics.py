@@ -1,5 +1,8 @@
 """daemon.metrics: the observer, the exposition, the bounded key label, the queue gauges.
 
+The leader election itself is tested with the Peer (tests/actors/services/test_peer.py);
+here the gauges follow it.
+
 The exposition is parsed back with prometheus_client's own parser and, when promtool is
 on PATH, linted by `promtool check metrics` (.ci/run installs it).
 """
@@ -23,6 +26,7 @@ from actors.ports import NewJob, Outcome
 from actors.runtime.clock import TrioClock
 from actors.runtime.mailbox import Mailbox
 from actors.runtime.registry import Registry
+from actors.services.peer import Check, Leadership, Peer
 from daemon.metrics import (
     BATCH_BUCKETS,
     DB_BUCKETS,
@@ -33,13 +37,14 @@ from daemon.metrics import (
     Metrics,
     run_queue_gauges,
 )
+from daemon.metrics.observer import Drops
+from tests.actors.services.test_peer import leader_pid
 
 FIXED = {
     "jobd_jobs_enqueued": "counter",
     "jobd_jobs_started": "counter",
     "jobd_jobs_finished": "counter",
     "jobd_job_errors": "counter",
-    "jobd_rate_limit_waits": "counter",
     "jobd_key_pauses": "counter",
     "jobd_breaker_openings": "counter",
     "jobd_actor_restarts": "counter",
@@ -145,6 +150,26 @@ def test_observer_never_raises():
     assert samples(metrics, "jobd_job_errors_total") == {
         (("error_class", "<class 'object'>"), ("queue", "q")): 1}
     assert samples(metrics, "jobd_job_run_seconds_count") == {}
+    assert o.drops.counts == {"job_started": 3, "job_finished": 1, "jobs_enqueued": 2,
+                              "claim_batch": 1, "db_round_trip": 1}
+
+
+def test_a_dropped_observation_is_logged_once_a_minute_per_hook(caplog):
+    now = [100.0]
+    drops = Drops(every_s=60.0, now=lambda: now[0])
+    metrics = make()
+    o = metrics.observer
+    o.drops = drops
+    with caplog.at_level("WARNING", logger="jobd.metrics"):
+        for _ in range(5):
+            o.db_round_trip("claim", math.nan)
+        o.claim_batch("q", object())  # type: ignore[arg-type]  # another hook: its own line
+        now[0] += 61
+        o.db_round_trip("claim", math.nan)
+    logged = [(r.hook, r.dropped) for r in caplog.records if r.event == "metrics.dropped"]
+    assert logged == [("db_round_trip", 1), ("claim_batch", 1), ("db_round_trip", 6)]
+    assert all(r.exc_info for r in caplog.records if r.event == "metrics.dropped")
+    assert drops.counts == {"db_round_trip": 6, "claim_batch": 1}
 
 
 def test_label_values_are_strs():
@@ -440,8 +465,8 @@ def test_key_labels_are_bounded():
 def test_key_counters_and_gauges_stay_bounded():
     metrics = make(key_series_limit=1)
     for key in ("acme", "globex", "initech"):
-        metrics.observer.rate_limit_waited("crawl", key)
-    assert samples(metrics, "jobd_rate_limit_waits_total") == {
+        metrics.observer.key_paused("crawl", key)
+    assert samples(metrics, "jobd_key_pauses_total") == {
         (("key", "acme"), ("queue", "crawl")): 1, (("key", OTHER_KEY), ("queue", "crawl")): 2}
     metrics.observer.key_snapshot("crawl", {"acme": 1, "globex": 4}, {"acme": 2.0},
                                   {"acme": True})
@@ -488,7 +513,7 @@ def test_promtool_accepts_the_exposition():
     o.error_classified("default", "unknown")
     o.claim_batch("default", 1)
     o.db_round_trip("claim", 0.001)
-    o.rate_limit_waited("default", "acme")
+    o.key_paused("default", "acme")
     metrics.queue_gauges.leader = True
     metrics.queue_gauges.update([("default", "available", 1)], [("default", 1.0)])
     body, _ = metrics.exposition()
@@ -515,11 +540,12 @@ async def test_queue_gauge_queries(store):
     assert [(q, round(age)) for q, age in oldest] == [("default", 90)]
 
 
-async def test_one_leader_per_database_and_takeover(store):
+async def test_the_leader_lock_is_one_per_database_and_dies_with_its_session(store):
     async with store.metrics_session() as first:
         async with store.metrics_session() as second:
             assert await first.try_lead() is True
             assert await second.try_lead() is False
+            await first.ping()
         async with store.metrics_session() as third:
             assert await third.try_lead() is False
     # The leader's connection closed, and its session lock went with it (once the
@@ -530,23 +556,67 @@ async def test_one_leader_per_database_and_takeover(store):
                 await trio.sleep(0.02)
 
 
+def peer(store, name: str) -> tuple[Peer, Leadership]:
+    leadership: Leadership = Leadership()
+    return Peer(Mailbox(name), store.metrics_session, leadership, interval_s=0.05,
+                clock=TrioClock()), leadership
+
+
 async def test_run_queue_gauges_refreshes_on_the_leader_only(store):
     await store.enqueue_many([NewJob(kind="k")])
     leader, follower = make(), make()
+    keys: list[list[dict]] = []
     async with trio.open_nursery() as nursery:
+        first, leads = peer(store, "peer-1")
+        await nursery.start(first.run)
         await nursery.start(lambda task_status: run_queue_gauges(
-            store, leader, interval_s=0.05, clock=TrioClock(), task_status=task_status))
+            leads, leader, interval_s=0.05, clock=TrioClock(), key_gauges=keys.append,
+            task_status=task_status))
         with trio.fail_after(10):
             while not samples(leader, "jobd_queue_jobs"):  # noqa: ASYNC110 - its next tick
                 await trio.sleep(0.02)
+        second, follows = peer(store, "peer-2")
+        await nursery.start(second.run)
         await nursery.start(lambda task_status: run_queue_gauges(
-            store, follower, interval_s=0.05, clock=TrioClock(), task_status=task_status))
-        await trio.sleep(0.3)
+            follows, follower, interval_s=0.05, clock=TrioClock(), task_status=task_status))
+        # Two checks of its own, each answered "not leading": the follower had its chance.
+        assert await second.mailbox.ask(Check()) is False
+        assert await second.mailbox.ask(Check()) is False
         assert samples(follower, "jobd_metrics_leader") == {(): 0}
         assert samples(follower, "jobd_queue_jobs") == {}
+        assert samples(leader, "jobd_metrics_leader") == {(): 1}
         assert samples(leader, "jobd_queue_jobs")[(("queue", "default"), ("state", "available"))] == 1
+        assert keys  # the per-key rows came along on the leader's session
         nursery.cancel_scope.cancel()
     assert samples(leader, "jobd_metrics_leader") == {(): 0}
+
+
+async def test_the_gauges_move_when_the_leader_loses_its_connection(store):
+    await store.enqueue_many([NewJob(kind="k")])
+    leader, follower = make(), make()
+    async with trio.open_nursery() as nursery:
+        first, leads = peer(store, "peer-1")
+        await nursery.start(first.run)
+        await leads.wait(True)
+        await nursery.start(lambda task_status: run_queue_gauges(
+            leads, leader, interval_s=0.05, clock=TrioClock(), task_status=task_status))
+        second, follows = peer(store, "peer-2")
+        await nursery.start(second.run)
+        await nursery.start(lambda task_status: run_queue_gauges(
+            follows, follower, interval_s=0.05, clock=TrioClock(), task_status=task_status))
+        assert await second.mailbox.ask(Check()) is False
+        pid = await leader_pid(store)
+        async with store.transaction() as tx:
+            assert await tx.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+        with trio.fail_after(10):
+            await follows.wait(True)
+            while not samples(follower, "jobd_queue_jobs"):  # noqa: ASYNC110 - its next tick
+                await trio.sleep(0.02)
+        with trio.fail_after(10):
+            await leads.wait(False)
+        assert samples(leader, "jobd_metrics_leader") == {(): 0}
+        assert samples(leader, "jobd_queue_jobs") == {}
+        nursery.cancel_scope.cancel()
 
 
 def test_loop_lag_and_blocked_handlers_are_exported():

@@ -28,10 +28,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"
 
-# The metrics jobd exports (daemon/metrics.py); histograms without _bucket/_sum/_count.
+# The metrics the alerts and the dashboard may use, all exported by jobd
+# (daemon/metrics/registry.py; test_the_listed_metrics_are_what_jobd_declares checks it);
+# histograms without _bucket/_sum/_count.
 JOBD_METRICS = {
     "jobd_jobs_enqueued_total", "jobd_jobs_started_total", "jobd_jobs_finished_total",
-    "jobd_job_errors_total", "jobd_rate_limit_waits_total", "jobd_key_pauses_total",
+    "jobd_job_errors_total", "jobd_key_pauses_total",
     "jobd_breaker_openings_total", "jobd_actor_restarts_total",
     "jobd_job_run_seconds", "jobd_job_wait_seconds", "jobd_db_round_trip_seconds",
     "jobd_claim_batch_size",
@@ -81,6 +83,15 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @needs_promtool
+def test_the_listed_metrics_are_what_jobd_declares() -> None:
+    """Every name above is declared (# TYPE) by a daemon's registry, without a daemon."""
+    from daemon.metrics import Metrics
+
+    body = Metrics(version="0", region="r", daemon_id="d").exposition()[0].decode()
+    declared = set(re.findall(r"^# TYPE (\w+) ", body, re.M))
+    assert JOBD_METRICS - declared == set()
+
+
 def test_promtool_check_config() -> None:
     result = promtool("check", "config", str(PROM / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -6,7 +6,9 @@ Every scrape: no gauge sample is negative. Within one process (one `daemon_id` o
 never decreases and never disappears between consecutive scrapes. Across processes the
 counters start over, and the restarted daemon's counters agree with the database: it
 counts exactly the jobs the killed one held as `rescued`, and completes (and counts as
-`completed`) exactly the jobs that were not yet done when it started.
+`completed`) exactly the jobs that were not yet done when it started. Each process,
+the only daemon on its database, comes to lead (`jobd_metrics_leader` 1) once its
+killed predecessor's session, and the leader lock with it, is gone.
 """
 
 from __future__ import annotations
@@ -126,6 +128,10 @@ def check_consistency(scrapes: list[Scrape]) -> dict[str, int]:
     return Counter(s.daemon_id for s in scrapes)
 
 
+def led(scrapes: list[Scrape]) -> bool:
+    return any(s.gauges.get(("jobd_metrics_leader", ())) == 1 for s in scrapes)
+
+
 def completed(sql: Sql) -> int:
     return sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE state = 'completed'")
 
@@ -151,12 +157,12 @@ def test_metrics_consistent_through_sigkills(jobd, sql, tmp_path):
             def ready_to_kill(target=target, daemon_id=daemon_id,
                               rescued_expected=rescued_expected) -> bool:
                 mine = scraper.of(daemon_id)
-                return (len(mine) >= MIN_SCRAPES
+                return (len(mine) >= MIN_SCRAPES and led(mine)
                         and mine[-1].value("jobd_jobs_finished_total",
                                            outcome="rescued") == rescued_expected
                         and completed(sql) >= target)
 
-            wait_until(f"kill {n + 1}: {target} jobs done, {MIN_SCRAPES} scrapes and"
+            wait_until(f"kill {n + 1}: {target} jobs done, {MIN_SCRAPES} scrapes, leading and"
                        f" {rescued_expected} rescues counted", ready_to_kill, daemons=(daemon,))
             time.sleep(rng.uniform(0.0, 0.2))
             daemon.kill()
@@ -174,8 +180,8 @@ def test_metrics_consistent_through_sigkills(jobd, sql, tmp_path):
         def final_counts() -> Scrape | None:
             mine = scraper.of(daemon_id)
             last = mine[-1] if mine else None
-            if last and last.value("jobd_jobs_finished_total",
-                                   outcome="completed") >= N_JOBS - done_before:
+            if last and led(mine) and last.value("jobd_jobs_finished_total",
+                                                 outcome="completed") >= N_JOBS - done_before:
                 return last
             return None
 
