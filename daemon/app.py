@@ -48,6 +48,9 @@ from actors.services.reaper import AgingRule, Reaper, ReaperSettings, RetentionR
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
 from actors.services.worker import AttemptRunner, error_class, refused_outcome
 from daemon import __version__
+from daemon.api.control_socket import ControlServer, open_listener
+from daemon.api.http import HttpApp
+from daemon.api.http_server import HttpServer
 from daemon.config import (
     Config,
     ConfigError,
@@ -58,8 +61,6 @@ from daemon.config import (
     read_token,
     socket_path,
 )
-from daemon.control_socket import ControlServer, open_listener
-from daemon.http import HttpApp, HttpServer
 from daemon.metrics import Metrics, run_queue_gauges
 from daemon.store import PgStore, bridge
 from daemon.systemd import Notifier, run_watchdog

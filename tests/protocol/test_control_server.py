@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.control_socket import ControlServer
+from daemon.api.control_socket import ControlServer
 from protocol import commands as c
 
 HELLO = json.dumps({"id": 1, "type": "hello", "protocol": 1}).encode() + b"\n"
