@@ -31,7 +31,7 @@ from actors.runtime.mailbox import Mailbox, MailboxClosed
 from actors.runtime.registry import Registry
 from actors.runtime.supervisor import ChildSpec, Strategy, Supervisor
 from actors.services.batcher import Backlog, Batcher
-from actors.services.control import Control, key_stats, limits_for_key
+from actors.services.control import Control
 from actors.services.dispatcher import (
     CancelJob,
     Dispatcher,
@@ -44,6 +44,7 @@ from actors.services.dispatcher import (
     Wake,
 )
 from actors.services.heart import Beat, Heart
+from actors.services.key_views import key_stats, limits_for_key
 from actors.services.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
 from actors.services.worker import AttemptRunner, error_class, refused_outcome

@@ -49,7 +49,7 @@ MAX_BODY_BYTES = 2 * 1024 * 1024  # the default of limits.max_frame_bytes
 READ_TIMEOUT_S = 30.0
 
 # Error code -> HTTP status; a code not listed here is a 500.
-STATUS = {
+STATUS: dict[str, int] = {
     ErrorCode.BAD_JSON: 400,
     ErrorCode.BAD_REQUEST: 400,
     ErrorCode.UNSUPPORTED_PROTOCOL: 400,

@@ -85,7 +85,7 @@ class HttpServer:
                 listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
                 urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
             context = WorkerContext(None)
-            asgi = wrap_app(self.app, config.wsgi_max_body_size, "asgi")
+            asgi = wrap_app(self.app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
             state = ConnectionState({})
 
             async def connection(stream: trio.SocketStream) -> None:

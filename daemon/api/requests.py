@@ -84,7 +84,7 @@ class Requests:
             cmd: c.Command = decode(c.command_decoder, line)
         except BadRequest as exc:
             if envelope.type is not None and envelope.type not in COMMANDS:
-                exc = JobdError(exc.message, code=ErrorCode.UNKNOWN_COMMAND)
+                return error(JobdError(exc.message, code=ErrorCode.UNKNOWN_COMMAND), request_id)
             return error(exc, request_id)
         except JobdError as exc:
             return error(exc, request_id)
