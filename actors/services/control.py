@@ -123,10 +123,10 @@ class Control:
                 return c.BatchResult(ids=[d.id for d in done], created=sum(d.created for d in done),
                                      warning=await self._unserved(rows))
             case c.Get():
-                row = await self._store.get_job(cmd.job_id)
-                if row is None:
+                found_job = await self._store.get_job(cmd.job_id)
+                if found_job is None:
                     raise NotFound(f"no job {cmd.job_id}", details={"id": cmd.job_id})
-                return await workflow_view(self._store, job_view(row))
+                return await workflow_view(self._store, job_view(found_job))
             case c.SendEvent():
                 data = msgspec.json.encode(cmd.data)
                 if len(data) > self._max_args_bytes:
@@ -152,14 +152,14 @@ class Control:
             case c.Stats():
                 return await self.stats()
             case c.Nodes():
-                rows = await self._store.list_daemons()
-                return c.NodesResult(daemons=[DaemonView(**r) for r in rows])
+                daemons = await self._store.list_daemons()
+                return c.NodesResult(daemons=[DaemonView(**r) for r in daemons])
             case c.List():
-                rows = await self._store.list_jobs(cmd, cmd.cursor, cmd.limit,
+                page = await self._store.list_jobs(cmd, cmd.cursor, cmd.limit,
                                                    field_bytes=self._list_field_bytes)
-                more = len(rows) == cmd.limit
-                return c.JobsPage(jobs=[job_view(r) for r in rows],
-                                  next_cursor=rows[-1]["id"] if more else None)
+                more = len(page) == cmd.limit
+                return c.JobsPage(jobs=[job_view(r) for r in page],
+                                  next_cursor=page[-1]["id"] if more else None)
             case c.Summary():
                 return summary(await self._store.summarize(cmd))
             case c.CancelMany() | c.Retry() | c.Delete() | c.Replay():
