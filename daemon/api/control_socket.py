@@ -274,7 +274,15 @@ class Connection:
                            message='send {"type":"hello","protocol":1} first')
         if isinstance(cmd, c.Watch):
             return _Stream(cmd.id, cmd)
-        reply = await self._requests.answer(cmd, self._peer, cmd.id)
+        try:
+            reply = await self._requests.answer(cmd, self._peer, cmd.id)
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the daemon down
+            # Answered with the request's id: an id-less error would reach every request
+            # the peer has waiting (the client hands those to all).
+            name = type(cmd).__struct_config__.tag
+            log.exception("control command %s failed", name,
+                          extra={"event": "control.crashed", "command": name})
+            return c.Error(id=cmd.id, code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
         if isinstance(cmd, c.Hello) and isinstance(reply, c.Ok):
             self._greeted = True
         return reply
