@@ -34,7 +34,7 @@ from actors.runtime.registry import Registry
 from actors.runtime.specs import ChildSpec, Strategy
 from actors.runtime.supervisor import Supervisor
 from actors.services.batcher import Backlog, Batcher
-from actors.services.control import Control, key_stats, limits_for_key
+from actors.services.control import Control
 from actors.services.dispatcher import (
     CancelJob,
     Dispatcher,
@@ -47,12 +47,16 @@ from actors.services.dispatcher import (
     Wake,
 )
 from actors.services.heart import Beat, Heart
+from actors.services.key_views import key_stats, limits_for_key
 from actors.services.outcomes import error_class, refused_outcome
 from actors.services.peer import Leadership, Peer
 from actors.services.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig, Tick
 from actors.services.worker import AttemptRunner
 from daemon import __version__
+from daemon.api.control_socket import ControlServer, open_listener
+from daemon.api.http import HttpApp
+from daemon.api.http_server import HttpServer
 from daemon.config import (
     Config,
     ConfigError,
@@ -63,8 +67,6 @@ from daemon.config import (
     read_token,
     socket_path,
 )
-from daemon.control_socket import ControlServer, open_listener
-from daemon.http import HttpApp, HttpServer
 from daemon.metrics import Metrics, run_queue_gauges
 from daemon.store import MetricsSession, PgStore, bridge
 from daemon.systemd import Notifier, run_watchdog

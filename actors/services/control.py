@@ -1,13 +1,17 @@
-"""Turns a decoded protocol command into store calls and actor messages.
+"""The control plane: a decoded protocol command in, store calls and actor messages,
+a result Struct out.
 
-Transports (socket, HTTP) own framing and auth; this owns meaning. Domain problems
-come back as `protocol.errors.JobdError` with a stable code.
+Accepts every `protocol.commands.Command` (`handle`), plus `hello` (answered without
+the store) and `watch` (a stream of views). Transports (daemon/api) own framing, auth
+and the envelopes; this owns meaning. Domain problems come back as
+`protocol.errors.JobdError` with a stable code. Its views live beside it: jobs in
+`job_views`, flow keys in `key_views`, the live-queue checks in `live_queues`, the
+schedule commands in `schedule_commands`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -25,23 +29,19 @@ from actors.ports import (
     ValueRejected,
 )
 from actors.services import schedule_commands
+from actors.services.job_views import FINISHED, job_view, summary
+from actors.services.key_views import key_stats
+from actors.services.live_queues import LiveQueues
 from actors.validate import has_nul
 from actors.validate import max_args_bytes as validate_max_args_bytes
 from actors.workflow import workflow_view
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, NotFound, Unavailable
 from protocol.framing import PROTOCOL_VERSION
-from protocol.jobs import (
-    AttemptError,
-    DaemonView,
-    JobView,
-    KeyStats,
-    QueueCounts,
-)
+from protocol.jobs import DaemonView, JobView, QueueCounts
 from protocol.tree import TreeNode
 
 MAX_BATCH = c.MAX_BATCH
-LIVE_QUEUES_TTL_S = 5.0
 
 
 class Control:
@@ -84,10 +84,8 @@ class Control:
         self._max_args_bytes = max_args_bytes if max_args_bytes is not None else \
             validate_max_args_bytes()
         self._list_field_bytes = list_field_bytes
-        self._queues = queues
-        self._declared = declared or set
-        self._live_s = live_s
-        self._live_cache: tuple[float, set[str]] = (-float("inf"), set())
+        self._queues = LiveQueues(store, here=queues, declared=declared or set,
+                                  live_s=live_s) if queues is not None else None
 
     async def handle(self, cmd: c.Command) -> Any:
         try:
@@ -127,10 +125,10 @@ class Control:
                 return c.BatchResult(ids=[d.id for d in done], created=sum(d.created for d in done),
                                      warning=await self._unserved(rows))
             case c.Get():
-                row = await self._store.get_job(cmd.job_id)
-                if row is None:
+                found_job = await self._store.get_job(cmd.job_id)
+                if found_job is None:
                     raise NotFound(f"no job {cmd.job_id}", details={"id": cmd.job_id})
-                return await workflow_view(self._store, job_view(row))
+                return await workflow_view(self._store, job_view(found_job))
             case c.SendEvent():
                 data = msgspec.json.encode(cmd.data)
                 if len(data) > self._max_args_bytes:
@@ -156,21 +154,22 @@ class Control:
             case c.Stats():
                 return await self.stats()
             case c.Nodes():
-                rows = await self._store.list_daemons()
-                return c.NodesResult(daemons=[DaemonView(**r) for r in rows])
+                daemons = await self._store.list_daemons()
+                return c.NodesResult(daemons=[DaemonView(**r) for r in daemons])
             case c.List():
-                rows = await self._store.list_jobs(cmd, cmd.cursor, cmd.limit,
+                page = await self._store.list_jobs(cmd, cmd.cursor, cmd.limit,
                                                    field_bytes=self._list_field_bytes)
-                more = len(rows) == cmd.limit
-                return c.JobsPage(jobs=[job_view(r) for r in rows],
-                                  next_cursor=rows[-1]["id"] if more else None)
+                more = len(page) == cmd.limit
+                return c.JobsPage(jobs=[job_view(r) for r in page],
+                                  next_cursor=page[-1]["id"] if more else None)
             case c.Summary():
                 return summary(await self._store.summarize(cmd))
             case c.CancelMany() | c.Retry() | c.Delete() | c.Replay():
                 return await self._bulk(cmd)
             case c.Pause() | c.Resume():
                 if isinstance(cmd, c.Pause):
-                    await self._check_known_queue(cmd.queue)
+                    if self._queues is not None:
+                        await self._queues.check_pausable(cmd.queue)
                     await self._store.pause(cmd.queue, cmd.key)
                 else:
                     await self._store.resume(cmd.queue, cmd.key)
@@ -227,49 +226,8 @@ class Control:
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 
-    async def _live_queues(self, wanted: set[str] | None = None) -> set[str]:
-        """Queues live daemons serve. Kept a few seconds when it holds all `wanted`: a
-        daemon that enqueues for queues other daemons serve must not pay a round trip
-        per enqueue, while a queue missing from it is always asked afresh."""
-        now = trio.current_time()
-        at, queues = self._live_cache
-        if wanted is None or now - at > LIVE_QUEUES_TTL_S or not wanted <= queues:
-            queues = set(await self._store.live_queues(self._live_s))
-            self._live_cache = (now, queues)
-        return queues
-
     async def _unserved(self, rows: list[NewJob]) -> str | None:
-        """A warning naming the queues of `rows` that no live daemon serves, else None.
-
-        The common case (this daemon serves the queue) costs no round trip."""
-        if self._queues is None:
-            return None
-        here = self._queues()
-        asked = sorted({r.queue for r in rows} - here)
-        if not asked:
-            return None
-        live = await self._live_queues(set(asked))
-        missing = [q for q in asked if q not in live]
-        if not missing:
-            return None
-        served = ", ".join(sorted(live | here)) or "none"
-        return (f"no live daemon serves queue {', '.join(map(repr, missing))}: the job waits "
-                f"until one does (queues served: {served})")
-
-    async def _check_known_queue(self, queue: str) -> None:
-        """Pausing a queue nothing serves or declares is almost always a typo: refuse it."""
-        if self._queues is None:
-            return
-        here = self._queues() | self._declared()
-        if queue in here:
-            return
-        live = await self._live_queues()
-        if queue in live:
-            return
-        known = sorted(here | live)
-        raise NotFound(f"no live daemon serves queue {queue!r} and the config does not "
-                       f"declare it (known queues: {', '.join(known) or 'none'})",
-                       details={"queue": queue, "queues": known})
+        return await self._queues.unserved(rows) if self._queues is not None else None
 
     def _count_enqueued(self, rows: list[NewJob], done: list[Enqueued]) -> None:
         created: dict[tuple[str, str], int] = {}
@@ -314,86 +272,3 @@ class Control:
         ], keys=keys)
 
 
-FINISHED = ("completed", "failed", "cancelled")
-
-
-def limits_for_key(limits: dict[str, Any], key: str) -> dict[str, Any]:
-    """One key's limits: the queue's defaults with that key's overrides on top."""
-    return {**limits.get("default", {}), **limits.get("keys", {}).get(key, {})}
-
-
-def key_stats(row: dict[str, Any], limits: dict[str, Any]) -> KeyStats:
-    """A key's row from the store, read against the queue's configured limits."""
-    lim = limits_for_key(limits, row["key"])
-    rate = lim.get("rate")
-    factor = row["rate_factor"] if lim.get("adaptive") else 1.0
-    breaker = "closed"
-    threshold = lim.get("breaker_failures")
-    now = datetime.now(UTC)
-    if threshold is not None and row["consecutive_failures"] >= threshold:
-        reopens = row["last_failure_at"] + timedelta(seconds=lim.get("breaker_cooldown_s", 30))
-        breaker = "open" if now < reopens else "half_open"
-    paused = row["paused_until"] if row["paused_until"] and row["paused_until"] > now else None
-    return KeyStats(
-        queue=row["queue"], key=row["key"], running=row["running"], queued=row["queued"],
-        concurrency_limit=lim.get("concurrency"), rate_limit=rate,
-        effective_rate=rate * factor if rate is not None else None,
-        tokens_per_minute=lim.get("tpm"), paused_until=paused, breaker=breaker,
-        consecutive_failures=row["consecutive_failures"],
-    )
-
-
-def summary(by_state: dict[str, int]) -> c.SummaryResult:
-    def n(*states: str) -> int:
-        return sum(by_state.get(s, 0) for s in states)
-
-    return c.SummaryResult(
-        total=sum(by_state.values()), queued=n("scheduled", "available", "waiting"),
-        running=n("running"), completed=n("completed"), failed=n("failed"),
-        cancelled=n("cancelled"), by_state=by_state,
-    )
-
-
-def job_view(row: dict[str, Any], *, field_bytes: int | None = None) -> JobView:
-    """A job as a client sees it. List rows may come with large fields left out (the SQL
-    names them in `truncated`); with `field_bytes` this leaves them out here."""
-    decode = msgspec.json.decode
-    truncated = list(row.get("truncated") or ())
-    raw = {name: row[name] for name in ("args", "result", "errors")}
-    note = row["progress_note"]
-    if field_bytes is not None:
-        for name, value in raw.items():
-            if value is not None and _over(value, field_bytes):
-                raw[name] = "[]" if name == "errors" else None
-                truncated.append(name)
-        if note is not None and _over(note, field_bytes):
-            note = note[:field_bytes // 4]
-            truncated.append("progress_note")
-    return JobView(
-        id=row["id"], kind=row["kind"], queue=row["queue"], key=row["key"],
-        args=decode(raw["args"]) if raw["args"] is not None else None,
-        state=row["state"], attempt=row["attempt"],
-        max_attempts=row["max_attempts"], priority=row["priority"],
-        unique_key=row["unique_key"], tags=list(row["tags"]), progress=row["progress"],
-        progress_note=note,
-        result=decode(raw["result"]) if raw["result"] is not None else None,
-        errors=_errors(raw["errors"]),
-        run_at=row["run_at"], created_at=row["created_at"], started_at=row["started_at"],
-        finished_at=row["finished_at"], lease_owner=row["lease_owner"],
-        cancel_requested=row["cancel_requested"],
-        truncated=truncated,
-    )
-
-
-def _errors(raw: str) -> list[AttemptError]:
-    try:
-        return msgspec.json.decode(raw, type=list[AttemptError])
-    except msgspec.ValidationError:
-        # Written by hand (SQL) in another shape: shown as text, not an internal error.
-        return [AttemptError(attempt=0, error_class="unknown",
-                             message=f"errors not in jobd's shape: {raw[:1000]}")]
-
-
-def _over(text: str, limit: int) -> bool:
-    # More characters than bytes allowed is over for sure; else count the UTF-8 bytes.
-    return len(text) > limit or len(text.encode()) > limit

@@ -1,4 +1,4 @@
-"""daemon.http: the ASGI app called in-process, then once through real hypercorn."""
+"""daemon.api.http: the ASGI app called in-process, then once through real hypercorn."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.http import HttpApp, HttpServer, openapi
+from daemon.api.http import HttpApp
+from daemon.api.http_server import HttpServer
+from daemon.api.openapi import openapi
 from daemon.metrics import Metrics
 from protocol import commands as c
 from protocol.errors import ErrorCode, JobdError, NotFound, Unavailable
@@ -59,14 +61,15 @@ class Response(msgspec.Struct):
         return json.loads(self.body)
 
 
-def make_app(token: str | None = TOKEN, reason: str | None = None, **kwargs: Any) -> HttpApp:
+def make_app(token: str | None = TOKEN, reason: str | None = None,
+             control: FakeControl | None = None, **kwargs: Any) -> HttpApp:
     metrics = Metrics(version="0", region="r", daemon_id="d")
     metrics.observer.job_finished("default", "noop", "completed", 0.01)
 
     async def readiness() -> str | None:
         return reason
 
-    return HttpApp(control=FakeControl(), metrics=metrics,  # type: ignore[arg-type]
+    return HttpApp(control=control or FakeControl(), metrics=metrics,
                    readiness=readiness, token=token, **kwargs)
 
 
@@ -158,13 +161,14 @@ async def test_openapi_needs_the_token_too():
 
 
 async def test_enqueue_uses_the_command_struct_and_the_ok_envelope():
-    app = make_app()
+    control = FakeControl()
+    app = make_app(control=control)
     body = json.dumps({"job": {"kind": "noop", "args": {"x": 1}, "queue": "q"}}).encode()
     response = await call(app, "POST", "/v1/enqueue", body, AUTH)
     assert response.status == 200
     assert response.json()["type"] == "ok"
     assert response.json()["result"] == {"id": 41, "created": True}
-    [cmd] = app._control.seen  # type: ignore[attr-defined]
+    [cmd] = control.seen
     assert isinstance(cmd, c.Enqueue) and cmd.job.kind == "noop" and cmd.job.args == {"x": 1}
 
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 
 import anyio
 import trio
@@ -17,6 +16,34 @@ from tests.support import ROOT, wait_until
 
 def states(sql) -> dict[int, str]:
     return {r["id"]: r["state"] for r in sql.fetch("SELECT id, state FROM jobd.jobs")}
+
+
+# A second queue the daemon serves, for the signals below that a negative check waits on.
+WITH_PROBE = {"default": {"concurrency": 2}, "probe": {"concurrency": 1}}
+
+
+def probe_ran(daemon, sql) -> None:
+    """Returns once a job enqueued now in queue `probe` has completed: by then the
+    daemon has handled every notification sent before it (Postgres delivers them in
+    commit order, and a queue's wake is routed before the next one is read) and its
+    dispatchers have claimed since, so a job it would have started has started."""
+    job = int(daemon.jobctl("enqueue", "noop", "--queue", "probe").stdout)
+    wait_until(lambda: states(sql).get(job) == "completed", "the probe job to complete")
+
+
+def notifications_handled(daemon) -> None:
+    """Returns once the daemon has handled every notification sent before the call,
+    for when no job may run: it pauses queue `probe`, whose NOTIFY follows theirs, and
+    waits for the daemon's own pause set (only that NOTIFY updates it; `stats` shows
+    it) to hold it; then resumes the queue."""
+    daemon.jobctl("pause", "probe")
+
+    def probe_paused() -> bool:
+        queues = daemon.jobctl_json("stats")["queues"]
+        return any(q["queue"] == "probe" and q["paused"] for q in queues)
+
+    wait_until(probe_paused, "the daemon to see the probe queue paused")
+    daemon.jobctl("resume", "probe")
 
 
 def test_list_summary_and_bulk_operations(jobd, sql):
@@ -76,18 +103,18 @@ def test_bulk_cancel_of_queued_and_running(jobd, sql):
 
 
 def test_pause_resume_survives_restart(jobd, sql):
-    daemon = jobd()
+    daemon = jobd(queues=WITH_PROBE)
     daemon.jobctl("pause", "default")
     held = int(daemon.jobctl("enqueue", "noop").stdout)
     stats = daemon.jobctl_json("stats")
     assert next(q for q in stats["queues"] if q["queue"] == "default")["paused"] is True
-    time.sleep(1.0)
+    probe_ran(daemon, sql)
     assert states(sql)[held] == "available"
 
     daemon.signal(15)
     assert daemon.wait() == 0
     daemon.start()
-    time.sleep(1.0)
+    probe_ran(daemon, sql)
     assert states(sql)[held] == "available"  # the pause lives in Postgres
 
     # A paused key holds only its own jobs.
@@ -103,12 +130,12 @@ def test_pause_resume_survives_restart(jobd, sql):
 
 
 def test_drain_reload_nodes_top_watch(jobd, sql):
-    daemon = jobd()
+    daemon = jobd(queues=WITH_PROBE)
     drained = daemon.jobctl_json("drain")
     assert drained["draining"] is True
     assert daemon.jobctl_json("ping")["draining"] is True
     held = int(daemon.jobctl("enqueue", "noop").stdout)
-    time.sleep(0.8)
+    notifications_handled(daemon)  # the dispatcher has been woken for `held`
     assert states(sql)[held] == "available"
     assert daemon.jobctl_json("drain", "--undo")["draining"] is False
     wait_until(lambda: states(sql)[held] == "completed")

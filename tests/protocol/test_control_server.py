@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.control_socket import ControlServer
+from daemon.api.control_socket import ControlServer
 from protocol import commands as c
 
 HELLO = json.dumps({"id": 1, "type": "hello", "protocol": 1}).encode() + b"\n"
@@ -136,3 +136,31 @@ async def test_accept_out_of_descriptors_retries(autojump_clock: trio.testing.Mo
         nursery.cancel_scope.cancel()
     ours.close()
     assert drops == ["accept_failed"] * 3
+
+
+class BuggyControl(BigControl):
+    async def handle(self, cmd: c.Command) -> Any:
+        if isinstance(cmd, c.Ping):
+            raise RuntimeError("a bug")
+        return {"ok": True}
+
+
+async def test_a_command_that_crashes_is_internal_with_its_id_and_the_connection_lives(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The id matters: the client hands an id-less error to every request it has waiting."""
+    drops: list[str] = []
+    server = ControlServer(BuggyControl(), on_drop=drops.append)
+    async with trio.open_nursery() as nursery:
+        sock = await _pair(server, nursery)
+        buf = bytearray()
+        await sock.send(HELLO)
+        assert json.loads(await _read_line(sock, buf) or b"null")["type"] == "ok"
+        await sock.send(b'{"id": 2, "type": "ping"}\n')
+        crashed = json.loads(await _read_line(sock, buf) or b"null")
+        assert (crashed["id"], crashed["code"]) == (2, "internal")
+        assert "a bug" in crashed["message"]
+        await sock.send(b'{"id": 3, "type": "stats"}\n')
+        assert json.loads(await _read_line(sock, buf) or b"null") == {
+            "id": 3, "type": "ok", "result": {"ok": True}, "more": False}
+        sock.close()
+    assert drops == []

@@ -14,6 +14,7 @@ a bug in a request) is logged once, counted in
 from __future__ import annotations
 
 import errno
+import grp
 import logging
 import os
 import socket as stdlib_socket
@@ -21,10 +22,10 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
 import trio
 
 from actors.services.control import Control
+from daemon.api.requests import Peer, Requests, error
 from protocol import commands as c
 from protocol.errors import ErrorCode, JobdError
 from protocol.framing import MAX_LINE_BYTES, FrameTooLong, LineBuffer, encode_line
@@ -74,8 +75,6 @@ async def open_listener(path: Path, group: str | None = None) -> trio.SocketList
     finally:
         os.umask(old)
     if group:
-        import grp
-
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
     sock.listen(128)
     return trio.SocketListener(sock)
@@ -89,6 +88,7 @@ class ControlServer:
                  idle_timeout_s: float = IDLE_TIMEOUT_S,
                  send_timeout_s: float = SEND_TIMEOUT_S):
         self._control = control
+        self._requests = Requests(control, "control")
         self._max_line = max_line
         self._slots = trio.Semaphore(max_connections)
         self._on_drop = on_drop
@@ -138,7 +138,8 @@ class ControlServer:
                     return
                 self.connections += 1
                 try:
-                    reason = await Connection(self._control, stream, self._max_line,
+                    reason = await Connection(self._control, self._requests, stream,
+                                              self._max_line,
                                               *self._timeouts).run()
                 finally:
                     self.connections -= 1
@@ -173,14 +174,17 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 class Connection:
-    def __init__(self, control: Control, stream: trio.SocketStream, max_line: int,
+    def __init__(self, control: Control, requests: Requests, stream: trio.SocketStream,
+                 max_line: int,
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                  idle_timeout_s: float = IDLE_TIMEOUT_S,
                  send_timeout_s: float = SEND_TIMEOUT_S):
         self._control = control
+        self._requests = requests
         self._stream = stream
         self._buffer = LineBuffer(max_line)
-        self._peer = peer_credentials(stream.socket)
+        creds = peer_credentials(stream.socket)
+        self._peer = Peer(f"from uid {creds.get('peer_uid')}", creds)
         self._greeted = False
         self._send_lock = trio.Lock()
         self._in_flight = trio.Semaphore(IN_FLIGHT_PER_CONNECTION)
@@ -261,51 +265,26 @@ class Connection:
             self._in_flight.release()
 
     async def _answer(self, line: bytes) -> c.Reply | _Stream:
-        try:
-            envelope = c.envelope_decoder.decode(line)
-        except msgspec.ValidationError:  # a subclass of DecodeError: catch it first
-            envelope = c._Envelope()
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
-            return c.Error(code=ErrorCode.BAD_JSON, message=str(exc))
-        except RecursionError:
-            return c.Error(code=ErrorCode.BAD_JSON, message=_TOO_DEEP)
-        request_id = envelope.id if isinstance(envelope.id, int) else None
-        try:
-            cmd = c.command_decoder.decode(line)
-        except msgspec.ValidationError as exc:
-            code = ErrorCode.BAD_REQUEST
-            if envelope.type is not None and envelope.type not in c.COMMAND_NAMES:
-                code = ErrorCode.UNKNOWN_COMMAND
-            return c.Error(id=request_id, code=code, message=str(exc))
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            return c.Error(id=request_id, code=ErrorCode.BAD_JSON, message=str(exc))
-        except RecursionError:
-            return c.Error(id=request_id, code=ErrorCode.BAD_JSON, message=_TOO_DEEP)
-        if isinstance(cmd, c.Hello):
-            try:
-                result = self._control.hello(cmd)
-            except JobdError as exc:
-                return _error(request_id, exc)
-            self._greeted = True
-            return c.Ok(id=request_id, result=result)
-        if not self._greeted:
-            return c.Error(id=request_id, code=ErrorCode.HANDSHAKE_REQUIRED,
+        cmd = self._requests.decode_line(line)
+        if isinstance(cmd, c.Error):
+            return cmd
+        if not self._greeted and not isinstance(cmd, c.Hello):
+            return c.Error(id=cmd.id, code=ErrorCode.HANDSHAKE_REQUIRED,
                            message='send {"type":"hello","protocol":1} first')
-        if cmd.mutating:
-            log.info("%s from uid %s", envelope.type, self._peer.get("peer_uid"),
-                     extra={"event": "control.request", "command": envelope.type,
-                            "request_id": request_id, **self._peer})
         if isinstance(cmd, c.Watch):
-            return _Stream(request_id, cmd)
+            return _Stream(cmd.id, cmd)
         try:
-            return c.Ok(id=request_id, result=await self._control.handle(cmd))
-        except JobdError as exc:
-            return _error(request_id, exc)
+            reply = await self._requests.answer(cmd, self._peer, cmd.id)
         except Exception as exc:  # noqa: BLE001 - a bug must not take the daemon down
-            log.exception("control command %s failed", envelope.type,
-                          extra={"event": "control.crashed", "command": envelope.type})
-            return c.Error(id=request_id, code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
+            # Answered with the request's id: an id-less error would reach every request
+            # the peer has waiting (the client hands those to all).
+            name = type(cmd).__struct_config__.tag
+            log.exception("control command %s failed", name,
+                          extra={"event": "control.crashed", "command": name})
+            return c.Error(id=cmd.id, code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
+        if isinstance(cmd, c.Hello) and isinstance(reply, c.Ok):
+            self._greeted = True
+        return reply
 
     async def _stream_replies(self, stream: _Stream) -> None:
         """One `more: true` frame per change, then a closing frame without it."""
@@ -313,7 +292,7 @@ class Connection:
             async for view in self._control.watch(stream.cmd):
                 await self._reply(c.Ok(id=stream.request_id, result=view, more=True))
         except JobdError as exc:
-            await self._reply(_error(stream.request_id, exc))
+            await self._reply(error(exc, stream.request_id))
             return
         await self._reply(c.Ok(id=stream.request_id, result=None, more=False))
 
@@ -333,13 +312,6 @@ class _Stream:
     def __init__(self, request_id: int | None, cmd: c.Watch):
         self.request_id = request_id
         self.cmd = cmd
-
-
-_TOO_DEEP = "JSON nested too deeply"
-
-
-def _error(request_id: int | None, exc: JobdError) -> c.Error:
-    return c.Error(id=request_id, code=str(exc.code), message=exc.message, details=exc.details)
 
 
 async def _close_with(stream: trio.SocketStream, reply: c.Error, send_timeout: float) -> None:

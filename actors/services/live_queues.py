@@ -1,0 +1,70 @@
+"""Which queues some daemon serves, for the two answers that depend on it: an enqueue
+for a queue nobody serves gets a warning, a pause of a queue nobody serves or declares
+is refused (almost always a typo).
+
+The store knows the queues of live daemons (heartbeat younger than `live_s`); this
+keeps that answer a few seconds, so a daemon enqueueing for queues other daemons serve
+does not pay a round trip per enqueue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from actors.ports import NewJob, Store
+from protocol.errors import NotFound
+
+LIVE_QUEUES_TTL_S = 5.0
+
+
+class LiveQueues:
+    """`here()`: the queues this daemon serves; `declared()`: those its config names."""
+
+    def __init__(self, store: Store, *, here: Callable[[], set[str]],
+                 declared: Callable[[], set[str]], live_s: float):
+        self._store = store
+        self._here = here
+        self._declared = declared
+        self._live_s = live_s
+        self._cache: tuple[float, set[str]] = (-float("inf"), set())
+
+    async def _live(self, wanted: set[str] | None = None) -> set[str]:
+        """Queues live daemons serve. Kept a few seconds when it holds all `wanted`,
+        while a queue missing from it is always asked afresh."""
+        now = trio.current_time()
+        at, queues = self._cache
+        if wanted is None or now - at > LIVE_QUEUES_TTL_S or not wanted <= queues:
+            queues = set(await self._store.live_queues(self._live_s))
+            self._cache = (now, queues)
+        return queues
+
+    async def unserved(self, rows: list[NewJob]) -> str | None:
+        """A warning naming the queues of `rows` that no live daemon serves, else None.
+
+        The common case (this daemon serves the queue) costs no round trip."""
+        here = self._here()
+        asked = sorted({r.queue for r in rows} - here)
+        if not asked:
+            return None
+        live = await self._live(set(asked))
+        missing = [q for q in asked if q not in live]
+        if not missing:
+            return None
+        served = ", ".join(sorted(live | here)) or "none"
+        return (f"no live daemon serves queue {', '.join(map(repr, missing))}: the job waits "
+                f"until one does (queues served: {served})")
+
+    async def check_pausable(self, queue: str) -> None:
+        """Pausing a queue nothing serves or declares is almost always a typo: refuse it."""
+        here = self._here() | self._declared()
+        if queue in here:
+            return
+        live = await self._live()
+        if queue in live:
+            return
+        known = sorted(here | live)
+        raise NotFound(f"no live daemon serves queue {queue!r} and the config does not "
+                       f"declare it (known queues: {', '.join(known) or 'none'})",
+                       details={"queue": queue, "queues": known})

@@ -1,0 +1,118 @@
+"""One request path for every transport: decode, audit, answer, envelope.
+
+The socket and HTTP differ in framing (a line with `type` and `id` against a path that
+names the command and a body of its fields) and in auth (file permissions against a
+bearer token); what a request means does not. So the decoding errors, the audit line of
+a mutating command and the ok/error envelope are written here once, and each transport
+keeps only what is its own: the socket its handshake and `watch` streams, HTTP its
+routes and status codes. A transport still contains a crash at its own boundary (it
+also has failures outside any command: a write that fails, a metrics exposition).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from protocol import commands as c
+from protocol.errors import BadRequest, ErrorCode, JobdError
+
+
+class Answers(Protocol):
+    """What a transport needs of `actors.services.control.Control`."""
+
+    def hello(self, cmd: c.Hello) -> c.HelloResult: ...
+
+    async def handle(self, cmd: c.Command) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who sent a request, as its audit line names them."""
+
+    said: str  # after the command's name: "from uid 1000", "over HTTP from 10.0.0.7"
+    fields: dict[str, Any] = field(default_factory=dict)  # e.g. the socket's SO_PEERCRED
+
+
+# The command structs by name: the socket's `type`, the HTTP path's last part.
+COMMANDS: dict[str, type] = {
+    t.__struct_config__.tag: t for t in c.RESULT_TYPES  # type: ignore[attr-defined]
+}
+
+
+def decode(decoder: c.JsonDecoder, data: bytes) -> Any:
+    """`data` as the decoder's type; a request that is not one is `bad_request` (wrong
+    shape, naming the field) or `bad_json` (not JSON at all)."""
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
+        raise BadRequest(str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string;
+        # JsonDecoder turns JSON nested too deeply into a DecodeError.
+        raise JobdError(str(exc), code=ErrorCode.BAD_JSON) from None
+
+
+def error(exc: JobdError, request_id: int | None = None) -> c.Error:
+    return c.Error(id=request_id, code=str(exc.code), message=exc.message, details=exc.details)
+
+
+class Requests:
+    """Answers decoded commands for one transport; `transport` names its logger
+    (`jobd.<transport>`) and its audit event (`<transport>.request`)."""
+
+    def __init__(self, control: Answers, transport: str):
+        self._control = control
+        self._log = logging.getLogger(f"jobd.{transport}")
+        self._event = f"{transport}.request"
+        self._bodies = {name: c.JsonDecoder(t) for name, t in COMMANDS.items()}
+
+    def decode_line(self, line: bytes) -> c.Command | c.Error:
+        """A socket request: one JSON object naming its command in `type`. An error
+        carries the request's id whenever enough of the line decodes to read it."""
+        try:
+            envelope = decode(c.envelope_decoder, line)
+        except BadRequest:
+            envelope = c._Envelope()  # valid JSON, odd id or type: answered below
+        except JobdError as exc:
+            return error(exc)
+        request_id = envelope.id if isinstance(envelope.id, int) else None
+        try:
+            cmd: c.Command = decode(c.command_decoder, line)
+        except BadRequest as exc:
+            if envelope.type is not None and envelope.type not in COMMANDS:
+                return error(JobdError(exc.message, code=ErrorCode.UNKNOWN_COMMAND), request_id)
+            return error(exc, request_id)
+        except JobdError as exc:
+            return error(exc, request_id)
+        return cmd
+
+    def decode_body(self, name: str, body: bytes) -> c.Command:
+        """An HTTP request: `name` from the path, the command's fields in the body (no
+        body at all means no fields). Raises JobdError; `name` must be in COMMANDS."""
+        cmd: c.Command = decode(self._bodies[name], body or b"{}")
+        return cmd
+
+    def audit(self, cmd: c.Command, peer: Peer, request_id: int | None = None) -> None:
+        """The info line of a mutating command: what was asked, by whom."""
+        name = type(cmd).__struct_config__.tag
+        self._log.info("%s %s", name, peer.said, extra={
+            "event": self._event, "command": name, "request_id": request_id, **peer.fields})
+
+    async def answer(self, cmd: c.Command, peer: Peer,
+                     request_id: int | None = None) -> c.Ok | c.Error:
+        """The reply envelope to `cmd`, with `request_id` echoed. A JobdError is an
+        error envelope; anything else raised is a bug the transport's boundary holds."""
+        if cmd.mutating:
+            self.audit(cmd, peer, request_id)
+        try:
+            if isinstance(cmd, c.Hello):
+                result = self._control.hello(cmd)
+            else:
+                result = await self._control.handle(cmd)
+        except JobdError as exc:
+            return error(exc, request_id)
+        return c.Ok(id=request_id, result=result)
