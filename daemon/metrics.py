@@ -126,7 +126,7 @@ class Metrics:
             "internal).", ["reason"], registry=r)
         self.notifications_dropped = _Counter(
             "jobd_notifications_dropped",
-            "LISTEN notifications dropped for a malformed payload.", ["channel"], registry=r)
+            "LISTEN notifications dropped for a malformed payload or a full buffer.", ["channel"], registry=r)
         self.control_dropped = _Counter(
             "jobd_control_connections_dropped",
             "Control socket connections ended by jobd or lost, by reason (hung_up, "
@@ -403,6 +403,12 @@ class PromObserver:
     def db_round_trip(self, operation: str, seconds: float) -> None:
         try:
             self._m.db_seconds.observe((operation,), seconds)
+        except Exception:  # noqa: BLE001
+            log.debug("metric dropped", exc_info=True)
+
+    def notification_dropped(self, channel: str) -> None:
+        try:
+            self._m.notifications_dropped.inc((channel,))
         except Exception:  # noqa: BLE001
             log.debug("metric dropped", exc_info=True)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import ObjectStream
+from anyio.abc import ByteStream
 
 from protocol import commands as c
 from protocol.errors import ConnectionFailed, ErrorCode, JobdError
@@ -44,7 +44,7 @@ def default_socket() -> str:
 
 
 class Client:
-    def __init__(self, stream: ObjectStream[bytes] | Any, timeout: float):
+    def __init__(self, stream: ByteStream, timeout: float):
         self._stream = stream
         self._timeout = timeout
         self._ids = itertools.count(1)
