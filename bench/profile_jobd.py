@@ -56,7 +56,7 @@ def claim_probe(ctx, depth: int) -> tuple[int, float, list[str]]:
     """Run jobd's own CLAIM statement 45 times at the head of a `depth`-deep queue."""
     import statistics
 
-    from daemon.store import queries as q
+    from daemon.store.sql import jobs as q
 
     ctx.reset()
     ctx.insert(depth)
@@ -131,7 +131,7 @@ def main() -> None:
     print("\nclaim plan (200 of the queued jobs):")
     print("\n".join(r[0] for r in plan))
     for depth, ms, explain in probes:
-        print(f"\nCLAIM of 200 (daemon.store.queries.CLAIM) with {depth:,} queued: "
+        print(f"\nCLAIM of 200 (daemon.store.sql.jobs.CLAIM) with {depth:,} queued: "
               f"{ms:.2f} ms per statement (median of 45 in a row); plan of the next one:")
         print("\n".join(explain))
     for name in ("enqueue", "e2e"):

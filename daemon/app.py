@@ -234,7 +234,8 @@ class Daemon:
             channels = ["jobd_enqueued", "jobd_cancel", "jobd_paused", "jobd_schedules"]
             for channel in channels:
                 self.metrics.notifications_dropped.ensure((channel,))
-            async with self.store.listen(channels, self._on_notify):
+            async with self.store.listen(channels) as notifications:
+                nursery.start_soon(self._route_notifications, notifications)
                 self.ready = True
                 self.notifier.ready(self._status_line())
                 log.info("jobd %s ready (daemon %s, region %s, socket %s)", __version__, self.id,
@@ -640,10 +641,16 @@ class Daemon:
 
     # -- callbacks -------------------------------------------------------------------------
 
+    async def _route_notifications(
+        self, notifications: trio.MemoryReceiveChannel[tuple[str, str]]
+    ) -> None:
+        async for channel, payload in notifications:
+            self._on_notify(channel, payload)
+
     def _on_notify(self, channel: str, payload: str) -> None:
         """A LISTEN notification. Anyone who can connect to the database can NOTIFY, so a
         payload is untrusted input: a malformed one is dropped and counted, and nothing
-        here raises (the store calls this from its listener; a raise would end it)."""
+        here raises (a raise would end _route_notifications)."""
         try:
             if not _valid_payload(channel, payload):
                 self._drop_notification(channel, payload, "malformed payload")

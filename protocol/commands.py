@@ -359,7 +359,7 @@ RESULT_TYPES: dict[type, Any] = {
     ScheduleList: ScheduleListResult,
 }
 
-COMMAND_NAMES = sorted(c.__struct_config__.tag for c in RESULT_TYPES)
+COMMAND_NAMES = sorted(c.__struct_config__.tag for c in RESULT_TYPES)  # type: ignore[attr-defined]
 
 
 # -- reply envelopes -------------------------------------------------------------------

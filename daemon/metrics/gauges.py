@@ -12,25 +12,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
-from actors.ports import LeaderSession, StoreUnavailable
+from actors.ports import GaugeSession, StoreUnavailable
 from actors.runtime.clock import Clock
 from actors.services.peer import Leadership, NotLeading
 from daemon.metrics.registry import Metrics
 
 log = logging.getLogger("jobd.metrics")
-
-
-class GaugeSession(LeaderSession, Protocol):
-    """What the gauges need from the leader's session (`daemon.store.MetricsSession`)."""
-
-    async def queue_gauges(
-        self,
-    ) -> tuple[list[tuple[str, str, int]], list[tuple[str, float]]]: ...
-    async def key_gauges(self, limit: int) -> list[dict[str, Any]]: ...
 
 
 G = TypeVar("G", bound=GaugeSession)

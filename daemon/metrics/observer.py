@@ -70,7 +70,7 @@ class PromObserver:
     def __init__(
         self, *, enqueued: Counter, started: Counter, finished: Counter, errors: Counter,
         actor_restarts: Counter, maintenance_errors: Counter, loop_errors: Counter,
-        key_pauses: Counter, breaker_openings: Counter, run_seconds: Histogram,
+        key_pauses: Counter, breaker_openings: Counter, notifications_dropped: Counter, run_seconds: Histogram,
         wait_seconds: Histogram, db_seconds: Histogram, claim_batch: Histogram,
         keys: KeyLabels, live: LiveCollector, drops: Drops | None = None,
     ):
@@ -87,6 +87,7 @@ class PromObserver:
         self._loop_errors = loop_errors.inc
         self._pauses = key_pauses.inc
         self._openings = breaker_openings.inc
+        self._notifications_dropped = notifications_dropped.inc
         self._run = run_seconds.observe
         self._wait = wait_seconds.observe
         self._db = db_seconds.observe
@@ -131,6 +132,10 @@ class PromObserver:
     @_never_raises
     def loop_error(self) -> None:
         self._loop_errors(())
+
+    @_never_raises
+    def notification_dropped(self, channel: str) -> None:
+        self._notifications_dropped((channel,))
 
     @_never_raises
     def db_round_trip(self, operation: str, seconds: float) -> None:

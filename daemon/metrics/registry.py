@@ -76,7 +76,7 @@ class Metrics:
             "internal).", ["reason"], registry=r)
         self.notifications_dropped = Counter(
             "jobd_notifications_dropped",
-            "LISTEN notifications dropped for a malformed payload.", ["channel"], registry=r)
+            "LISTEN notifications dropped for a malformed payload or a full buffer.", ["channel"], registry=r)
         self.control_dropped = Counter(
             "jobd_control_connections_dropped",
             "Control socket connections ended by jobd or lost, by reason (hung_up, "
@@ -116,6 +116,7 @@ class Metrics:
             errors=self.errors, actor_restarts=self.actor_restarts,
             maintenance_errors=self.maintenance_errors, loop_errors=self.loop_errors,
             key_pauses=self.key_pauses, breaker_openings=self.breaker_openings,
+            notifications_dropped=self.notifications_dropped,
             run_seconds=self.run_seconds, wait_seconds=self.wait_seconds,
             db_seconds=self.db_seconds, claim_batch=self.claim_batch,
             keys=self.keys, live=self.live)

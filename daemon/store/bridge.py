@@ -132,12 +132,13 @@ class Pool:
         async with self._slots:
             if fresh:
                 self.discard_idle()
-            conn = self._idle.pop() if self._idle else None
-            while conn is not None and (conn.is_closed() or _closing(conn)):
-                conn.terminate()
-                conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                conn = await call(_connect, self._url, self._timeout_s, self._settings)
+            idle = self._idle.pop() if self._idle else None
+            while idle is not None and (idle.is_closed() or _closing(idle)):
+                idle.terminate()
+                idle = self._idle.pop() if self._idle else None
+            conn: asyncpg.Connection = (
+                idle if idle is not None
+                else await call(_connect, self._url, self._timeout_s, self._settings))
             reusable = False
             try:
                 yield conn

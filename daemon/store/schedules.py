@@ -1,44 +1,21 @@
-"""PgStore's schedule, summary and child-enqueue methods: one thin method per statement.
-
-A mixin so the statements live beside their module (schedule_queries.py); PgStore
-provides `_fetch`, `_execute` and `_run`.
-"""
+"""PgStore's schedule statements (sql/schedules.py): definitions, and firing a batch of
+occurrences exactly once across daemons."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 import msgspec
 
-from actors.ports import (
-    Enqueued,
-    Fired,
-    FireTarget,
-    NewJob,
-    Occurrence,
-    ScheduleDef,
-    ScheduleRow,
-)
-from daemon.store import queries as q
-from daemon.store import schedule_queries as sq
+from actors.ports import Fired, FireTarget, Occurrence, ScheduleDef, ScheduleRow
+from daemon.store.base import StoreBase
+from daemon.store.sql import schedules as sq
 
 _ROW_FIELDS = ScheduleRow.__struct_fields__
 
 
-class ScheduleStatements:
-    async def _fetch(self, sql: str, *args: Any, op: str = "other") -> list[asyncpg.Record]:
-        raise NotImplementedError
-
-    async def _execute(self, sql: str, *args: Any, op: str = "other") -> str:
-        raise NotImplementedError
-
-    async def _run(self, fn: Any, *args: Any, op: str = "other") -> Any:
-        raise NotImplementedError
-
-    # -- schedules ------------------------------------------------------------------
-
+class ScheduleStatements(StoreBase):
     async def list_schedules(self, now: datetime | None = None
                              ) -> tuple[datetime, list[ScheduleRow]]:
         rows = await self._fetch(sq.LIST_SCHEDULES, now, op="schedules")
@@ -94,26 +71,7 @@ class ScheduleStatements:
 
     async def prune_schedule_fires(self, keep_s: float, limit: int,
                                    now: datetime | None = None) -> int:
-        tag = await self._execute(sq.PRUNE_SCHEDULE_FIRES, keep_s, limit, now, op="prune")
-        return int(tag.split()[-1])
-
-    # -- children -------------------------------------------------------------
-
-    async def enqueue_children(self, parent_id: int, jobs: list[NewJob]) -> list[Enqueued]:
-        if not jobs:
-            return []
-        rows = await self._fetch(
-            sq.ENQUEUE_CHILDREN, q.job_rows_json(jobs), parent_id, op="enqueue",
-        )
-        out = []
-        for job, row in zip(jobs, rows, strict=True):
-            job_id = row["id"]
-            if job_id is None:
-                # The key's holder committed after our snapshot; it is visible now.
-                job_id = await self._run(_fetchval, q.FIND_UNFINISHED_BY_UNIQUE_KEY,
-                                         job.unique_key)
-            out.append(Enqueued(id=job_id, created=row["created"]))
-        return out
+        return await self._count(sq.PRUNE_SCHEDULE_FIRES, keep_s, limit, now, op="prune")
 
 
 def _schedule(row: asyncpg.Record) -> ScheduleRow:
@@ -123,6 +81,3 @@ def _schedule(row: asyncpg.Record) -> ScheduleRow:
 def _array_literal(items: list[str]) -> str:
     return "{" + ",".join(msgspec.json.encode(i).decode() for i in items) + "}"
 
-
-async def _fetchval(connection: asyncpg.Connection, sql: str, *args: Any) -> Any:
-    return await connection.fetchval(sql, *args)

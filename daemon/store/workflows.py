@@ -1,26 +1,20 @@
-"""PgStore's workflow methods (actors.workflow.StepStore): one thin method per statement
-in workflow_queries.py. A mixin; PgStore provides `_fetch` and `_execute`."""
+"""PgStore's workflow statements (sql/workflows.py): what actors.workflow.StepStore needs,
+events, the reaper's wake-up safety net, and `jobctl get`'s workflow details."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import msgspec
 
 from actors.ports import NewJob
-from daemon.store import queries as q
-from daemon.store import workflow_queries as wq
+from daemon.store.base import StoreBase
+from daemon.store.sql import workflows as wq
+from daemon.store.sql.common import job_rows_json
 
 
-class WorkflowStatements:
-    async def _fetch(self, sql: str, *args: Any, op: str = "other") -> list[asyncpg.Record]:
-        raise NotImplementedError
-
-    async def _execute(self, sql: str, *args: Any, op: str = "other") -> str:
-        raise NotImplementedError
-
+class WorkflowStatements(StoreBase):
     async def load_steps(self, job_id: int) -> list[tuple[str, str | None, bool]]:
         rows = await self._fetch(wq.LOAD_STEPS, job_id, op="steps")
         return [(r["name"], r["result"], r["done"]) for r in rows]
@@ -40,7 +34,7 @@ class WorkflowStatements:
 
     async def spawn_children(self, job_id: int, name: str, jobs: list[NewJob]) -> list[int]:
         rows = await self._fetch(
-            wq.SPAWN_CHILDREN, job_id, name, q.job_rows_json(jobs), op="spawn",
+            wq.SPAWN_CHILDREN, job_id, name, job_rows_json(jobs), op="spawn",
         )
         return msgspec.json.decode(rows[0]["ids"])
 
@@ -64,8 +58,7 @@ class WorkflowStatements:
 
     async def prune_events(self, max_age_s: float, limit: int,
                            now: datetime | None = None) -> int:
-        tag = await self._execute(wq.PRUNE_EVENTS, max_age_s, limit, now, op="prune")
-        return int(tag.split()[-1])
+        return await self._count(wq.PRUNE_EVENTS, max_age_s, limit, now, op="prune")
 
     async def register_failure_hooks(self, kinds: list[str]) -> None:
         if kinds:

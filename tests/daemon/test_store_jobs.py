@@ -348,8 +348,8 @@ async def test_finishes_stay_linear_whatever_the_statistics_say(store, sql, anal
     """A backlog analyzed while idle makes 'running' look empty, and a table never
     analyzed looks tiny: either way the generic finish plan must find jobs by id, not test every running row against every input row
     (that plan took seconds per batch and dropped a daemon to 600 jobs/s)."""
-    from daemon.store import _outcome_columns
-    from daemon.store import queries as q
+    from daemon.store.jobs import outcome_columns
+    from daemon.store.sql import jobs as q
 
     sql.execute("INSERT INTO jobd.jobs (kind) SELECT 'k' FROM generate_series(1, 30000)")
     if analyzed:
@@ -359,7 +359,7 @@ async def test_finishes_stay_linear_whatever_the_statistics_say(store, sql, anal
                         flow="ok") for j in claimed]
     for query, types, args in (
         (q.FINISH_MANY, "bigint[], int[], text[], text[], float8[], text[], int[], text[], float8[]",
-         _outcome_columns(outcomes)),
+         outcome_columns(outcomes)),
         (q.WRITE_PROGRESS, "bigint[], int[], real[], text[], float8",
          ([j.id for j in claimed], [j.lease_token for j in claimed], [50.0] * len(claimed),
           [None] * len(claimed), 30.0)),

@@ -136,7 +136,7 @@ def test_a_loop_stalled_past_the_lease_leaves_innocent_jobs_completed(jobd, sql,
     rescued (as another daemon's reaper would), so this daemon claims its own running
     jobs again. Each old attempt must be stopped before its job's new one starts, and
     the new one renewed: the innocents complete, none fails 'lease expired'."""
-    from daemon.store import queries
+    from daemon.store.sql import leases
 
     sql.execute(RUNS_TABLE)
     daemon = jobd(modules=MODULES, queues={"default": {"concurrency": 10}},
@@ -152,7 +152,7 @@ def test_a_loop_stalled_past_the_lease_leaves_innocent_jobs_completed(jobd, sql,
                "the blocker to start", daemons=(daemon,))
     sql.execute("UPDATE jobd.jobs SET lease_until = now() - interval '1 second'"
                 " WHERE state = 'running' AND id = ANY($1::bigint[])", innocents)
-    assert len(sql.fetch(queries.RESCUE_EXPIRED, 100, None)) == 5
+    assert len(sql.fetch(leases.RESCUE_EXPIRED, 100, None)) == 5
     for job_id in [*innocents, blocker]:
         job = finished(daemon, sql, job_id)
         assert job["state"] == "completed", (job_id, job)

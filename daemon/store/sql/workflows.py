@@ -1,11 +1,12 @@
-"""Named statements for durable workflows (actors/workflow.py): steps, children, waits,
-events. Schema and wake-up triggers: migrations/0005_workflows.sql."""
+"""Durable workflows (actors/workflow.py): steps, children, waits, events. Schema and
+wake-up triggers: migrations/0005_workflows.sql."""
 
 from __future__ import annotations
 
-from daemon.store.queries import NEXT_JOB_ID, UNFINISHED, job_rows
+from daemon.store.sql.common import NEXT_JOB_ID, UNFINISHED, job_rows
 
 # Every step of one job, once per attempt: memoized steps then cost no round trip.
+# $1 = job id.
 LOAD_STEPS = """
 SELECT name, result::text AS result, finished_at IS NOT NULL AS done
 FROM jobd.job_steps WHERE job_id = $1
@@ -13,6 +14,8 @@ FROM jobd.job_steps WHERE job_id = $1
 
 # First completion wins: a zombie attempt finishing the same step later does not
 # overwrite what the live attempt may already have built on. Returns the stored result.
+# $1 = job id, $2 = step name, $3 = result (JSON), $4 = attempts it took,
+# $5 = how long it ran (s).
 SAVE_STEP = """
 WITH ins AS (
     INSERT INTO jobd.job_steps AS s (job_id, name, result, attempts, started_at, finished_at)
@@ -30,6 +33,7 @@ WHERE job_id = $1 AND name = $2 AND NOT EXISTS (SELECT 1 FROM ins)
 """
 
 # A failed step execution: counted and kept for `jobctl get`; the step stays unfinished.
+# $1 = job id, $2 = step name, $3 = error (JSON), $4 = attempts it took.
 SAVE_STEP_ERROR = """
 INSERT INTO jobd.job_steps AS s (job_id, name, error, attempts)
 VALUES ($1, $2, $3::jsonb, $4)
@@ -39,6 +43,7 @@ ON CONFLICT (job_id, name) DO UPDATE
 """
 
 # A sleep is a step finished "at" its wake-up time; the first call fixes that time.
+# $1 = job id, $2 = step name, $3 = wake-up time (Unix seconds).
 BEGIN_SLEEP = """
 WITH ins AS (
     INSERT INTO jobd.job_steps (job_id, name, result, attempts, finished_at)
@@ -54,6 +59,8 @@ SELECT (coalesce((SELECT result FROM ins),
 # Children and the step that records their ids, in one statement: either both exist or
 # neither does. Ids are drawn up front so the step can hold them; a second run of the
 # same spawn step (a zombie attempt) inserts nothing and gets the first run's ids.
+# $1 = the parent's job id, $2 = step name, $3 = the children, a JSON
+# array of NewJob (common.job_rows_json).
 SPAWN_CHILDREN = f"""
 WITH input AS (
     SELECT {NEXT_JOB_ID} AS id, x.* FROM {job_rows('$3')}
@@ -79,6 +86,8 @@ SELECT coalesce((SELECT result FROM step),
 """
 
 # Record what the job will wait for (fenced by the lease token) and read the children.
+# $1 = the parent's job id, $2 = its lease token, $3 = what it waits on
+# (JSON), $4 = the children's ids.
 GATHER_CHILDREN = """
 WITH mark AS (
     UPDATE jobd.jobs SET waiting_on = $3::jsonb
@@ -92,6 +101,9 @@ FROM jobd.jobs c WHERE c.id = ANY($4::bigint[])
 
 # A wait for an event: its first call fixes `since` and the deadline (a pending step);
 # the job's waiting_on is set; a matching event sent since then answers at once.
+# $1 = job id, $2 = lease token, $3 = step name, $4 = event name,
+# $5 = the match (a JSON object the event's data must contain),
+# $6 = timeout (s; NULL: none).
 BEGIN_WAIT = """
 WITH pending AS (
     INSERT INTO jobd.job_steps (job_id, name, result, attempts)
@@ -119,6 +131,7 @@ SELECT w.r::text AS wait,
 FROM w
 """
 
+# $1 = event name, $2 = data (JSON).
 SEND_EVENT = """
 WITH e AS (
     INSERT INTO jobd.events (name, data) VALUES ($1, $2::jsonb) RETURNING id
@@ -134,6 +147,7 @@ FROM woken
 """
 
 # The safety net (reaper): waiting jobs whose condition holds or whose deadline passed.
+# $1 = batch size.
 WAKE_WAITING = """
 UPDATE jobd.jobs j SET state = 'available', run_at = now()
 WHERE j.id IN (SELECT id FROM jobd.jobs
@@ -146,6 +160,7 @@ RETURNING j.id, pg_notify('jobd_enqueued', j.queue)
 # may still read: an unfinished job whose wait (jobs.waiting_on, kept after the wake-up
 # until the job re-runs and consumes the event) names it, began before it was sent and
 # matches its data. The waiter test must stay in step with jobd.wait_satisfied().
+# $1 = max age (s), $2 = batch size, $3 = now (NULL: the database's clock).
 PRUNE_EVENTS = f"""
 DELETE FROM jobd.events WHERE id = ANY(ARRAY(
     SELECT e.id FROM jobd.events e
@@ -164,11 +179,13 @@ DELETE FROM jobd.events WHERE id = ANY(ARRAY(
 ))
 """
 
+# $1 = the kinds that have a failure hook.
 REGISTER_FAILURE_HOOKS = """
 INSERT INTO jobd.failure_hooks (kind) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING
 """
 
 # `jobctl get`: a job's steps, children and what it waits for, in one round trip.
+# $1 = job id.
 WORKFLOW_DETAILS = """
 SELECT
     (SELECT CASE WHEN state = 'waiting' THEN waiting_on::text END

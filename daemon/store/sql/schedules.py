@@ -1,9 +1,11 @@
-"""The schedule statements, by name (see queries.py for the conventions).
+"""The schedule statements.
 
 Definition changes NOTIFY `jobd_schedules` so every daemon's scheduler re-reads them.
 """
 
-from daemon.store.queries import NEXT_JOB_ID, UNFINISHED, job_rows
+from __future__ import annotations
+
+from daemon.store.sql.common import NEXT_JOB_ID, UNFINISHED
 
 SCHEDULE_COLUMNS = """
 s.name, s.kind, s.cron, s.every_s, s.tz, s.args::text AS args, s.queue, s.key, s.priority,
@@ -16,12 +18,18 @@ _DEFINITION_COLUMNS = (
     "kind", "cron", "every_s", "tz", "args", "queue", "key", "priority", "max_attempts",
     "timeout_s", "tags", "jitter_s", "missed", "missed_limit", "grace_s",
 )
+
 _DEFINITION = ", ".join(_DEFINITION_COLUMNS)
+
 _CHANGED = (
     "ROW(" + ", ".join(f"s.{c}" for c in _DEFINITION_COLUMNS) + ") IS DISTINCT FROM ROW("
     + ", ".join(f"EXCLUDED.{c}" for c in _DEFINITION_COLUMNS) + ")"
 )
 
+# $1 = name, $2 = kind, $3 = cron, $4 = every_s, $5 = tz, $6 = args (JSON),
+# $7 = queue, $8 = key, $9 = priority, $10 = max_attempts, $11 = timeout_s,
+# $12 = tags, $13 = jitter_s, $14 = missed, $15 = missed_limit, $16 = grace_s,
+# $17 = source, $18 = paused, $19 = now (NULL: the database's clock); ScheduleDef's fields.
 _VALUES = """
 $1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12::text[], $13, $14, $15, $16, $17,
 $18, coalesce($19::timestamptz, now()), coalesce($19::timestamptz, now()),
@@ -35,6 +43,7 @@ VALUES ({_VALUES})
 """
 
 # A run-time add: refused (no row) when the name exists.
+# Parameters: _VALUES.
 INSERT_SCHEDULE = f"""
 {_INSERT}
 ON CONFLICT (name) DO NOTHING
@@ -44,6 +53,7 @@ RETURNING {SCHEDULE_COLUMNS}, pg_notify('jobd_schedules', s.name) IS NULL AS _n
 # Config at start (and `add --replace`): the definition is overwritten; paused state and
 # fire history stay. A changed definition applies from now on: the watermark moves to
 # now so the new timing does not "catch up" on occurrences it never had.
+# Parameters: _VALUES.
 UPSERT_SCHEDULE = f"""
 {_INSERT}
 ON CONFLICT (name) DO UPDATE SET
@@ -60,12 +70,14 @@ ON CONFLICT (name) DO UPDATE SET
 RETURNING {SCHEDULE_COLUMNS}, pg_notify('jobd_schedules', s.name) IS NULL AS _n
 """
 
+# $1 = name.
 DELETE_SCHEDULE = """
 DELETE FROM jobd.schedules s WHERE name = $1
 RETURNING s.name, pg_notify('jobd_schedules', s.name) IS NULL AS _n
 """
 
 # Resuming does not fire what came due while paused: the watermark moves to now.
+# $1 = name, $2 = paused, $3 = now (NULL: the database's clock).
 SET_SCHEDULE_PAUSED = f"""
 UPDATE jobd.schedules s SET
     paused = $2, updated_at = coalesce($3::timestamptz, now()),
@@ -77,6 +89,7 @@ RETURNING {SCHEDULE_COLUMNS}, pg_notify('jobd_schedules', s.name) IS NULL AS _n
 
 # Every schedule plus the database's clock (one row with NULLs when there are none):
 # all daemons compute due occurrences on that one clock.
+# $1 = now (NULL: the database's clock).
 LIST_SCHEDULES = f"""
 SELECT c.now AS db_now, {SCHEDULE_COLUMNS}
 FROM (SELECT coalesce($1::timestamptz, now()) AS now) c
@@ -84,6 +97,7 @@ LEFT JOIN jobd.schedules s ON true
 ORDER BY s.name
 """
 
+# $1 = name, $2 = now (NULL: the database's clock).
 GET_SCHEDULE = f"""
 SELECT c.now AS db_now, {SCHEDULE_COLUMNS}
 FROM (SELECT coalesce($2::timestamptz, now()) AS now) c
@@ -101,6 +115,11 @@ JOIN jobd.schedules s ON s.name = $1
 # - the watermark and last fire only move forward.
 # $18 is each occurrence job's cost (its handler's `cost` on the args; after $17, `now`).
 # Returns the fired occurrences, plus a 'stale' row per schedule that was refused.
+# $1..$3 = the targets (parallel arrays): name, revision, advance_to;
+# $4..$16 = the occurrences (parallel arrays): schedule, fire_at, manual,
+# then their job's kind, args (JSON), queue, key, priority, max_attempts,
+# tags (each an array literal), timeout_s, delay_s, unique_key;
+# $17 = now (NULL: the database's clock).
 FIRE_SCHEDULES = f"""
 WITH target AS (
     SELECT * FROM unnest($1::text[], $2::int[], $3::timestamptz[])
@@ -163,43 +182,10 @@ WHERE NOT EXISTS (SELECT 1 FROM ok WHERE ok.name = t.name)
 
 # Fire rows only guard against a second fire while the watermark has not yet passed
 # the occurrence; after that they are history. Small batches keep locks short.
+# $1 = how long (s) to keep fire rows, $2 = batch size, $3 = now (NULL: the database's clock).
 PRUNE_SCHEDULE_FIRES = """
 DELETE FROM jobd.schedule_fires WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM jobd.schedule_fires
     WHERE fired_at < coalesce($3::timestamptz, now()) - $1 * interval '1 second'
     LIMIT $2))
-"""
-
-# Children a handler enqueues (ctx.enqueue_batch): like ENQUEUE_MANY, plus parent_id,
-# and a unique key is taken by ANY retained job with it, finished ones included, so a
-# re-run parent (a second trigger for the same day) does not redo finished children.
-ENQUEUE_CHILDREN = f"""
-WITH input AS (
-    SELECT {NEXT_JOB_ID} AS id, x.* FROM {job_rows('$1')}
-), fresh AS (
-    SELECT * FROM input i
-    WHERE i.unique_key IS NULL
-       OR NOT EXISTS (SELECT 1 FROM jobd.jobs j WHERE j.unique_key = i.unique_key)
-), ins AS (
-    INSERT INTO jobd.jobs (id, queue, kind, args, key, unique_key, priority, run_at, state,
-                           max_attempts, tags, timeout_s, cost, parent_id)
-    SELECT id, queue, kind, args::jsonb, key, unique_key, priority,
-           now() + coalesce(delay_s, 0) * interval '1 second',
-           CASE WHEN coalesce(delay_s, 0) > 0 THEN 'scheduled' ELSE 'available' END,
-           max_attempts, coalesce(tags, '{{}}'), timeout_s, coalesce(cost, 1), $2
-    FROM fresh ORDER BY ord
-    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {UNFINISHED}
-    DO NOTHING
-    RETURNING id, unique_key
-)
-SELECT x.ord, coalesce(i.id, dup.id, ex.id) AS id, i.id IS NOT NULL AS created
-FROM input x
-LEFT JOIN ins i ON i.id = x.id
-LEFT JOIN ins dup ON i.id IS NULL AND dup.unique_key = x.unique_key
-LEFT JOIN LATERAL (
-    SELECT j.id FROM jobd.jobs j
-    WHERE i.id IS NULL AND dup.id IS NULL AND j.unique_key = x.unique_key
-    ORDER BY j.state IN {UNFINISHED} DESC, j.id DESC LIMIT 1
-) ex ON true
-ORDER BY x.ord
 """

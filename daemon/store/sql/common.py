@@ -1,0 +1,42 @@
+"""What several subjects' statements share: the unfinished states, the id sequence, and
+the one way a batch of new jobs travels (a JSON array of actors.ports.NewJob)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from actors.ports import NewJob
+
+UNFINISHED = "('scheduled', 'available', 'running', 'waiting')"
+
+# A constant sequence name: pg_get_serial_sequence() here would look the catalog up
+# once per row, which cost more than the insert itself.
+NEXT_JOB_ID = "nextval('jobd.jobs_id_seq'::regclass)"
+
+
+# The rows to enqueue travel as one JSON array of actors.ports.NewJob, encoded by msgspec
+# in one call: eleven parameter arrays cost asyncpg a Python-level type check per
+# element, more than Postgres spends parsing the JSON. `args` arrives as JSON text.
+def job_rows(param: str) -> str:
+    """FROM-clause item: the NewJob JSON array in parameter `param`, one row each, numbered."""
+    return f"""
+ROWS FROM (json_to_recordset({param}::json) AS (queue text, kind text, args text, key text,
+           unique_key text, priority int, delay_s float8, max_attempts int, tags text[],
+           timeout_s float8, cost int))
+    WITH ORDINALITY AS x(queue, kind, args, key, unique_key, priority, delay_s, max_attempts,
+                         tags, timeout_s, cost, ord)
+"""
+
+
+def job_rows_json(jobs: list[NewJob]) -> str:
+    """The parameter for job_rows(): NewJob's fields by name, args as JSON text."""
+    return msgspec.json.encode(jobs).decode()
+
+
+# For statements that look rows up by the ids they are given. Statistics gathered while
+# nothing runs (a backlog just enqueued) say almost no row is 'running', so with the
+# literal the generic plan walks the partial index of running rows and tests it against
+# every input row: quadratic, seconds per finish batch. A sub-select is a parameter to
+# the planner: no partial index matches it and its estimate is ordinary, so the input
+# rows drive primary-key probes.
+RUNNING = "(SELECT 'running')"
