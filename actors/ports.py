@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from actors.flow import FlowLimits
+
 
 class StoreUnavailable(Exception):
     """The database cannot be reached; the caller backs off and tries again."""
@@ -172,7 +174,7 @@ class Store(Protocol):
     async def claim(
         self, queue: str, limit: int, owner: str, lease_s: float, kinds: list[str],
         now: datetime | None = None, paused_keys: list[str] | None = None,
-        limits: dict[str, Any] | None = None,
+        limits: FlowLimits | None = None,
     ) -> list[Claimed]: ...
     async def next_due(
         self, queue: str, kinds: list[str], paused_keys: list[str] | None = None

@@ -14,6 +14,7 @@ import msgspec
 import trio
 
 from actors.errors import InvalidArgs, UnknownKind
+from actors.flow import BREAKER_COOLDOWN_S, FlowLimits
 from actors.handlers import lookup
 from actors.ports import (
     Enqueued,
@@ -59,7 +60,7 @@ class Control:
         drain: Callable[[bool], Awaitable[c.DrainResult]] | None = None,
         reload: Callable[[], Awaitable[c.ReloadResult]] | None = None,
         pauses: Callable[[], set[tuple[str, str]]] | None = None,
-        flow_limits: Callable[[str], dict[str, Any] | None] | None = None,
+        flow_limits: Callable[[str], FlowLimits | None] | None = None,
         observer: Observer | None = None,
         max_args_bytes: int | None = None,
         list_field_bytes: int = 4096,
@@ -302,8 +303,8 @@ class Control:
         keys = []
         if limited:
             for row in await self._store.key_stats(None, 200):
-                if row["queue"] in limited:
-                    keys.append(key_stats(row, self._flow_limits(row["queue"]) or {}))
+                if row["queue"] in limited and (limits := self._flow_limits(row["queue"])) is not None:
+                    keys.append(key_stats(row, limits))
         return c.StatsResult(queues=[
             QueueCounts(queue=q, counts=counts[q], running_here=here.get(q, (0, 0))[0],
                         concurrency=here[q][1] if q in here else None,
@@ -316,28 +317,25 @@ class Control:
 FINISHED = ("completed", "failed", "cancelled")
 
 
-def limits_for_key(limits: dict[str, Any], key: str) -> dict[str, Any]:
-    """One key's limits: the queue's defaults with that key's overrides on top."""
-    return {**limits.get("default", {}), **limits.get("keys", {}).get(key, {})}
-
-
-def key_stats(row: dict[str, Any], limits: dict[str, Any]) -> KeyStats:
+def key_stats(row: dict[str, Any], limits: FlowLimits) -> KeyStats:
     """A key's row from the store, read against the queue's configured limits."""
-    lim = limits_for_key(limits, row["key"])
-    rate = lim.get("rate")
-    factor = row["rate_factor"] if lim.get("adaptive") else 1.0
+    lim = limits.for_key(row["key"])
+    rate = lim.rate
+    factor = row["rate_factor"] if lim.adaptive else 1.0
     breaker = "closed"
-    threshold = lim.get("breaker_failures")
+    threshold = lim.breaker_failures
     now = datetime.now(UTC)
     if threshold is not None and row["consecutive_failures"] >= threshold:
-        reopens = row["last_failure_at"] + timedelta(seconds=lim.get("breaker_cooldown_s", 30))
+        cooldown = lim.breaker_cooldown_s
+        reopens = row["last_failure_at"] + timedelta(
+            seconds=BREAKER_COOLDOWN_S if cooldown is None else cooldown)
         breaker = "open" if now < reopens else "half_open"
     paused = row["paused_until"] if row["paused_until"] and row["paused_until"] > now else None
     return KeyStats(
         queue=row["queue"], key=row["key"], running=row["running"], queued=row["queued"],
-        concurrency_limit=lim.get("concurrency"), rate_limit=rate,
+        concurrency_limit=lim.concurrency, rate_limit=rate,
         effective_rate=rate * factor if rate is not None else None,
-        tokens_per_minute=lim.get("tpm"), paused_until=paused, breaker=breaker,
+        tokens_per_minute=lim.tpm, paused_until=paused, breaker=breaker,
         consecutive_failures=row["consecutive_failures"],
     )
 

@@ -6,10 +6,11 @@ in daemon/config/checks.py.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 
+from actors.flow import FlowLimits, KeyLimits
 from daemon.config.units import PerSecond, Seconds, seconds
 from protocol.schedules import ScheduleSpec
 
@@ -91,26 +92,29 @@ class Queue(_Strict):
     aging_floor: int = 0
     keys: dict[str, KeyOverrides] = {}
 
-    def flow_limits(self) -> dict[str, Any] | None:
+    def flow_limits(self) -> FlowLimits | None:
         """The limits jobd.claim_flow applies, or None when the queue has none."""
-        default = _key_limits(self.key_concurrency, self.rate, self.burst,
-                              self.tokens_per_minute, self.adaptive or None,
-                              self.breaker_failures,
-                              self.breaker_cooldown if self.breaker_failures else None)
-        keys = {
-            name: _key_limits(k.key_concurrency, k.rate, k.burst, k.tokens_per_minute,
-                              k.adaptive, k.breaker_failures, k.breaker_cooldown)
-            for name, k in self.keys.items()
-        }
-        if not default and not any(keys.values()) and self.queue_rate is None:
+        default = KeyLimits(
+            concurrency=self.key_concurrency, rate=_float(self.rate), burst=self.burst,
+            tpm=self.tokens_per_minute, adaptive=self.adaptive or None,
+            breaker_failures=self.breaker_failures,
+            # The queue's cooldown counts only with its own breaker: a key's breaker
+            # without a cooldown of its own waits the SQL's default.
+            breaker_cooldown_s=float(self.breaker_cooldown) if self.breaker_failures else None)
+        keys = {name: KeyLimits(
+                    concurrency=k.key_concurrency, rate=_float(k.rate), burst=k.burst,
+                    tpm=k.tokens_per_minute, adaptive=k.adaptive,
+                    breaker_failures=k.breaker_failures,
+                    breaker_cooldown_s=_float(k.breaker_cooldown))
+                for name, k in self.keys.items()}
+        unlimited = KeyLimits()
+        if default == unlimited and all(k == unlimited for k in keys.values()) \
+                and self.queue_rate is None:
             return None
-        limits: dict[str, Any] = {"default": default, "keys": keys,
-                                  "rate_limit_pause_s": float(self.rate_limit_pause)}
-        if self.queue_rate is not None:
-            limits["queue_rate"] = float(self.queue_rate)
-            if self.queue_burst is not None:
-                limits["queue_burst"] = self.queue_burst
-        return limits
+        return FlowLimits(
+            default=default, keys=keys, rate_limit_pause_s=float(self.rate_limit_pause),
+            queue_rate=_float(self.queue_rate),
+            queue_burst=self.queue_burst if self.queue_rate is not None else None)
 
     def fastest_rate(self) -> float | None:
         """Events per second of the quickest bucket: how often a limited claim rechecks."""
@@ -120,25 +124,9 @@ class Queue(_Strict):
         return max(rates) if rates else None
 
 
-def _key_limits(concurrency: int | None, rate: float | None, burst: float | None,
-                tpm: float | None, adaptive: bool | None, breaker_failures: int | None,
-                breaker_cooldown: float | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if concurrency is not None:
-        out["concurrency"] = concurrency
-    if rate is not None:
-        out["rate"] = float(rate)
-    if burst is not None:
-        out["burst"] = burst
-    if tpm is not None:
-        out["tpm"] = tpm
-    if adaptive is not None:
-        out["adaptive"] = adaptive
-    if breaker_failures is not None:
-        out["breaker_failures"] = breaker_failures
-    if breaker_cooldown is not None:
-        out["breaker_cooldown_s"] = float(breaker_cooldown)
-    return out
+def _float(value: float | None) -> float | None:
+    """A decoded Seconds or PerSecond as the plain float msgspec can encode for the SQL."""
+    return None if value is None else float(value)
 
 
 class Retention(_Strict):

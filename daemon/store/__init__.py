@@ -13,6 +13,7 @@ import asyncpg
 import msgspec
 import trio
 
+from actors.flow import FlowLimits
 from actors.ports import (
     Claimed,
     Conflict,
@@ -223,7 +224,7 @@ class PgStore(ScheduleStatements, WorkflowStatements):
         kinds: list[str],
         now: datetime | None = None,
         paused_keys: list[str] | None = None,
-        limits: dict[str, Any] | None = None,
+        limits: FlowLimits | None = None,
     ) -> list[Claimed]:
         """Under flow control (`limits`), jobd.claim_flow applies every key limit."""
         if limits is None:

@@ -3,8 +3,10 @@ that name their key, the state dir."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from daemon.config import (
@@ -149,9 +151,60 @@ def test_a_duration_prints_as_a_config_writes_it() -> None:
     """Messages that name a config value ("leases lapse within %s") read as the file."""
     config = load(None, {})
     assert (str(config.jobs.lease), f"{config.jobs.max_runtime}") == ("30s", "1h")
-    assert "%s" % Seconds(0.25) == "250ms"
+    record = logging.LogRecord("jobd", logging.INFO, __file__, 1, "within %s", (Seconds(0.25),),
+                               None)
+    assert record.getMessage() == "within 250ms"
     assert f"{config.jobs.lease:g}" == "30"  # a format spec formats the number
     assert type(config.jobs.lease / 3) is float
+
+
+def test_flow_limits_are_the_json_jobd_claim_flow_reads(tmp_path: Path) -> None:
+    """The parameter sent to the SQL, field for field (a set limit only; no nulls)."""
+    config = load(write(tmp_path, """
+[queues.crawl]
+key_concurrency = 2
+rate = "30/m"
+burst = 3
+tokens_per_minute = 1000
+adaptive = true
+breaker_failures = 4
+breaker_cooldown = "1m"
+rate_limit_pause = "1.5s"
+queue_rate = "5/s"
+queue_burst = 2
+[queues.crawl.keys.slow]
+key_concurrency = 1
+rate = 1
+adaptive = false
+breaker_cooldown = "10s"
+[queues.crawl.keys.empty]
+[queues.plain]
+concurrency = 3
+breaker_cooldown = "5s"
+queue_burst = 4
+[queues.keyed]
+adaptive = false
+[queues.keyed.keys.vip]
+breaker_failures = 2
+"""), {})
+    limits = config.queue("crawl").flow_limits()
+    assert limits is not None
+    assert msgspec.json.decode(msgspec.json.encode(limits)) == {
+        "default": {"concurrency": 2, "rate": 0.5, "burst": 3.0, "tpm": 1000.0,
+                    "adaptive": True, "breaker_failures": 4, "breaker_cooldown_s": 60.0},
+        "keys": {"slow": {"concurrency": 1, "rate": 1.0, "adaptive": False,
+                          "breaker_cooldown_s": 10.0}, "empty": {}},
+        "rate_limit_pause_s": 1.5, "queue_rate": 5.0, "queue_burst": 2.0,
+    }
+    assert limits.for_key("slow").concurrency == 1 and limits.for_key("x").concurrency == 2
+    # A cooldown without a breaker, a burst without a queue rate: no limits at all.
+    assert config.queue("plain").flow_limits() is None
+    assert config.queue("unconfigured").flow_limits() is None
+    # adaptive = false on the queue is no limit; the cooldown waits the SQL's default.
+    keyed = config.queue("keyed").flow_limits()
+    assert keyed is not None
+    assert msgspec.json.decode(msgspec.json.encode(keyed)) == {
+        "default": {}, "keys": {"vip": {"breaker_failures": 2}}, "rate_limit_pause_s": 30.0}
 
 
 def test_socket_defaults_to_the_state_dir(tmp_path: Path) -> None:
