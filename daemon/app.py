@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from actors import failure_hooks, handlers, validate
+from actors.flow import FlowLimits
 from actors.ports import Outcome, ProgressUpdate, StoreUnavailable, ValueRejected
 from actors.runtime import lag
 from actors.runtime.clock import TrioClock
@@ -31,7 +32,7 @@ from actors.runtime.mailbox import Mailbox, MailboxClosed
 from actors.runtime.registry import Registry
 from actors.runtime.supervisor import ChildSpec, Strategy, Supervisor
 from actors.services.batcher import Backlog, Batcher
-from actors.services.control import Control, key_stats, limits_for_key
+from actors.services.control import Control, key_stats
 from actors.services.dispatcher import (
     CancelJob,
     Dispatcher,
@@ -91,7 +92,7 @@ class Daemon:
         self.dispatchers: dict[str, Dispatcher] = {}
         self._dispatcher_boxes: dict[str, Mailbox[DispatcherMsg]] = {}
         self._stop = trio.Event()
-        self._limits: dict[str, dict[str, Any] | None] = {}
+        self._limits: dict[str, FlowLimits | None] = {}
         self._timeouts: dict[str, float | None] = {}
         self.pauses: set[tuple[str, str]] = set()  # (queue, key); key "" = the whole queue
         self._nursery: trio.Nursery | None = None
@@ -509,9 +510,9 @@ class Daemon:
 
     def _breaker_threshold(self, queue: str, key: str) -> int | None:
         limits = self.limits_for(queue)
-        return limits_for_key(limits, key).get("breaker_failures") if limits else None
+        return limits.for_key(key).breaker_failures if limits is not None else None
 
-    def limits_for(self, queue: str) -> dict[str, Any] | None:
+    def limits_for(self, queue: str) -> FlowLimits | None:
         """A queue's flow limits, derived from the config once (and again on reload): the
         finish path asks for them on every batch."""
         if queue not in self._limits:
