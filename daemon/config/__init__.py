@@ -33,12 +33,11 @@ from daemon.config.sections import (
     Retention,
 )
 from daemon.config.units import PerSecond, Seconds, decode_hook
-from protocol.durations import parse_duration
 
 __all__ = [
     "EX_CONFIG", "Config", "ConfigError", "Control", "Daemon", "Database", "Handlers", "Jobs",
     "KeyOverrides", "Limits", "Log", "Metrics", "PerSecond", "Queue", "Retention", "Seconds",
-    "load", "parse_duration", "read_token", "socket_path", "state_dir",
+    "load", "read_token", "socket_path", "state_dir",
 ]
 
 
