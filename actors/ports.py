@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
+from actors.flow import FlowLimits
 from protocol.commands import Filtered
 
 
@@ -222,7 +223,7 @@ class Store(Protocol):
     async def claim(
         self, queue: str, limit: int, owner: str, lease_s: float, kinds: list[str],
         now: datetime | None = None, paused_keys: list[str] | None = None,
-        limits: dict[str, Any] | None = None,
+        limits: FlowLimits | None = None,
     ) -> list[Claimed]: ...
     async def next_due(
         self, queue: str, kinds: list[str], paused_keys: list[str] | None = None

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from actors import failure_hooks, validate
+from actors.flow import FlowLimits
 from actors.handlers import HANDLERS
 from actors.handlers import Handlers as HandlerRegistry
 from actors.ports import Outcome, ProgressUpdate, StoreUnavailable, ValueRejected
@@ -47,7 +48,7 @@ from actors.services.dispatcher import (
     Wake,
 )
 from actors.services.heart import Beat, Heart
-from actors.services.key_views import key_stats, limits_for_key
+from actors.services.key_views import key_stats
 from actors.services.outcomes import error_class, refused_outcome
 from actors.services.peer import Leadership, Peer
 from actors.services.reaper import AgingRule, Reaper, ReaperSettings, RetentionRule, Sweep
@@ -63,7 +64,6 @@ from daemon.config import (
     Handlers,
     Queue,
     load,
-    parse_duration,
     read_token,
     socket_path,
 )
@@ -98,7 +98,7 @@ class Daemon:
         self.dispatchers: dict[str, Dispatcher] = {}
         self._dispatcher_boxes: dict[str, Mailbox[DispatcherMsg]] = {}
         self._stop = trio.Event()
-        self._limits: dict[str, dict[str, Any] | None] = {}
+        self._limits: dict[str, FlowLimits | None] = {}
         self._timeouts: dict[str, float | None] = {}
         self.pauses: set[tuple[str, str]] = set()  # (queue, key); key "" = the whole queue
         self._nursery: trio.Nursery | None = None
@@ -118,7 +118,7 @@ class Daemon:
     # -- life -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        instrument = lag.LoopLag(parse_duration(self.config.daemon.loop_lag_warning),
+        instrument = lag.LoopLag(self.config.daemon.loop_lag_warning,
                                  on_block=self._loop_blocked)
         instrument.install()
         try:
@@ -151,7 +151,7 @@ class Daemon:
             async with bridge.open_loop(on_error=self.observer.loop_error):
                 db = self.config.database
                 self.store = PgStore(url, pool_min=db.pool_min, pool_max=db.pool_max,
-                                     timeout_s=parse_duration(db.timeout))
+                                     timeout_s=db.timeout)
                 self.store.observer = self.observer
                 try:
                     if await self._connect():
@@ -284,7 +284,7 @@ class Daemon:
         log.info("draining", extra={"event": "daemon.draining"})
         for box in self._dispatcher_boxes.values():
             await box.tell(Drain())
-        grace = parse_duration(self.config.daemon.drain_grace)
+        grace = self.config.daemon.drain_grace
         with trio.move_on_after(grace):
             while any(d.busy for d in self.dispatchers.values()):  # noqa: ASYNC110 - once, at shutdown
                 await trio.sleep(0.05)
@@ -339,7 +339,7 @@ class Daemon:
         store, clock, cfg = self.store, self.clock, self.config
         assert store is not None
         jobs = cfg.jobs
-        lease_s = parse_duration(jobs.lease)
+        lease_s = jobs.lease
         self._completer_box: Mailbox[Outcome] = Mailbox("completer", capacity=20_000)
         progress_box: Mailbox[ProgressUpdate] = Mailbox("progress", capacity=20_000)
         heart_box: Mailbox[Beat] = Mailbox("heart", capacity=16)
@@ -376,17 +376,17 @@ class Daemon:
                 pass  # progress is advisory; a full (or closing) mailbox drops it, never the job
 
         retention = [
-            RetentionRule(state, parse_duration(getattr(jobs.retention, f"{state}_max_age")),
+            RetentionRule(state, getattr(jobs.retention, f"{state}_max_age"),
                           getattr(jobs.retention, f"{state}_max_count"))
             for state in ("completed", "failed", "cancelled")
         ]
         runner = AttemptRunner(
             handlers=self.handlers, clock=clock, report_progress=report_progress, transaction=store.transaction,
-            default_timeout_s=parse_duration(jobs.max_runtime) or None,
+            default_timeout_s=jobs.max_runtime or None,
             queue_timeout_s=self.queue_timeout_s,
             max_result_bytes=cfg.limits.max_result_bytes,
             progress_every_items=jobs.progress_every_items,
-            progress_every_s=parse_duration(jobs.progress_every),
+            progress_every_s=jobs.progress_every,
             snooze_burns_attempt=jobs.snooze_burns_attempt,
             enqueue_children=store.enqueue_children, steps=store,
         )
@@ -396,7 +396,7 @@ class Daemon:
             box: Mailbox[DispatcherMsg] = Mailbox(f"pool:{queue}", capacity=1000)
             settings = QueueSettings(queue=queue, concurrency=qcfg.concurrency,
                                      claim_batch=qcfg.claim_batch, lease_s=lease_s,
-                                     poll_interval_s=parse_duration(jobs.poll_interval),
+                                     poll_interval_s=jobs.poll_interval,
                                      limits=self.limits_for(queue), recheck_s=_recheck_s(qcfg))
             self._dispatcher_boxes[queue] = box
             pools.append(ChildSpec.for_actor(self._dispatcher_factory(box, settings, runner)))
@@ -412,16 +412,16 @@ class Daemon:
                                 stop=Batcher.stopper(progress_box), shutdown_timeout=5),
             ChildSpec.for_actor(lambda: Heart(
                 heart_box, store, daemon_id=self.id, lease_s=lease_s,
-                interval_s=min(parse_duration(cfg.daemon.heartbeat), lease_s / 3),
+                interval_s=min(cfg.daemon.heartbeat, lease_s / 3),
                 status=lambda: (self._status_line(), self.draining),
                 running=self._lease_ids,
                 cancel=self._cancel_nowait, lease_lost=self._lease_lost_nowait, clock=clock)),
             ChildSpec.for_actor(lambda: Reaper(
                 reaper_box, store, ReaperSettings(
-                    interval_s=parse_duration(jobs.reaper_interval),
-                    timeout_grace_s=parse_duration(jobs.timeout_grace),
+                    interval_s=jobs.reaper_interval,
+                    timeout_grace_s=jobs.timeout_grace,
                     retention=retention, aging=self._aging_rules(), max_hold_s=4 * lease_s,
-                    events_max_age_s=parse_duration(jobs.retention.events_max_age)),
+                    events_max_age_s=jobs.retention.events_max_age),
                 observer=self.observer, clock=clock, hold=self._rescue_hold)),
             ChildSpec.for_actor(lambda: Scheduler(
                 self._scheduler_box, store, SchedulerSettings(),
@@ -493,8 +493,8 @@ class Daemon:
             return None
         if store.renewed_at is None or store.renewed_at < store.unavailable_at:
             return "waiting for this daemon's leases to be renewed after the outage"
-        beat = min(parse_duration(self.config.daemon.heartbeat),
-                   parse_duration(self.config.jobs.lease) / 3)
+        beat = min(self.config.daemon.heartbeat,
+                   self.config.jobs.lease / 3)
         if time.monotonic() - store.unavailable_at < 2 * beat:
             return "the database just came back; live daemons renew their leases first"
         return None
@@ -513,14 +513,14 @@ class Daemon:
                 {k.key: k.breaker != "closed" for k in stats})
 
     def _aging_rules(self) -> list[AgingRule]:
-        return [AgingRule(name, parse_duration(q.aging), q.aging_floor)
+        return [AgingRule(name, q.aging, q.aging_floor)
                 for name, q in self.config.queues.items() if q.aging is not None]
 
     def _breaker_threshold(self, queue: str, key: str) -> int | None:
         limits = self.limits_for(queue)
-        return limits_for_key(limits, key).get("breaker_failures") if limits else None
+        return limits.for_key(key).breaker_failures if limits is not None else None
 
-    def limits_for(self, queue: str) -> dict[str, Any] | None:
+    def limits_for(self, queue: str) -> FlowLimits | None:
         """A queue's flow limits, derived from the config once (and again on reload): the
         finish path asks for them on every batch."""
         if queue not in self._limits:
@@ -531,11 +531,11 @@ class Daemon:
         """`queues.<name>.timeout`: an attempt's timeout when its kind sets none."""
         if queue not in self._timeouts:
             timeout = self.config.queue(queue).timeout
-            self._timeouts[queue] = parse_duration(timeout) if timeout is not None else None
+            self._timeouts[queue] = timeout
         return self._timeouts[queue]
     def _live_s(self) -> float:
         """A daemon whose heartbeat is older than this no longer counts as serving."""
-        return max(30.0, 3 * parse_duration(self.config.daemon.heartbeat))
+        return max(30.0, 3 * self.config.daemon.heartbeat)
 
     async def _publish_queues_and_limits(self) -> None:
         """The queues served here (for enqueue warnings) and the limits for jobd.enqueue.
@@ -599,7 +599,7 @@ class Daemon:
         # The import runs on a worker thread: a module that sleeps at import must not
         # stall the control socket, and one that raises SystemExit must not stop us.
         attempt = self._handler_import = _HandlerImport(new.handlers, self.handlers)
-        timeout_s = parse_duration(new.handlers.import_timeout)
+        timeout_s = new.handlers.import_timeout
         try:
             with trio.move_on_after(timeout_s):
                 await trio.to_thread.run_sync(attempt.run, abandon_on_cancel=True)
@@ -762,7 +762,7 @@ class Daemon:
         if not binds:
             return None
         self.metrics.init_queues(self.queue_names())
-        leader_interval_s = parse_duration(self.config.metrics.leader_interval)
+        leader_interval_s = self.config.metrics.leader_interval
         leadership: Leadership[MetricsSession] = Leadership()
         await nursery.start(Peer(Mailbox("peer"), self.store.metrics_session, leadership,
                                  interval_s=leader_interval_s, clock=self.clock).run)
@@ -773,12 +773,12 @@ class Daemon:
         cc = self.config.control
         app = HttpApp(control=control, metrics=self.metrics, readiness=self._readiness,
                       token=read_token(self.config), max_body=self.config.limits.max_frame_bytes,
-                      read_timeout_s=parse_duration(cc.http_read_timeout))
+                      read_timeout_s=cc.http_read_timeout)
         server = HttpServer(app, [binds] if isinstance(binds, str) else binds,
-                            graceful_timeout_s=parse_duration(cc.http_graceful_timeout),
+                            graceful_timeout_s=cc.http_graceful_timeout,
                             max_connections=cc.http_max_connections,
-                            keep_alive_s=parse_duration(cc.http_keep_alive),
-                            write_timeout_s=parse_duration(cc.http_write_timeout))
+                            keep_alive_s=cc.http_keep_alive,
+                            write_timeout_s=cc.http_write_timeout)
         try:
             urls = await nursery.start(server.run)
         except OSError as exc:

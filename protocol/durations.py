@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -20,6 +21,17 @@ def parse_duration(value: str | float | int) -> float:
     if not match:
         raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 30s, 10m, 2h, 7d)")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """1800.0 -> '30m': the largest unit that writes it whole, and it parses back the same."""
+    if not seconds:
+        return "0s"
+    for unit in ("d", "h", "m", "s", "ms"):
+        count = round(seconds / _UNITS[unit])
+        if count >= 1 and count * _UNITS[unit] == seconds:
+            return f"{count}{unit}"
+    return f"{Decimal(repr(float(seconds))):f}s"  # positional: the parser takes no exponent
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h|d)\s*$")

@@ -48,8 +48,6 @@ LAZY_PENDING: set[tuple[str, str]] = {
     # helper "compose": daemon/app.py
     ("daemon/app.py", "daemon.embedded"),
     ("daemon/app.py", "daemon.logs"),
-    # daemon/config.py (typed durations)
-    ("daemon/config.py", "actors.schedule"),
 }
 
 

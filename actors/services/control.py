@@ -18,6 +18,7 @@ import msgspec
 import trio
 
 from actors import jobs
+from actors.flow import FlowLimits
 from actors.handlers import Handlers
 from actors.ports import (
     Enqueued,
@@ -58,7 +59,7 @@ class Control:
         drain: Callable[[bool], Awaitable[c.DrainResult]] | None = None,
         reload: Callable[[], Awaitable[c.ReloadResult]] | None = None,
         pauses: Callable[[], set[tuple[str, str]]] | None = None,
-        flow_limits: Callable[[str], dict[str, Any] | None] | None = None,
+        flow_limits: Callable[[str], FlowLimits | None] | None = None,
         observer: Observer | None = None,
         max_args_bytes: int | None = None,
         list_field_bytes: int = 4096,
@@ -261,8 +262,8 @@ class Control:
         keys = []
         if limited:
             for row in await self._store.key_stats(None, 200):
-                if row["queue"] in limited:
-                    keys.append(key_stats(row, self._flow_limits(row["queue"]) or {}))
+                if row["queue"] in limited and (limits := self._flow_limits(row["queue"])) is not None:
+                    keys.append(key_stats(row, limits))
         return c.StatsResult(queues=[
             QueueCounts(queue=q, counts=counts[q], running_here=here.get(q, (0, 0))[0],
                         concurrency=here[q][1] if q in here else None,

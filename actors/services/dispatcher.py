@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import trio
 
+from actors.flow import FlowLimits
 from actors.ports import Observer, Outcome, Store, StoreUnavailable
 from actors.runtime import lag
 from actors.runtime.clock import Clock
@@ -74,7 +75,7 @@ class Resize(msgspec.Struct, tag="resize"):
     """New local slots and flow limits (config reload)."""
 
     concurrency: int
-    limits: dict[str, Any] | None = None
+    limits: FlowLimits | None = None
     recheck_s: float | None = None
 
 
@@ -91,7 +92,7 @@ class QueueSettings(msgspec.Struct, kw_only=True):
     claim_batch: int
     lease_s: float
     poll_interval_s: float
-    limits: dict[str, Any] | None = None  # flow control (jobd.claim_flow), None = off
+    limits: FlowLimits | None = None  # flow control (jobd.claim_flow), None = off
     recheck_s: float | None = None  # how soon a limited claim looks again
 
 

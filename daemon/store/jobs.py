@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from actors.flow import FlowLimits
 from actors.ports import Claimed, Enqueued, NewJob, Outcome, ProgressUpdate
 from daemon.store.base import StoreBase
 from daemon.store.sql import flow as flow_sql
@@ -51,7 +52,7 @@ class JobStatements(StoreBase):
         kinds: list[str],
         now: datetime | None = None,
         paused_keys: list[str] | None = None,
-        limits: dict[str, Any] | None = None,
+        limits: FlowLimits | None = None,
     ) -> list[Claimed]:
         """Under flow control (`limits`), jobd.claim_flow applies every key limit."""
         if limits is None:

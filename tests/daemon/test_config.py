@@ -1,17 +1,21 @@
-"""daemon.config: decoding, defaults, overrides, errors that name their key, the state dir."""
+"""daemon.config: decoding (durations and rates into floats), defaults, overrides, errors
+that name their key, the state dir."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from daemon.config import (
     EX_CONFIG,
     Config,
     ConfigError,
+    PerSecond,
+    Seconds,
     load,
-    parse_duration,
     read_token,
     socket_path,
     state_dir,
@@ -43,16 +47,16 @@ def test_no_file_gives_the_defaults() -> None:
     assert config.region == "default"
     assert config.database.url is None  # -> embedded Postgres
     assert (config.database.pool_min, config.database.pool_max) == (2, 10)
-    assert parse_duration(config.database.timeout) == 30
+    assert config.database.timeout == 30.0
     assert config.control.socket is None and config.control.max_connections == 256
     assert (config.log.level, config.log.format) == ("info", "auto")
     assert config.handlers.modules == [] and config.handlers.paths == []
     assert config.queues == {}
     assert config.queue("anything").concurrency == 10
     assert config.queue("anything").claim_batch == 200
-    assert parse_duration(config.jobs.lease) == 30
-    assert parse_duration(config.jobs.retention.failed_max_age) == 7 * 86400
-    assert parse_duration(config.daemon.drain_grace) == 30
+    assert config.jobs.lease == 30.0
+    assert config.jobs.retention.failed_max_age == 7 * 86400
+    assert config.daemon.drain_grace == 30.0
 
 
 def test_an_empty_file_gives_the_defaults(tmp_path: Path) -> None:
@@ -111,7 +115,96 @@ max_attempts = 7
 ])
 def test_durations(tmp_path: Path, written: str, seconds: float) -> None:
     config = load(write(tmp_path, f"[jobs]\nlease = {written}\n"), {})
-    assert parse_duration(config.jobs.lease) == pytest.approx(seconds)
+    assert isinstance(config.jobs.lease, Seconds)
+    assert config.jobs.lease == pytest.approx(seconds)
+
+
+def test_every_duration_and_rate_decodes_to_a_float(tmp_path: Path) -> None:
+    """Each kind of place a duration or rate sits: a section, a nested section, a queue,
+    a key's overrides, and optional fields left unset."""
+    config = load(write(tmp_path, """
+[control]
+http_keep_alive = "500ms"
+[jobs.retention]
+events_max_age = "2d"
+[queues.crawl]
+timeout = "10m"
+rate = "30/m"
+queue_rate = 2
+aging = 90
+[queues.crawl.keys.slow]
+rate = "90/10s"
+breaker_cooldown = "1m"
+"""), {})
+    assert config.control.http_keep_alive == 0.5
+    assert config.jobs.retention.events_max_age == 2 * 86400
+    crawl = config.queue("crawl")
+    assert (crawl.timeout, crawl.aging, crawl.rate, crawl.queue_rate) == (600, 90, 0.5, 2)
+    assert isinstance(crawl.rate, PerSecond) and isinstance(crawl.queue_rate, PerSecond)
+    assert (crawl.keys["slow"].rate, crawl.keys["slow"].breaker_cooldown) == (9, 60)
+    assert config.queue("other").timeout is None and config.queue("other").rate is None
+    # The defaults are the same floats as the decoded file would give.
+    assert isinstance(Config().jobs.lease, Seconds) and Config().jobs.max_runtime == 3600
+
+
+def test_a_duration_prints_as_a_config_writes_it() -> None:
+    """Messages that name a config value ("leases lapse within %s") read as the file."""
+    config = load(None, {})
+    assert (str(config.jobs.lease), f"{config.jobs.max_runtime}") == ("30s", "1h")
+    record = logging.LogRecord("jobd", logging.INFO, __file__, 1, "within %s", (Seconds(0.25),),
+                               None)
+    assert record.getMessage() == "within 250ms"
+    assert f"{config.jobs.lease:g}" == "30"  # a format spec formats the number
+    assert type(config.jobs.lease / 3) is float
+
+
+def test_flow_limits_are_the_json_jobd_claim_flow_reads(tmp_path: Path) -> None:
+    """The parameter sent to the SQL, field for field (a set limit only; no nulls)."""
+    config = load(write(tmp_path, """
+[queues.crawl]
+key_concurrency = 2
+rate = "30/m"
+burst = 3
+tokens_per_minute = 1000
+adaptive = true
+breaker_failures = 4
+breaker_cooldown = "1m"
+rate_limit_pause = "1.5s"
+queue_rate = "5/s"
+queue_burst = 2
+[queues.crawl.keys.slow]
+key_concurrency = 1
+rate = 1
+adaptive = false
+breaker_cooldown = "10s"
+[queues.crawl.keys.empty]
+[queues.plain]
+concurrency = 3
+breaker_cooldown = "5s"
+queue_burst = 4
+[queues.keyed]
+adaptive = false
+[queues.keyed.keys.vip]
+breaker_failures = 2
+"""), {})
+    limits = config.queue("crawl").flow_limits()
+    assert limits is not None
+    assert msgspec.json.decode(msgspec.json.encode(limits)) == {
+        "default": {"concurrency": 2, "rate": 0.5, "burst": 3.0, "tpm": 1000.0,
+                    "adaptive": True, "breaker_failures": 4, "breaker_cooldown_s": 60.0},
+        "keys": {"slow": {"concurrency": 1, "rate": 1.0, "adaptive": False,
+                          "breaker_cooldown_s": 10.0}, "empty": {}},
+        "rate_limit_pause_s": 1.5, "queue_rate": 5.0, "queue_burst": 2.0,
+    }
+    assert limits.for_key("slow").concurrency == 1 and limits.for_key("x").concurrency == 2
+    # A cooldown without a breaker, a burst without a queue rate: no limits at all.
+    assert config.queue("plain").flow_limits() is None
+    assert config.queue("unconfigured").flow_limits() is None
+    # adaptive = false on the queue is no limit; the cooldown waits the SQL's default.
+    keyed = config.queue("keyed").flow_limits()
+    assert keyed is not None
+    assert msgspec.json.decode(msgspec.json.encode(keyed)) == {
+        "default": {}, "keys": {"vip": {"breaker_failures": 2}}, "rate_limit_pause_s": 30.0}
 
 
 def test_socket_defaults_to_the_state_dir(tmp_path: Path) -> None:
@@ -198,6 +291,18 @@ def test_api_token_from_credentials_or_file(tmp_path: Path) -> None:
     ('[jobs.retention]\nfailed_max_age = "x"\n', "$.jobs.retention.failed_max_age"),
     ("[jobs.retention]\ncompleted_max_count = -1\n", "$.jobs.retention.completed_max_count"),
     ('[daemon]\ndrain_grace = "later"\n', "$.daemon.drain_grace"),
+    ("[daemon]\nheartbeat = 2030-01-01\n", "$.daemon.heartbeat"),
+    ('[control]\nhttp_keep_alive = "0s"\n', "$.control.http_keep_alive"),
+    ('[queues.x]\nbreaker_cooldown = "soon"\n', "$.queues.x.breaker_cooldown"),
+    ('[queues.x]\nrate_limit_pause = -5\n', "$.queues.x.rate_limit_pause"),
+    ("[queues.x]\naging = [1]\n", "$.queues.x.aging"),
+    ('[queues.x]\nrate = "fast"\n', "$.queues.x.rate"),
+    ("[queues.x]\nqueue_rate = 0\n", "$.queues.x.queue_rate"),
+    ('[queues.x]\nrate = "5/fortnight"\n', "$.queues.x.rate"),
+    ('[queues.ok]\n[queues.x.keys.ok]\n[queues.x.keys.slow]\nrate = "x"\n',
+     "$.queues.x.keys.slow.rate"),
+    ('[queues.x.keys.slow]\nbreaker_cooldown = "x"\n', "$.queues.x.keys.slow.breaker_cooldown"),
+    ("[queues.x.keys.slow]\nkey_concurrency = -1\n", "$.queues.x.keys.slow.key_concurrency"),
     ('[handlers]\nmodules = "examples.basic"\n', "$.handlers.modules"),
     ('region = "has space"\n', "$.region"),
     ("region = 5\n", "$.region"),

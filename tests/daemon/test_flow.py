@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
+from actors.flow import FlowLimits
 from actors.ports import NewJob, Outcome
 
 KINDS = ["noop"]
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def flow(default: dict | None = None, keys: dict | None = None, **queue) -> FlowLimits:
+    """Limits as jobd.claim_flow gets them (the default and the key overrides as dicts)."""
+    return msgspec.convert({"default": default or {}, "keys": keys or {}, **queue}, FlowLimits)
 
 
 async def enqueue(store, key: str | None, n: int, queue: str = "crawl", **extra) -> list[int]:
@@ -36,7 +44,7 @@ def keys(jobs) -> dict[str, int]:
 async def test_key_concurrency_with_override(store):
     await enqueue(store, "fast", 10)
     await enqueue(store, "slow", 10)
-    limits = {"default": {"concurrency": 3}, "keys": {"slow": {"concurrency": 1}}}
+    limits = flow(default={"concurrency": 3}, keys={"slow": {"concurrency": 1}})
     first = await claim(store, limits)
     assert keys(first) == {"fast": 3, "slow": 1}
     assert await claim(store, limits) == []
@@ -46,7 +54,7 @@ async def test_key_concurrency_with_override(store):
 
 async def test_token_bucket_bounds_starts(store):
     await enqueue(store, "m", 20)
-    limits = {"default": {"rate": 2.0, "burst": 3}, "keys": {}}
+    limits = flow(default={"rate": 2.0, "burst": 3})
     assert len(await claim(store, limits, at=T0)) == 3  # the burst
     assert len(await claim(store, limits, at=T0 + timedelta(seconds=0.4))) == 0
     assert len(await claim(store, limits, at=T0 + timedelta(seconds=1.0))) == 2
@@ -57,7 +65,7 @@ async def test_token_bucket_bounds_starts(store):
 async def test_queue_wide_rate(store):
     for key in ("a", "b", "c"):
         await enqueue(store, key, 5)
-    limits = {"queue_rate": 5 / 60, "queue_burst": 1, "default": {}, "keys": {}}
+    limits = flow(queue_rate=5 / 60, queue_burst=1)
     assert len(await claim(store, limits, at=T0)) == 1
     assert len(await claim(store, limits, at=T0 + timedelta(seconds=6))) == 0
     assert len(await claim(store, limits, at=T0 + timedelta(seconds=12))) == 1
@@ -66,7 +74,7 @@ async def test_queue_wide_rate(store):
 async def test_keys_are_served_fairly(store):
     await enqueue(store, "deep", 1000)
     await enqueue(store, "shallow", 10)
-    limits = {"default": {}, "keys": {}}
+    limits = flow()
     got = keys(await claim(store, limits, n=10))
     assert got["shallow"] >= 4 and got["deep"] >= 4
     # FIFO within a key.
@@ -77,7 +85,7 @@ async def test_keys_are_served_fairly(store):
 
 async def test_tokens_per_minute_weights_by_cost(store):
     await enqueue(store, "gpt-4o", 10, queue="models", cost=30_000)
-    limits = {"default": {"tpm": 90_000}, "keys": {}}
+    limits = flow(default={"tpm": 90_000})
     assert len(await claim(store, limits, queue="models", at=T0)) == 3
     assert len(await claim(store, limits, queue="models", at=T0 + timedelta(seconds=10))) == 0
     # 20 s refill 30,000 tokens: one more job's worth.
@@ -87,7 +95,7 @@ async def test_tokens_per_minute_weights_by_cost(store):
 async def test_rate_limited_outcome_pauses_the_key_and_halves_adaptive_rate(store, sql):
     await enqueue(store, "ebay", 5)
     await enqueue(store, "amazon", 5)
-    limits = {"default": {"concurrency": 5, "rate": 100.0, "adaptive": True}, "keys": {}}
+    limits = flow(default={"concurrency": 5, "rate": 100.0, "adaptive": True})
     now = datetime.now(UTC)
     first = await claim(store, limits, at=now)
     ebay = next(j for j in first if j.key == "ebay")
@@ -109,7 +117,7 @@ async def test_rate_limited_outcome_pauses_the_key_and_halves_adaptive_rate(stor
 
 async def test_breaker_opens_holds_and_probes(store, sql):
     await enqueue(store, "flaky", 20)
-    limits = {"default": {"breaker_failures": 3, "breaker_cooldown_s": 30}, "keys": {}}
+    limits = flow(default={"breaker_failures": 3, "breaker_cooldown_s": 30})
     for _ in range(3):
         [job] = await claim(store, limits, n=1)
         await store.finish_many([Outcome(id=job.id, token=job.lease_token, state="available",
@@ -150,7 +158,7 @@ async def test_plain_claim_is_untouched_without_limits(store):
 
 async def test_adaptive_rate_recovers_additively_on_success(store, sql):
     await enqueue(store, "site", 30)
-    limits = {"default": {"rate": 100.0, "burst": 100, "adaptive": True}, "keys": {}}
+    limits = flow(default={"rate": 100.0, "burst": 100, "adaptive": True})
     now = datetime.now(UTC)
     [first, *rest] = await claim(store, limits, n=11, at=now)
     await store.finish_many([Outcome(id=first.id, token=first.lease_token, state="scheduled",
@@ -213,9 +221,8 @@ async def test_an_empty_claim_writes_nothing(store, sql):
     ids = []
     for i in range(500):
         ids += await enqueue(store, f"k{i:03}", 1)
-    limits = {"default": {"concurrency": 1, "rate": 0.0001, "burst": 1},
-              "keys": {"k001": {"rate": 1000, "burst": 10}},
-              "rate_limit_pause_s": 30}
+    limits = flow(default={"concurrency": 1, "rate": 0.0001, "burst": 1},
+                  keys={"k001": {"rate": 1000, "burst": 10}}, rate_limit_pause_s=30)
     done = await claim(store, limits, n=1000)
     await store.finish_many([ok(j) for j in done])
     await enqueue(store, "k000", 1)  # its bucket is empty now
@@ -239,7 +246,7 @@ async def test_an_empty_claim_writes_nothing(store, sql):
 
 
 async def test_idle_keys_are_pruned_and_come_back_in_their_default_state(store, sql):
-    limits = {"default": {"rate": 1.0, "burst": 2}, "keys": {}}
+    limits = flow(default={"rate": 1.0, "burst": 2})
     for key in ("idle", "queued", "running", "paused", "failing", "refilling"):
         await enqueue(store, key, 1)
     got = {j.key: j for j in await claim(store, limits, n=100, at=T0)}  # one token each
@@ -290,7 +297,7 @@ async def test_idle_keys_are_pruned_and_come_back_in_their_default_state(store, 
 
 async def test_a_rate_limit_that_states_no_pause_uses_the_queues_default(store, sql):
     await enqueue(store, "ebay", 3)
-    limits = {"default": {"concurrency": 5}, "keys": {}, "rate_limit_pause_s": 30}
+    limits = flow(default={"concurrency": 5}, rate_limit_pause_s=30)
     now = datetime.now(UTC)
     [first, *rest] = await claim(store, limits, at=now)
     await store.finish_many([Outcome(id=first.id, token=first.lease_token, state="scheduled",
@@ -312,7 +319,7 @@ async def test_two_claimers_at_once_never_exceed_a_keys_limits(store, sql):
 
     for i in range(40):
         await enqueue(store, f"k{i:02}", 8)
-    limits = {"default": {"concurrency": 3, "rate": 1.0, "burst": 5}, "keys": {}}
+    limits = flow(default={"concurrency": 3, "rate": 1.0, "burst": 5})
     claimed: list = []
 
     async def claimer():

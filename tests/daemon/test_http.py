@@ -497,10 +497,10 @@ def test_http_bounds_in_the_config(tmp_path):
                     'http_write_timeout = "3s"\nhttp_keep_alive = "500ms"\n')
     control = load(path, environ={}).control
     assert (control.http_max_connections, control.http_read_timeout, control.http_write_timeout,
-            control.http_keep_alive) == (10, "2s", "3s", "500ms")
+            control.http_keep_alive) == (10, 2.0, 3.0, 0.5)
     defaults = load(None, environ={}).control
     assert (defaults.http_max_connections, defaults.http_read_timeout,
-            defaults.http_write_timeout, defaults.http_keep_alive) == (256, "30s", "30s", "5s")
+            defaults.http_write_timeout, defaults.http_keep_alive) == (256, 30.0, 30.0, 5.0)
     for bad in ('http_read_timeout = "0s"', "http_keep_alive = 0", 'http_write_timeout = "x"',
                 "http_max_connections = 0"):
         path.write_text(f"[control]\n{bad}\n")

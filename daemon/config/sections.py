@@ -1,0 +1,200 @@
+"""The config file's tables as Structs, each field with its default as a file would
+write it. Durations decode into `Seconds` and rates into `PerSecond` (daemon/config/
+units.py), so every reader gets a float; what one field's type cannot say is checked
+in daemon/config/checks.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from actors.flow import FlowLimits, KeyLimits
+from daemon.config.units import PerSecond, Seconds, seconds
+from protocol.schedules import ScheduleSpec
+
+_Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Database(_Strict):
+    url: str | None = None
+    pool_min: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    pool_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+    timeout: Seconds = seconds("30s")
+
+
+class Control(_Strict):
+    socket: str | None = None  # default: <state dir>/jobd.sock
+    socket_group: str | None = None
+    # "127.0.0.1:8080", "unix:/path", or a list of them; unset = no HTTP server
+    http: str | list[str] | None = None
+    http_graceful_timeout: Seconds = seconds("10s")  # in-flight requests may finish this long
+    token_file: str | None = None
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    # HTTP bounds (README: "Limits"): open connections (more are answered 503 and
+    # closed), the time a request body may take to arrive, the time a client may take
+    # to read a response write, and how long an idle keep-alive (or a connection that
+    # has not sent its request headers yet) is kept.
+    http_max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    http_read_timeout: Seconds = seconds("30s")
+    http_write_timeout: Seconds = seconds("30s")
+    http_keep_alive: Seconds = seconds("5s")
+
+
+class Log(_Strict):
+    level: Annotated[str, msgspec.Meta(pattern=r"^(debug|info|warning|error)$")] = "info"
+    format: Annotated[str, msgspec.Meta(pattern=r"^(auto|json|human)$")] = "auto"
+
+
+class Handlers(_Strict):
+    modules: list[str] = []
+    paths: list[str] = []  # prepended to sys.path before importing, relative to the file
+    # A reload whose re-import takes longer is refused (the import is abandoned).
+    import_timeout: Seconds = seconds("20s")
+
+
+class KeyOverrides(_Strict):
+    """Per-key overrides of the queue's key limits (`[queues.crawl.keys.slow]`)."""
+
+    key_concurrency: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    rate: PerSecond | None = None
+    burst: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    tokens_per_minute: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    adaptive: bool | None = None
+    breaker_failures: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    breaker_cooldown: Seconds | None = None
+
+
+class Queue(_Strict):
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
+    timeout: Seconds | None = None  # per-attempt default for kinds that set none
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    claim_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
+    # Flow control, enforced in Postgres across every daemon (README: "Flow control").
+    key_concurrency: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    rate: PerSecond | None = None  # per key
+    burst: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    tokens_per_minute: Annotated[float, msgspec.Meta(gt=0)] | None = None  # per key, by job cost
+    queue_rate: PerSecond | None = None  # the whole queue
+    queue_burst: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    adaptive: bool = False
+    breaker_failures: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    breaker_cooldown: Seconds = seconds("30s")
+    # A rate limit that does not say how long (a 429 without Retry-After, RateLimited())
+    # pauses the key this long.
+    rate_limit_pause: Seconds = seconds("30s")
+    aging: Seconds | None = None  # waiting this long moves a job one priority step up
+    aging_floor: int = 0
+    keys: dict[str, KeyOverrides] = {}
+
+    def flow_limits(self) -> FlowLimits | None:
+        """The limits jobd.claim_flow applies, or None when the queue has none."""
+        default = KeyLimits(
+            concurrency=self.key_concurrency, rate=_float(self.rate), burst=self.burst,
+            tpm=self.tokens_per_minute, adaptive=self.adaptive or None,
+            breaker_failures=self.breaker_failures,
+            # The queue's cooldown counts only with its own breaker: a key's breaker
+            # without a cooldown of its own waits the SQL's default.
+            breaker_cooldown_s=float(self.breaker_cooldown) if self.breaker_failures else None)
+        keys = {name: KeyLimits(
+                    concurrency=k.key_concurrency, rate=_float(k.rate), burst=k.burst,
+                    tpm=k.tokens_per_minute, adaptive=k.adaptive,
+                    breaker_failures=k.breaker_failures,
+                    breaker_cooldown_s=_float(k.breaker_cooldown))
+                for name, k in self.keys.items()}
+        unlimited = KeyLimits()
+        if default == unlimited and all(k == unlimited for k in keys.values()) \
+                and self.queue_rate is None:
+            return None
+        return FlowLimits(
+            default=default, keys=keys, rate_limit_pause_s=float(self.rate_limit_pause),
+            queue_rate=_float(self.queue_rate),
+            queue_burst=self.queue_burst if self.queue_rate is not None else None)
+
+    def fastest_rate(self) -> float | None:
+        """Events per second of the quickest bucket: how often a limited claim rechecks."""
+        rates: list[float] = [r for r in (self.rate, self.queue_rate) if r is not None]
+        rates += [k.rate for k in self.keys.values() if k.rate is not None]
+        rates += [t / 60 for t in [self.tokens_per_minute] if t]
+        return max(rates) if rates else None
+
+
+def _float(value: float | None) -> float | None:
+    """A decoded Seconds or PerSecond as the plain float msgspec can encode for the SQL."""
+    return None if value is None else float(value)
+
+
+class Retention(_Strict):
+    completed_max_age: Seconds = seconds("24h")
+    completed_max_count: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    failed_max_age: Seconds = seconds("7d")
+    failed_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    cancelled_max_age: Seconds = seconds("7d")
+    cancelled_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    # Workflow events (signals) older than this go, unless a live waiter may still need one.
+    events_max_age: Seconds = seconds("7d")
+
+
+class Jobs(_Strict):
+    lease: Seconds = seconds("30s")  # renewed every lease/3 while the daemon lives
+    poll_interval: Seconds = seconds("2s")  # fallback when NOTIFY is lost
+    timeout_grace: Seconds = seconds("60s")  # reaper's margin past a job's own timeout
+    reaper_interval: Seconds = seconds("5s")
+    progress_every_items: Annotated[int, msgspec.Meta(ge=1)] = 100
+    progress_every: Seconds = seconds("2s")
+    snooze_burns_attempt: bool = False
+    # An attempt's timeout when neither its kind nor its queue sets one ("0s": none).
+    max_runtime: Seconds = seconds("1h")
+    retention: Retention = msgspec.field(default_factory=Retention)
+
+
+class Metrics(_Strict):
+    leader_interval: Seconds = seconds("5s")  # queue gauges: leader refresh, others retry the lock
+    key_series_limit: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 50  # per queue
+    keys: list[str] = []  # always get their own `key` label, beyond the limit
+
+
+class Daemon(_Strict):
+    drain_grace: Seconds = seconds("30s")
+    heartbeat: Seconds = seconds("5s")
+    # A task step holding the event loop this long logs a warning naming the handler.
+    loop_lag_warning: Seconds = seconds("1s")
+
+
+_MiB = 1 << 20
+
+
+class Limits(_Strict):
+    """Sizes every surface enforces alike (README: "Limits").
+
+    A request frame (socket line or HTTP body) must fit the largest args plus the
+    command around them, so `max_frame_bytes` is checked to exceed `max_args_bytes`.
+    """
+
+    max_args_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * _MiB)] = _MiB
+    max_result_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * _MiB)] = _MiB
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=4096, le=512 * _MiB)] = 2 * _MiB
+    # List views (list, watch of many) shorten args/result/errors above this and say so.
+    list_field_bytes: Annotated[int, msgspec.Meta(ge=64, le=_MiB)] = 4096
+
+
+class Config(_Strict):
+    region: _Name = "default"
+    database: Database = msgspec.field(default_factory=Database)
+    control: Control = msgspec.field(default_factory=Control)
+    log: Log = msgspec.field(default_factory=Log)
+    daemon: Daemon = msgspec.field(default_factory=Daemon)
+    metrics: Metrics = msgspec.field(default_factory=Metrics)
+    jobs: Jobs = msgspec.field(default_factory=Jobs)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    handlers: Handlers = msgspec.field(default_factory=Handlers)
+    queues: dict[_Name, Queue] = {}
+    schedules: list[ScheduleSpec] = []  # [[schedules]]; see README "Schedules"
+
+    def queue(self, name: str) -> Queue:
+        return self.queues.get(name) or Queue()

@@ -1,0 +1,47 @@
+"""Durations and rates as a config file writes them ("30s", "5m", "5/s", or a number),
+decoded once, with the file, into floats: nothing downstream parses them again, and a
+bad value is refused by the decoder with its key's path like any other wrong type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol.durations import format_duration, parse_duration, parse_rate
+
+
+class Seconds(float):
+    """A duration in seconds ("500ms", "30s", "10m", "2h", "7d", or a number of seconds).
+
+    It prints the way a config writes it ("30s"), so a message that names a config value
+    reads as the file does; arithmetic on it gives plain floats.
+    """
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return format_duration(self)
+
+
+class PerSecond(float):
+    """A rate in events per second ("5/s", "30/m", "90/10s", or a number per second)."""
+
+    __slots__ = ()
+
+
+def seconds(text: str) -> Seconds:
+    """A default written as the file would write it: `lease: Seconds = seconds("30s")`."""
+    return Seconds(parse_duration(text))
+
+
+def decode_hook(type_: type, value: Any) -> Any:
+    """msgspec's `dec_hook`: a ValueError here becomes a ValidationError naming the key."""
+    if type_ is Seconds:
+        if not isinstance(value, str | int | float):
+            raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 30s, 10m, 2h, 7d)")
+        return Seconds(parse_duration(value))
+    if type_ is PerSecond:
+        if not isinstance(value, str | int | float):
+            raise ValueError(f"not a rate: {value!r} (use e.g. 5/s, 30/m, 1000/h)")
+        return PerSecond(parse_rate(value))
+    raise NotImplementedError(f"no decoder for {type_!r}")
