@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from actors.context import Context
+from actors.flow import FlowLimits, KeyLimits
 from actors.handlers import Handlers
 from actors.ports import NullObserver, StoreUnavailable, ValueRejected
 from actors.services.control import Control
@@ -229,7 +230,7 @@ async def test_bulk_operations_need_a_filter_and_honour_dry_run(store, sql):
 
 
 async def test_stats_counts_per_queue_with_pauses_and_flow_keys(store):
-    limits = {"default": {"concurrency": 2}, "keys": {"k1": {"concurrency": 1}}}
+    limits = FlowLimits(default=KeyLimits(concurrency=2), keys={"k1": KeyLimits(concurrency=1)})
     ctl, _ = control(store, pauses=lambda: {("default", ""), ("crawl", "k1")},
                      flow_limits=lambda queue: limits if queue == "crawl" else None)
     await ctl.handle(c.Enqueue(job=JobSpec(kind="work")))
