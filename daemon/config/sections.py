@@ -18,7 +18,13 @@ _Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
+    def __post_init__(self) -> None:
+        # Seconds and PerSecond exist to decode "30s" and "5/s"; once decoded they become
+        # plain floats, which every encoder (msgspec, asyncpg) and every message takes.
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if type(value) in (Seconds, PerSecond):
+                setattr(self, name, float(value))
 
 
 class Database(_Strict):
@@ -95,17 +101,17 @@ class Queue(_Strict):
     def flow_limits(self) -> FlowLimits | None:
         """The limits jobd.claim_flow applies, or None when the queue has none."""
         default = KeyLimits(
-            concurrency=self.key_concurrency, rate=_float(self.rate), burst=self.burst,
+            concurrency=self.key_concurrency, rate=self.rate, burst=self.burst,
             tpm=self.tokens_per_minute, adaptive=self.adaptive or None,
             breaker_failures=self.breaker_failures,
             # The queue's cooldown counts only with its own breaker: a key's breaker
             # without a cooldown of its own waits the SQL's default.
             breaker_cooldown_s=float(self.breaker_cooldown) if self.breaker_failures else None)
         keys = {name: KeyLimits(
-                    concurrency=k.key_concurrency, rate=_float(k.rate), burst=k.burst,
+                    concurrency=k.key_concurrency, rate=k.rate, burst=k.burst,
                     tpm=k.tokens_per_minute, adaptive=k.adaptive,
                     breaker_failures=k.breaker_failures,
-                    breaker_cooldown_s=_float(k.breaker_cooldown))
+                    breaker_cooldown_s=k.breaker_cooldown)
                 for name, k in self.keys.items()}
         unlimited = KeyLimits()
         if default == unlimited and all(k == unlimited for k in keys.values()) \
@@ -113,7 +119,7 @@ class Queue(_Strict):
             return None
         return FlowLimits(
             default=default, keys=keys, rate_limit_pause_s=float(self.rate_limit_pause),
-            queue_rate=_float(self.queue_rate),
+            queue_rate=self.queue_rate,
             queue_burst=self.queue_burst if self.queue_rate is not None else None)
 
     def fastest_rate(self) -> float | None:
@@ -123,10 +129,6 @@ class Queue(_Strict):
         rates += [t / 60 for t in [self.tokens_per_minute] if t]
         return max(rates) if rates else None
 
-
-def _float(value: float | None) -> float | None:
-    """A decoded Seconds or PerSecond as the plain float msgspec can encode for the SQL."""
-    return None if value is None else float(value)
 
 
 class Retention(_Strict):

@@ -7,20 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol.durations import format_duration, parse_duration, parse_rate
+from protocol.durations import parse_duration, parse_rate
 
 
 class Seconds(float):
     """A duration in seconds ("500ms", "30s", "10m", "2h", "7d", or a number of seconds).
 
-    It prints the way a config writes it ("30s"), so a message that names a config value
-    reads as the file does; arithmetic on it gives plain floats.
-    """
+    Only the decoder sees this type: the config Structs turn it into a plain float as
+    they are built (`format_duration` writes one back the way a file would)."""
 
     __slots__ = ()
-
-    def __str__(self) -> str:
-        return format_duration(self)
 
 
 class PerSecond(float):

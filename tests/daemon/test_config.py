@@ -3,7 +3,6 @@ that name their key, the state dir."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import msgspec
@@ -13,13 +12,12 @@ from daemon.config import (
     EX_CONFIG,
     Config,
     ConfigError,
-    PerSecond,
-    Seconds,
     load,
     read_token,
     socket_path,
     state_dir,
 )
+from protocol.durations import format_duration
 
 
 def write(tmp_path: Path, text: str, name: str = "jobd.toml") -> Path:
@@ -115,7 +113,7 @@ max_attempts = 7
 ])
 def test_durations(tmp_path: Path, written: str, seconds: float) -> None:
     config = load(write(tmp_path, f"[jobs]\nlease = {written}\n"), {})
-    assert isinstance(config.jobs.lease, Seconds)
+    assert type(config.jobs.lease) is float
     assert config.jobs.lease == pytest.approx(seconds)
 
 
@@ -140,22 +138,21 @@ breaker_cooldown = "1m"
     assert config.jobs.retention.events_max_age == 2 * 86400
     crawl = config.queue("crawl")
     assert (crawl.timeout, crawl.aging, crawl.rate, crawl.queue_rate) == (600, 90, 0.5, 2)
-    assert isinstance(crawl.rate, PerSecond) and isinstance(crawl.queue_rate, PerSecond)
+    assert type(crawl.rate) is float and type(crawl.queue_rate) is float
     assert (crawl.keys["slow"].rate, crawl.keys["slow"].breaker_cooldown) == (9, 60)
     assert config.queue("other").timeout is None and config.queue("other").rate is None
     # The defaults are the same floats as the decoded file would give.
-    assert isinstance(Config().jobs.lease, Seconds) and Config().jobs.max_runtime == 3600
+    assert type(Config().jobs.lease) is float and Config().jobs.max_runtime == 3600
 
 
-def test_a_duration_prints_as_a_config_writes_it() -> None:
-    """Messages that name a config value ("leases lapse within %s") read as the file."""
-    config = load(None, {})
-    assert (str(config.jobs.lease), f"{config.jobs.max_runtime}") == ("30s", "1h")
-    record = logging.LogRecord("jobd", logging.INFO, __file__, 1, "within %s", (Seconds(0.25),),
-                               None)
-    assert record.getMessage() == "within 250ms"
-    assert f"{config.jobs.lease:g}" == "30"  # a format spec formats the number
-    assert type(config.jobs.lease / 3) is float
+def test_decoded_durations_are_plain_floats_every_encoder_takes(tmp_path: Path) -> None:
+    """A float subclass would reach msgspec (error details, HTTP replies) and fail there;
+    a message that names a config value writes it back with format_duration."""
+    config = load(write(tmp_path, '[control]\nhttp_read_timeout = "500ms"\n'), {})
+    assert msgspec.json.encode({"timeout_s": config.control.http_read_timeout}) == \
+        b'{"timeout_s":0.5}'
+    assert (format_duration(config.jobs.lease), format_duration(config.jobs.max_runtime)) == \
+        ("30s", "1h")
 
 
 def test_flow_limits_are_the_json_jobd_claim_flow_reads(tmp_path: Path) -> None:
