@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
+import trio
 
 
 class StoreUnavailable(Exception):
@@ -237,7 +238,8 @@ class Store(Protocol):
         self, keep_s: float, limit: int, now: datetime | None = None
     ) -> int: ...
     def listen(
-        self, channels: list[str], on_notify: Callable[[str, str], None]
+        self, channels: list[str], send: trio.MemorySendChannel[tuple[str, str]],
+        on_full: Callable[[str, str], None],
     ) -> AbstractAsyncContextManager[None]: ...
 
 

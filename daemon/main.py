@@ -118,7 +118,7 @@ def _raise_descriptor_limit() -> None:
 def check_handlers(config: Config) -> None:
     """Import `handlers.modules` as `jobd run` would, and check the config's schedules
     against them; ConfigError names the module (or schedule) that failed, in one line."""
-    from daemon.app import import_modules
+    from daemon.reload import import_modules
 
     error = import_modules(config.handlers, reload=False)
     if error is not None:

@@ -22,16 +22,15 @@ import msgspec
 import trio
 
 from actors.ports import Observer, Outcome, Store, StoreUnavailable
-from actors.runtime import lag
 from actors.runtime.clock import Clock
 from actors.runtime.mailbox import Actor, Mailbox
+from actors.services.attempt_run import run_and_hand_over
 from actors.services.worker import (
     CANCEL_REQUESTED,
     LEASE_LOST,
     SHUTDOWN,
     Attempt,
     AttemptRunner,
-    error_class,
 )
 
 log = logging.getLogger("jobd.dispatcher")
@@ -110,7 +109,9 @@ class Dispatcher(Actor[DispatcherMsg]):
         paused: Callable[[str], tuple[bool, list[str]]],
         observer: Observer,
         clock: Clock,
+        on_idle: Callable[[], None] = lambda: None,
     ):
+        """`on_idle()`: nothing runs here and no claim is in flight (a drain waits for it)."""
         super().__init__(mailbox.name, mailbox)
         self.settings = settings
         self._daemon_id = daemon_id
@@ -122,6 +123,7 @@ class Dispatcher(Actor[DispatcherMsg]):
         self._paused = paused
         self._observer = observer
         self._clock = clock
+        self._on_idle = on_idle
         # Claimed here and not yet finished, by (job id, lease token): after a lapsed
         # lease the same job can be claimed again while its old attempt still runs.
         self._attempts: dict[tuple[int, int], Attempt] = {}
@@ -167,6 +169,7 @@ class Dispatcher(Actor[DispatcherMsg]):
             self._by_job.clear()
             self._ready.clear()
             self._workers = self._spare = 0
+            self._on_idle()
 
     async def handle(self, msg: DispatcherMsg) -> Any:
         if isinstance(msg, Wake):
@@ -231,6 +234,7 @@ class Dispatcher(Actor[DispatcherMsg]):
                 )
             except StoreUnavailable as exc:
                 self._claiming = False
+                self._signal_idle()
                 await self._back_off(exc)
                 continue
             finally:
@@ -255,6 +259,7 @@ class Dispatcher(Actor[DispatcherMsg]):
                 self._attempts[attempt.key] = attempt
                 self._by_job[job.id] = attempt
                 self._ready.append(attempt)
+            self._signal_idle()  # a claim that got nothing leaves the pool idle
             self._wake_a_worker()
             if len(claimed) < asked:
                 try:
@@ -344,57 +349,20 @@ class Dispatcher(Actor[DispatcherMsg]):
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         job = attempt.claimed
-        task = trio.lowlevel.current_task()
         try:
             if attempt.after is not None:
                 await attempt.after.done.wait()  # never two attempts of one job at once
                 attempt.after = None
-            wait_s = max(0.0, (job.started_at - job.run_at).total_seconds())
-            self._observer.job_started(job.queue, job.kind, wait_s)
-            began = lag.attempt_started(task, job.kind, job.id)  # named if it blocks the loop
-            try:
-                outcome, label, run_s = await self._runner.run(attempt)
-            except trio.Cancelled:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - a bug around one attempt fails that attempt
-                outcome, label, run_s = _crashed(self._runner, job, exc), "error", 0.0
-            finally:
-                lag.attempt_ended(task, began)
-            if label == "lease_lost":
-                # The job is another attempt's now; a finish would be fenced, so none is sent.
-                self._observer.job_finished(job.queue, job.kind, label, run_s)
-                return
-            if outcome.error is not None and label in ("error", "failed", "timed_out"):
-                self._observer.error_classified(job.queue, error_class(outcome.error))
-            if outcome.flow == "rate_limited" and job.key is not None:  # stated pause or the default
-                self._observer.key_paused(job.queue, job.key)
-            try:
-                self._finish_nowait(outcome)
-            except trio.WouldBlock:
-                await self._finish(outcome)  # the completer is behind: that wait is backpressure
-            self._observer.job_finished(job.queue, job.kind, _metric_outcome(outcome, label), run_s)
+            await run_and_hand_over(attempt, self._runner, self._observer,
+                                    self._finish, self._finish_nowait)
         finally:
             self._attempts.pop(attempt.key, None)
             if self._by_job.get(job.id) is attempt:
                 del self._by_job[job.id]
             attempt.done.set()
             self._wake.set()
+            self._signal_idle()
 
-
-def _crashed(runner: AttemptRunner, job: Any, exc: BaseException) -> Outcome:
-    try:
-        return runner.crashed(job, exc, 0.0)
-    except Exception:  # noqa: BLE001 - even the error could not be built: keep a plain one
-        log.exception("job %s: could not record its crash", job.id,
-                      extra={"event": "job.crashed", "job_id": job.id})
-        error = msgspec.json.encode({"attempt": job.attempt, "class": "crashed",
-                                     "message": type(exc).__name__}).decode()
-        return Outcome(id=job.id, token=job.lease_token, state="failed", error=error)
-
-
-def _metric_outcome(outcome: Outcome, label: str) -> str:
-    if label in ("timed_out", "released"):
-        return label
-    if outcome.state in ("completed", "failed", "cancelled"):
-        return outcome.state
-    return "retried"
+    def _signal_idle(self) -> None:
+        if not self.busy:
+            self._on_idle()

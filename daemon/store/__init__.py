@@ -424,21 +424,32 @@ class PgStore(ScheduleStatements, WorkflowStatements):
 
     @asynccontextmanager
     async def listen(
-        self, channels: list[str], on_notify: Callable[[str, str], None]
+        self, channels: list[str], send: trio.MemorySendChannel[tuple[str, str]],
+        on_full: Callable[[str, str], None],
     ) -> AsyncIterator[None]:
-        """Keep a dedicated LISTEN connection alive while the block runs.
+        """Keep a dedicated LISTEN connection alive while the block runs, putting each
+        notification on `send` as (channel, payload); one that finds `send` full is
+        lost and reported to `on_full(channel, payload)`.
 
         After every (re)connect each channel gets an empty notification, because
         anything sent while we were away was lost and waiters must re-check.
         """
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._listen_forever, channels, on_notify)
+            nursery.start_soon(self._listen_forever, channels, send, on_full)
             yield
             nursery.cancel_scope.cancel()
 
     async def _listen_forever(
-        self, channels: list[str], on_notify: Callable[[str, str], None]
+        self, channels: list[str], send: trio.MemorySendChannel[tuple[str, str]],
+        on_full: Callable[[str, str], None],
     ) -> None:
+        def on_notify(_c: Any, _pid: int, channel: str, payload: str) -> None:
+            # asyncio's callback: nothing here but the hand-over to the trio side.
+            try:
+                send.send_nowait((channel, payload))
+            except trio.WouldBlock:
+                on_full(channel, payload)
+
         backoff = 0.1
         while True:
             lost = trio.Event()
@@ -447,14 +458,10 @@ class PgStore(ScheduleStatements, WorkflowStatements):
                 connection = await bridge.connect(self.url, self._timeout_s)
                 connection.add_termination_listener(lambda _c, lost=lost: lost.set())
                 for channel in channels:
-                    await bridge.call(
-                        connection.add_listener,
-                        channel,
-                        lambda _c, _pid, ch, payload: on_notify(ch, payload),
-                    )
+                    await bridge.call(connection.add_listener, channel, on_notify)
                 backoff = 0.1
                 for channel in channels:
-                    on_notify(channel, "")
+                    await send.send((channel, ""))
                 while not lost.is_set():
                     # A half-open TCP connection never terminates by itself; probe it.
                     with trio.move_on_after(15):
