@@ -113,15 +113,34 @@ async def wait_for(predicate, timeout: float = 15.0) -> None:
             await trio.sleep(0.01)
 
 
+class ClaimsSeen:
+    """The real store, recording each claim's size and the attempts running when it
+    was asked: a sixth attempt could only come from a claim asking past the free slots."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.running = lambda: 0
+        self.claims: list[tuple[int, int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def claim(self, queue, n, *args, **kwargs):
+        self.claims.append((n, self.running()))
+        return await self._store.claim(queue, n, *args, **kwargs)
+
+
 async def test_slots_bound_the_attempts_running_at_once(store):
     await store.enqueue_many([NewJob(kind="test.hold") for _ in range(12)])
-    async with dispatcher(store, concurrency=5) as (d, box, finished):
+    seen = ClaimsSeen(store)
+    async with dispatcher(seen, concurrency=5) as (d, box, finished):
+        seen.running = lambda: d.running
         await wait_for(lambda: PROBE.inside == 5)
-        await trio.sleep(0.2)  # a sixth would have started by now
         assert (PROBE.most, await box.ask(Running())) == (5, 5)
         PROBE.release.set()
         await wait_for(lambda: len(finished) == 12)
     assert PROBE.most == 5
+    assert all(n + running <= 5 for n, running in seen.claims), seen.claims
     assert sorted(o.state for o in finished) == ["completed"] * 12
 
 
