@@ -54,7 +54,7 @@ async def database_url(configured: str | None, state_dir: Path) -> AsyncIterator
 
 
 async def until_available(step: Callable[[], Awaitable[None]], stop: trio.Event, *,
-                          waiting: Callable[[StoreUnavailable], None] = lambda exc: None) -> bool:
+                          waiting: Callable[[StoreUnavailable], object] = lambda exc: None) -> bool:
     """Run `step` until it does not find the database unavailable (True), backing off
     up to 10 s; False if `stop` is set first. `waiting(exc)` hears each failure."""
     backoff = 0.2

@@ -66,7 +66,7 @@ class Outcomes:
         job whose result this daemon holds."""
         return list(self.unwritten)
 
-    def report_unwritten(self, lease: str) -> None:
+    def report_unwritten(self, lease: object) -> None:
         """Say what the database never got. Those jobs are still `running` there under
         this daemon's leases, which lapse within `lease`; then any daemon's reaper hands
         them back (at-least-once: an attempt that finished here runs again)."""

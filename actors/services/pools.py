@@ -59,7 +59,7 @@ class Pools:
         kinds: Callable[[], list[str]],
         observer: Observer,
         clock: Clock,
-        status_changed: Callable[[], None] = lambda: None,
+        status_changed: Callable[[], object] = lambda: None,
     ):
         """`settings(queue)`: the queue's dispatcher settings from the current config
         (read again by `resize` after a reload). `status_changed`: the draining state
