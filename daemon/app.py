@@ -44,13 +44,14 @@ from actors.services.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig
 from actors.services.worker import AttemptRunner
 from daemon import __version__, lifecycle, signals
-from daemon.config import Config, ConfigError, parse_duration, read_token, socket_path
+from daemon.config import Config, parse_duration, socket_path
 from daemon.control_socket import ControlServer, open_listener
-from daemon.http import HttpApp, HttpServer
-from daemon.metrics import Metrics, run_queue_gauges
+from daemon.http import HttpServer
+from daemon.metrics import Metrics
 from daemon.queue_settings import QueueLimits, queue_names
 from daemon.readiness import Readiness
 from daemon.reload import Reloader, import_handlers
+from daemon.serve_http import serve_http
 from daemon.store import PgStore, bridge
 from daemon.systemd import Notifier as Systemd
 from daemon.systemd import run_watchdog
@@ -162,7 +163,10 @@ class Daemon:
                                    max_line=cfg.limits.max_frame_bytes,
                                    on_drop=lambda reason: self.metrics.control_dropped.inc((reason,)))
             nursery.start_soon(server.serve, listener)
-            http = await self._start_http(nursery, control, store)
+            http = await serve_http(
+                nursery, cfg, control=control, store=store, metrics=self.metrics,
+                readiness=self.readiness, queues=queue_names(cfg),
+                key_gauges=partial(self.limits.key_gauges, self.observer), clock=self.clock)
             for channel in CHANNELS:
                 self.metrics.notifications_dropped.ensure((channel,))
             async with store.listen(CHANNELS, send, notifier.listener_full):
@@ -269,32 +273,3 @@ class Daemon:
         root = Supervisor("root", children, Strategy.REST_FOR_ONE, max_restarts=5,
                           max_seconds=30, registry=self.registry, on_restart=on_restart)
         return root, pools, notifier
-
-    async def _start_http(self, nursery: trio.Nursery, control: Control,
-                          store: PgStore) -> HttpServer | None:
-        """The HTTP server and the database-derived gauges it serves, if `control.http` is
-        set (None if not: nobody could scrape the gauges, so their queries are not run)."""
-        cc = self.config.control
-        if not cc.http:
-            return None
-        self.metrics.init_queues(queue_names(self.config))
-        await nursery.start(partial(
-            run_queue_gauges, store, self.metrics, clock=self.clock,
-            interval_s=parse_duration(self.config.metrics.leader_interval),
-            key_gauges=partial(self.limits.key_gauges, self.observer),
-            key_limit=self.config.metrics.key_series_limit))
-        app = HttpApp(control=control, metrics=self.metrics,
-                      readiness=self.readiness.http_readiness, token=read_token(self.config),
-                      max_body=self.config.limits.max_frame_bytes,
-                      read_timeout_s=parse_duration(cc.http_read_timeout))
-        server = HttpServer(app, [cc.http] if isinstance(cc.http, str) else cc.http,
-                            graceful_timeout_s=parse_duration(cc.http_graceful_timeout),
-                            max_connections=cc.http_max_connections,
-                            keep_alive_s=parse_duration(cc.http_keep_alive),
-                            write_timeout_s=parse_duration(cc.http_write_timeout))
-        try:
-            urls = await nursery.start(server.run)
-        except OSError as exc:
-            raise ConfigError(f"control.http: cannot listen on {server.binds}: {exc}") from exc
-        log.info("HTTP on %s", ", ".join(urls), extra={"event": "http.listening"})
-        return server
