@@ -3,18 +3,14 @@
 Woken by NOTIFY (through `Wake`), by a slot freeing up, or by the next delayed job
 coming due; polling is only the fallback for a lost notification.
 
-Attempts run on a pool of long-lived worker tasks (at most one per slot), fed from a
-queue of claimed attempts. A task per attempt costs a spawn, a first scheduling pass
-and an exit per job: a third of the daemon's time with short jobs. A worker takes the
-next attempt without a scheduling pass, so a batch of quick jobs runs back to back;
-it yields to the rest of the daemon every `_RUN_BEFORE_YIELD` attempts that did not.
+Attempts run on long-lived worker tasks, at most one per slot
+(`actors/services/worker_tasks.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +28,7 @@ from actors.services.worker import (
     Attempt,
     AttemptRunner,
 )
+from actors.services.worker_tasks import WorkerTasks
 
 log = logging.getLogger("jobd.dispatcher")
 
@@ -39,9 +36,6 @@ log = logging.getLogger("jobd.dispatcher")
 # A job that came due right after a claim, or that another daemon's claim holds for a
 # moment, is looked at again this soon.
 _RECLAIM_S = 0.01
-
-# Quick attempts a worker runs in a row before it lets other tasks in.
-_RUN_BEFORE_YIELD = 64
 
 
 class Wake(msgspec.Struct, tag="wake"):
@@ -130,10 +124,6 @@ class Dispatcher(Actor[DispatcherMsg]):
         self._by_job: dict[int, Attempt] = {}  # the newest attempt of each job
         # Threads of sync handlers; held until a thread really ends, even an abandoned one.
         self._threads = trio.CapacityLimiter(max(1, settings.concurrency))
-        self._ready: deque[Attempt] = deque()  # claimed, waiting for a worker
-        self._idle_workers = trio.lowlevel.ParkingLot()
-        self._workers = 0
-        self._spare = 0  # workers woken or started that have not looked at _ready yet
         self._wake = trio.Event()
         self._draining = False
         self._claiming = False
@@ -156,7 +146,8 @@ class Dispatcher(Actor[DispatcherMsg]):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._tasks = WorkerTasks(nursery, lambda: self.settings.concurrency,
+                                          self._run_attempt)
                 nursery.start_soon(self._claim_loop)
                 task_status.started()
                 async for envelope in self.mailbox:
@@ -167,8 +158,6 @@ class Dispatcher(Actor[DispatcherMsg]):
             # the reaper hands the jobs back, so nothing is lost.
             self._attempts.clear()
             self._by_job.clear()
-            self._ready.clear()
-            self._workers = self._spare = 0
             self._on_idle()
 
     async def handle(self, msg: DispatcherMsg) -> Any:
@@ -258,9 +247,9 @@ class Dispatcher(Actor[DispatcherMsg]):
                     attempt.after = old
                 self._attempts[attempt.key] = attempt
                 self._by_job[job.id] = attempt
-                self._ready.append(attempt)
+                self._tasks.ready.append(attempt)
             self._signal_idle()  # a claim that got nothing leaves the pool idle
-            self._wake_a_worker()
+            self._tasks.wake_one()
             if len(claimed) < asked:
                 try:
                     due = await self._store.next_due(self.settings.queue, self._kinds(),
@@ -300,52 +289,6 @@ class Dispatcher(Actor[DispatcherMsg]):
     async def _wait(self, seconds: float) -> None:
         with trio.move_on_after(seconds):
             await self._wake.wait()
-
-    def _wake_a_worker(self) -> None:
-        """Have one worker on its way to the queued attempts, and only one.
-
-        Waking a worker per attempt would cost a scheduling pass each, and most would
-        find the queue already emptied by the first. Instead every worker that takes an
-        attempt leaves the next one awake: if its job blocks, that one starts the
-        next attempt (and wakes another); if its job is quick, it runs the next itself.
-        """
-        if self._spare or not self._ready:
-            return
-        if len(self._idle_workers):
-            self._idle_workers.unpark(count=1)
-        elif self._workers < self.settings.concurrency:
-            self._workers += 1
-            self._nursery.start_soon(self._worker)
-        else:
-            return  # every slot's worker is busy; the first to finish takes the next
-        self._spare += 1
-
-    async def _worker(self) -> None:
-        in_a_row = 0
-        counted = True
-        try:
-            while True:
-                self._spare -= 1  # woken (or started) by _wake_a_worker, now looking
-                while self._ready and self._workers <= self.settings.concurrency:
-                    attempt = self._ready.popleft()
-                    self._wake_a_worker()
-                    await self._run_attempt(attempt)
-                    in_a_row += 1
-                    if in_a_row >= _RUN_BEFORE_YIELD:
-                        in_a_row = 0
-                        await trio.lowlevel.checkpoint()
-                if self._workers > self.settings.concurrency:
-                    # The queue shrank (reload): retire, and hand what is queued to a
-                    # parked worker, which takes it or retires and passes it on.
-                    self._workers -= 1
-                    counted = False
-                    self._wake_a_worker()
-                    return
-                in_a_row = 0
-                await self._idle_workers.park()
-        finally:
-            if counted:
-                self._workers -= 1
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         job = attempt.claimed
