@@ -15,12 +15,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from actors.ports import StoreUnavailable, ValueRejected
 from daemon import __version__
+from daemon.embedded_pg import EmbeddedPostgres
 from daemon.store import PgStore
 
 log = logging.getLogger("jobd.app")
@@ -33,12 +33,10 @@ async def database_url(configured: str | None, state_dir: Path) -> AsyncIterator
     if configured is not None:
         yield configured
         return
-    embedded: Any = None
+    embedded: EmbeddedPostgres | None = None
 
     def start() -> str:
         nonlocal embedded
-        from daemon.embedded_pg import EmbeddedPostgres  # heavy; only without a URL
-
         embedded = EmbeddedPostgres(state_dir)
         embedded.start()
         log.info("embedded Postgres running in %s", embedded.datadir,
