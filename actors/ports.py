@@ -327,9 +327,11 @@ class Store(Protocol):
     # -- connections of their own
     def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
     def listen(
-        self, channels: list[str], buffer: int = 10_000
-    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[tuple[str, str]]]:
-        """Notifications as (channel, payload); ("<channel>", "") after each (re)connect."""
+        self, channels: list[str], send: trio.MemorySendChannel[tuple[str, str]],
+        on_full: Callable[[str, str], None],
+    ) -> AbstractAsyncContextManager[None]:
+        """Notifications into `send` as (channel, payload), ("<channel>", "") after each
+        (re)connect; one that finds `send` full goes to `on_full` instead."""
         ...
     def metrics_session(self) -> AbstractAsyncContextManager[GaugeSession]: ...
 

@@ -16,9 +16,10 @@ from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import HANDLERS
 from actors.schedule_jobs import definition
 from daemon import __version__, demo, lock
-from daemon.app import Daemon, import_modules
+from daemon.app import Daemon
 from daemon.config import EX_CONFIG, Config, ConfigError, load, socket_path, state_dir
 from daemon.logs import configure_logging
+from daemon.reload import import_modules
 from daemon.systemd import Notifier
 
 EX_TEMPFAIL = 75  # another daemon holds the state directory or the socket: try later

@@ -8,10 +8,9 @@ blocks and relative imports count too.
 
 An import inside a function can hide a cycle (it runs later, so Python never trips on
 it), so there are none in `protocol`, `actors` or `daemon` but those listed below:
-LAZY_IMPORTS with the reason each one must stay lazy (an optional dependency, an
-import only some commands need and that is slow), and LAZY_PENDING, the ones still in
-files being rewritten, to delete as they are made top-level. The lists must match the
-source exactly, so a stale entry fails too.
+LAZY_IMPORTS, with the reason each one must stay lazy (an optional dependency, an
+import only some commands need and that is slow). The list must match the source
+exactly, so a stale entry fails too.
 """
 
 from __future__ import annotations
@@ -39,15 +38,6 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("daemon/api/http_server.py", name): _HYPERCORN
     for name in ("hypercorn.config", "hypercorn.protocol.h2", "hypercorn.trio.tcp_server",
                  "hypercorn.trio.worker_context", "hypercorn.typing", "hypercorn.utils")
-}
-
-# Lazy imports in files other work is rewriting (issue 15): each to be made top-level
-# (and any cycle it hides broken) and its entry deleted. Edges listed here are left out
-# of the cycle check until then.
-LAZY_PENDING: set[tuple[str, str]] = {
-    # helper "compose": daemon/app.py
-    ("daemon/app.py", "daemon.embedded"),
-    ("daemon/app.py", "daemon.logs"),
 }
 
 
@@ -207,17 +197,13 @@ def relative(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
 
-def module_graph(skip: set[tuple[str, str]] | None = None) -> dict[str, dict[str, str]]:
-    """module -> {module it imports: "file:line"}, leaving out the lazy (file, target)
-    imports in `skip`."""
-    skip = skip or set()
+def module_graph() -> dict[str, dict[str, str]]:
+    """module -> {module it imports: "file:line"}, lazy imports included."""
     modules = project_modules()
     graph: dict[str, dict[str, str]] = {}
     for module, path in modules.items():
         edges = graph.setdefault(module, {})
         for imp in imports(path.read_text(), module, path.name == "__init__.py"):
-            if imp.lazy and (relative(path), imp.target) in skip:
-                continue
             for target in resolve(imp, modules) - {module}:
                 edges.setdefault(target, f"{relative(path)}:{imp.line}")
     return graph
@@ -263,7 +249,7 @@ def lazy_imports() -> dict[tuple[str, str], str]:
 
 
 def test_the_module_graph_has_no_cycle() -> None:
-    graph = module_graph(skip=LAZY_PENDING)
+    graph = module_graph()
     assert len(graph) > 50, f"found only {len(graph)} modules"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle:\n" + describe(cycle, graph)
@@ -271,14 +257,13 @@ def test_the_module_graph_has_no_cycle() -> None:
 
 def test_no_import_inside_a_function_but_the_listed_ones() -> None:
     found = lazy_imports()
-    allowed = set(LAZY_IMPORTS) | LAZY_PENDING
+    allowed = set(LAZY_IMPORTS)
     unlisted = sorted(f"{where}: {target}" for (_, target), where in found.items()
                       if (_, target) not in allowed)
     assert unlisted == [], "move these imports to the top of their module (or list them " \
                            "in LAZY_IMPORTS with the reason they must stay lazy)"
     stale = sorted(allowed - set(found))
     assert stale == [], "these are no longer lazy imports: delete their entries"
-    assert not set(LAZY_IMPORTS) & LAZY_PENDING
     assert all(reason.strip() for reason in LAZY_IMPORTS.values())
 
 

@@ -3,18 +3,14 @@
 Woken by NOTIFY (through `Wake`), by a slot freeing up, or by the next delayed job
 coming due; polling is only the fallback for a lost notification.
 
-Attempts run on a pool of long-lived worker tasks (at most one per slot), fed from a
-queue of claimed attempts. A task per attempt costs a spawn, a first scheduling pass
-and an exit per job: a third of the daemon's time with short jobs. A worker takes the
-next attempt without a scheduling pass, so a batch of quick jobs runs back to back;
-it yields to the rest of the daemon every `_RUN_BEFORE_YIELD` attempts that did not.
+Attempts run on long-lived worker tasks, at most one per slot
+(`actors/services/worker_tasks.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,10 +19,9 @@ import trio
 
 from actors.flow import FlowLimits
 from actors.ports import Observer, Outcome, Store, StoreUnavailable
-from actors.runtime import lag
 from actors.runtime.clock import Clock
 from actors.runtime.mailbox import Actor, Mailbox
-from actors.services.outcomes import error_class
+from actors.services.attempt_run import run_and_hand_over
 from actors.services.worker import (
     CANCEL_REQUESTED,
     LEASE_LOST,
@@ -34,6 +29,7 @@ from actors.services.worker import (
     Attempt,
     AttemptRunner,
 )
+from actors.services.worker_tasks import WorkerTasks
 
 log = logging.getLogger("jobd.dispatcher")
 
@@ -41,9 +37,6 @@ log = logging.getLogger("jobd.dispatcher")
 # A job that came due right after a claim, or that another daemon's claim holds for a
 # moment, is looked at again this soon.
 _RECLAIM_S = 0.01
-
-# Quick attempts a worker runs in a row before it lets other tasks in.
-_RUN_BEFORE_YIELD = 64
 
 
 class Wake(msgspec.Struct, tag="wake"):
@@ -111,7 +104,9 @@ class Dispatcher(Actor[DispatcherMsg]):
         paused: Callable[[str], tuple[bool, list[str]]],
         observer: Observer,
         clock: Clock,
+        on_idle: Callable[[], None] = lambda: None,
     ):
+        """`on_idle()`: nothing runs here and no claim is in flight (a drain waits for it)."""
         super().__init__(mailbox.name, mailbox)
         self.settings = settings
         self._daemon_id = daemon_id
@@ -123,16 +118,13 @@ class Dispatcher(Actor[DispatcherMsg]):
         self._paused = paused
         self._observer = observer
         self._clock = clock
+        self._on_idle = on_idle
         # Claimed here and not yet finished, by (job id, lease token): after a lapsed
         # lease the same job can be claimed again while its old attempt still runs.
         self._attempts: dict[tuple[int, int], Attempt] = {}
         self._by_job: dict[int, Attempt] = {}  # the newest attempt of each job
         # Threads of sync handlers; held until a thread really ends, even an abandoned one.
         self._threads = trio.CapacityLimiter(max(1, settings.concurrency))
-        self._ready: deque[Attempt] = deque()  # claimed, waiting for a worker
-        self._idle_workers = trio.lowlevel.ParkingLot()
-        self._workers = 0
-        self._spare = 0  # workers woken or started that have not looked at _ready yet
         self._wake = trio.Event()
         self._draining = False
         self._claiming = False
@@ -155,7 +147,8 @@ class Dispatcher(Actor[DispatcherMsg]):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._tasks = WorkerTasks(nursery, lambda: self.settings.concurrency,
+                                          self._run_attempt)
                 nursery.start_soon(self._claim_loop)
                 task_status.started()
                 async for envelope in self.mailbox:
@@ -166,8 +159,7 @@ class Dispatcher(Actor[DispatcherMsg]):
             # the reaper hands the jobs back, so nothing is lost.
             self._attempts.clear()
             self._by_job.clear()
-            self._ready.clear()
-            self._workers = self._spare = 0
+            self._on_idle()
 
     async def handle(self, msg: DispatcherMsg) -> Any:
         if isinstance(msg, Wake):
@@ -232,6 +224,7 @@ class Dispatcher(Actor[DispatcherMsg]):
                 )
             except StoreUnavailable as exc:
                 self._claiming = False
+                self._signal_idle()
                 await self._back_off(exc)
                 continue
             finally:
@@ -255,8 +248,9 @@ class Dispatcher(Actor[DispatcherMsg]):
                     attempt.after = old
                 self._attempts[attempt.key] = attempt
                 self._by_job[job.id] = attempt
-                self._ready.append(attempt)
-            self._wake_a_worker()
+                self._tasks.ready.append(attempt)
+            self._signal_idle()  # a claim that got nothing leaves the pool idle
+            self._tasks.wake_one()
             if len(claimed) < asked:
                 try:
                     due = await self._store.next_due(self.settings.queue, self._kinds(),
@@ -297,105 +291,22 @@ class Dispatcher(Actor[DispatcherMsg]):
         with trio.move_on_after(seconds):
             await self._wake.wait()
 
-    def _wake_a_worker(self) -> None:
-        """Have one worker on its way to the queued attempts, and only one.
-
-        Waking a worker per attempt would cost a scheduling pass each, and most would
-        find the queue already emptied by the first. Instead every worker that takes an
-        attempt leaves the next one awake: if its job blocks, that one starts the
-        next attempt (and wakes another); if its job is quick, it runs the next itself.
-        """
-        if self._spare or not self._ready:
-            return
-        if len(self._idle_workers):
-            self._idle_workers.unpark(count=1)
-        elif self._workers < self.settings.concurrency:
-            self._workers += 1
-            self._nursery.start_soon(self._worker)
-        else:
-            return  # every slot's worker is busy; the first to finish takes the next
-        self._spare += 1
-
-    async def _worker(self) -> None:
-        in_a_row = 0
-        counted = True
-        try:
-            while True:
-                self._spare -= 1  # woken (or started) by _wake_a_worker, now looking
-                while self._ready and self._workers <= self.settings.concurrency:
-                    attempt = self._ready.popleft()
-                    self._wake_a_worker()
-                    await self._run_attempt(attempt)
-                    in_a_row += 1
-                    if in_a_row >= _RUN_BEFORE_YIELD:
-                        in_a_row = 0
-                        await trio.lowlevel.checkpoint()
-                if self._workers > self.settings.concurrency:
-                    # The queue shrank (reload): retire, and hand what is queued to a
-                    # parked worker, which takes it or retires and passes it on.
-                    self._workers -= 1
-                    counted = False
-                    self._wake_a_worker()
-                    return
-                in_a_row = 0
-                await self._idle_workers.park()
-        finally:
-            if counted:
-                self._workers -= 1
-
     async def _run_attempt(self, attempt: Attempt) -> None:
         job = attempt.claimed
-        task = trio.lowlevel.current_task()
         try:
             if attempt.after is not None:
                 await attempt.after.done.wait()  # never two attempts of one job at once
                 attempt.after = None
-            wait_s = max(0.0, (job.started_at - job.run_at).total_seconds())
-            self._observer.job_started(job.queue, job.kind, wait_s)
-            began = lag.attempt_started(task, job.kind, job.id)  # named if it blocks the loop
-            try:
-                outcome, label, run_s = await self._runner.run(attempt)
-            except trio.Cancelled:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - a bug around one attempt fails that attempt
-                outcome, label, run_s = _crashed(self._runner, job, exc), "error", 0.0
-            finally:
-                lag.attempt_ended(task, began)
-            if label == "lease_lost":
-                # The job is another attempt's now; a finish would be fenced, so none is sent.
-                self._observer.job_finished(job.queue, job.kind, label, run_s)
-                return
-            if outcome.error is not None and label in ("error", "failed", "timed_out"):
-                self._observer.error_classified(job.queue, error_class(outcome.error))
-            if outcome.flow == "rate_limited" and job.key is not None:  # stated pause or the default
-                self._observer.key_paused(job.queue, job.key)
-            try:
-                self._finish_nowait(outcome)
-            except trio.WouldBlock:
-                await self._finish(outcome)  # the completer is behind: that wait is backpressure
-            self._observer.job_finished(job.queue, job.kind, _metric_outcome(outcome, label), run_s)
+            await run_and_hand_over(attempt, self._runner, self._observer,
+                                    self._finish, self._finish_nowait)
         finally:
             self._attempts.pop(attempt.key, None)
             if self._by_job.get(job.id) is attempt:
                 del self._by_job[job.id]
             attempt.done.set()
             self._wake.set()
+            self._signal_idle()
 
-
-def _crashed(runner: AttemptRunner, job: Any, exc: BaseException) -> Outcome:
-    try:
-        return runner.crashed(job, exc, 0.0)
-    except Exception:  # noqa: BLE001 - even the error could not be built: keep a plain one
-        log.exception("job %s: could not record its crash", job.id,
-                      extra={"event": "job.crashed", "job_id": job.id})
-        error = msgspec.json.encode({"attempt": job.attempt, "class": "crashed",
-                                     "message": type(exc).__name__}).decode()
-        return Outcome(id=job.id, token=job.lease_token, state="failed", error=error)
-
-
-def _metric_outcome(outcome: Outcome, label: str) -> str:
-    if label in ("timed_out", "released"):
-        return label
-    if outcome.state in ("completed", "failed", "cancelled"):
-        return outcome.state
-    return "retried"
+    def _signal_idle(self) -> None:
+        if not self.busy:
+            self._on_idle()

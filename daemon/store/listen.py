@@ -1,14 +1,15 @@
 """The LISTEN connection: kept alive (probed, reconnected with backoff) while the daemon
 runs. asyncpg calls back on the asyncio side, so the callback only puts (channel, payload)
-into a bounded trio channel; the daemon's router reads it on the trio side. A full channel
-drops the notification and counts it: a lost wake-up costs latency, not a job (the
-dispatchers' poll is the fallback), while an unbounded buffer would let a NOTIFY flood
-grow the daemon's memory without limit."""
+into a bounded trio channel the daemon owns; the notifier reads it on the trio side. A
+full channel drops the notification and says so (`on_full`): a lost wake-up costs
+latency, not a job (the dispatchers' poll is the fallback, and the notifier re-checks
+everything), while an unbounded buffer would let a NOTIFY flood grow the daemon's memory
+without limit."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -19,39 +20,36 @@ from daemon.store.bridge import call, connect
 
 log = logging.getLogger("jobd.store")
 
-NOTIFY_BUFFER = 10_000
-
-
 class Listening(StoreBase):
     @asynccontextmanager
-    async def listen(
-        self, channels: list[str], buffer: int = NOTIFY_BUFFER
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, str]]]:
-        """Yield the notifications on `channels` as (channel, payload), while the block runs.
+    async def listen(self, channels: list[str], send: trio.MemorySendChannel[tuple[str, str]],
+                     on_full: Callable[[str, str], None]) -> AsyncIterator[None]:
+        """Put the notifications on `channels` into `send` as (channel, payload) while the
+        block runs; one that finds `send` full goes to `on_full(channel, payload)` instead.
 
         After every (re)connect each channel gets ("<channel>", ""), because anything sent
-        while we were away was lost and waiters must re-check. When the block ends the
-        channel ends too (the reader's `async for` stops).
+        while we were away was lost and waiters must re-check. `send` stays open: its
+        reader outlives a listener (and a reader restarted meanwhile finds it again).
         """
-        send, receive = trio.open_memory_channel[tuple[str, str]](buffer)
-        async with send, trio.open_nursery() as nursery:
-            nursery.start_soon(self._listen_forever, channels, send)
-            yield receive
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen_forever, channels, send, on_full)
+            yield
             nursery.cancel_scope.cancel()
 
-    def _deliver(self, send: trio.MemorySendChannel[tuple[str, str]], channel: str,
-                 payload: str) -> None:
+    @staticmethod
+    def _deliver(send: trio.MemorySendChannel[tuple[str, str]],
+                 on_full: Callable[[str, str], None], channel: str, payload: str) -> None:
         # Called from asyncpg's callback: nothing here may block or raise.
         try:
             send.send_nowait((channel, payload))
         except trio.WouldBlock:
-            self.observer.notification_dropped(channel)
+            on_full(channel, payload)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the daemon stopped listening; a late callback has nobody to tell
 
-    async def _listen_forever(
-        self, channels: list[str], send: trio.MemorySendChannel[tuple[str, str]]
-    ) -> None:
+    async def _listen_forever(self, channels: list[str],
+                              send: trio.MemorySendChannel[tuple[str, str]],
+                              on_full: Callable[[str, str], None]) -> None:
         backoff = 0.1
         while True:
             lost = trio.Event()
@@ -63,11 +61,11 @@ class Listening(StoreBase):
                     await call(
                         connection.add_listener,
                         channel,
-                        lambda _c, _pid, ch, payload: self._deliver(send, ch, payload),
+                        lambda _c, _pid, ch, payload: self._deliver(send, on_full, ch, payload),
                     )
                 backoff = 0.1
                 for channel in channels:
-                    self._deliver(send, channel, "")
+                    self._deliver(send, on_full, channel, "")
                 while not lost.is_set():
                     # A half-open TCP connection never terminates by itself; probe it.
                     with trio.move_on_after(15):

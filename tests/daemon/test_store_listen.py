@@ -1,28 +1,25 @@
-"""daemon/store/listen.py against a real Postgres: notifications arrive on a bounded trio
-channel, each channel hears ("<channel>", "") after every (re)connect, a full channel
-drops and counts, and the channel ends with the block."""
+"""daemon/store/listen.py against a real Postgres: notifications arrive on the bounded
+trio channel the daemon owns, each channel hears ("<channel>", "") after every
+(re)connect, one that finds the channel full goes to `on_full`, and the channel outlives
+the listener."""
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 CHANNELS = ["jobd_test_a", "jobd_test_b"]
 
 
-class Drops:
-    """An Observer that records dropped notifications (the rest of it is a no-op)."""
+class Full:
+    """The `on_full` hook: records what found the channel full."""
 
     def __init__(self) -> None:
-        self.channels: list[str] = []
-        self.dropped = trio.Event()
+        self.dropped: list[tuple[str, str]] = []
+        self.event = trio.Event()
 
-    def notification_dropped(self, channel: str) -> None:
-        self.channels.append(channel)
-        self.dropped.set()
-
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
+    def __call__(self, channel: str, payload: str) -> None:
+        self.dropped.append((channel, payload))
+        self.event.set()
 
 
 async def notify(store, channel: str, payload: str) -> None:
@@ -30,8 +27,9 @@ async def notify(store, channel: str, payload: str) -> None:
 
 
 async def test_notifications_arrive_after_one_empty_one_per_channel(store) -> None:
+    send, notifications = trio.open_memory_channel[tuple[str, str]](100)
     with trio.fail_after(30):
-        async with store.listen(CHANNELS) as notifications:
+        async with store.listen(CHANNELS, send, Full()):
             assert {await notifications.receive() for _ in CHANNELS} == {(c, "") for c in CHANNELS}
             await notify(store, "jobd_test_b", "42")
             await notify(store, "jobd_test_a", "x")
@@ -40,8 +38,9 @@ async def test_notifications_arrive_after_one_empty_one_per_channel(store) -> No
 
 
 async def test_a_reconnect_tells_every_channel_again(store, sql) -> None:
+    send, notifications = trio.open_memory_channel[tuple[str, str]](100)
     with trio.fail_after(60):
-        async with store.listen(CHANNELS) as notifications:
+        async with store.listen(CHANNELS, send, Full()):
             assert {await notifications.receive() for _ in CHANNELS} == {(c, "") for c in CHANNELS}
             killed = await store._fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -52,22 +51,24 @@ async def test_a_reconnect_tells_every_channel_again(store, sql) -> None:
             assert await notifications.receive() == ("jobd_test_a", "after")
 
 
-async def test_a_full_channel_drops_and_counts(store) -> None:
-    drops = Drops()
-    store.observer = drops
+async def test_a_full_channel_hands_the_notification_to_on_full(store) -> None:
+    full = Full()
+    send, notifications = trio.open_memory_channel[tuple[str, str]](1)
     with trio.fail_after(30):
-        async with store.listen(CHANNELS, buffer=1) as notifications:
+        async with store.listen(CHANNELS, send, full):
             # Nobody reads: the first channel's reconnect notice fills the buffer.
-            await drops.dropped.wait()
-            assert drops.channels == ["jobd_test_b"]
+            await full.event.wait()
+            assert full.dropped == [("jobd_test_b", "")]
             assert notifications.statistics().current_buffer_used == 1
 
 
-async def test_the_channel_ends_with_the_block(store) -> None:
+async def test_the_channel_outlives_the_listener(store) -> None:
+    """The notifier keeps reading the same channel across a listener's end (and its own
+    restarts); nothing arrives once the block is over."""
+    send, notifications = trio.open_memory_channel[tuple[str, str]](100)
     with trio.fail_after(30):
-        async with store.listen(CHANNELS) as notifications:
-            pass
-        seen = [note async for note in notifications]
-    assert set(seen) <= {(c, "") for c in CHANNELS}
-    with pytest.raises(trio.EndOfChannel):
-        await notifications.receive()
+        async with store.listen(CHANNELS, send, Full()):
+            assert {await notifications.receive() for _ in CHANNELS} == {(c, "") for c in CHANNELS}
+        await notify(store, "jobd_test_a", "late")
+        await send.send(("jobd_test_b", "still open"))
+        assert await notifications.receive() == ("jobd_test_b", "still open")

@@ -66,7 +66,7 @@ def test_garbage_notifications_are_dropped_and_counted(jobd, sql):
 
 
 def test_payload_rules():
-    from daemon.app import _valid_payload
+    from actors.services.notifier import valid_payload as _valid_payload
 
     assert _valid_payload("jobd_cancel", "9223372036854775807")
     assert _valid_payload("jobd_cancel", "1")

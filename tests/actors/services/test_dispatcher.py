@@ -115,15 +115,34 @@ async def wait_for(predicate, timeout: float = 15.0) -> None:
             await trio.sleep(0.01)
 
 
+class ClaimsSeen:
+    """The real store, recording each claim's size and the attempts running when it
+    was asked: a sixth attempt could only come from a claim asking past the free slots."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.running = lambda: 0
+        self.claims: list[tuple[int, int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def claim(self, queue, n, *args, **kwargs):
+        self.claims.append((n, self.running()))
+        return await self._store.claim(queue, n, *args, **kwargs)
+
+
 async def test_slots_bound_the_attempts_running_at_once(store):
     await store.enqueue_many([NewJob(kind="test.hold") for _ in range(12)])
-    async with dispatcher(store, concurrency=5) as (d, box, finished):
+    seen = ClaimsSeen(store)
+    async with dispatcher(seen, concurrency=5) as (d, box, finished):
+        seen.running = lambda: d.running
         await wait_for(lambda: PROBE.inside == 5)
-        await trio.sleep(0.2)  # a sixth would have started by now
         assert (PROBE.most, await box.ask(Running())) == (5, 5)
         PROBE.release.set()
         await wait_for(lambda: len(finished) == 12)
     assert PROBE.most == 5
+    assert all(n + running <= 5 for n, running in seen.claims), seen.claims
     assert sorted(o.state for o in finished) == ["completed"] * 12
 
 
@@ -136,7 +155,7 @@ async def test_quick_jobs_each_finish_once_with_their_result(store):
         assert len(finished) == 500
         assert d.running == 0
         # Quick jobs ran on a few workers back to back, not one task each.
-        assert d._workers <= 50
+        assert d._tasks.workers <= 50
     by_id = {o.id: o for o in finished}
     assert sorted(by_id) == sorted(e.id for e in done)
     assert {by_id[e.id].result for e in done} == {f'"t{i}"' for i in range(500)}
@@ -158,7 +177,7 @@ async def test_a_shrink_retires_workers_and_later_attempts_obey_it(store):
         assert PROBE.most == 2
         PROBE.release.set()
         await wait_for(lambda: len(finished) == 10)
-        assert d._workers == 2  # the two extra workers left after their attempts
+        assert d._tasks.workers == 2  # the two extra workers left after their attempts
 
 
 async def test_a_shrink_between_claim_and_start_still_runs_the_queued_attempt(store):
@@ -171,18 +190,18 @@ async def test_a_shrink_between_claim_and_start_still_runs_the_queued_attempt(st
         await wait_for(lambda: PROBE.inside == 4)
         PROBE.release.set()
         await wait_for(lambda: len(finished) == 4 and d.running == 0)
-        assert d._workers == 4  # all parked now
+        assert d._tasks.workers == 4  # all parked now
         await store.enqueue_many([NewJob(kind="test.quick", args='{"tag": "late"}')])
         [claimed] = await store.claim("default", 1, "d1", 30.0, ["test.quick"])
         # What the claim loop and a Resize do, with no checkpoint in between.
         attempt = Attempt(claimed)
         d._attempts[attempt.key] = attempt
-        d._ready.append(attempt)
-        d._wake_a_worker()
+        d._tasks.ready.append(attempt)
+        d._tasks.wake_one()
         d.settings.concurrency = 1
         await wait_for(lambda: len(finished) == 5)
         assert finished[-1].result == '"late"'
-        assert d._workers == 1
+        assert d._tasks.workers == 1
 
 
 # --------------------------------------------------------------------------- lost leases

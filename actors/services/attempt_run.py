@@ -1,0 +1,79 @@
+"""One claimed attempt from start to hand-over: run it, count it, give its outcome to
+the completer.
+
+The dispatcher's workers call this for each attempt they take; the bookkeeping of
+which attempts hold a slot stays in the dispatcher. A bug around one attempt (not in
+the handler: the runner contains those) fails that attempt only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from actors.ports import Observer, Outcome
+from actors.runtime import lag
+from actors.services.outcomes import error_class
+from actors.services.worker import Attempt, AttemptRunner
+
+log = logging.getLogger("jobd.dispatcher")
+
+
+async def run_and_hand_over(
+    attempt: Attempt,
+    runner: AttemptRunner,
+    observer: Observer,
+    hand_over: Callable[[Outcome], Awaitable[None]],
+    hand_over_nowait: Callable[[Outcome], None],
+) -> None:
+    """`hand_over_nowait` raises trio.WouldBlock when the completer is full; then
+    `hand_over` waits, and that wait is the pool's backpressure."""
+    job = attempt.claimed
+    task = trio.lowlevel.current_task()
+    wait_s = max(0.0, (job.started_at - job.run_at).total_seconds())
+    observer.job_started(job.queue, job.kind, wait_s)
+    began = lag.attempt_started(task, job.kind, job.id)  # named if it blocks the loop
+    try:
+        outcome, label, run_s = await runner.run(attempt)
+    except trio.Cancelled:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a bug around one attempt fails that attempt
+        outcome, label, run_s = _crashed(runner, job, exc), "error", 0.0
+    finally:
+        lag.attempt_ended(task, began)
+    if label == "lease_lost":
+        # The job is another attempt's now; a finish would be fenced, so none is sent.
+        observer.job_finished(job.queue, job.kind, label, run_s)
+        return
+    if outcome.error is not None and label in ("error", "failed", "timed_out"):
+        observer.error_classified(job.queue, error_class(outcome.error))
+    if outcome.flow == "rate_limited" and job.key is not None:  # stated pause or the default
+        observer.key_paused(job.queue, job.key)
+    try:
+        hand_over_nowait(outcome)
+    except trio.WouldBlock:
+        await hand_over(outcome)
+    observer.job_finished(job.queue, job.kind, _metric_outcome(outcome, label), run_s)
+
+
+def _crashed(runner: AttemptRunner, job: Any, exc: BaseException) -> Outcome:
+    try:
+        return runner.crashed(job, exc, 0.0)
+    except Exception:  # noqa: BLE001 - even the error could not be built: keep a plain one
+        log.exception("job %s: could not record its crash", job.id,
+                      extra={"event": "job.crashed", "job_id": job.id})
+        error = msgspec.json.encode({"attempt": job.attempt, "class": "crashed",
+                                     "message": type(exc).__name__}).decode()
+        return Outcome(id=job.id, token=job.lease_token, state="failed", error=error)
+
+
+def _metric_outcome(outcome: Outcome, label: str) -> str:
+    if label in ("timed_out", "released"):
+        return label
+    if outcome.state in ("completed", "failed", "cancelled"):
+        return outcome.state
+    return "retried"
