@@ -121,9 +121,10 @@ class Control:
                     except JobdError as exc:
                         exc.details["index"] = i
                         raise
-                done = await self._store.enqueue_many(rows)
-                self._count_enqueued(rows, done)
-                return c.BatchResult(ids=[d.id for d in done], created=sum(d.created for d in done),
+                enqueued = await self._store.enqueue_many(rows)
+                self._count_enqueued(rows, enqueued)
+                return c.BatchResult(ids=[d.id for d in enqueued],
+                                     created=sum(d.created for d in enqueued),
                                      warning=await self._unserved(rows))
             case c.Get():
                 found_job = await self._store.get_job(cmd.job_id)

@@ -134,14 +134,14 @@ class Reaper(Actor[Sweep]):
             report.promoted = await self._store.promote_due(batch * 10)
         with self._contained("wake", report):
             report.woken = len(await self._store.wake_waiting(batch * 10))
-        for rule in self.settings.aging:
+        for aging in self.settings.aging:
             with self._contained("age", report):
-                await self._store.age_priorities(rule.queue, rule.every_s, rule.floor, batch)
-        for rule in self.settings.retention:
+                await self._store.age_priorities(aging.queue, aging.every_s, aging.floor, batch)
+        for retention in self.settings.retention:
             with self._contained("prune", report):
                 while True:
-                    n = await self._store.prune_finished(rule.state, rule.max_age_s,
-                                                         rule.max_count, batch)
+                    n = await self._store.prune_finished(retention.state, retention.max_age_s,
+                                                         retention.max_count, batch)
                     report.pruned += n
                     if n < batch:
                         break
