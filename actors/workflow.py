@@ -24,11 +24,11 @@ a crash after its effect and before its result is stored runs it again.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
-from actors.ports import NewJob, Outcome
+from actors.ports import Outcome
 from protocol.workflows import ChildView, StepView, WorkflowView
 
 FINISHED = ("completed", "failed", "cancelled")
@@ -70,22 +70,6 @@ def _leaves(group: BaseExceptionGroup) -> list[Suspend]:
     for exc in group.exceptions:
         out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]  # type: ignore[list-item]
     return out
-
-
-class StepStore(Protocol):
-    """What workflows need from the store (daemon.store.workflows implements it)."""
-
-    async def load_steps(self, job_id: int) -> list[tuple[str, str | None, bool]]: ...
-    async def save_step(self, job_id: int, name: str, result: str, attempts: int,
-                        duration_s: float) -> str: ...
-    async def save_step_error(self, job_id: int, name: str, error: str, attempts: int) -> None: ...
-    async def begin_sleep(self, job_id: int, name: str, until: float) -> float: ...
-    async def spawn_children(self, job_id: int, name: str, jobs: list[NewJob]) -> list[int]: ...
-    async def gather_children(self, job_id: int, token: int, waiting_on: str,
-                              ids: list[int]) -> list[dict[str, Any]]: ...
-    async def begin_wait(self, job_id: int, token: int, step: str, event: str, match: str,
-                         timeout_s: float | None) -> tuple[str, str | None, float]: ...
-    async def get_job(self, job_id: int) -> dict[str, Any] | None: ...
 
 
 class Child(msgspec.Struct, kw_only=True):

@@ -18,14 +18,13 @@ import msgspec
 import trio
 
 from actors import retry
-from actors.ports import NewJob
+from actors.ports import NewJob, StepStore
 from actors.workflow import (
     FINISHED,
     INLINE_SLEEP_S,
     MAX_INLINE_RETRY_S,
     Child,
     ChildResult,
-    StepStore,
     Suspend,
     maybe_json,
 )

@@ -20,14 +20,19 @@ ROOT = Path(__file__).resolve().parents[2]
 RECEIVERS = {("store",), ("self", "_store"), ("self", "store")}
 
 
+def port_classes() -> list[type]:
+    """Store and the ports it extends (StepStore), not Protocol itself."""
+    return [k for k in Store.__mro__ if k.__module__ == Store.__module__]
+
+
 def port_methods() -> dict[str, object]:
-    return {name: member for name, member in vars(Store).items()
+    return {name: member for k in reversed(port_classes()) for name, member in vars(k).items()
             if not name.startswith("_") and callable(member)}
 
 
 def port_members() -> set[str]:
-    names = {name for name in vars(Store) if not name.startswith("_")}
-    return names | set(Store.__annotations__)
+    names = {name for k in port_classes() for name in vars(k) if not name.startswith("_")}
+    return names | {name for k in port_classes() for name in k.__annotations__}
 
 
 def test_pgstore_has_every_port_method_with_its_signature() -> None:
