@@ -132,7 +132,7 @@ def test_unit_matches_what_jobd_expects() -> None:
     assert (one(e, "User"), one(e, "Group")) == ("jobd", "jobd")
     assert "JOBD_STATE_DIR" not in UNIT.read_text()  # jobd reads $STATE_DIRECTORY
     assert "PYTHONUNBUFFERED=1" in one(e, "Environment").split()
-    # The credential names are the files daemon/config.py reads.
+    # The credential names are the files daemon/config/ reads.
     creds = {v.split(":", 1)[0]: v.split(":", 1)[1] for v in e["LoadCredential"]}
     assert creds == {"database-url": "/etc/jobd/credentials/%i.database-url",
                      "api-token": "/etc/jobd/credentials/%i.api-token"}
@@ -185,7 +185,7 @@ def _fields(struct: type[msgspec.Struct], prefix: str = "") -> list[tuple[str, o
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_example_config_lists_every_key(path: Path) -> None:
-    """Each key of daemon/config.py appears, set or (for unset-by-default keys) commented."""
+    """Each key of daemon/config/ appears, set or (for unset-by-default keys) commented."""
     text = path.read_text()
     data = msgspec.toml.decode(path.read_bytes())
     region = path.stem
