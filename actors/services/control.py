@@ -30,6 +30,7 @@ from actors.ports import (
     ValueRejected,
 )
 from actors.services import schedule_commands
+from actors.services.enqueuer import Enqueuer
 from actors.services.job_views import FINISHED, job_view, summary
 from actors.services.key_views import key_stats
 from actors.services.live_queues import LiveQueues
@@ -71,6 +72,7 @@ class Control:
         which queues live daemons serve (heartbeat younger than `live_s`). A pause is
         also allowed for the queues the config declares (`declared()`)."""
         self._store = store
+        self._enqueuer = Enqueuer(store.enqueue_many)
         self._handlers = handlers
         self._server = server
         self._pong = pong
@@ -106,7 +108,9 @@ class Control:
                 return self._tree()
             case c.Enqueue():
                 row = jobs.from_spec(self._handlers, cmd.job, max_args_bytes=self._max_args_bytes)
-                [done] = await self._store.enqueue_many([row])
+                # Validated alone (a bad spec fails only its caller), written with
+                # whoever else is enqueueing now (group commit, services/enqueuer.py).
+                done = await self._enqueuer.enqueue(row)
                 self._count_enqueued([row], [done])
                 return c.EnqueueResult(id=done.id, created=done.created,
                                        warning=await self._unserved([row]))
