@@ -64,13 +64,26 @@ async def test_a_mutating_command_is_audited_with_who_sent_it(caplog) -> None:
     caplog.set_level(logging.INFO)
     requests = Requests(Answering(), "control")
     peer = Peer("from uid 1000", {"peer_uid": 1000, "peer_pid": 7})
-    reply = await requests.answer(c.Enqueue(job=JobSpec(kind="noop")), peer, 12)
+    reply = await requests.answer(c.Cancel(job_id=3), peer, 12)
     assert reply == c.Ok(id=12, result={"done": True})
     await requests.answer(c.Ping(), peer, 13)  # reads are not audited
+    await requests.answer(c.Enqueue(job=JobSpec(kind="noop")), peer, 14)  # debug only
     [record] = [r for r in caplog.records if getattr(r, "event", None) == "control.request"]
-    assert record.name == "jobd.control" and record.getMessage() == "enqueue from uid 1000"
+    assert record.name == "jobd.control" and record.getMessage() == "cancel from uid 1000"
+    assert record.levelno == logging.INFO
     assert (record.command, record.request_id, record.peer_uid, record.peer_pid) == (
-        "enqueue", 12, 1000, 7)
+        "cancel", 12, 1000, 7)
+
+
+async def test_an_enqueue_is_audited_at_debug(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    requests = Requests(Answering(), "control")
+    peer = Peer("from uid 1000", {"peer_uid": 1000})
+    await requests.answer(c.Enqueue(job=JobSpec(kind="noop")), peer, 1)
+    await requests.answer(c.EnqueueBatch(jobs=[JobSpec(kind="noop")]), peer, 2)
+    records = [r for r in caplog.records if getattr(r, "event", None) == "control.request"]
+    assert [(r.command, r.levelno) for r in records] == [
+        ("enqueue", logging.DEBUG), ("enqueue_batch", logging.DEBUG)]
 
 
 async def test_a_refusal_is_an_error_envelope_and_a_bug_reaches_the_transport() -> None:
