@@ -28,8 +28,10 @@ class Gated:
     """The store's enqueue_many, recording each statement's size; the first one waits
     at `gate` (once the test opens it, every later one goes straight through)."""
 
-    def __init__(self, store: Any, fail: dict[int, Exception] | None = None):
+    def __init__(self, store: Any, fail: dict[int, Exception] | None = None,
+                 hold_after: bool = False):
         self.store = store
+        self.hold_after = hold_after  # hold the first statement once it has run
         self.sizes: list[int] = []
         self.entered = trio.Event()
         self.gate = trio.Event()
@@ -37,12 +39,16 @@ class Gated:
 
     async def enqueue_many(self, rows: list[NewJob]) -> list[Enqueued]:
         self.sizes.append(len(rows))
-        if len(self.sizes) == 1:
+        held = len(self.sizes) == 1
+        if held and not self.hold_after:
             self.entered.set()
             await self.gate.wait()
         if (exc := self.fail.get(len(self.sizes))) is not None:
             raise exc
         done: list[Enqueued] = await self.store.enqueue_many(rows)
+        if held and self.hold_after:
+            self.entered.set()
+            await self.gate.wait()
         return done
 
     def __getattr__(self, name: str) -> Any:
@@ -223,3 +229,33 @@ async def test_control_answers_a_refused_row_as_bad_request(store):
     with pytest.raises(JobdError) as info:
         await ctl.handle(c.Enqueue(job=JobSpec(kind="work")))
     assert info.value.code == ErrorCode.BAD_REQUEST
+
+
+async def test_a_waiter_cancelled_as_the_lead_reaches_it_passes_the_lead_on(store, sql):
+    # The cancel and the end of the write land in one step (the write is done, only
+    # the gate holds its answer), so the leader may name the cancelled waiter the next
+    # lead before it runs: either way the lead passes on and nobody waits forever.
+    gated = Gated(store, hold_after=True)
+    enqueuer = Enqueuer(gated.enqueue_many)
+    outcomes: dict[str, Any] = {}
+    scopes = {name: trio.CancelScope() for name in ("lead", "a", "b", "c")}
+
+    async def one(name: str) -> None:
+        with scopes[name]:
+            outcomes[name] = await enqueuer.enqueue(NewJob(kind="work", unique_key=name))
+            return
+        outcomes[name] = "cancelled"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "lead")
+        await gated.entered.wait()
+        for name in ("a", "b", "c"):
+            nursery.start_soon(one, name)
+        await trio.testing.wait_all_tasks_blocked()
+        first = enqueuer._waiting[0].row.unique_key
+        scopes[first].cancel()
+        gated.gate.set()
+    rest = [n for n in ("a", "b", "c") if n != first]
+    assert all(outcomes[n].created for n in ["lead", *rest])
+    written = sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE unique_key = $1", first)
+    assert outcomes[first] == "cancelled" and written == 0
