@@ -12,9 +12,10 @@ rows, itself first), then hands the lead to the first caller still waiting. Each
 gets its own outcome: a value Postgres refuses fails the statement, so that batch is
 written again row by row and only the bad row's caller gets the error; an unavailable
 store fails every caller of the batch (each retries as it would have). A caller
-cancelled while waiting takes its row back; a write in flight is shielded (the
-connection's command timeout bounds it), so a leader's hang-up loses or duplicates no
-one else's row.
+cancelled while waiting takes its row back, unless a write already holds it (then the
+job exists, as if the hang-up had come just after the reply); a write in flight is
+shielded (the connection's command timeout bounds it), so a leader's hang-up loses or
+duplicates no one else's row.
 """
 
 from __future__ import annotations
