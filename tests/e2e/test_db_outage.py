@@ -191,7 +191,9 @@ def test_daemon_survives_terminated_connections_and_restarts_under_load(
     daemon, effects = outage_daemon(tmp_path, url, jobs={"lease": "5s"})
     try:
         daemon.start()
-        ids = sql_enqueue(url, 3000, {"hold_s": 0.2})
+        # 3,000 jobs of 0.5 s at concurrency 100: at least 15 s of work, twice the ~7 s
+        # the faults take, so they hit a busy daemon however fast this machine is.
+        ids = sql_enqueue(url, 3000, {"hold_s": 0.5})
         for round_ in range(12):
             time.sleep(0.5)
             if round_ in (4, 8):
