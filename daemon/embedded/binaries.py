@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 BINDIR_ENV = "JOBD_PG_BINDIR"
@@ -78,11 +79,14 @@ def _system_bindir() -> Path | None:
     return None
 
 
-def find_bindir() -> Path:
+def find_bindir(
+    sources: Sequence[Callable[[], Path | None]] | None = None,
+) -> Path:
     """Directory holding initdb, pg_ctl and postgres.
 
-    ``$JOBD_PG_BINDIR`` wins (and must be valid if set); then the system's
-    Postgres; then the pgserver wheel.  Raises EmbeddedPostgresError otherwise.
+    ``$JOBD_PG_BINDIR`` wins (and must be valid if set); then `sources` in order, by
+    default the system's Postgres, then the pgserver wheel (a test passes none to see
+    what a machine without Postgres gets). Raises EmbeddedPostgresError otherwise.
     """
     override = os.environ.get(BINDIR_ENV)
     if override:
@@ -93,10 +97,11 @@ def find_bindir() -> Path:
                 + MISSING_MSG
             )
         return d.resolve()
-    found = _system_bindir() or _pgserver_bindir()
-    if found is None:
-        raise EmbeddedPostgresError(MISSING_MSG)
-    return found
+    for source in (_system_bindir, _pgserver_bindir) if sources is None else sources:
+        found = source()
+        if found is not None:
+            return found
+    raise EmbeddedPostgresError(MISSING_MSG)
 
 
 # systemd's variables are jobd's, not the server's: a Postgres built with systemd support

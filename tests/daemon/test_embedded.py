@@ -160,10 +160,8 @@ def test_error_when_bindir_override_is_empty(tmp_path, monkeypatch):
 
 def test_error_when_no_binaries_anywhere(tmp_path, monkeypatch):
     monkeypatch.delenv("JOBD_PG_BINDIR", raising=False)
-    monkeypatch.setattr(binaries, "_system_bindir", lambda: None)
-    monkeypatch.setattr(binaries, "_pgserver_bindir", lambda: None)
     with pytest.raises(EmbeddedPostgresError) as ei:
-        find_bindir()
+        find_bindir(sources=())  # a machine with neither the system's Postgres nor the wheel
     assert str(ei.value) == (
         "no Postgres server binaries found: install postgresql "
         "(Debian: apt-get install postgresql) or `pip install 'jobd[embedded]'`"

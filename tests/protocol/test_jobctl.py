@@ -1,6 +1,6 @@
-"""`jobctl`: its arguments, what each subcommand sends and prints (against a stand-in
-client), its exit statuses and error lines; and against a real daemon, durations in
---delay, `top` on a terminal, error lines."""
+"""`jobctl`: its arguments, what each subcommand sends and prints, its exit statuses and
+error lines, durations in --delay, `top` on a terminal; against a real daemon wherever a
+command reaches one."""
 
 from __future__ import annotations
 
@@ -19,10 +19,8 @@ import pytest
 
 from daemon.jobctl import main
 from daemon.jobctl.cli import parser
-from daemon.jobctl.commands import run
 from daemon.jobctl.render import render_list, render_tree
 from protocol import commands as c
-from protocol.errors import NotFound
 from protocol.jobs import JobView
 from protocol.tree import TreeNode
 from tests.support import ROOT, JobdProcess
@@ -41,25 +39,6 @@ def test_delay_refuses_a_non_duration(capsys: pytest.CaptureFixture[str]) -> Non
     assert "not a duration: 'soon'" in capsys.readouterr().err
 
 
-class StandIn:
-    """A SyncClient stand-in: records each command and answers from `answers` by type."""
-
-    def __init__(self, **answers: Any) -> None:
-        self.sent: list[c.Command] = []
-        self.answers = answers
-
-    def call(self, cmd: c.Command) -> Any:
-        self.sent.append(cmd)
-        answer = self.answers[type(cmd).__name__]
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-
-def jobctl(client: StandIn, *argv: str) -> int:
-    return run(parser().parse_args(list(argv)), client)  # type: ignore[arg-type]
-
-
 def job_view(job_id: int, **fields: Any) -> JobView:
     now = datetime(2025, 10, 14, 6, 0, tzinfo=UTC)
     base: dict[str, Any] = dict(
@@ -70,49 +49,52 @@ def job_view(job_id: int, **fields: Any) -> JobView:
     return JobView(**{**base, **fields})
 
 
-def test_cancel_of_one_id_is_a_cancel_and_with_filters_a_bulk_cancel(capsys) -> None:
-    client = StandIn(Cancel=c.CancelResult(id=5, was="available", state="cancelled"),
-                     CancelMany=c.BulkResult(matched=3, changed=2, dry_run=False))
-    assert jobctl(client, "cancel", "5") == 0
-    assert capsys.readouterr().out == "job 5: available -> cancelled\n"
-    assert jobctl(client, "cancel", "--kind", "sleep", "--state", "available") == 0
-    assert capsys.readouterr().out == "2 of 3 matching jobs cancelled\n"
-    single, bulk = client.sent
-    assert single == c.Cancel(job_id=5)
-    assert isinstance(bulk, c.CancelMany)
-    assert (bulk.kind, bulk.state, bulk.dry_run) == ("sleep", ["available"], False)
+def later(daemon: JobdProcess, *extra: str) -> int:
+    """A noop job due in an hour (it stays `scheduled` while the test looks at it)."""
+    return daemon.jobctl_json("enqueue", "noop", "--delay", "1h", *extra)["id"]
 
 
-def test_json_prints_the_result_struct_as_sent(capsys) -> None:
-    result = c.BulkResult(matched=4, changed=0, dry_run=True)
-    assert jobctl(StandIn(Retry=result), "retry", "--state", "failed", "--dry-run", "--json") == 0
-    assert msgspec.json.decode(capsys.readouterr().out, type=c.BulkResult) == result
+def test_cancel_of_one_id_is_a_cancel_and_with_filters_a_bulk_cancel(jobd) -> None:
+    daemon: JobdProcess = jobd()
+    first, second, third = (later(daemon, "--tag", "bulk") for _ in range(3))
+    assert daemon.jobctl("cancel", str(first)).stdout == f"job {first}: scheduled -> cancelled\n"
+    bulk = daemon.jobctl("cancel", "--kind", "noop", "--state", "scheduled", "--tag", "bulk")
+    assert bulk.stdout == "2 of 2 matching jobs cancelled\n"
+    assert [daemon.jobctl_json("get", str(i))["state"] for i in (first, second, third)] == \
+        ["cancelled"] * 3
+
+
+def test_json_prints_the_result_struct_as_sent(jobd) -> None:
+    daemon: JobdProcess = jobd()
+    out = daemon.jobctl("retry", "--state", "failed", "--dry-run", "--json").stdout
+    assert msgspec.json.decode(out, type=c.BulkResult) == \
+        c.BulkResult(matched=0, changed=0, dry_run=True)
     # --json before the subcommand works the same.
-    pong = c.Pong(daemon_id="d1", region="eu", version="0.1.0", ready=True, draining=False)
-    assert jobctl(StandIn(Ping=pong), "--json", "ping") == 0
-    assert msgspec.json.decode(capsys.readouterr().out, type=c.Pong) == pong
+    pong = msgspec.json.decode(daemon.jobctl("--json", "ping").stdout, type=c.Pong)
+    assert pong.ready is True and pong.draining is False
 
 
-def test_enqueue_prints_the_id_and_sends_the_options() -> None:
-    client = StandIn(Enqueue=c.EnqueueResult(id=42, created=True))
-    assert jobctl(client, "enqueue", "noop", "--args", '{"n": 1}', "--queue", "q",
-                  "--key", "ebay", "--delay", "2m", "--tag", "a", "--tag", "b") == 0
-    [sent] = client.sent
-    assert isinstance(sent, c.Enqueue)
-    spec = sent.job
-    assert (spec.kind, spec.args, spec.queue, spec.key, spec.delay_s, spec.tags) == \
-        ("noop", {"n": 1}, "q", "ebay", 120.0, ["a", "b"])
+def test_enqueue_prints_the_id_and_sends_the_options(jobd) -> None:
+    daemon: JobdProcess = jobd()
+    done = daemon.jobctl("enqueue", "noop", "--args", "{}", "--queue", "q", "--key", "ebay",
+                         "--delay", "2m", "--tag", "a", "--tag", "b")
+    job_id = int(done.stdout)  # the id, alone on its line
+    job = daemon.jobctl_json("get", str(job_id))
+    assert (job["kind"], job["args"], job["queue"], job["key"], job["tags"], job["state"]) == \
+        ("noop", {}, "q", "ebay", ["a", "b"], "scheduled")
+    delay = datetime.fromisoformat(job["run_at"]) - datetime.fromisoformat(job["created_at"])
+    assert 110 < delay.total_seconds() < 130
 
 
-def test_enqueue_from_a_file_sends_batches(tmp_path: Path, capsys) -> None:
+def test_enqueue_from_a_file_sends_batches(jobd, tmp_path: Path) -> None:
+    daemon: JobdProcess = jobd()
     path = tmp_path / "args.jsonl"
-    path.write_text('{"n": 1}\n\n{"n": 2}\n')
-    client = StandIn(EnqueueBatch=c.BatchResult(ids=[1, 2], created=1))
-    assert jobctl(client, "enqueue", "noop", "--args-file", str(path)) == 0
-    [batch] = client.sent
-    assert isinstance(batch, c.EnqueueBatch)
-    assert [j.args for j in batch.jobs] == [{"n": 1}, {"n": 2}]
-    assert capsys.readouterr().out == "enqueued 1 jobs (1 already queued under their unique key)\n"
+    path.write_text('{}\n\n{}\n')
+    done = daemon.jobctl("enqueue", "noop", "--args-file", str(path), "--delay", "1h",
+                         "--tag", "from-file")
+    assert done.stdout == "enqueued 2 jobs (0 already queued under their unique key)\n"
+    listed = daemon.jobctl_json("list", "--tag", "from-file")
+    assert len(listed["jobs"]) == 2
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -157,25 +139,15 @@ def test_an_unreachable_daemon_is_exit_1_and_with_json_the_error_envelope(tmp_pa
     assert err.startswith("jobctl: unavailable: cannot reach jobd at ") and err.count("\n") == 1
 
 
-def test_an_error_reply_keeps_its_code(monkeypatch, capsys) -> None:
-    def refuse(self: Any, cmd: c.Command) -> Any:
-        raise NotFound("job 9 not found", details={"job_id": 9})
-
-    monkeypatch.setattr("protocol.client.SyncClient.call", refuse)
-    assert main(["--json", "get", "9"]) == 1
-    assert msgspec.json.decode(capsys.readouterr().out) == {
-        "error": {"code": "not_found", "message": "job 9 not found", "details": {"job_id": 9}}}
-    assert main(["get", "9"]) == 1
-    assert capsys.readouterr().err == "jobctl: not_found: job 9 not found\n"
-
-
-def test_an_unexpected_exception_is_one_line_not_a_traceback(monkeypatch, capsys) -> None:
-    def boom(self: Any, cmd: c.Command) -> Any:
-        raise RuntimeError("surprise")
-
-    monkeypatch.setattr("protocol.client.SyncClient.call", boom)
-    assert main(["stats"]) == 1
-    assert capsys.readouterr().err == "jobctl: internal: RuntimeError: surprise\n"
+def test_an_error_reply_keeps_its_code(jobd) -> None:
+    daemon: JobdProcess = jobd()
+    as_json = daemon.jobctl("--json", "get", "999999", check=False)
+    assert as_json.returncode == 1
+    error = msgspec.json.decode(as_json.stdout)["error"]
+    assert (error["code"], error["details"]) == ("not_found", {"id": 999999})
+    plain = daemon.jobctl("get", "999999", check=False)
+    assert plain.returncode == 1
+    assert plain.stderr == f"jobctl: not_found: {error['message']}\n"
 
 
 def test_the_tree_draws_nested_supervisors() -> None:

@@ -12,28 +12,27 @@ import pytest
 import trio
 import trio.testing
 
+from actors.flow import FlowLimits, KeyLimits
 from actors.ports import NewJob, NullObserver, Outcome, StoreUnavailable
 from actors.runtime.clock import TrioClock
 from actors.services.batcher import Batcher
 from actors.services.completer import Completer, Outcomes
 
 
-class FakeStore:
-    """finish_many that records batches and reports a key's failures as told."""
+class DownStore:
+    """A store that is down until told otherwise: the one test here that needs 30 s of
+    the completer's retries on trio's fake clock, which must not run against real I/O
+    (it can jump while a query is in flight). The real outages are in tests/e2e."""
 
-    def __init__(self, failures: dict[int, tuple[str, str, int]] | None = None) -> None:
+    def __init__(self) -> None:
         self.batches: list[list[Outcome]] = []
-        self.failures = failures or {}
-        self.down = False
+        self.down = True
 
     async def finish_many(self, batch, key_failures=None):
         await trio.lowlevel.checkpoint()
         if self.down:
             raise StoreUnavailable("down")
         self.batches.append(list(batch))
-        for outcome in batch:
-            if outcome.id in self.failures and key_failures is not None:
-                key_failures(*self.failures[outcome.id])
         return {o.id for o in batch}
 
     @property
@@ -63,60 +62,89 @@ def done(i: int, state: str = "completed") -> Outcome:
     return Outcome(id=i, token=1, state=state, result="{}" if state == "completed" else None)
 
 
-async def test_what_was_handed_over_is_written_when_the_mailbox_closes(autojump_clock):
-    store, outcomes = FakeStore(), Outcomes(capacity=100)
-    for i in range(5):
-        outcomes.hand_over_nowait(done(i))
-    assert sorted(outcomes.leases()) == [(i, 1) for i in range(5)]
+async def claimed(store, n: int) -> list:
+    """`n` jobs enqueued and claimed here: their outcomes are the completer's to write."""
+    await store.enqueue_many([NewJob(kind="k") for _ in range(n)])
+    return sorted(await store.claim("default", n, "d1", 30.0, ["k"]), key=lambda j: j.id)
+
+
+def finished(job, state: str = "completed", **fields) -> Outcome:
+    result = "{}" if state == "completed" else None
+    return Outcome(id=job.id, token=job.lease_token, state=state, result=result, **fields)
+
+
+async def states(store, jobs) -> list[str]:
+    return [(await store.get_job(j.id))["state"] for j in jobs]
+
+
+async def test_what_was_handed_over_is_written_when_the_mailbox_closes(store):
+    jobs, outcomes = await claimed(store, 5), Outcomes(capacity=100)
+    for job in jobs:
+        outcomes.hand_over_nowait(finished(job))
+    assert sorted(outcomes.leases()) == [(j.id, j.lease_token) for j in jobs]
     outcomes.mailbox.close()
-    await completer(outcomes, store).run()
-    assert store.written == [0, 1, 2, 3, 4]
+    with trio.fail_after(20):
+        await completer(outcomes, store).run()
+    assert await states(store, jobs) == ["completed"] * 5
     assert outcomes.leases() == []  # written: no longer renewed or reported
 
 
-async def test_the_stopper_writes_what_was_handed_over_before_it(autojump_clock):
-    store, outcomes = FakeStore(), Outcomes(capacity=100)
+async def test_the_stopper_writes_what_was_handed_over_before_it(store):
+    jobs, outcomes = await claimed(store, 3), Outcomes(capacity=100)
     stop = Batcher.stopper(outcomes.mailbox)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(completer(outcomes, store).run)
-        for i in range(3):
-            await outcomes.hand_over(done(i))
-        await stop()
-    assert store.written == [0, 1, 2]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(completer(outcomes, store).run)
+            for job in jobs:
+                await outcomes.hand_over(finished(job))
+            await stop()
+    assert await states(store, jobs) == ["completed"] * 3
 
 
-async def test_a_written_retry_wakes_the_dispatchers_and_a_completion_does_not(autojump_clock):
-    store, outcomes, wakes = FakeStore(), Outcomes(capacity=100), []
-    outcomes.hand_over_nowait(done(1))
+async def test_a_written_retry_wakes_the_dispatchers_and_a_completion_does_not(store):
+    first, second, third = await claimed(store, 3)
+    outcomes, wakes = Outcomes(capacity=100), []
+    outcomes.hand_over_nowait(finished(first))
     outcomes.mailbox.close()
-    await completer(outcomes, store, wakes=wakes).run()
+    with trio.fail_after(20):
+        await completer(outcomes, store, wakes=wakes).run()
     assert wakes == []
 
     outcomes = Outcomes(capacity=100)
-    outcomes.hand_over_nowait(Outcome(id=2, token=1, state="available", delay_s=0.0))
-    outcomes.hand_over_nowait(Outcome(id=3, token=1, state="scheduled", delay_s=5.0))
+    outcomes.hand_over_nowait(finished(second, "available", delay_s=0.0))
+    outcomes.hand_over_nowait(finished(third, "scheduled", delay_s=5.0))
     outcomes.mailbox.close()
-    await completer(outcomes, store, wakes=wakes).run()
+    with trio.fail_after(20):
+        await completer(outcomes, store, wakes=wakes).run()
     assert wakes == [1]  # once per batch
+    assert await states(store, [first, second, third]) == ["completed", "available", "scheduled"]
 
 
-async def test_the_breaker_is_announced_when_failures_reach_the_threshold(autojump_clock, caplog):
-    # Key "a" reaches 3 (the threshold), "b" is past it (already open): one event.
-    store = FakeStore({1: ("q", "a", 2), 2: ("q", "a", 3), 3: ("q", "b", 4)})
-    outcomes, seen = Outcomes(capacity=100), Seen()
-    for i in (1, 2, 3):
-        outcomes.hand_over_nowait(done(i, "failed"))
-    outcomes.mailbox.close()
+async def test_the_breaker_is_announced_when_failures_reach_the_threshold(store, caplog):
+    # Key "a" fails twice, then once more (reaching 3, the threshold), then a fourth time
+    # (already open): one event, for "a" only.
+    limits = FlowLimits(default=KeyLimits(concurrency=10), keys={})
+    await store.enqueue_many([NewJob(kind="k", key="a") for _ in range(4)])
+    jobs = sorted(await store.claim("default", 4, "d1", 30.0, ["k"], limits=limits),
+                  key=lambda j: j.id)
+    assert len(jobs) == 4
+    seen = Seen()
     with caplog.at_level(logging.WARNING, logger="jobd.completer"):
-        await completer(outcomes, store, threshold=3, observer=seen).run()
-    assert seen.breakers == [("q", "a")]
+        for batch in (jobs[:2], jobs[2:3], jobs[3:]):
+            outcomes = Outcomes(capacity=100)
+            for job in batch:
+                outcomes.hand_over_nowait(finished(job, "failed", flow="fail",
+                                                   error='{"class": "unknown"}'))
+            outcomes.mailbox.close()
+            with trio.fail_after(20):
+                await completer(outcomes, store, threshold=3, observer=seen).run()
+    assert seen.breakers == [("default", "a")]
     events = [r for r in caplog.records if getattr(r, "event", None) == "flow.breaker_opened"]
-    assert [(r.queue, r.key) for r in events] == [("q", "a")]
+    assert [(r.queue, r.key) for r in events] == [("default", "a")]
 
 
 async def test_unwritten_outcomes_are_tracked_and_reported(autojump_clock, caplog):
-    store, outcomes = FakeStore(), Outcomes(capacity=100)
-    store.down = True
+    store, outcomes = DownStore(), Outcomes(capacity=100)
     outcomes.hand_over_nowait(done(7))
     outcomes.hand_over_nowait(Outcome(id=8, token=2, state="available", delay_s=0.0,
                                       error=json.dumps({"class": "interrupted"})))
