@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from actors.handlers import HANDLERS, Handlers
 from daemon.embedded import EmbeddedPostgres
 from daemon.store import PgStore, bridge
 from tests.support import JobdProcess, Sql
@@ -158,3 +159,13 @@ def jobd(fresh_database: str, tmp_path):
     yield start
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture
+def empty_handlers() -> Iterator[Handlers]:
+    """HANDLERS emptied for one test, which declares its kinds with @job; put back after
+    (the daemon's default registry is module state, so a test never leaves kinds in it)."""
+    saved = HANDLERS.registered()
+    HANDLERS.restore({})
+    yield HANDLERS
+    HANDLERS.restore(saved)

@@ -27,12 +27,9 @@ class Credits(msgspec.Struct):
 
 
 @pytest.fixture(autouse=True)
-def registry() -> Iterator[Handlers]:
+def registry(empty_handlers) -> Iterator[Handlers]:
     """Each test declares its kinds with @job into an emptied HANDLERS, put back after."""
-    saved = HANDLERS.registered()
-    HANDLERS.restore({})
     yield HANDLERS
-    HANDLERS.restore(saved)
 
 
 class Refunds:

@@ -30,12 +30,9 @@ class ShopArgs(msgspec.Struct):
 
 
 @pytest.fixture(autouse=True)
-def registry() -> Iterator[Handlers]:
+def registry(empty_handlers) -> Iterator[Handlers]:
     """Each test declares its kinds with @job into an emptied HANDLERS, put back after."""
-    saved = HANDLERS.registered()
-    HANDLERS.restore({})
     yield HANDLERS
-    HANDLERS.restore(saved)
 
 
 def lookup(kind: str) -> JobDef:

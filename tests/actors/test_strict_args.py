@@ -51,10 +51,8 @@ def new_job(spec: JobSpec) -> NewJob:
 
 
 @pytest.fixture(autouse=True)
-def registry() -> Iterator[Handlers]:
+def registry(empty_handlers) -> Iterator[Handlers]:
     """The kinds below, in an emptied HANDLERS put back after each test."""
-    saved = HANDLERS.registered()
-    HANDLERS.restore({})
 
     @job("sleep")
     async def sleep(ctx: Context, args: SleepArgs) -> None:
@@ -73,7 +71,6 @@ def registry() -> Iterator[Handlers]:
         return None
 
     yield HANDLERS
-    HANDLERS.restore(saved)
 
 
 def test_a_misspelled_field_is_refused_at_enqueue_naming_it():

@@ -29,10 +29,8 @@ class SleepArgs(msgspec.Struct):
 
 
 @pytest.fixture(autouse=True)
-def registry() -> Iterator[Handlers]:
+def registry(empty_handlers) -> Iterator[Handlers]:
     """The kinds below, in an emptied HANDLERS put back after each test."""
-    saved = HANDLERS.registered()
-    HANDLERS.restore({})
 
     @job("sleep")
     async def sleep(ctx: Context, args: SleepArgs) -> None:
@@ -51,7 +49,6 @@ def registry() -> Iterator[Handlers]:
         return None
 
     yield HANDLERS
-    HANDLERS.restore(saved)
 
 
 def new_job(spec: JobSpec, *, max_args_bytes: int | None = None) -> NewJob:

@@ -47,11 +47,9 @@ PROBE = Probe()
 
 
 @pytest.fixture(autouse=True)
-def kinds():
+def kinds(empty_handlers):
     global PROBE
     PROBE = Probe()
-    saved = HANDLERS.registered()
-    HANDLERS.restore({})
 
     @job("test.hold", max_attempts=1)
     async def hold(ctx, args: Gate) -> None:
@@ -80,7 +78,6 @@ def kinds():
             PROBE.events.append(("end", ctx.job.attempt))
         return "done"
     yield
-    HANDLERS.restore(saved)
 
 
 @asynccontextmanager

@@ -92,11 +92,9 @@ def error_of(outcome: Outcome) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def kinds() -> Iterator[None]:
+def kinds(empty_handlers) -> Iterator[None]:
     """The kinds each test uses, declared with @job into an emptied HANDLERS (put back
     after the test)."""
-    saved = HANDLERS.registered()
-    HANDLERS.restore({})
 
     @job("ok")
     async def ok(ctx: Context, args: Args) -> dict[str, Any]:
@@ -134,7 +132,6 @@ def kinds() -> Iterator[None]:
             await tx.execute("INSERT INTO t VALUES ($1)", args.n)
             await tx.complete({"n": args.n})
     yield
-    HANDLERS.restore(saved)
 
 
 # --------------------------------------------------------------------------- outcomes
