@@ -32,6 +32,25 @@ LEFT JOIN jobd.jobs ex ON i.id IS NULL AND dup.id IS NULL
 ORDER BY x.ord
 """
 
+# The COPY path (store.jobs.copy_jobs) for a batch without unique keys: COPY cannot say
+# ON CONFLICT, and without a conflict nothing needs mapping back, so ids are drawn first
+# and travel with the rows. One call draws them all, ascending in input order as
+# ENQUEUE_MANY draws them, with the transaction's now(): run_at is computed from it
+# (as ENQUEUE_MANY's `now() + delay_s * interval '1 second'`), created_at is the same
+# now() by default.
+# $1 = how many ids.
+RESERVE_JOB_IDS = f"""
+SELECT now() AS now,
+       ARRAY(SELECT {NEXT_JOB_ID} FROM generate_series(1, $1) ORDER BY 1) AS ids
+"""
+
+# Binary COPY (asyncpg's copy_records_to_table) into jobd.jobs, one tuple per job in
+# this column order; every other column takes its default. COPY fires the statement's
+# AFTER INSERT trigger like an INSERT does: one NOTIFY per queue wakes the claimers.
+COPY_SCHEMA, COPY_TABLE = "jobd", "jobs"
+COPY_COLUMNS = ("id", "queue", "kind", "args", "key", "priority", "run_at", "state",
+                "max_attempts", "tags", "timeout_s", "cost", "parent_id")
+
 # $1 = unique key.
 FIND_UNFINISHED_BY_UNIQUE_KEY = f"""
 SELECT id FROM jobd.jobs WHERE unique_key = $1 AND state IN {UNFINISHED}
