@@ -161,28 +161,44 @@ async def copy_jobs(connection: asyncpg.Connection, jobs: list[NewJob],
     Runs on the asyncio side (StoreBase._run)."""
     async with connection.transaction():
         reserved = await connection.fetchrow(sql.RESERVE_JOB_IDS, len(jobs))
-        now, ids = reserved["now"], reserved["ids"]
-        records = []
-        for job_id, j in zip(ids, jobs, strict=True):
-            delay_s = j.delay_s
-            if delay_s:
-                # ENQUEUE_MANY's float8 * interval '1 second' rounds the microseconds
-                # half to even, as round() does: the same run_at to the microsecond.
-                run_at, state = now + timedelta(microseconds=round(delay_s * 1e6)), \
-                    "scheduled" if delay_s > 0 else "available"
-            else:
-                run_at, state = now, "available"
-            records.append((job_id, j.queue, j.kind, j.args, j.key, j.priority, run_at, state,
-                            j.max_attempts, j.tags, j.timeout_s, j.cost, parent_id))
+        ids: list[int] = reserved["ids"]
+        columns = copy_columns(jobs, ids, reserved["now"], parent_id)
         try:
             await connection.copy_records_to_table(
-                sql.COPY_TABLE, schema_name=sql.COPY_SCHEMA, columns=sql.COPY_COLUMNS,
-                records=records)
+                sql.COPY_TABLE, schema_name=sql.COPY_SCHEMA, columns=list(columns),
+                records=zip(*columns.values(), strict=True))
         except (OverflowError, TypeError, ValueError) as exc:
             # asyncpg encodes each value before sending it: one it cannot (the edge
             # lets none through) is the caller's, as Postgres' own refusals are.
             raise ValueRejected(f"bad value: {exc}") from exc
-    return list(ids)
+    return ids
+
+
+def copy_columns(jobs: list[NewJob], ids: list[int], now: datetime,
+                 parent_id: int | None) -> dict[str, list[Any]]:
+    """COPY's columns (sql.COPY_ALWAYS, then the optional ones some row needs), each
+    the list of its values in row order."""
+    columns: dict[str, list[Any]] = dict(zip(sql.COPY_ALWAYS, (
+        ids, [j.queue for j in jobs], [j.kind for j in jobs], [j.args for j in jobs],
+        [j.priority for j in jobs], [j.max_attempts for j in jobs]), strict=True))
+    if any(j.key is not None for j in jobs):
+        columns["key"] = [j.key for j in jobs]
+    if any(j.delay_s for j in jobs):
+        # ENQUEUE_MANY's float8 * interval '1 second' rounds the microseconds half to
+        # even, as round() does: the same run_at to the microsecond.
+        columns["run_at"] = [now + timedelta(microseconds=round(j.delay_s * 1e6))
+                             if j.delay_s else now for j in jobs]
+        columns["state"] = ["scheduled" if j.delay_s and j.delay_s > 0 else "available"
+                            for j in jobs]
+    if any(j.tags for j in jobs):
+        columns["tags"] = [j.tags for j in jobs]
+    if any(j.timeout_s is not None for j in jobs):
+        columns["timeout_s"] = [j.timeout_s for j in jobs]
+    if any(j.cost != 1 for j in jobs):
+        columns["cost"] = [j.cost for j in jobs]
+    if parent_id is not None:
+        columns["parent_id"] = [parent_id] * len(jobs)
+    return columns
 
 
 def outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:

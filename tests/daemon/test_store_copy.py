@@ -8,6 +8,7 @@ between the two real paths on the same database."""
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
@@ -16,6 +17,7 @@ import trio
 import daemon.store.jobs as store_jobs
 from actors.ports import NewJob, StoreUnavailable, ValueRejected
 from daemon.store import bridge
+from daemon.store.sql import jobs as sql
 
 N = store_jobs.COPY_MIN_ROWS + 72
 
@@ -78,6 +80,33 @@ async def test_every_column_matches_the_statement_path(store, monkeypatch):
     states = {r["state"] for r in await store._fetch(
         "SELECT DISTINCT state FROM jobd.jobs")}
     assert states == {"available", "scheduled"}
+
+
+@pytest.mark.parametrize("field", [
+    None, ("key", "acme"), ("delay_s", 2.5), ("tags", ["t"]), ("timeout_s", 9.5),
+    ("cost", 3), ("priority", -5), ("max_attempts", 1), ("queue", "q2"),
+])
+async def test_a_uniform_batch_matches_the_statement_path(store, monkeypatch, field):
+    """Columns every row leaves at their default do not travel (copy_columns): what the
+    table fills in for them must be what the statement writes."""
+    plain = [NewJob(kind="k", args=f'{{"i": {i}}}') for i in range(N)]
+    jobs = plain if field is None else [
+        NewJob(**{**msgspec.structs.asdict(j), field[0]: field[1]}) for j in plain]
+    copied = [d.id for d in await store.enqueue_many(jobs)]
+    statement_path(monkeypatch)
+    stated = [d.id for d in await store.enqueue_many(jobs)]
+    assert await rows(store, copied) == await rows(store, stated)
+
+
+def test_only_columns_some_row_needs_travel():
+    now = datetime.now(UTC)
+    jobs = [NewJob(kind="k")] * 3
+    assert tuple(store_jobs.copy_columns(jobs, [1, 2, 3], now, None)) == sql.COPY_ALWAYS
+    mixed = [NewJob(kind="k"), NewJob(kind="k", key="a", delay_s=1, tags=["t"],
+                                     timeout_s=1, cost=2)]
+    every = store_jobs.copy_columns(mixed, [1, 2], now, 9)
+    assert tuple(every) == sql.COPY_ALWAYS + sql.COPY_OPTIONAL
+    assert every["state"] == ["available", "scheduled"] and every["parent_id"] == [9, 9]
 
 
 async def test_children_match_the_statement_path_with_their_parent(store, monkeypatch):

@@ -44,12 +44,17 @@ SELECT now() AS now,
        ARRAY(SELECT {NEXT_JOB_ID} FROM generate_series(1, $1) ORDER BY 1) AS ids
 """
 
-# Binary COPY (asyncpg's copy_records_to_table) into jobd.jobs, one tuple per job in
-# this column order; every other column takes its default. COPY fires the statement's
-# AFTER INSERT trigger like an INSERT does: one NOTIFY per queue wakes the claimers.
+# Binary COPY (asyncpg's copy_records_to_table) into jobd.jobs. COPY fires the AFTER
+# INSERT statement trigger as an INSERT does: one NOTIFY per queue wakes the claimers.
+# The first columns always travel; each optional one only when some row of the batch
+# differs from the column's default (0001_init), which the rows left out then take.
+# Encoding is the daemon's cost per row: an empty text[] alone was 2 us of 5, run_at 1.5.
 COPY_SCHEMA, COPY_TABLE = "jobd", "jobs"
-COPY_COLUMNS = ("id", "queue", "kind", "args", "key", "priority", "run_at", "state",
-                "max_attempts", "tags", "timeout_s", "cost", "parent_id")
+COPY_ALWAYS = ("id", "queue", "kind", "args", "priority", "max_attempts")
+# Left out, a column takes its default: key NULL, run_at now() (the transaction's, as
+# RESERVE_JOB_IDS returns it), state 'available', tags '{}', timeout_s NULL, cost 1,
+# parent_id NULL.
+COPY_OPTIONAL = ("key", "run_at", "state", "tags", "timeout_s", "cost", "parent_id")
 
 # $1 = unique key.
 FIND_UNFINISHED_BY_UNIQUE_KEY = f"""
