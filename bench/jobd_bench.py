@@ -154,7 +154,7 @@ def enqueue(ctx: Ctx, bulk: int, single: int, batch: int = 5000) -> dict:
 # -- 2. end to end (and 5. flow control, which is the same run with keys) ---------------
 
 def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
-        extra_queue: dict | None = None) -> dict:
+        extra_queue: dict | None = None, kind: str = "noop") -> dict:
     ctx.reset()
     procs = [ctx.daemon(extra_queue=extra_queue) for _ in range(daemons)]
     for p in procs:
@@ -162,7 +162,7 @@ def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
     try:
         _client_call(procs[0].socket, lambda c: c.pause("default"))
         time.sleep(1.0)  # every daemon hears the pause (NOTIFY) before any job exists
-        ctx.insert(n, keys=keys)
+        ctx.insert(n, kind=kind, keys=keys)
         time.sleep(1.0)
         early = ctx.sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE state <> 'available'")
         if early:

@@ -45,3 +45,16 @@ async def wf(ctx: Context, args: StepsArgs) -> dict:
     await ctx.sleep("pause", SUSPEND_S)
     return {"load_ms": (loaded - started) * 1e3,
             "replay_us_per_step": (done - loaded) / max(1, args.steps - 1) * 1e6}
+
+
+class Empty(msgspec.Struct):
+    pass
+
+
+@job("bench.wf3", queue="default")
+async def wf3(ctx: Context, args: Empty) -> int:
+    """Three no-op steps, end to end: what a small workflow costs beside a no-op job."""
+    total = 0
+    for i in range(3):
+        total += await ctx.step(f"s{i}", int, i)
+    return total
