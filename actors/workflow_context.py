@@ -63,6 +63,14 @@ class Workflow:
         self._memo_lock: trio.Lock | None = None  # made by the first step that loads
         self._counters: dict[str, int] = {}
         self.step_stats = {"memoized": 0, "executed": 0}
+        # Sleeps and waits begun in this run, not yet stored: the finish of this attempt
+        # writes them (FINISH_MANY), in the completer's batch, fenced by the lease.
+        self.pending: list[dict[str, Any]] = []
+        self._spawned: set[int] = set()  # children this run inserted
+
+    def pending_steps(self) -> str | None:
+        """The `steps` of this attempt's Outcome (None: nothing to record)."""
+        return msgspec.json.encode(self.pending).decode() if self.pending else None
 
     @property
     def job(self) -> Any:
@@ -167,7 +175,10 @@ class Workflow:
         if entry is not None and entry.result is not None:
             wake = msgspec.json.decode(entry.result)["until"]
         else:
-            wake = await self.store.begin_sleep(self.job.id, key, until())
+            # Stored by this attempt's finish: a crash before it loses only the sleep's
+            # start (the re-run sleeps from then), never a step.
+            wake = until()
+            self.pending.append({"name": key, "until": wake})
             memo[key] = _Memo(msgspec.json.encode({"until": wake}).decode(), True)
         remaining = wake - self._wall()
         if remaining <= 0:
@@ -200,6 +211,7 @@ class Workflow:
         rows = [self._new_child(c, parent) for c in children]
         ids = await self.store.spawn_children(self.job.id, key, rows)
         memo[key] = _Memo(msgspec.json.encode(ids).decode(), True)
+        self._spawned.update(ids)
         return ids
 
     async def gather(self, children: Sequence[int], *, name: str | None = None) -> list[ChildResult]:
@@ -213,6 +225,10 @@ class Workflow:
             return msgspec.json.decode(entry.result or "[]", type=list[ChildResult])
         ids = [int(c) for c in children]
         waiting_on = msgspec.json.encode({"type": "children", "ids": ids, "step": key}).decode()
+        if ids and self._spawned.issuperset(ids):
+            # Spawned by this very run: not worth a read. A child that finished meanwhile
+            # is seen by the finish's trigger, which makes the job available at once.
+            raise Suspend("waiting", None, f"waiting for {len(ids)} children", waiting_on)
         rows = await self.store.gather_children(self.job.id, self._token, waiting_on, ids)
         by_id = {r["id"]: r for r in rows}
         missing = [i for i in ids if i not in by_id]
@@ -220,7 +236,8 @@ class Workflow:
             raise LookupError(f"gather: no such child jobs {missing} (deleted?)")
         if any(by_id[i]["state"] not in FINISHED for i in ids):
             pending = sum(by_id[i]["state"] not in FINISHED for i in ids)
-            raise Suspend("waiting", None, f"waiting for {pending} of {len(ids)} children")
+            raise Suspend("waiting", None, f"waiting for {pending} of {len(ids)} children",
+                          waiting_on)
         results = [
             ChildResult(id=i, kind=by_id[i]["kind"], state=by_id[i]["state"],
                         result=maybe_json(by_id[i]["result"]),
@@ -249,6 +266,15 @@ class Workflow:
             return _decode(entry.result, type)
         timeout_s = None if timeout is None else (
             parse_duration(timeout) if isinstance(timeout, str) else float(timeout))
+        if entry is None:
+            # The finish that suspends the job stores the wait (FINISH_MANY): it began
+            # when this attempt was claimed, and its deadline runs from the finish, both
+            # on the database's clock. An event sent since the claim answers it.
+            self.pending.append({"name": key, "wait": True, "timeout_s": timeout_s})
+            waiting_on = msgspec.json.encode({
+                "type": "event", "name": event, "match": match or {}, "step": key,
+                "timeout_s": timeout_s}).decode()
+            raise Suspend("waiting", None, f"waiting for event {event!r}", waiting_on)
         store = self.store
         wait, data, now = await store.begin_wait(
             self.job.id, self._token, key, event, msgspec.json.encode(match or {}).decode(),

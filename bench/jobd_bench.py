@@ -172,7 +172,7 @@ def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
         cpu0 = [proc_cpu(p.proc.pid) for p in procs]
         t0 = time.perf_counter()
         _client_call(procs[0].socket, lambda c: c.resume("default"))
-        drain(ctx, procs, 60 + n / 1000, 0.05)
+        drain(ctx, procs, 60 + n / 50, 0.05)
         # Wall clock: retention (on, as in production) prunes completed rows meanwhile,
         # so started_at/finished_at of the survivors do not span the run.
         wall = time.perf_counter() - t0

@@ -129,6 +129,17 @@ class AttemptRunner:
                              f"(0 < timeout_s <= {MAX_TIMEOUT_S:g} s)")
             return self._fail(job, bad, "invalid_value", 0.0), "error", 0.0
         ctx = self._context(job)
+        outcome, label, run_s = await self._run_handler(attempt, jobdef, args, ctx, timeout,
+                                                       started)
+        workflow = ctx._workflow
+        if workflow is not None and workflow.pending:
+            # The sleeps and waits this run began are written with its finish.
+            outcome = msgspec.structs.replace(outcome, steps=workflow.pending_steps())
+        return outcome, label, run_s
+
+    async def _run_handler(self, attempt: Attempt, jobdef: JobDef, args: Any, ctx: Context,
+                           timeout: float | None, started: float) -> tuple[Outcome, str, float]:
+        job = attempt.claimed
         with attempt.scope:
             if timeout:
                 attempt.scope.deadline = started + timeout
