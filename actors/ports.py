@@ -74,6 +74,9 @@ class Claimed(msgspec.Struct):
     run_at: datetime
     created_at: datetime
     started_at: datetime
+    # A workflow's stored steps, JSON [[name, result, done], ...]; None: not known, the
+    # first step loads them (a job without steps, or one whose steps were not marked).
+    steps: str | None = None
 
 
 class Outcome(msgspec.Struct, kw_only=True):

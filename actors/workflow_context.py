@@ -36,6 +36,11 @@ class _Memo(msgspec.Struct):
     done: bool
 
 
+# A step's result stays JSON text until a step asks for it with its type. A JSON null
+# is a not-done step's missing result, or a done step's None: both decode to None.
+_claimed_decoder = msgspec.json.Decoder(list[tuple[str, msgspec.Raw, bool]])
+
+
 class Workflow:
     """One run's steps, sleeps, children and waits; `Context` hands these methods to the
     handler (`ctx.step`, ...). Built on first use, so a handler that never touches a
@@ -53,8 +58,12 @@ class Workflow:
         *,
         wall: Callable[[], float] | None = None,
         new_child: Callable[[Child, Any], NewJob] | None = None,
+        claimed_steps: str | None = None,
     ):
+        """`claimed_steps`: the job's stored steps as its claim returned them (Claimed.steps),
+        so a resumed run loads nothing; None: loaded on first use."""
         self._job = job
+        self._claimed_steps = claimed_steps
         self._token = token
         self._steps_store = store
         self._wall = wall or time.time
@@ -69,8 +78,12 @@ class Workflow:
         self._spawned: set[int] = set()  # children this run inserted
 
     def pending_steps(self) -> str | None:
-        """The `steps` of this attempt's Outcome (None: nothing to record)."""
-        return msgspec.json.encode(self.pending).decode() if self.pending else None
+        """The `steps` of this attempt's Outcome: the sleeps and waits to record, "[]" for
+        a job that has steps and nothing to record (its next claim returns them), None for
+        a run that never touched a step."""
+        if self.pending:
+            return msgspec.json.encode(self.pending).decode()
+        return "[]" if self._memo else None
 
     @property
     def job(self) -> Any:
@@ -90,6 +103,10 @@ class Workflow:
             if self._memo_lock is None:
                 self._memo_lock = trio.Lock()
             async with self._memo_lock:
+                if self._memo is None and self._claimed_steps is not None:
+                    self._memo = {
+                        name: _Memo(None if raw == b"null" else bytes(raw).decode(), done)
+                        for name, raw, done in _claimed_decoder.decode(self._claimed_steps)}
                 if self._memo is None:
                     rows = await self.store.load_steps(self.job.id)
                     self._memo = {name: _Memo(result, done) for name, result, done in rows}

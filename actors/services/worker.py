@@ -132,9 +132,12 @@ class AttemptRunner:
         outcome, label, run_s = await self._run_handler(attempt, jobdef, args, ctx, timeout,
                                                        started)
         workflow = ctx._workflow
-        if workflow is not None and workflow.pending:
-            # The sleeps and waits this run began are written with its finish.
-            outcome = msgspec.structs.replace(outcome, steps=workflow.pending_steps())
+        if workflow is not None:
+            # The sleeps and waits this run began are written with its finish, which also
+            # marks the job as having steps (its next claim returns them).
+            steps = workflow.pending_steps()
+            if steps is not None:
+                outcome = msgspec.structs.replace(outcome, steps=steps)
         return outcome, label, run_s
 
     async def _run_handler(self, attempt: Attempt, jobdef: JobDef, args: Any, ctx: Context,
@@ -242,7 +245,7 @@ class AttemptRunner:
             progress_every_items=self._every_items, progress_every_s=self._every_s,
             enqueue=enqueue, steps=self._steps,
             encode_result=self._encode_result, new_child=self._new_child,
-            handlers=self._handlers,
+            handlers=self._handlers, claimed_steps=job.steps,
         )
 
     def _after_error(self, job: Claimed, jobdef: JobDef, exc: Exception, run_s: float) -> Outcome:

@@ -101,13 +101,13 @@ class Harness:
         yield None
 
     async def run(self, kind: str, args: dict | None = None, attempt: int = 1,
-                  key: str | None = None):
+                  key: str | None = None, claimed_steps: str | None = None):
         at = datetime(2024, 1, 1, tzinfo=UTC)
         claimed = Claimed(id=7, queue="default", kind=kind,
                           args=msgspec.json.encode(args or {}).decode(), key=key, priority=0,
                           attempt=attempt, max_attempts=5, lease_token=1, timeout_s=None,
                           tags=[], errors="[]", unique_key=None, run_at=at, created_at=at,
-                          started_at=at)
+                          started_at=at, steps=claimed_steps)
         outcome, label, _ = await self.runner.run(Attempt(claimed))
         self.record(claimed.id, outcome)
         return outcome, label
@@ -329,7 +329,7 @@ async def test_a_suspension_costs_no_store_call():
         "timeout_s": 60.0}
     # Woken (by the event or the sweep), the re-run asks the store about the event.
     outcome, _ = await h.run("t.wf.event")
-    assert outcome.state == "waiting" and outcome.steps is None and h.store.trips == 3
+    assert outcome.state == "waiting" and outcome.steps == "[]" and h.store.trips == 3
 
     h = Harness()
     outcome, _ = await h.run("t.wf.fanout")
@@ -341,3 +341,27 @@ async def test_a_suspension_costs_no_store_call():
 @job("t.wf.event")
 async def event_handler(ctx, args: Empty) -> object:
     return await ctx.wait_for_event("approved", match={"id": 7}, timeout=60)
+
+
+async def test_steps_that_come_with_the_claim_cost_no_load():
+    CALLS.clear()
+    h = Harness()
+    outcome, _ = await h.run("t.wf.steps")
+    assert outcome.steps == "[]"  # no sleep or wait to record; the job is marked
+    h.store.trips = 0
+    claimed = msgspec.json.encode([[n, msgspec.json.decode(s["result"]), s["done"]]
+                                   for (_, n), s in h.store.steps.items()]).decode()
+    outcome, _ = await h.run("t.wf.steps", attempt=2, claimed_steps=claimed)
+    assert h.store.trips == 0 and CALLS == ["a", "b", "boom"]
+    assert msgspec.json.decode(outcome.result) == {"a": {"x": [1, 2]}, "b": 6}
+
+
+async def test_a_plain_job_is_not_marked():
+    h = Harness()
+    outcome, _ = await h.run("t.wf.plain")
+    assert outcome.state == "completed" and outcome.steps is None
+
+
+@job("t.wf.plain")
+async def plain_handler(ctx, args: Empty) -> int:
+    return 1

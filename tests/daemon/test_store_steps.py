@@ -248,3 +248,25 @@ async def test_a_refused_suspension_fails_the_job(store, sql):
         await store.finish_many([bad])
     await store.finish_many([refused_outcome(bad, refused.value)])  # as the completer does
     assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", e.id) == "failed"
+
+
+async def test_a_marked_jobs_claim_returns_its_steps(store, sql):
+    """A job whose finish said it has steps gets them with its next claim (both claim
+    statements); other jobs get None and pay no read."""
+    from actors.flow import FlowLimits, KeyLimits
+
+    [wf, plain] = await store.enqueue_many([NewJob(kind="wf"), NewJob(kind="plain")])
+    job = await claim_one(store)
+    await store.save_step(wf.id, "a", '{"x": 1}', 1, 0.0)
+    await store.save_step_error(wf.id, "b", '{"class": "network"}', 1)
+    await store.finish_many([Outcome(id=wf.id, token=job.lease_token, state="available",
+                                     delay_s=0.0, steps="[]")])
+    claimed = {c.kind: c for c in await store.claim("default", 10, "d1", 30.0, ["wf", "plain"])}
+    assert claimed["plain"].steps is None
+    assert sorted(json.loads(claimed["wf"].steps)) == [["a", {"x": 1}, True], ["b", None, False]]
+    # A finish without steps keeps the mark; under flow control the claim says the same.
+    await store.finish_many([Outcome(id=wf.id, token=claimed["wf"].lease_token,
+                                     state="available", delay_s=0.0)])
+    [again] = await store.claim("default", 10, "d1", 30.0, ["wf"],
+                               limits=FlowLimits(default=KeyLimits(concurrency=10), keys={}))
+    assert sorted(json.loads(again.steps)) == sorted(json.loads(claimed["wf"].steps))

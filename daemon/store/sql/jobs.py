@@ -73,10 +73,16 @@ LEFT JOIN LATERAL (
 ORDER BY x.ord
 """
 
+# `steps`: a workflow's stored steps as [[name, result, done], ...], read only for jobs
+# marked has_steps (migration 0015); NULL for the rest, which then load on first use.
 CLAIMED_COLUMNS = """
 j.id, j.queue, j.kind, j.args::text AS args, j.key, j.priority, j.attempt, j.max_attempts,
 j.lease_token, j.timeout_s, j.tags, j.errors::text AS errors, j.unique_key, j.run_at,
-j.created_at, j.started_at
+j.created_at, j.started_at,
+CASE WHEN j.has_steps THEN (
+    SELECT coalesce(jsonb_agg(jsonb_build_array(s.name, s.result, s.finished_at IS NOT NULL)),
+                    '[]')::text
+    FROM jobd.job_steps s WHERE s.job_id = j.id) END AS steps
 """
 
 # Only kinds this daemon has handlers for, so daemons with different handler sets
@@ -123,7 +129,8 @@ WHERE queue = $1 AND state IN ('available', 'scheduled') AND kind = ANY($2::text
 # A workflow's suspension is written here too, so it costs no statement of its own
 # (actors/workflow_context.py): `steps` is a JSON array of the sleeps
 # ({"name", "until"}) and waits ({"name", "wait": true, "timeout_s"}) the run began,
-# stored for the attempts that still held their lease; `waiting_on` is what a waiting
+# stored for the attempts that still held their lease ("[]": none, but the job has
+# steps; either way it is marked has_steps, so its next claim returns them); `waiting_on` is what a waiting
 # job waits for. An event wait's arrives with "timeout_s" in place of its start and
 # deadline: it began when the attempt was claimed, its deadline runs from now. The
 # before-wait trigger (migration 0005) sees the new waiting_on, so a child or an event
@@ -151,6 +158,7 @@ WITH done AS (
         finished_at = CASE WHEN x.state IN ('completed', 'failed', 'cancelled') THEN now() END,
         progress = CASE WHEN x.state = 'completed' THEN 100 ELSE j.progress END,
         lease_owner = NULL, lease_until = NULL, cancel_requested = false,
+        has_steps = j.has_steps OR x.steps IS NOT NULL,
         waiting_on = CASE WHEN x.waiting_on IS NULL THEN j.waiting_on
                           WHEN x.waiting_on::jsonb ? 'timeout_s'
                           THEN (x.waiting_on::jsonb - 'timeout_s') || jsonb_build_object(
