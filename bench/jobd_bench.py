@@ -183,7 +183,7 @@ def store_call(admin_url: str, calls: int) -> dict:
 # -- 2. end to end (and 5. flow control, which is the same run with keys) ---------------
 
 def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
-        extra_queue: dict | None = None) -> dict:
+        extra_queue: dict | None = None, kind: str = "noop") -> dict:
     ctx.reset()
     procs = [ctx.daemon(extra_queue=extra_queue) for _ in range(daemons)]
     for p in procs:
@@ -191,7 +191,7 @@ def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
     try:
         _client_call(procs[0].socket, lambda c: c.pause("default"))
         time.sleep(1.0)  # every daemon hears the pause (NOTIFY) before any job exists
-        ctx.insert(n, keys=keys)
+        ctx.insert(n, kind=kind, keys=keys)
         time.sleep(1.0)
         early = ctx.sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE state <> 'available'")
         if early:
@@ -201,7 +201,7 @@ def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
         cpu0 = [proc_cpu(p.proc.pid) for p in procs]
         t0 = time.perf_counter()
         _client_call(procs[0].socket, lambda c: c.resume("default"))
-        drain(ctx, procs, 60 + n / 1000, 0.05)
+        drain(ctx, procs, 60 + n / 50, 0.05)
         # Wall clock: retention (on, as in production) prunes completed rows meanwhile,
         # so started_at/finished_at of the survivors do not span the run.
         wall = time.perf_counter() - t0
