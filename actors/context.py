@@ -70,6 +70,7 @@ class Context:
         encode_result: Callable[[Any], str] | None = None,
         new_child: Callable[[Child, JobInfo], NewJob] | None = None,
         handlers: Handlers | None = None,
+        claimed_steps: str | None = None,
     ):
         # Built on first use: most quick handlers never look, and a JobInfo per attempt
         # (tags copied, errors decoded) is measurable at thousands of jobs a second.
@@ -95,6 +96,7 @@ class Context:
         self._wall = wall
         self._new_child = new_child
         self._workflow: Workflow | None = None
+        self._claimed_steps = claimed_steps
 
     @property
     def job(self) -> JobInfo:
@@ -106,7 +108,8 @@ class Context:
     def workflow(self) -> Workflow:
         if self._workflow is None:
             self._workflow = Workflow(lambda: self.job, self._token, self._steps,
-                                      wall=self._wall, new_child=self._new_child)
+                                      wall=self._wall, new_child=self._new_child,
+                                      claimed_steps=self._claimed_steps)
         return self._workflow
 
     # -- the workflow part's verbs, as the handler calls them (actors/workflow_context.py)

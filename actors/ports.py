@@ -74,6 +74,9 @@ class Claimed(msgspec.Struct):
     run_at: datetime
     created_at: datetime
     started_at: datetime
+    # A workflow's stored steps, JSON [[name, result, done], ...]; None: not known, the
+    # first step loads them (a job without steps, or one whose steps were not marked).
+    steps: str | None = None
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -88,6 +91,11 @@ class Outcome(msgspec.Struct, kw_only=True):
     refund: int = 0  # 1 when the attempt does not count (a snooze)
     flow: str | None = None  # ok | fail | rate_limited: what the key's remote side did
     pause_s: float | None = None  # pause the whole key this long (429 / RetryAfter)
+    # Workflow bookkeeping written by the same statement, fenced by the same token: the
+    # sleeps and waits this run began (a JSON array, actors/workflow_context.py
+    # `pending`), and what a suspension waits on (JSON; see FINISH_MANY).
+    steps: str | None = None
+    waiting_on: str | None = None
 
 
 class ProgressUpdate(msgspec.Struct):

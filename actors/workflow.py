@@ -9,8 +9,10 @@ completes, and a later run returns the stored result instead of running the step
 The job's steps are loaded in one query the first time a run touches a step, so a
 memoized step costs a dictionary lookup and a decode, no round trip.
 
-Waiting frees the worker slot: `sleep`, `gather` and `wait_for_event` record what they
-wait for, then raise `Suspend`, which ends the run. The worker turns it into an outcome
+Waiting frees the worker slot: `sleep`, `gather` and `wait_for_event` raise `Suspend`,
+which ends the run; what they wait for (the sleep's wake-up time, the wait's start and
+deadline, the job's `waiting_on`) is written by the finish that suspends the job, in the
+completer's batched statement, so a suspension costs no statement of its own. The worker turns it into an outcome
 that does not count as an attempt: `scheduled` at the wake-up time for a sleep, `waiting`
 for children and events. Postgres wakes a waiting job (triggers in 0005_workflows.sql;
 the reaper's `wake_waiting` is the safety net) and the next run replays up to the wait,
@@ -42,15 +44,18 @@ class Suspend(BaseException):  # noqa: N818 - control flow, like trio.Cancelled
     """Ends this run of a handler; the job resumes later. A BaseException so that a
     handler's `except Exception` does not swallow it."""
 
-    def __init__(self, state: str, delay_s: float | None, reason: str):
+    def __init__(self, state: str, delay_s: float | None, reason: str,
+                 waiting_on: str | None = None):
         super().__init__(reason)
         self.state = state  # "scheduled" (a sleep) | "waiting" (children, event)
         self.delay_s = delay_s
         self.reason = reason
+        self.waiting_on = waiting_on  # JSON, set by the finish that suspends
 
     def outcome(self, job_id: int, token: int) -> Outcome:
         # refund=1: a suspension is not an attempt.
-        return Outcome(id=job_id, token=token, state=self.state, delay_s=self.delay_s, refund=1)
+        return Outcome(id=job_id, token=token, state=self.state, delay_s=self.delay_s, refund=1,
+                       waiting_on=self.waiting_on)
 
 
 def only_suspends(group: BaseExceptionGroup) -> Suspend | None:

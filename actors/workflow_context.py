@@ -36,6 +36,11 @@ class _Memo(msgspec.Struct):
     done: bool
 
 
+# A step's result stays JSON text until a step asks for it with its type. A JSON null
+# is a not-done step's missing result, or a done step's None: both decode to None.
+_claimed_decoder = msgspec.json.Decoder(list[tuple[str, msgspec.Raw, bool]])
+
+
 class Workflow:
     """One run's steps, sleeps, children and waits; `Context` hands these methods to the
     handler (`ctx.step`, ...). Built on first use, so a handler that never touches a
@@ -53,8 +58,12 @@ class Workflow:
         *,
         wall: Callable[[], float] | None = None,
         new_child: Callable[[Child, Any], NewJob] | None = None,
+        claimed_steps: str | None = None,
     ):
+        """`claimed_steps`: the job's stored steps as its claim returned them (Claimed.steps),
+        so a resumed run loads nothing; None: loaded on first use."""
         self._job = job
+        self._claimed_steps = claimed_steps
         self._token = token
         self._steps_store = store
         self._wall = wall or time.time
@@ -63,6 +72,18 @@ class Workflow:
         self._memo_lock: trio.Lock | None = None  # made by the first step that loads
         self._counters: dict[str, int] = {}
         self.step_stats = {"memoized": 0, "executed": 0}
+        # Sleeps and waits begun in this run, not yet stored: the finish of this attempt
+        # writes them (FINISH_MANY), in the completer's batch, fenced by the lease.
+        self.pending: list[dict[str, Any]] = []
+        self._spawned: set[int] = set()  # children this run inserted
+
+    def pending_steps(self) -> str | None:
+        """The `steps` of this attempt's Outcome: the sleeps and waits to record, "[]" for
+        a job that has steps and nothing to record (its next claim returns them), None for
+        a run that never touched a step."""
+        if self.pending:
+            return msgspec.json.encode(self.pending).decode()
+        return "[]" if self._memo else None
 
     @property
     def job(self) -> Any:
@@ -82,6 +103,10 @@ class Workflow:
             if self._memo_lock is None:
                 self._memo_lock = trio.Lock()
             async with self._memo_lock:
+                if self._memo is None and self._claimed_steps is not None:
+                    self._memo = {
+                        name: _Memo(None if raw == b"null" else bytes(raw).decode(), done)
+                        for name, raw, done in _claimed_decoder.decode(self._claimed_steps)}
                 if self._memo is None:
                     rows = await self.store.load_steps(self.job.id)
                     self._memo = {name: _Memo(result, done) for name, result, done in rows}
@@ -167,7 +192,10 @@ class Workflow:
         if entry is not None and entry.result is not None:
             wake = msgspec.json.decode(entry.result)["until"]
         else:
-            wake = await self.store.begin_sleep(self.job.id, key, until())
+            # Stored by this attempt's finish: a crash before it loses only the sleep's
+            # start (the re-run sleeps from then), never a step.
+            wake = until()
+            self.pending.append({"name": key, "until": wake})
             memo[key] = _Memo(msgspec.json.encode({"until": wake}).decode(), True)
         remaining = wake - self._wall()
         if remaining <= 0:
@@ -200,6 +228,7 @@ class Workflow:
         rows = [self._new_child(c, parent) for c in children]
         ids = await self.store.spawn_children(self.job.id, key, rows)
         memo[key] = _Memo(msgspec.json.encode(ids).decode(), True)
+        self._spawned.update(ids)
         return ids
 
     async def gather(self, children: Sequence[int], *, name: str | None = None) -> list[ChildResult]:
@@ -213,6 +242,10 @@ class Workflow:
             return msgspec.json.decode(entry.result or "[]", type=list[ChildResult])
         ids = [int(c) for c in children]
         waiting_on = msgspec.json.encode({"type": "children", "ids": ids, "step": key}).decode()
+        if ids and self._spawned.issuperset(ids):
+            # Spawned by this very run: not worth a read. A child that finished meanwhile
+            # is seen by the finish's trigger, which makes the job available at once.
+            raise Suspend("waiting", None, f"waiting for {len(ids)} children", waiting_on)
         rows = await self.store.gather_children(self.job.id, self._token, waiting_on, ids)
         by_id = {r["id"]: r for r in rows}
         missing = [i for i in ids if i not in by_id]
@@ -220,7 +253,8 @@ class Workflow:
             raise LookupError(f"gather: no such child jobs {missing} (deleted?)")
         if any(by_id[i]["state"] not in FINISHED for i in ids):
             pending = sum(by_id[i]["state"] not in FINISHED for i in ids)
-            raise Suspend("waiting", None, f"waiting for {pending} of {len(ids)} children")
+            raise Suspend("waiting", None, f"waiting for {pending} of {len(ids)} children",
+                          waiting_on)
         results = [
             ChildResult(id=i, kind=by_id[i]["kind"], state=by_id[i]["state"],
                         result=maybe_json(by_id[i]["result"]),
@@ -249,6 +283,15 @@ class Workflow:
             return _decode(entry.result, type)
         timeout_s = None if timeout is None else (
             parse_duration(timeout) if isinstance(timeout, str) else float(timeout))
+        if entry is None:
+            # The finish that suspends the job stores the wait (FINISH_MANY): it began
+            # when this attempt was claimed, and its deadline runs from the finish, both
+            # on the database's clock. An event sent since the claim answers it.
+            self.pending.append({"name": key, "wait": True, "timeout_s": timeout_s})
+            waiting_on = msgspec.json.encode({
+                "type": "event", "name": event, "match": match or {}, "step": key,
+                "timeout_s": timeout_s}).decode()
+            raise Suspend("waiting", None, f"waiting for event {event!r}", waiting_on)
         store = self.store
         wait, data, now = await store.begin_wait(
             self.job.id, self._token, key, event, msgspec.json.encode(match or {}).decode(),

@@ -7,8 +7,12 @@ import os
 import statistics
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -24,7 +28,9 @@ class PgConn:
         import asyncpg
 
         self.statements = 0
-        self._loop = asyncio.new_event_loop()
+        # Not new_event_loop(): once trio-asyncio is imported, its policy would hand out
+        # a loop that runs only inside trio.
+        self._loop = asyncio.SelectorEventLoop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._conn = self._call(asyncpg.connect(url))
@@ -50,6 +56,22 @@ class PgConn:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+
+
+@contextmanager
+def scratch_db(admin_url: str, prefix: str) -> Iterator[str]:
+    """URL of a new empty database `<prefix>_<uuid8>` on the server `admin_url` names,
+    dropped (WITH FORCE) afterwards. Needs no test dependencies, unlike tests/conftest."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = PgConn(admin_url)
+    try:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield urlunsplit(urlsplit(admin_url)._replace(path="/" + name))
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.close()
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 
 from bench.common import PgConn, latency_summary, pg_cluster_cpu, proc_cpu, rss_mb, wait_for
+from bench.jobd_handlers import SUSPEND_S
 from daemon.embedded import EmbeddedPostgres
 from protocol.client import connect
 from protocol.jobs import JobSpec
@@ -126,7 +127,9 @@ def drain(ctx: Ctx, procs: list[JobdProcess], timeout: float, interval: float = 
 
 # -- 1. enqueue ---------------------------------------------------------------------
 
-def enqueue(ctx: Ctx, bulk: int, single: int, batch: int = 5000) -> dict:
+def enqueue(ctx: Ctx, bulk: int, single: int, batch: int = 5000, clients: int = 16) -> dict:
+    """Bulk batches, one sequential client, then `clients` concurrent socket clients each
+    enqueueing one job at a time (what group commit is for)."""
     ctx.reset()
     d = ctx.daemon()
     d.start()
@@ -153,17 +156,43 @@ def enqueue(ctx: Ctx, bulk: int, single: int, batch: int = 5000) -> dict:
                 await c.enqueue("noop", {}, queue="parked")
             return single / (time.perf_counter() - t)
 
+        async def concurrent_run() -> float:
+            async def one(share: int) -> None:
+                async with connect(str(d.socket)) as c:
+                    for _ in range(share):
+                        await c.enqueue("noop", {}, queue="parked")
+
+            shares = [single // clients + (i < single % clients) for i in range(clients)]
+            t = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for share in shares:
+                    tg.start_soon(one, share)
+            return single / (time.perf_counter() - t)
+
         return {"enqueue_bulk_jobs_per_s": _client_call(d.socket, bulk_run),
-                "enqueue_single_jobs_per_s": _client_call(d.socket, single_run), **cpu}
+                "enqueue_single_jobs_per_s": _client_call(d.socket, single_run),
+                "enqueue_concurrent_jobs_per_s": anyio.run(concurrent_run), **cpu}
     finally:
         stop([d])
         ctx.reset()
 
 
+def store_call(admin_url: str, calls: int) -> dict:
+    """CPU per `PgStore.ping()` (bench/store_call_bench.py) on this run's cluster."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "store_call_bench.py"), "--calls",
+                        str(calls), "--reps", "3", "--url", admin_url, "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if r.returncode:
+        raise RuntimeError((r.stderr.strip().splitlines() or ["store_call_bench failed"])[-1])
+    reps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return {"store_call_cpu_us": statistics.median(x["cpu_us"] for x in reps),
+            "store_call_wall_us": statistics.median(x["wall_us"] for x in reps)}
+
+
 # -- 2. end to end (and 5. flow control, which is the same run with keys) ---------------
 
 def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
-        extra_queue: dict | None = None) -> dict:
+        extra_queue: dict | None = None, kind: str = "noop") -> dict:
     ctx.reset()
     procs = [ctx.daemon(extra_queue=extra_queue) for _ in range(daemons)]
     for p in procs:
@@ -171,7 +200,7 @@ def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
     try:
         _client_call(procs[0].socket, lambda c: c.pause("default"))
         time.sleep(1.0)  # every daemon hears the pause (NOTIFY) before any job exists
-        ctx.insert(n, keys=keys)
+        ctx.insert(n, kind=kind, keys=keys)
         time.sleep(1.0)
         early = ctx.sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE state <> 'available'")
         if early:
@@ -181,7 +210,7 @@ def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
         cpu0 = [proc_cpu(p.proc.pid) for p in procs]
         t0 = time.perf_counter()
         _client_call(procs[0].socket, lambda c: c.resume("default"))
-        drain(ctx, procs, 60 + n / 1000, 0.05)
+        drain(ctx, procs, 60 + n / 50, 0.05)
         # Wall clock: retention (on, as in production) prunes completed rows meanwhile,
         # so started_at/finished_at of the survivors do not span the run.
         wall = time.perf_counter() - t0
@@ -286,18 +315,21 @@ def retention(ctx: Ctx, n: int) -> dict:
 
 def workflows(ctx: Ctx, n: int, steps: int = 200) -> dict:
     """n jobs that each sleep durably (suspend, free the slot, get claimed again and
-    finish) drained like e2e: the CPU per job is the cost of a suspend/resume (the wall
-    clock includes the sleep); then 20 jobs with `steps` steps, whose second run
-    replays them from one load."""
+    finish) drained like e2e: the CPU per job is the cost of a suspend/resume, and the
+    rate is n over the wall clock less the one sleep every job waits out; then n
+    three-step workflows (`bench.wf3`) end to end; then 20 jobs with `steps` steps, whose
+    second run replays them from one load."""
     out = {}
-    for label, count, args in (("suspend", n, "{}"), ("steps", 20, f'{{"steps": {steps}}}')):
+    for label, kind, count, args in (("suspend", "bench.wf", n, "{}"),
+                                     ("wf3", "bench.wf3", n, "{}"),
+                                     ("steps", "bench.wf", 20, f'{{"steps": {steps}}}')):
         ctx.reset()
         d = ctx.daemon()
         d.start()
         try:
             _client_call(d.socket, lambda c: c.pause("default"))
             time.sleep(1.0)
-            ctx.insert(count, kind="bench.wf", args=args)
+            ctx.insert(count, kind=kind, args=args)
             cpu0, pg0 = proc_cpu(d.proc.pid), pg_cluster_cpu(ctx.postmaster)
             t0 = time.perf_counter()
             _client_call(d.socket, lambda c: c.resume("default"))
@@ -305,9 +337,12 @@ def workflows(ctx: Ctx, n: int, steps: int = 200) -> dict:
             wall = time.perf_counter() - t0
             cpu1, pg1 = proc_cpu(d.proc.pid), pg_cluster_cpu(ctx.postmaster)
             if label == "suspend":
-                out.update(suspend_jobs_per_s=count / wall,
+                out.update(suspend_jobs_per_s=count / max(1e-3, wall - SUSPEND_S),
                            suspend_daemon_cpu_ms_per_job=(cpu1 - cpu0) / count * 1000,
                            suspend_pg_cpu_ms_per_job=(pg1 - pg0) / count * 1000)
+            elif label == "wf3":
+                out.update(wf3_jobs_per_s=count / wall,
+                           wf3_daemon_cpu_ms_per_job=(cpu1 - cpu0) / count * 1000)
             else:
                 rows = ctx.sql.fetch(
                     "SELECT (result->>'replay_us_per_step')::float8, (result->>'load_ms')::float8"

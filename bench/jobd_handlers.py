@@ -45,3 +45,12 @@ async def wf(ctx: Context, args: StepsArgs) -> dict:
     await ctx.sleep("pause", SUSPEND_S)
     return {"load_ms": (loaded - started) * 1e3,
             "replay_us_per_step": (done - loaded) / max(1, args.steps - 1) * 1e6}
+
+
+@job("bench.wf3", queue="default")
+async def wf3(ctx: Context, args: StepsArgs) -> int:
+    """Three memoized no-op steps: what a short pipeline costs over a no-op job."""
+    total = 0
+    for name in ("fetch", "transform", "store"):
+        total += await ctx.step(name, int, 1)
+    return total

@@ -15,6 +15,7 @@ bench/results/store-call-<UTC timestamp>.txt.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -25,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 
+from bench.common import scratch_db  # noqa: E402
 from daemon.store import PgStore, bridge  # noqa: E402
-from tests.conftest import scratch_database  # noqa: E402
 
 _WARMUP = 200
 
@@ -54,13 +55,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=5000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--url", help="server to make the scratch database on"
+                    " (default: JOBD_TEST_DATABASE_URL, else the local server)")
+    ap.add_argument("--json", action="store_true", help="one JSON line per rep (bench/run.py)")
     args = ap.parse_args()
-    os.environ.setdefault("JOBD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    with scratch_database(None, prefix="jobd_sb") as url:
+    admin_url = (args.url or os.environ.get("JOBD_TEST_DATABASE_URL")
+                 or "postgresql://postgres@127.0.0.1:5432/postgres")
+    with scratch_db(admin_url, "jobd_sb") as url:
         results = trio.run(measure, url, args.calls, args.reps)
     for i, (wall, cpu) in enumerate(results, 1):
-        print(f"rep {i} store.ping x{args.calls}: wall {wall:7.1f} us/call   cpu {cpu:7.1f} us/call",
-              flush=True)
+        if args.json:
+            print(json.dumps({"rep": i, "calls": args.calls, "wall_us": wall, "cpu_us": cpu}),
+                  flush=True)
+        else:
+            print(f"rep {i} store.ping x{args.calls}: wall {wall:7.1f} us/call"
+                  f"   cpu {cpu:7.1f} us/call", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ wraps it for scripts.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
+import queue
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 import anyio
 import msgspec
 from anyio.abc import ByteStream
+from anyio.from_thread import BlockingPortal
 
 from protocol import commands as c
 from protocol.errors import (
@@ -70,7 +74,13 @@ class Client:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._read_replies)
-        self.server = await self.call(c.Hello(protocol=PROTOCOL_VERSION, client=CLIENT_NAME))
+        try:
+            self.server = await self.call(c.Hello(protocol=PROTOCOL_VERSION, client=CLIENT_NAME))
+        except BaseException:
+            # Refused at the door (a connection limit, a version): leave the task group
+            # this task entered, or anyio fails the task for an unexited cancel scope.
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -302,29 +312,83 @@ def connect(socket_path: str | None = None, *, timeout: float = 30.0) -> _Connec
 
 
 class SyncClient:
-    """Blocking calls for scripts: each call opens a connection, sends, and closes."""
+    """Blocking calls for scripts and jobctl, over one connection: opened at the first
+    call, kept until `close()` (or the end of a `with` block), its requests pipelined
+    like an async Client's. The connection lives on an event loop in a daemon thread, so
+    a script that forgets `close()` still exits. A call that finds the connection
+    already gone (the daemon restarted) opens a new one; a command is never re-sent.
+    Not for use from inside an event loop: use `connect()` there."""
 
     def __init__(self, socket_path: str | None = None, *, timeout: float = 30.0):
         self.socket_path = self._path = socket_path
         self.timeout = self._timeout = timeout
+        self._lock = threading.Lock()
+        self._portal: BlockingPortal | None = None
+        self._client: Client | None = None
+        self._release: anyio.Event | None = None
+        self._connections: Any = None  # the task group holding the connection
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def call(self, cmd: c.Command) -> Any:
-        async def once() -> Any:
-            async with connect(self._path, timeout=self._timeout) as client:
-                return await client.call(cmd)
-
-        return anyio.run(once)
+        return self._blocking("call", cmd)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(Client, name, None)
         if method is None or name.startswith("_"):
             raise AttributeError(name)
+        return functools.partial(self._blocking, name)
 
-        def blocking(*args: Any, **kwargs: Any) -> Any:
-            async def once() -> Any:
-                async with connect(self._path, timeout=self._timeout) as client:
-                    return await getattr(client, name)(*args, **kwargs)
+    def close(self) -> None:
+        """Close the connection and stop its thread; the next call opens them again."""
+        with self._lock:
+            portal, self._portal = self._portal, None
+            if portal is not None:
+                portal.call(self._drop)
+                portal.call(portal.stop)
 
-            return anyio.run(once)
+    def _blocking(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            portal = self._portal or self._start_portal()
+            client = portal.call(self._connected)
+        return portal.call(functools.partial(getattr(client, name), *args, **kwargs))
 
-        return blocking
+    def _start_portal(self) -> BlockingPortal:
+        ready: queue.Queue[BlockingPortal] = queue.Queue()
+
+        async def serve() -> None:
+            async with BlockingPortal() as portal, anyio.create_task_group() as tg:
+                self._connections = tg
+                ready.put(portal)
+                await portal.sleep_until_stopped()
+                tg.cancel_scope.cancel()
+
+        threading.Thread(target=anyio.run, args=(serve,), name="jobd-sync-client",
+                         daemon=True).start()
+        self._portal = ready.get()
+        return self._portal
+
+    async def _connected(self) -> Client:
+        """The open connection, or a new one where there is none or it has closed."""
+        if self._client is not None and self._client._closed is None:
+            return self._client
+        await self._drop()
+        client: Client = await self._connections.start(self._hold)
+        self._client = client
+        return client
+
+    async def _hold(self, *, task_status: Any) -> None:
+        # The connection's task group must be entered and left by one task: this one.
+        release = self._release = anyio.Event()
+        async with connect(self._path, timeout=self._timeout) as client:
+            task_status.started(client)
+            await release.wait()
+
+    async def _drop(self) -> None:
+        if self._release is not None:
+            self._release.set()
+        self._release = self._client = None

@@ -95,11 +95,19 @@ def error_class(error: str | None) -> str:
 
 def refused_outcome(outcome: Outcome, exc: BaseException) -> Outcome:
     """An outcome Postgres refused (a NUL byte in a result, a lone surrogate in an error):
-    the attempt fails with `invalid_value` instead, keeping its retry decision."""
-    state = "failed" if outcome.state == "completed" else outcome.state
+    the attempt fails with `invalid_value` instead, keeping its retry decision.
+
+    A workflow's suspension whose record was refused (a NUL byte in a step name) fails:
+    without its sleep or wait stored, the job would suspend again on every run."""
+    suspends = outcome.waiting_on is not None or outcome.state == "waiting" or (
+        outcome.steps is not None and outcome.steps != "[]")
+    state = "failed" if outcome.state == "completed" or suspends else outcome.state
     error = encode_error({
         "class": "invalid_value",
         "message": f"the database refused this attempt's {outcome.state} outcome "
                    f"(a value it cannot store, such as a NUL byte): {clean_text(str(exc)[:500])}",
     })
-    return msgspec.structs.replace(outcome, state=state, result=None, error=error)
+    return msgspec.structs.replace(outcome, state=state, result=None, error=error,
+                                   refund=0 if suspends else outcome.refund,
+                                   delay_s=None if suspends else outcome.delay_s,
+                                   steps=None, waiting_on=None)

@@ -129,6 +129,20 @@ class AttemptRunner:
                              f"(0 < timeout_s <= {MAX_TIMEOUT_S:g} s)")
             return self._fail(job, bad, "invalid_value", 0.0), "error", 0.0
         ctx = self._context(job)
+        outcome, label, run_s = await self._run_handler(attempt, jobdef, args, ctx, timeout,
+                                                       started)
+        workflow = ctx._workflow
+        if workflow is not None:
+            # The sleeps and waits this run began are written with its finish, which also
+            # marks the job as having steps (its next claim returns them).
+            steps = workflow.pending_steps()
+            if steps is not None:
+                outcome = msgspec.structs.replace(outcome, steps=steps)
+        return outcome, label, run_s
+
+    async def _run_handler(self, attempt: Attempt, jobdef: JobDef, args: Any, ctx: Context,
+                           timeout: float | None, started: float) -> tuple[Outcome, str, float]:
+        job = attempt.claimed
         with attempt.scope:
             if timeout:
                 attempt.scope.deadline = started + timeout
@@ -231,7 +245,7 @@ class AttemptRunner:
             progress_every_items=self._every_items, progress_every_s=self._every_s,
             enqueue=enqueue, steps=self._steps,
             encode_result=self._encode_result, new_child=self._new_child,
-            handlers=self._handlers,
+            handlers=self._handlers, claimed_steps=job.steps,
         )
 
     def _after_error(self, job: Claimed, jobdef: JobDef, exc: Exception, run_s: float) -> Outcome:

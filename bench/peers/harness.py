@@ -2,7 +2,9 @@
 
     python bench/peers/<peer>.py MODE --url URL [options]
 
-Modes: setup, clear, enqueue-bulk, enqueue-single, work (drain the queue, then exit),
+Modes: setup, clear, enqueue-bulk, enqueue-single, enqueue-concurrent (--producers
+producers, each on its own connection, enqueueing one job at a time), work (drain the
+queue, then exit),
 serve (run until --expect jobs ran; latency jobs record enqueue->start), paced
 (enqueue latency jobs at --rate), sleepers (worker whose sleep jobs block until killed).
 Events go to stdout as lines starting with "@": @ready, @running N, @result {json}.
@@ -84,8 +86,8 @@ async def race(runner: asyncio.Task, stop: asyncio.Event | None, on_stop) -> Non
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["setup", "clear", "enqueue-bulk", "enqueue-single", "work",
-                                    "serve", "paced", "sleepers"])
+    p.add_argument("mode", choices=["setup", "clear", "enqueue-bulk", "enqueue-single",
+                                    "enqueue-concurrent", "work", "serve", "paced", "sleepers"])
     p.add_argument("--url", required=True)
     p.add_argument("--n", type=int, default=0)
     p.add_argument("--batch", type=int, default=5000)
@@ -95,6 +97,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=20.0)
     p.add_argument("--seconds", type=float, default=0.0, help="sleep job duration")
     p.add_argument("--max-seconds", type=float, default=0.0, help="work: stop after this long")
+    p.add_argument("--producers", type=int, default=16, help="enqueue-concurrent")
+    p.add_argument("--claim-batch", type=int, default=0,
+                   help="work/serve: the peer's claim batch size (0: its bench default)")
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="the event loop the peer runs on")
     return p.parse_args(argv)
 
 
@@ -135,6 +142,24 @@ async def run(adapter: Any, args: argparse.Namespace) -> None:
             for _ in range(args.n):
                 await adapter.enqueue_one(args.kind, {})
             emit("result", {"jobs_per_s": args.n / (time.perf_counter() - t)})
+        elif args.mode == "enqueue-concurrent":
+            producers = [type(adapter)() for _ in range(args.producers)]
+            for p in producers:
+                await p.open(args)
+            shares = [args.n // len(producers) + (i < args.n % len(producers))
+                      for i in range(len(producers))]
+
+            async def produce(p: Any, share: int) -> None:
+                for _ in range(share):
+                    await p.enqueue_one(args.kind, {})
+
+            try:
+                t = time.perf_counter()
+                await asyncio.gather(*(produce(p, k) for p, k in zip(producers, shares, strict=True)))
+                emit("result", {"jobs_per_s": args.n / (time.perf_counter() - t)})
+            finally:
+                for p in producers:
+                    await p.close()
         elif args.mode == "paced":
             async def lat(ts: list[float]) -> None:
                 if len(ts) == 1:
@@ -154,7 +179,8 @@ async def run(adapter: Any, args: argparse.Namespace) -> None:
                 asyncio.get_running_loop().call_later(args.max_seconds, stop.set)
             cpu0 = cpu_self()
             emit("ready")
-            await adapter.work(args.concurrency, drain=args.mode == "work", stop=stop)
+            await adapter.work(args.concurrency, drain=args.mode == "work", stop=stop,
+                               **({"claim_batch": args.claim_batch} if args.claim_batch else {}))
             cpu1 = cpu_self()
             emit("result", {
                 "count": REC.count, "first": REC.first, "last": REC.last,
@@ -167,6 +193,10 @@ async def run(adapter: Any, args: argparse.Namespace) -> None:
 
 def main(adapter: Any, argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
         asyncio.run(run(adapter, args))
     except BaseException as exc:  # report, so the orchestrator can put it in the table

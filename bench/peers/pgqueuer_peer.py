@@ -44,7 +44,8 @@ class Adapter:
     async def enqueue_one(self, kind: str, body: dict) -> None:
         await self.queries.enqueue(kind, json.dumps(body).encode(), 0)
 
-    async def work(self, concurrency: int, drain: bool, stop: asyncio.Event | None) -> None:
+    async def work(self, concurrency: int, drain: bool, stop: asyncio.Event | None,
+                   claim_batch: int = 0) -> None:
         qm = QueueManager(self.queries)
 
         @qm.entrypoint("noop")
@@ -63,10 +64,11 @@ class Adapter:
             REC.sleeper_started()
             await asyncio.sleep(json.loads(job.payload)["seconds"])
 
-        # Same ceiling as jobd (concurrency 200, claims of up to 200 at once would not fit
-        # pgqueuer's rule max_concurrent_tasks >= 2 * batch_size, so half of it).
+        # Same ceiling as jobd (concurrency 200). Claims of up to 200 at once would not fit
+        # pgqueuer's rule max_concurrent_tasks >= 2 * batch_size, so half of it by default;
+        # bench/run.py also runs it at batch 10 ("pgqueuer b10") and reports both.
         runner = asyncio.create_task(qm.run(
-            batch_size=max(1, concurrency // 2), max_concurrent_tasks=concurrency,
+            batch_size=claim_batch or max(1, concurrency // 2), max_concurrent_tasks=concurrency,
             mode=QueueExecutionMode.drain if drain else QueueExecutionMode.continuous))
         await harness.race(runner, stop, qm.shutdown.set)
 

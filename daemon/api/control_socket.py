@@ -90,6 +90,7 @@ class ControlServer:
         self._control = control
         self._requests = Requests(control, "control")
         self._max_line = max_line
+        self._max_connections = max_connections
         self._slots = trio.Semaphore(max_connections)
         self._on_drop = on_drop
         self._timeouts = (handshake_timeout_s, idle_timeout_s, send_timeout_s)
@@ -132,9 +133,9 @@ class ControlServer:
                     reason = "too_many_connections"
                     await _close_with(stream, c.Error(
                         code=ErrorCode.TOO_MANY_CONNECTIONS,
-                        message=f"connection limit reached ({self._slots.max_value} "
+                        message=f"connection limit reached ({self._max_connections} "
                                 "connections; control.max_connections)",
-                        details={"limit": self._slots.max_value}), self._timeouts[2])
+                        details={"limit": self._max_connections}), self._timeouts[2])
                     return
                 self.connections += 1
                 try:

@@ -78,21 +78,24 @@ class Requests:
         """A socket request: one JSON object naming its command in `type`. An error
         carries the request's id whenever enough of the line decodes to read it."""
         try:
+            cmd: c.Command = decode(c.command_decoder, line)
+            return cmd
+        except BadRequest as exc:
+            failure: JobdError = exc
+        except JobdError as exc:
+            failure = exc
+        # Only a bad line pays for a second decode: the envelope, for its id and type.
+        try:
             envelope = decode(c.envelope_decoder, line)
         except BadRequest:
-            envelope = c._Envelope()  # valid JSON, odd id or type: answered below
+            envelope = c._Envelope()  # valid JSON, odd id or type
         except JobdError as exc:
             return error(exc)
         request_id = envelope.id if isinstance(envelope.id, int) else None
-        try:
-            cmd: c.Command = decode(c.command_decoder, line)
-        except BadRequest as exc:
-            if envelope.type is not None and envelope.type not in COMMANDS:
-                return error(JobdError(exc.message, code=ErrorCode.UNKNOWN_COMMAND), request_id)
-            return error(exc, request_id)
-        except JobdError as exc:
-            return error(exc, request_id)
-        return cmd
+        if (isinstance(failure, BadRequest) and envelope.type is not None
+                and envelope.type not in COMMANDS):
+            return error(JobdError(failure.message, code=ErrorCode.UNKNOWN_COMMAND), request_id)
+        return error(failure, request_id)
 
     def decode_body(self, name: str, body: bytes) -> c.Command:
         """An HTTP request: `name` from the path, the command's fields in the body (no

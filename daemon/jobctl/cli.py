@@ -123,9 +123,12 @@ def when(text: str) -> datetime:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # One connection for every call the command makes (`top` keeps it across redraws
+    # and opens a new one by itself after a daemon restart).
     client = SyncClient(args.socket or default_socket(), timeout=args.timeout)
     try:
-        return run(args, client)
+        with client:
+            return run(args, client)
     except JobdError as exc:
         if args.json:
             print(json.dumps({"error": {"code": str(exc.code), "message": exc.message,

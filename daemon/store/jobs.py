@@ -202,7 +202,7 @@ def copy_columns(jobs: list[NewJob], ids: list[int], now: datetime,
 
 
 def outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:
-    """FINISH_MANY's $1..$9: one array per Outcome field."""
+    """FINISH_MANY's $1..$11: one array per Outcome field."""
     return (
         [o.id for o in outcomes],
         [o.token for o in outcomes],
@@ -213,4 +213,6 @@ def outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:
         [o.refund for o in outcomes],
         [o.flow for o in outcomes],
         [o.pause_s for o in outcomes],
+        [o.steps for o in outcomes],
+        [o.waiting_on for o in outcomes],
     )

@@ -101,15 +101,30 @@ class Harness:
         yield None
 
     async def run(self, kind: str, args: dict | None = None, attempt: int = 1,
-                  key: str | None = None):
+                  key: str | None = None, claimed_steps: str | None = None):
         at = datetime(2024, 1, 1, tzinfo=UTC)
         claimed = Claimed(id=7, queue="default", kind=kind,
                           args=msgspec.json.encode(args or {}).decode(), key=key, priority=0,
                           attempt=attempt, max_attempts=5, lease_token=1, timeout_s=None,
                           tags=[], errors="[]", unique_key=None, run_at=at, created_at=at,
-                          started_at=at)
+                          started_at=at, steps=claimed_steps)
         outcome, label, _ = await self.runner.run(Attempt(claimed))
+        self.record(claimed.id, outcome)
         return outcome, label
+
+    def record(self, job_id: int, outcome) -> None:
+        """What FINISH_MANY stores of a suspension: the sleeps and waits the run began."""
+        for row in msgspec.json.decode(outcome.steps or "[]"):
+            if row.get("wait"):
+                now = time.time()
+                timeout = row["timeout_s"]
+                result = {"since": now, "deadline": None if timeout is None else now + timeout}
+                done = False
+            else:
+                result, done = {"until": row["until"]}, True
+            self.store.steps.setdefault((job_id, row["name"]), {
+                "result": msgspec.json.encode(result).decode(), "done": done, "attempts": 1})
+        self.store.waiting_on = outcome.waiting_on
 
 
 CALLS: list[str] = []
@@ -293,3 +308,60 @@ async def test_memoized_step_overhead(n):
     assert h.store.trips == 1  # one load for the whole replay
     print(f"memoized step: {elapsed / n * 1e6:.1f} us each, {h.store.trips} round trip for {n}")
 
+
+
+async def test_a_suspension_costs_no_store_call():
+    """A sleep, an event wait and a gather of children spawned in the same run suspend
+    without a statement of their own: the finish records them (FINISH_MANY)."""
+    h = Harness()
+    outcome, _ = await h.run("t.wf.sleep")
+    assert h.store.trips == 1  # the steps' load only
+    [row] = msgspec.json.decode(outcome.steps)
+    assert row["name"] == "sleep:nap" and abs(row["until"] - time.time() - 3600) < 5
+
+    h = Harness()
+    outcome, _ = await h.run("t.wf.event")
+    assert h.store.trips == 1 and outcome.state == "waiting"
+    assert msgspec.json.decode(outcome.steps) == [
+        {"name": "event:approved", "wait": True, "timeout_s": 60.0}]
+    assert msgspec.json.decode(outcome.waiting_on) == {
+        "type": "event", "name": "approved", "match": {"id": 7}, "step": "event:approved",
+        "timeout_s": 60.0}
+    # Woken (by the event or the sweep), the re-run asks the store about the event.
+    outcome, _ = await h.run("t.wf.event")
+    assert outcome.state == "waiting" and outcome.steps == "[]" and h.store.trips == 3
+
+    h = Harness()
+    outcome, _ = await h.run("t.wf.fanout")
+    assert h.store.trips == 2  # the steps' load and the spawn; no read of fresh children
+    waiting = msgspec.json.decode(outcome.waiting_on)
+    assert waiting["type"] == "children" and sorted(waiting["ids"]) == sorted(h.store.jobs)
+
+
+@job("t.wf.event")
+async def event_handler(ctx, args: Empty) -> object:
+    return await ctx.wait_for_event("approved", match={"id": 7}, timeout=60)
+
+
+async def test_steps_that_come_with_the_claim_cost_no_load():
+    CALLS.clear()
+    h = Harness()
+    outcome, _ = await h.run("t.wf.steps")
+    assert outcome.steps == "[]"  # no sleep or wait to record; the job is marked
+    h.store.trips = 0
+    claimed = msgspec.json.encode([[n, msgspec.json.decode(s["result"]), s["done"]]
+                                   for (_, n), s in h.store.steps.items()]).decode()
+    outcome, _ = await h.run("t.wf.steps", attempt=2, claimed_steps=claimed)
+    assert h.store.trips == 0 and CALLS == ["a", "b", "boom"]
+    assert msgspec.json.decode(outcome.result) == {"a": {"x": [1, 2]}, "b": 6}
+
+
+async def test_a_plain_job_is_not_marked():
+    h = Harness()
+    outcome, _ = await h.run("t.wf.plain")
+    assert outcome.state == "completed" and outcome.steps is None
+
+
+@job("t.wf.plain")
+async def plain_handler(ctx, args: Empty) -> int:
+    return 1

@@ -340,3 +340,99 @@ async def test_two_claimers_at_once_never_exceed_a_keys_limits(store, sql):
         for _ in range(4):
             nursery.start_soon(claimer)
     assert max(keys(claimed).values()) <= 2
+
+
+# --------------------------------------------------------------------------- set-based claim
+# One statement claims across every key (migration 0014): what it writes, what it spends,
+# and two daemons at once.
+
+
+def key_rows(sql) -> dict[str, tuple]:
+    """Each key row's version (a rewrite changes xmin and ctid) and its bucket."""
+    return {r["key"]: (r["xmin"], r["ctid"], r["tokens"], r["cost_tokens"], r["served_at"])
+            for r in sql.fetch("SELECT key, xmin::text, ctid::text, tokens, cost_tokens, "
+                               "served_at FROM jobd.flow_keys WHERE key <> ''")}
+
+
+async def test_a_key_that_yields_nothing_is_not_written(store, sql):
+    # "dear" passes the walk (its cost bucket is not empty, so it is locked) but its next
+    # job does not fit what is left; "far" is past the claim's keys. Neither is rewritten.
+    limits = flow(default={"tpm": 100, "rate": 100.0})
+    await enqueue(store, "dear", 1, cost=80)
+    assert len(await claim(store, limits, at=T0)) == 1  # 100 - 80: 20 tokens left
+    await enqueue(store, "dear", 1, cost=80)
+    for key in ("cheap", "far"):
+        await enqueue(store, key, 3)
+    sql.execute("UPDATE jobd.flow_queues SET next_key = NULL")  # walk from the first key
+    before = key_rows(sql)
+    got = await claim(store, limits, n=2, at=T0 + timedelta(seconds=1))
+    assert keys(got) == {"cheap": 1}  # a share of one each; "dear" had none to give
+    after = key_rows(sql)
+    assert after["dear"] == before["dear"] and after["far"] == before["far"]
+    assert after["cheap"][:2] != before["cheap"][:2]
+    assert after["cheap"][2:4] == (99.0, 99.0)  # one request token, one cost token
+
+
+async def test_many_keys_are_claimed_in_one_call_each_spending_once(store, sql):
+    sql.execute("INSERT INTO jobd.jobs (queue, kind, key) "
+                "SELECT 'crawl', 'noop', 'k' || lpad((g % 300)::text, 3, '0') "
+                "FROM generate_series(1, 900) g")
+    limits = flow(default={"concurrency": 2, "rate": 1.0, "burst": 10})
+    got = await claim(store, limits, n=1000)
+    assert len(got) == 600 and set(keys(got).values()) == {2}  # every key, up to its limit
+    rows = sql.fetch("SELECT xmin::text AS x, tokens FROM jobd.flow_keys WHERE key <> ''")
+    assert len(rows) == 300
+    assert {r["tokens"] for r in rows} == {8.0}
+    assert len({r["x"] for r in rows}) == 1  # one transaction wrote them all
+    # Nothing more may start: each key is at its concurrency.
+    assert await claim(store, limits, n=1000) == []
+
+
+async def test_two_daemons_claiming_at_once_never_exceed_key_concurrency(store, sql,
+                                                                          fresh_database):
+    import trio
+
+    from daemon.store import PgStore
+
+    for i in range(30):
+        await enqueue(store, f"k{i:02}", 10)
+    limits = flow(default={"concurrency": 2})
+    other = PgStore(fresh_database, pool_min=1, pool_max=4, timeout_s=10)
+    await other.connect()
+    async def claimer(s, owner: str, claimed: list) -> None:
+        for _ in range(10):
+            claimed.extend(await s.claim("crawl", 9, owner, 60.0, KINDS, limits=limits))
+
+    try:
+        for _ in range(3):  # three rounds: claim at once, check, finish everything
+            claimed: list = []
+            async with trio.open_nursery() as nursery:
+                for s, owner in ((store, "d1"), (other, "d2"), (store, "d1"), (other, "d2")):
+                    nursery.start_soon(claimer, s, owner, claimed)
+            assert len({j.id for j in claimed}) == len(claimed)
+            assert set(keys(claimed).values()) == {2}  # every key full, none over
+            running = sql.fetch("SELECT key, count(*) AS n FROM jobd.jobs "
+                                "WHERE state = 'running' GROUP BY key")
+            assert len(running) == 30 and max(r["n"] for r in running) == 2
+            await store.finish_many([ok(j) for j in claimed])
+    finally:
+        await other.close()
+
+
+async def test_the_rate_holds_with_two_claimers_over_time(store):
+    import trio
+
+    for i in range(10):
+        await enqueue(store, f"k{i}", 50)
+    limits = flow(default={"rate": 2.0, "burst": 3})
+    claimed: list = []
+
+    async def claimer(at) -> None:
+        claimed.extend(await claim(store, limits, n=50, at=at))
+
+    for step in range(10):  # every 0.5 s one more token per key
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(claimer, T0 + timedelta(seconds=step / 2))
+    # In 4.5 s a key starts at most burst + rate x 4.5 = 12 jobs, and it was never idle.
+    assert set(keys(claimed).values()) == {12}

@@ -358,7 +358,8 @@ async def test_finishes_stay_linear_whatever_the_statistics_say(store, sql, anal
     outcomes = [Outcome(id=j.id, token=j.lease_token, state="completed", result="null",
                         flow="ok") for j in claimed]
     for query, types, args in (
-        (q.FINISH_MANY, "bigint[], int[], text[], text[], float8[], text[], int[], text[], float8[]",
+        (q.FINISH_MANY, "bigint[], int[], text[], text[], float8[], text[], int[], text[], float8[],"
+                        " text[], text[]",
          outcome_columns(outcomes)),
         (q.WRITE_PROGRESS, "bigint[], int[], real[], text[], float8",
          ([j.id for j in claimed], [j.lease_token for j in claimed], [50.0] * len(claimed),

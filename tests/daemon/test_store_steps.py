@@ -6,8 +6,9 @@ import json
 from datetime import UTC, datetime
 
 import msgspec
+import pytest
 
-from actors.ports import NewJob, Outcome
+from actors.ports import NewJob, Outcome, ValueRejected
 
 
 async def claim_one(store, queue: str = "default", kinds: list[str] | None = None):
@@ -170,3 +171,102 @@ async def test_overhead_numbers(store):
     print(f"\nstep write {write_us:.0f} us (1 round trip); load of {n} steps {load_ms:.2f} ms "
           f"(1 round trip); suspend+resume+finish cycle {cycle_ms:.2f} ms (6 round trips "
           f"unbatched, of which claim x2 and finish x2 are batched in the daemon)")
+
+
+async def test_a_suspension_is_recorded_by_its_finish(store, sql):
+    """Sleeps and waits travel with the finish that suspends (one statement for many
+    jobs); only attempts that still hold their lease record anything."""
+    jobs = await store.enqueue_many([NewJob(kind="wf") for _ in range(3)])
+    sleeper, waiter, zombie = [await claim_one(store) for _ in jobs]
+    until = datetime.now(UTC).timestamp() + 3600
+    await store.finish_many([
+        Outcome(id=sleeper.id, token=sleeper.lease_token, state="scheduled", delay_s=3600.0,
+                refund=1, steps=json.dumps([{"name": "sleep:nap", "until": until}])),
+        Outcome(id=waiter.id, token=waiter.lease_token, state="waiting", refund=1,
+                steps=json.dumps([{"name": "event:ok", "wait": True, "timeout_s": 60.0}]),
+                waiting_on=json.dumps({"type": "event", "name": "ok", "match": {"n": 1},
+                                       "step": "event:ok", "timeout_s": 60.0})),
+        Outcome(id=zombie.id, token=zombie.lease_token + 1, state="scheduled", delay_s=9.0,
+                refund=1, steps=json.dumps([{"name": "sleep:nap", "until": until}])),
+    ])
+    assert await store.load_steps(sleeper.id) == [("sleep:nap", json.dumps({"until": until}), True)]
+    assert await store.begin_sleep(sleeper.id, "sleep:nap", until + 99) == until
+    assert await store.load_steps(zombie.id) == []  # fenced: its lease was not this
+    row = sql.fetch("SELECT state, attempt, waiting_on::text, started_at FROM jobd.jobs"
+                    " WHERE id = $1", waiter.id)[0]
+    assert (row["state"], row["attempt"]) == ("waiting", 0)
+    waiting_on = json.loads(row["waiting_on"])
+    assert waiting_on["since"] == row["started_at"].timestamp()
+    assert 59 < waiting_on["deadline"] - datetime.now(UTC).timestamp() <= 60
+    assert "timeout_s" not in waiting_on
+    [(name, wait, done)] = await store.load_steps(waiter.id)
+    assert not done and json.loads(wait) == {k: waiting_on[k] for k in ("since", "deadline")}
+    # The event wakes it; the re-run's begin_wait finds the event and the same deadline.
+    _, woken = await store.send_event("ok", '{"n": 1}')
+    assert woken == [waiter.id]
+    again = await claim_one(store)
+    wait, data, _ = await store.begin_wait(waiter.id, again.lease_token, "event:ok", "ok",
+                                           '{"n": 1}', 60.0)
+    assert json.loads(data) == {"n": 1}
+    assert json.loads(wait) == {k: waiting_on[k] for k in ("since", "deadline")}
+
+
+async def test_an_event_sent_during_the_attempt_answers_its_wait(store, sql):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    job = await claim_one(store)
+    await store.send_event("ok", '{"n": 2}')  # after the claim, before the finish
+    await store.finish_many([Outcome(
+        id=e.id, token=job.lease_token, state="waiting", refund=1,
+        steps=json.dumps([{"name": "event:ok", "wait": True, "timeout_s": None}]),
+        waiting_on=json.dumps({"type": "event", "name": "ok", "match": {"n": 2},
+                               "step": "event:ok", "timeout_s": None}))])
+    # The before-wait trigger saw it: the job never waits.
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", e.id) == "available"
+
+
+async def test_children_finished_before_the_suspension_wake_it_at_once(store, sql):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    parent = await claim_one(store)
+    [kid] = await store.spawn_children(e.id, "spawn#1", [NewJob(kind="child")])
+    child = await claim_one(store, kinds=["child"])
+    await store.finish_many([Outcome(id=kid, token=child.lease_token, state="completed",
+                                     result="1")])
+    await store.finish_many([Outcome(
+        id=e.id, token=parent.lease_token, state="waiting", refund=1,
+        waiting_on=json.dumps({"type": "children", "ids": [kid], "step": "gather#1"}))])
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", e.id) == "available"
+
+
+async def test_a_refused_suspension_fails_the_job(store, sql):
+    from actors.services.outcomes import refused_outcome
+
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    job = await claim_one(store)
+    bad = Outcome(id=e.id, token=job.lease_token, state="scheduled", delay_s=5.0, refund=1,
+                  steps=json.dumps([{"name": "sleep:\u0000", "until": 1.0}]))
+    with pytest.raises(ValueRejected) as refused:
+        await store.finish_many([bad])
+    await store.finish_many([refused_outcome(bad, refused.value)])  # as the completer does
+    assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", e.id) == "failed"
+
+
+async def test_a_marked_jobs_claim_returns_its_steps(store, sql):
+    """A job whose finish said it has steps gets them with its next claim (both claim
+    statements); other jobs get None and pay no read."""
+    from actors.flow import FlowLimits, KeyLimits
+
+    [wf, plain] = await store.enqueue_many([NewJob(kind="wf"), NewJob(kind="plain")])
+    job = await claim_one(store)
+    await store.save_step(wf.id, "a", '{"x": 1}', 1, 0.0)
+    await store.save_step_error(wf.id, "b", '{"class": "network"}', 1)
+    await store.finish_many([Outcome(id=wf.id, token=job.lease_token, state="available",
+                                     delay_s=0.0, steps="[]")])
+    claimed = {c.kind: c for c in await store.claim("default", 10, "d1", 30.0, ["wf", "plain"])}
+    assert claimed["plain"].steps is None
+    assert sorted(json.loads(claimed["wf"].steps)) == [["a", {"x": 1}, True], ["b", None, False]]
+    # A finish without steps keeps the mark; under flow control the claim says the same.
+    await store.finish_many([Outcome(id=wf.id, token=claimed["wf"].lease_token,
+                                     state="available", delay_s=0.0)])
+    [again] = await store.claim("default", 10, "d1", 30.0, ["wf"],
+                               limits=FlowLimits(default=KeyLimits(concurrency=10), keys={}))
+    assert sorted(json.loads(again.steps)) == sorted(json.loads(claimed["wf"].steps))

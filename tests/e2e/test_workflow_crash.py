@@ -4,9 +4,12 @@ and every pipeline ends with the result an undisturbed run gives."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 
+import asyncpg
 import msgspec
 
 from tests.e2e.test_crash import wait_for_dead_sessions, wait_until
@@ -138,3 +141,78 @@ def test_events_and_failure_hooks(jobd, sql):
     wait_until("children cancelled", lambda: sql.fetchval(
         "SELECT bool_and(state = 'cancelled') FROM jobd.jobs WHERE parent_id = $1", parent),
         daemons=(daemon,))
+
+
+class TableLock:
+    """Holds LOCK TABLE ... IN EXCLUSIVE MODE on its own connection until released:
+    reads go on, every insert into the table waits."""
+
+    def __init__(self, url: str, table: str):
+        self._release = threading.Event()
+        self._held = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._hold(url, table)))
+        self._thread.start()
+        assert self._held.wait(30), "could not take the lock"
+
+    async def _hold(self, url: str, table: str) -> None:
+        conn = await asyncpg.connect(url)
+        self.pid = conn.get_server_pid()
+        try:
+            async with conn.transaction():
+                await conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+                self._held.set()
+                await asyncio.to_thread(self._release.wait)
+        finally:
+            await conn.close()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(30)
+
+
+def test_sigkill_between_a_suspension_and_its_record_loses_nothing(jobd, sql):
+    """The sleep is recorded by the completer's finish, not by the handler: kill the
+    daemon while those finishes wait (a lock on jobd.job_steps holds them), and every
+    workflow still ends with its result, no stored step runs again, and only the part of
+    the handler with no step in it (up to the suspension) runs twice."""
+    make_tables(sql)
+    n = 8
+    daemon = jobd(modules=MODULES, queues={"wf": {"concurrency": 2 * n}}, jobs=JOBS)
+    ids = [int(daemon.jobctl("enqueue", "wf.gated", "--args", json.dumps({"seed": s})).stdout)
+           for s in range(1, n + 1)]
+    wait_until("every first step stored", lambda: sql.fetchval(
+        "SELECT count(*) FROM jobd.job_steps WHERE name = 'before' AND finished_at IS NOT NULL")
+        == n, daemons=(daemon,))
+    lock = TableLock(sql.url, "jobd.job_steps")
+    try:
+        sql.execute("INSERT INTO gate VALUES (true)")
+        wait_until("every workflow suspending", lambda: sql.fetchval(
+            "SELECT count(*) FROM step_runs WHERE step = 'suspending'") == n, daemons=(daemon,))
+        wait_until("the finish that records the sleeps waiting on the lock", lambda: sql.fetchval(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%WITH done AS%'"), daemons=(daemon,))  # FINISH_MANY
+        daemon.kill()
+        # The blocked finish would run once the lock goes: end it first, as a crash of the
+        # daemon's host would.
+        sql.fetch("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                  " WHERE datname = current_database() AND backend_type = 'client backend'"
+                  " AND pid NOT IN (pg_backend_pid(), $1)", lock.pid)
+    finally:
+        lock.release()
+    wait_for_dead_sessions(sql)
+    assert sql.fetchval("SELECT count(*) FROM jobd.job_steps WHERE name = 'sleep:nap'") == 0
+    assert sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE state = 'running'") == n
+
+    daemon = jobd(modules=MODULES, queues={"wf": {"concurrency": 2 * n}}, jobs=JOBS)
+    wait_until("every workflow completed", lambda: sql.fetchval(
+        "SELECT count(*) FROM jobd.jobs WHERE state = 'completed'") == n, timeout=90,
+        daemons=(daemon,))
+    for seed, job_id in enumerate(ids, start=1):
+        result = json.loads(sql.fetchval("SELECT result::text FROM jobd.jobs WHERE id = $1",
+                                         job_id))
+        assert result == {"before": seed, "after": seed * 2}
+    runs = {(r["step"], r["n"]) for r in sql.fetch(
+        "SELECT step, count(*) AS n FROM step_runs GROUP BY job_id, step")}
+    # Stored steps ran once; the stepless stretch before the sleep once per run: the
+    # killed one, its re-run (which suspends again) and the resume.
+    assert runs == {("before", 1), ("after", 1), ("suspending", 3)}

@@ -19,6 +19,7 @@ TABLES = {
     "step_runs": "CREATE TABLE step_runs (job_id bigint NOT NULL, step text NOT NULL,"
                  " pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())",
     "refunds": "CREATE TABLE refunds (job_id bigint PRIMARY KEY, credits int NOT NULL)",
+    "gate": "CREATE TABLE gate (open boolean NOT NULL)",
 }
 
 
@@ -106,3 +107,28 @@ async def doomed(ctx: Context, args: ChargeArgs) -> None:
 def expected(args: PipelineArgs) -> dict:
     return {"values": [args.seed * 100 + i * i for i in range(args.steps)],
             "children": [args.seed * 1000 + i * 10 for i in range(args.children)]}
+
+
+class GatedArgs(msgspec.Struct):
+    seed: int
+    sleep_s: float = 2.0
+
+
+@job("wf.gated", queue="wf", max_attempts=20)
+async def gated(ctx: Context, args: GatedArgs) -> dict:
+    """A step, then (once the test opens the gate) a durable sleep, then a step: the test
+    kills the daemon while the sleep's record waits in the completer."""
+    async def before() -> int:
+        await _log(ctx, "before")
+        return args.seed
+
+    async def after() -> int:
+        await _log(ctx, "after")
+        return args.seed * 2
+
+    first = await ctx.step("before", before)
+    while not await ctx.fetch("SELECT 1 FROM gate WHERE open"):  # noqa: ASYNC110 - a table
+        await trio.sleep(0.05)
+    await _log(ctx, "suspending")
+    await ctx.sleep("nap", args.sleep_s)
+    return {"before": first, "after": await ctx.step("after", after)}

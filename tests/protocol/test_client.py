@@ -116,3 +116,49 @@ async def test_an_error_reply_raises_the_class_for_its_code(tmp_path: Path, code
     error = await _ping_against(tmp_path, answer)
     assert type(error) is error_class
     assert (error.code, error.message, error.details) == (code, "no", {"x": 1})
+
+
+# -- SyncClient: one connection, kept ------------------------------------------------------
+
+
+def test_sync_client_keeps_one_connection_and_reconnects_after_a_restart(jobd) -> None:
+    from protocol import SyncClient
+    from protocol.errors import JobdError
+
+    # The daemon takes one connection at a time: a client that opened a connection per
+    # call while holding another would be refused, and so is a second client.
+    daemon = jobd(control={"max_connections": 1})
+    with SyncClient(str(daemon.socket), timeout=10) as client:
+        ids = [client.enqueue("noop", {}, queue="parked").id for _ in range(50)]
+        assert len(set(ids)) == 50
+        with SyncClient(str(daemon.socket), timeout=10) as other:
+            try:
+                other.ping()
+                refused = None
+            except JobdError as exc:
+                refused = exc
+        assert refused is not None and refused.code == "too_many_connections"
+        assert refused.details == {"limit": 1} and "(1 connections;" in refused.message
+        assert client.get(ids[-1]).state == "available"
+        daemon.signal(15)
+        daemon.wait(60)
+        daemon.start()
+        # The old connection is gone; the next call opens a new one by itself.
+        assert client.get(ids[0]).id == ids[0]
+    # After close() the slot is free again.
+    with SyncClient(str(daemon.socket), timeout=10) as again:
+        assert again.ping().ready is True
+
+
+def test_sync_client_reports_a_missing_daemon_in_one_typed_error(tmp_path) -> None:
+    from protocol import SyncClient
+    from protocol.errors import ConnectionFailed
+
+    client = SyncClient(str(tmp_path / "none.sock"), timeout=2)
+    for _ in range(2):  # a failed connect leaves the client usable for the next try
+        try:
+            client.ping()
+            raise AssertionError("ping without a daemon answered")
+        except ConnectionFailed as exc:
+            assert "cannot reach jobd" in exc.message
+    client.close()

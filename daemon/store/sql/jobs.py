@@ -97,10 +97,16 @@ LEFT JOIN LATERAL (
 ORDER BY x.ord
 """
 
+# `steps`: a workflow's stored steps as [[name, result, done], ...], read only for jobs
+# marked has_steps (migration 0015); NULL for the rest, which then load on first use.
 CLAIMED_COLUMNS = """
 j.id, j.queue, j.kind, j.args::text AS args, j.key, j.priority, j.attempt, j.max_attempts,
 j.lease_token, j.timeout_s, j.tags, j.errors::text AS errors, j.unique_key, j.run_at,
-j.created_at, j.started_at
+j.created_at, j.started_at,
+CASE WHEN j.has_steps THEN (
+    SELECT coalesce(jsonb_agg(jsonb_build_array(s.name, s.result, s.finished_at IS NOT NULL)),
+                    '[]')::text
+    FROM jobd.job_steps s WHERE s.job_id = j.id) END AS steps
 """
 
 # Only kinds this daemon has handlers for, so daemons with different handler sets
@@ -142,7 +148,17 @@ WHERE queue = $1 AND state IN ('available', 'scheduled') AND kind = ANY($2::text
 # $1..$9 = parallel arrays, one element per attempt, in actors.ports.Outcome
 # field order (store.jobs.outcome_columns): $1 = job id, $2 = lease token,
 # $3 = state, $4 = result (JSON), $5 = delay_s, $6 = error (JSON), $7 = refund,
-# $8 = flow, $9 = pause_s.
+# $8 = flow, $9 = pause_s, $10 = steps, $11 = waiting_on.
+#
+# A workflow's suspension is written here too, so it costs no statement of its own
+# (actors/workflow_context.py): `steps` is a JSON array of the sleeps
+# ({"name", "until"}) and waits ({"name", "wait": true, "timeout_s"}) the run began,
+# stored for the attempts that still held their lease ("[]": none, but the job has
+# steps; either way it is marked has_steps, so its next claim returns them); `waiting_on` is what a waiting
+# job waits for. An event wait's arrives with "timeout_s" in place of its start and
+# deadline: it began when the attempt was claimed, its deadline runs from now. The
+# before-wait trigger (migration 0005) sees the new waiting_on, so a child or an event
+# that came first makes the job available in this same statement.
 FINISH_MANY = f"""
 WITH done AS (
     UPDATE jobd.jobs j SET
@@ -165,12 +181,37 @@ WITH done AS (
         attempt = j.attempt - x.refund,
         finished_at = CASE WHEN x.state IN ('completed', 'failed', 'cancelled') THEN now() END,
         progress = CASE WHEN x.state = 'completed' THEN 100 ELSE j.progress END,
-        lease_owner = NULL, lease_until = NULL, cancel_requested = false
+        lease_owner = NULL, lease_until = NULL, cancel_requested = false,
+        has_steps = j.has_steps OR x.steps IS NOT NULL,
+        waiting_on = CASE WHEN x.waiting_on IS NULL THEN j.waiting_on
+                          WHEN x.waiting_on::jsonb ? 'timeout_s'
+                          THEN (x.waiting_on::jsonb - 'timeout_s') || jsonb_build_object(
+                              'since', extract(epoch FROM j.started_at)::float8,
+                              'deadline', extract(epoch FROM now())::float8
+                                          + (x.waiting_on::jsonb ->> 'timeout_s')::float8)
+                          ELSE x.waiting_on::jsonb END
     FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::double precision[],
-                $6::text[], $7::int[], $8::text[], $9::double precision[])
-         AS x(id, token, state, result, delay_s, error, refund, flow, pause_s)
+                $6::text[], $7::int[], $8::text[], $9::double precision[], $10::text[],
+                $11::text[])
+         AS x(id, token, state, result, delay_s, error, refund, flow, pause_s, steps, waiting_on)
     WHERE j.id = x.id AND j.lease_token = x.token AND j.state = {RUNNING}
-    RETURNING j.id, j.queue, j.key, x.flow, x.pause_s
+    RETURNING j.id, j.queue, j.key, x.flow, x.pause_s, x.steps, j.started_at
+),
+-- The first record of a sleep or wait wins, as in BEGIN_SLEEP and BEGIN_WAIT.
+recorded AS (
+    INSERT INTO jobd.job_steps (job_id, name, result, attempts, finished_at)
+    SELECT d.id, s.name,
+           CASE WHEN s.wait THEN jsonb_build_object(
+                    'since', extract(epoch FROM d.started_at)::float8,
+                    'deadline', extract(epoch FROM now())::float8 + s.timeout_s)
+                ELSE jsonb_build_object('until', s.until) END,
+           1, CASE WHEN s.wait THEN NULL ELSE to_timestamp(s.until) END
+    FROM done d,
+         jsonb_to_recordset(d.steps::jsonb) AS s(name text, until float8, wait boolean,
+                                                 timeout_s float8)
+    WHERE d.steps IS NOT NULL
+    ORDER BY d.id, s.name
+    ON CONFLICT (job_id, name) DO NOTHING
 ),
 -- What the remote side said, per key: a rate limit pauses the key on every daemon (for
 -- the time the remote gave, else the queue's rate_limit_pause, which the claims keep in

@@ -1,0 +1,39 @@
+"""Scenario 5 alone: no-op jobs over 50 keys with limits that never bind vs no limits,
+alternating in one embedded cluster so both see the same machine.
+
+    python -m bench.flow_e2e_bench [--jobs 20000] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import jobd_bench as jb  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=20_000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--keys", type=int, default=50)
+    args = ap.parse_args()
+    runs: dict[str, list[float]] = {"none": [], "limits": []}
+    with jb.scratch("jobd-flow-") as ctx:
+        for _ in range(args.reps):
+            for name, extra in (("none", None), ("limits", jb.FLOW_QUEUE)):
+                r = jb.e2e(ctx, args.jobs, keys=args.keys, extra_queue=extra)
+                runs[name].append(r["jobs_per_s"])
+                print(name, {k: round(v, 3) for k, v in r.items()}, flush=True)
+    base, lim = statistics.median(runs["none"]), statistics.median(runs["limits"])
+    print(f"median jobs/s: no limits {base:,.0f}, limits {lim:,.0f} "
+          f"({(lim / base - 1) * 100:+.1f} %)")
+
+
+if __name__ == "__main__":
+    main()
