@@ -1,6 +1,8 @@
 """Quick loop for perf work: e2e (one daemon) and bulk enqueue, N reps, CPU split.
 
     .bench-venv/bin/python bench/iterate.py [--jobs 30000] [--reps 2] [--bulk 50000]
+
+`--jobs 0` runs bulk enqueue only, `--bulk 0` e2e only.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def main() -> None:
     extra = {k: v for k, v in (("claim_batch", args.claim_batch),
                                ("concurrency", args.concurrency)) if v} or None
     with jb.scratch("jobd-it-") as ctx:
-        for _ in range(args.reps):
+        for _ in range(args.reps if args.jobs else 0):
             r = jb.e2e(ctx, args.jobs, extra_queue=extra)
             print("e2e", {k: round(v, 3) for k, v in r.items()}, flush=True)
         for _ in range(args.reps if args.bulk else 0):

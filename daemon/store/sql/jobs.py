@@ -32,6 +32,30 @@ LEFT JOIN jobd.jobs ex ON i.id IS NULL AND dup.id IS NULL
 ORDER BY x.ord
 """
 
+# The COPY path (store.jobs.copy_jobs) for a batch without unique keys: COPY cannot say
+# ON CONFLICT, and without a conflict nothing needs mapping back, so ids are drawn first
+# and travel with the rows. One call draws them all, ascending in input order as
+# ENQUEUE_MANY draws them, with the transaction's now(): run_at is computed from it
+# (as ENQUEUE_MANY's `now() + delay_s * interval '1 second'`), created_at is the same
+# now() by default.
+# $1 = how many ids.
+RESERVE_JOB_IDS = f"""
+SELECT now() AS now,
+       ARRAY(SELECT {NEXT_JOB_ID} FROM generate_series(1, $1) ORDER BY 1) AS ids
+"""
+
+# Binary COPY (asyncpg's copy_records_to_table) into jobd.jobs. COPY fires the AFTER
+# INSERT statement trigger as an INSERT does: one NOTIFY per queue wakes the claimers.
+# The first columns always travel; each optional one only when some row of the batch
+# differs from the column's default (0001_init), which the rows left out then take.
+# Encoding is the daemon's cost per row: an empty text[] alone was 2 us of 5, run_at 1.5.
+COPY_SCHEMA, COPY_TABLE = "jobd", "jobs"
+COPY_ALWAYS = ("id", "queue", "kind", "args", "priority", "max_attempts")
+# Left out, a column takes its default: key NULL, run_at now() (the transaction's, as
+# RESERVE_JOB_IDS returns it), state 'available', tags '{}', timeout_s NULL, cost 1,
+# parent_id NULL.
+COPY_OPTIONAL = ("key", "run_at", "state", "tags", "timeout_s", "cost", "parent_id")
+
 # $1 = unique key.
 FIND_UNFINISHED_BY_UNIQUE_KEY = f"""
 SELECT id FROM jobd.jobs WHERE unique_key = $1 AND state IN {UNFINISHED}
