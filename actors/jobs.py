@@ -95,9 +95,13 @@ def build(
     return row
 
 
-def from_spec(handlers: Handlers, spec: JobSpec, *, max_args_bytes: int | None = None) -> NewJob:
-    """An enqueue (socket, HTTP, `ctx.enqueue`): the edge, so every error is a JobdError
-    with its code (unknown_kind, invalid_args, bad_request, too_large)."""
+def from_spec(handlers: Handlers, spec: JobSpec, *, max_args_bytes: int | None = None,
+              foreign: Defaults | None = None) -> NewJob:
+    """An enqueue (socket, HTTP, `ctx.enqueue`, the direct producer): the edge, so every
+    error is a JobdError with its code (unknown_kind, invalid_args, bad_request,
+    too_large). With `foreign` a kind no handler here declares takes those defaults and
+    only the generic value checks, as the direct producer does without the handler's
+    module."""
     delay_s = spec.delay_s
     if spec.run_at is not None:
         run_at = spec.run_at if spec.run_at.tzinfo else spec.run_at.replace(tzinfo=UTC)
@@ -115,7 +119,7 @@ def from_spec(handlers: Handlers, spec: JobSpec, *, max_args_bytes: int | None =
             handlers, spec.kind, spec.args, queue=spec.queue, key=spec.key,
             unique_key=spec.unique_key, priority=spec.priority, delay_s=delay_s,
             max_attempts=spec.max_attempts, tags=spec.tags, timeout_s=spec.timeout_s,
-            cost=spec.cost, max_args_bytes=max_args_bytes,
+            cost=spec.cost, foreign=foreign, max_args_bytes=max_args_bytes,
         )
     except UnknownKind as exc:
         raise JobdError(str(exc), code=ErrorCode.UNKNOWN_KIND,
