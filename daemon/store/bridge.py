@@ -3,6 +3,11 @@
 asyncpg is asyncio-only; jobd runs one asyncio loop inside trio (`open_loop`) and
 crosses it once per store call. Each crossing costs tens of microseconds, which is
 why store methods take batches.
+
+trio-asyncio is imported where it is first used, not with this module: importing it
+makes every later `asyncio.new_event_loop()` of the process a trio-asyncio loop, and
+the direct producer (daemon/producer.py) brings the store's statements into an
+application's own asyncio process, whose loop must stay its own.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from typing import Any, TypeVar
 
 import asyncpg
 import trio
-import trio_asyncio
 
 from actors.ports import Conflict, StoreUnavailable, ValueRejected
 
@@ -33,6 +37,8 @@ async def open_loop(on_error: Callable[[], None] | None = None) -> AsyncIterator
     was never retrieved" of a connect cancelled by its timeout while the server was
     going away. That must not stop the daemon.
     """
+    import trio_asyncio
+
     async with trio_asyncio.open_loop() as loop:
         def handle(_loop: Any, context: dict[str, Any]) -> None:
             exc = context.get("exception")
@@ -75,6 +81,8 @@ class StaleConnection(StoreUnavailable):
 
 async def call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run an asyncio coroutine function from trio, translating outages."""
+    import trio_asyncio  # already loaded by open_loop: a lookup in sys.modules
+
     try:
         return await trio_asyncio.aio_as_trio(fn)(*args)
     except Exception as exc:

@@ -9,6 +9,8 @@ The producer is asyncio code (asyncpg); these tests run it on a private asyncio 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,7 +26,7 @@ from daemon.store.migrate import apply
 from protocol import SyncClient
 from protocol.errors import ErrorCode, JobdError, Unavailable
 from protocol.jobs import JobSpec
-from tests.support import Sql, run_async, wait_until
+from tests.support import ROOT, Sql, run_async, wait_until
 
 
 class Charge(msgspec.Struct):
@@ -317,6 +319,19 @@ def test_a_handler_module_that_does_not_import_is_a_typed_error() -> None:
         DirectProducer("postgresql://x@127.0.0.1:1/x", modules=["tests.no_such_module"])
     assert caught.value.code == ErrorCode.BAD_REQUEST
     assert "tests.no_such_module" in caught.value.message
+
+
+# -- the application's loop ---------------------------------------------------------------
+
+
+def test_importing_the_producer_leaves_the_applications_asyncio_alone() -> None:
+    """trio-asyncio, once imported, makes every new asyncio loop one of its own: the
+    producer must not bring it into a FastAPI process (only the daemon's bridge uses it)."""
+    probe = ("import asyncio, sys; import daemon.producer; "
+             "print('trio_asyncio' in sys.modules, type(asyncio.new_event_loop()).__module__)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["False", "asyncio.unix_events"]
 
 
 # -- from trio ---------------------------------------------------------------------------
