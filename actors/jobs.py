@@ -4,8 +4,10 @@
 Each takes the handler's declaration for what the caller left unset (queue, priority,
 max_attempts, timeout) and applies its `key` and `cost` functions to the decoded args,
 then checks the finished row (actors/validate.py). The surfaces differ only in what
-they set and in the error they raise; the SQL `jobd.enqueue` function is the one path
-that cannot see handlers (it takes the caller's values, or the column defaults).
+they set and in the error they raise. The SQL `jobd.enqueue` function cannot see
+handlers (it takes the caller's values, or the column defaults), nor can the direct
+producer (daemon/producer.py) for a kind whose module the application has not
+imported: it builds the row here with those same defaults (`from_spec(foreign=)`).
 """
 
 from __future__ import annotations

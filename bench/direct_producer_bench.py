@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,9 +88,8 @@ def main() -> None:
     with jb.scratch("jobd-direct-") as ctx:
         pgq_url = None
         if args.pgqueuer_python:
-            cluster_url = ctx.url.rsplit("/", 1)[0]
             ctx.sql.execute("CREATE DATABASE pgq")
-            pgq_url = f"{cluster_url}/pgq"
+            pgq_url = urlunsplit(urlsplit(ctx.url)._replace(path="/pgq"))
         d = ctx.daemon()
         d.start()
         try:
@@ -106,7 +106,9 @@ def main() -> None:
                     else:
                         out = subprocess.run(
                             [args.pgqueuer_python, __file__, "--pgqueuer-child", pgq_url,
-                             str(args.jobs)], capture_output=True, text=True, check=True)
+                             str(args.jobs)], capture_output=True, text=True)
+                        if out.returncode:
+                            raise SystemExit(f"pgqueuer failed:\n{out.stderr}")
                         got = json.loads(out.stdout.strip().splitlines()[-1])
                         wall, cpu = got["wall"], got["cpu"]
                     rate = args.jobs / wall

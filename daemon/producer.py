@@ -20,8 +20,8 @@ Struct, the row checks of actors/validate.py) and written by the same statement
 answers are the socket client's: `EnqueueResult`/`BatchResult` (a unique key already
 held by an unfinished job gives its id with `created=False`, and a queue no live daemon
 serves a `warning`), and the same `JobdError` codes: `invalid_args`, `bad_request`,
-`too_large`, `bad_json`, `unknown_kind`, and `unavailable` when Postgres cannot be
-reached.
+`too_large`, `bad_json`, `unknown_kind`, `unauthorized` (a role without rights on the
+jobd schema) and `unavailable` (Postgres unreachable, or no jobd schema in it).
 
 A kind's handler is known when its module is imported in this process (`modules=`, or
 any `@job` registration already imported, in `actors.HANDLERS` or the `handlers=` you
@@ -67,7 +67,7 @@ from daemon.store.bridge import StaleConnection, translate
 from daemon.store.direct import live_queues, read_settings
 from daemon.store.jobs import enqueue_rows
 from protocol import commands as c
-from protocol.errors import BadRequest, JobdError, Unavailable
+from protocol.errors import BadRequest, ErrorCode, JobdError, Unavailable
 from protocol.jobs import JobSpec
 
 # What a kind no handler here declares takes: the column defaults jobd.enqueue uses.
@@ -134,8 +134,10 @@ class DirectProducer:
         try:
             self._pool = await asyncpg.create_pool(
                 self._url, min_size=1, max_size=self._pool_size, timeout=self._timeout,
-                command_timeout=self._timeout,
+                command_timeout=self._timeout, reset=_keep_session,
                 server_settings={"application_name": APPLICATION_NAME})
+        except ValueError as exc:  # asyncpg's reading of the URL
+            raise BadRequest(f"not a Postgres URL asyncpg can use: {exc}") from None
         except Exception as exc:
             raise self._error(exc) from exc
 
@@ -250,6 +252,10 @@ class DirectProducer:
         if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError):
             return Unavailable(f"no jobd schema in this database ({exc}): start a jobd "
                                "daemon on it once, which applies the migrations")
+        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError
+                      | asyncpg.InsufficientPrivilegeError):
+            return JobdError(f"Postgres refused this role: {exc}{self._where()}",
+                             code=ErrorCode.UNAUTHORIZED)
         translated = translate(exc)
         if isinstance(translated, StoreUnavailable):  # Conflict too: retrying may succeed
             message = f"{translated}{self._where()}".replace("\n", " ")
@@ -263,3 +269,9 @@ class DirectProducer:
             return ""
         parts = urlsplit(self._url)  # host and port only: the URL may hold a password
         return f" (Postgres at {parts.hostname or 'localhost'}:{parts.port or 5432})"
+
+
+async def _keep_session(connection: Any) -> None:
+    """Our own pool's release: asyncpg still rolls back an open transaction, but skips its
+    reset query (UNLISTEN, RESET ALL, ...), a second round trip per enqueue that our
+    statements, which leave no session state, do not need."""

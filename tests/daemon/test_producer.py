@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
@@ -312,6 +313,20 @@ def test_postgres_down_is_unavailable_in_one_line() -> None:
 def test_a_database_without_jobds_schema_is_unavailable_naming_why(fresh_database) -> None:
     error = refusal(fresh_database, lambda p: p.enqueue("noop", {}))
     assert error.code == ErrorCode.UNAVAILABLE and "no jobd schema" in error.message
+
+
+def test_a_role_without_rights_is_unauthorized_and_a_bad_url_bad_request(db, sql) -> None:
+    role = f"jobd_nobody_{time.time_ns() % 10**9}"
+    sql.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        as_role = urlunsplit(urlsplit(db)._replace(netloc=f"{role}@"))
+        denied = refusal(as_role, lambda p: p.enqueue("noop", {}))
+        assert denied.code == ErrorCode.UNAUTHORIZED and "permission denied" in denied.message
+    finally:
+        sql.execute(f"DROP OWNED BY {role}")
+        sql.execute(f"DROP ROLE {role}")
+    bad = refusal("postgresql://x@127.0.0.1:1/x?sslmode=sometimes", lambda p: p.open())
+    assert bad.code == ErrorCode.BAD_REQUEST and "sslmode" in bad.message
 
 
 def test_a_handler_module_that_does_not_import_is_a_typed_error() -> None:
