@@ -64,7 +64,7 @@ from actors.services.live_queues import LIVE_QUEUES_TTL_S, unserved_warning
 from actors.validate import DEFAULT_MAX_ARGS_BYTES
 from daemon.api.requests import decode
 from daemon.store.bridge import StaleConnection, translate
-from daemon.store.direct import live_queues, read_settings
+from daemon.store.direct import Pool, live_queues, read_settings
 from daemon.store.jobs import enqueue_rows
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, Unavailable
@@ -131,15 +131,15 @@ class DirectProducer:
         Postgres cannot be reached. The first enqueue opens it too."""
         if self._url is None or self._pool is not None:
             return
+        pool = Pool(self._url, size=self._pool_size, timeout_s=self._timeout,
+                    application_name=APPLICATION_NAME)
         try:
-            self._pool = await asyncpg.create_pool(
-                self._url, min_size=1, max_size=self._pool_size, timeout=self._timeout,
-                command_timeout=self._timeout, reset=_keep_session,
-                server_settings={"application_name": APPLICATION_NAME})
+            await pool.open()
         except ValueError as exc:  # asyncpg's reading of the URL
             raise BadRequest(f"not a Postgres URL asyncpg can use: {exc}") from None
         except Exception as exc:
             raise self._error(exc) from exc
+        self._pool = pool
 
     async def close(self) -> None:
         pool, owned = self._pool, self._url is not None
@@ -256,6 +256,9 @@ class DirectProducer:
                       | asyncpg.InsufficientPrivilegeError):
             return JobdError(f"Postgres refused this role: {exc}{self._where()}",
                              code=ErrorCode.UNAUTHORIZED)
+        if isinstance(exc, asyncpg.InFailedSQLTransactionError):
+            return BadRequest(f"the caller's transaction is aborted: {exc} (roll it back, or "
+                              "enqueue inside a savepoint)")
         translated = translate(exc)
         if isinstance(translated, StoreUnavailable):  # Conflict too: retrying may succeed
             message = f"{translated}{self._where()}".replace("\n", " ")
@@ -270,8 +273,3 @@ class DirectProducer:
         parts = urlsplit(self._url)  # host and port only: the URL may hold a password
         return f" (Postgres at {parts.hostname or 'localhost'}:{parts.port or 5432})"
 
-
-async def _keep_session(connection: Any) -> None:
-    """Our own pool's release: asyncpg still rolls back an open transaction, but skips its
-    reset query (UNLISTEN, RESET ALL, ...), a second round trip per enqueue that our
-    statements, which leave no session state, do not need."""

@@ -269,6 +269,26 @@ def test_out_of_range_values_are_the_socket_paths_refusals(db, sql, options, cod
     assert count(sql) == 0
 
 
+def test_an_enqueue_in_an_aborted_transaction_is_bad_request(db, sql) -> None:
+    async def main() -> JobdError:
+        conn = await asyncpg.connect(db)
+        try:
+            async with conn.transaction():
+                with pytest.raises(asyncpg.DivisionByZeroError):
+                    await conn.execute("SELECT 1 / 0")
+                with pytest.raises(JobdError) as caught:
+                    await DirectProducer(conn, handlers=Handlers()).enqueue("x", {})
+                raise caught.value
+        finally:
+            await conn.close()
+
+    with pytest.raises(JobdError) as caught:
+        run_async(main)
+    assert caught.value.code == ErrorCode.BAD_REQUEST
+    assert "transaction is aborted" in caught.value.message
+    assert count(sql) == 0
+
+
 def test_a_value_postgres_refuses_is_bad_request_and_aborts_only_a_savepoint(db, sql) -> None:
     sql.execute("ALTER TABLE jobd.jobs ADD CONSTRAINT no_evil CHECK (kind <> 'evil')")
 
@@ -286,7 +306,7 @@ def test_a_value_postgres_refuses_is_bad_request_and_aborts_only_a_savepoint(db,
             await conn.close()
 
     error, kept = run_async(main)
-    assert error.code == ErrorCode.BAD_REQUEST and "no_evil" in error.message
+    assert error.code == ErrorCode.BAD_REQUEST and "no_evil" in error.message, error.message
     assert [r["kind"] for r in rows(sql, [kept])] == ["good"]
     assert count(sql) == 1
 
