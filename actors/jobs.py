@@ -4,8 +4,10 @@
 Each takes the handler's declaration for what the caller left unset (queue, priority,
 max_attempts, timeout) and applies its `key` and `cost` functions to the decoded args,
 then checks the finished row (actors/validate.py). The surfaces differ only in what
-they set and in the error they raise; the SQL `jobd.enqueue` function is the one path
-that cannot see handlers (it takes the caller's values, or the column defaults).
+they set and in the error they raise. The SQL `jobd.enqueue` function cannot see
+handlers (it takes the caller's values, or the column defaults), nor can the direct
+producer (daemon/producer.py) for a kind whose module the application has not
+imported: it builds the row here with those same defaults (`from_spec(foreign=)`).
 """
 
 from __future__ import annotations
@@ -95,9 +97,13 @@ def build(
     return row
 
 
-def from_spec(handlers: Handlers, spec: JobSpec, *, max_args_bytes: int | None = None) -> NewJob:
-    """An enqueue (socket, HTTP, `ctx.enqueue`): the edge, so every error is a JobdError
-    with its code (unknown_kind, invalid_args, bad_request, too_large)."""
+def from_spec(handlers: Handlers, spec: JobSpec, *, max_args_bytes: int | None = None,
+              foreign: Defaults | None = None) -> NewJob:
+    """An enqueue (socket, HTTP, `ctx.enqueue`, the direct producer): the edge, so every
+    error is a JobdError with its code (unknown_kind, invalid_args, bad_request,
+    too_large). With `foreign` a kind no handler here declares takes those defaults and
+    only the generic value checks, as the direct producer does without the handler's
+    module."""
     delay_s = spec.delay_s
     if spec.run_at is not None:
         run_at = spec.run_at if spec.run_at.tzinfo else spec.run_at.replace(tzinfo=UTC)
@@ -115,7 +121,7 @@ def from_spec(handlers: Handlers, spec: JobSpec, *, max_args_bytes: int | None =
             handlers, spec.kind, spec.args, queue=spec.queue, key=spec.key,
             unique_key=spec.unique_key, priority=spec.priority, delay_s=delay_s,
             max_attempts=spec.max_attempts, tags=spec.tags, timeout_s=spec.timeout_s,
-            cost=spec.cost, max_args_bytes=max_args_bytes,
+            cost=spec.cost, foreign=foreign, max_args_bytes=max_args_bytes,
         )
     except UnknownKind as exc:
         raise JobdError(str(exc), code=ErrorCode.UNKNOWN_KIND,

@@ -19,6 +19,13 @@ from protocol.errors import NotFound
 LIVE_QUEUES_TTL_S = 5.0
 
 
+def unserved_warning(missing: list[str], served: set[str]) -> str:
+    """The warning an enqueue carries (socket, HTTP and the direct producer alike)."""
+    names = ", ".join(sorted(served)) or "none"
+    return (f"no live daemon serves queue {', '.join(map(repr, missing))}: the job waits "
+            f"until one does (queues served: {names})")
+
+
 class LiveQueues:
     """`here()`: the queues this daemon serves; `declared()`: those its config names."""
 
@@ -52,9 +59,7 @@ class LiveQueues:
         missing = [q for q in asked if q not in live]
         if not missing:
             return None
-        served = ", ".join(sorted(live | here)) or "none"
-        return (f"no live daemon serves queue {', '.join(map(repr, missing))}: the job waits "
-                f"until one does (queues served: {served})")
+        return unserved_warning(missing, live | here)
 
     async def check_pausable(self, queue: str) -> None:
         """Pausing a queue nothing serves or declares is almost always a typo: refuse it."""

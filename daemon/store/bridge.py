@@ -3,6 +3,11 @@
 asyncpg is asyncio-only; jobd runs one asyncio loop inside trio (`open_loop`) and
 crosses it once per store call. Each crossing costs tens of microseconds, which is
 why store methods take batches.
+
+trio-asyncio is imported where it is first used, not with this module: importing it
+makes every later `asyncio.new_event_loop()` of the process a trio-asyncio loop, and
+the direct producer (daemon/producer.py) brings the store's statements into an
+application's own asyncio process, whose loop must stay its own.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from typing import Any, TypeVar
 
 import asyncpg
 import trio
-import trio_asyncio
 
 from actors.ports import Conflict, StoreUnavailable, ValueRejected
 
@@ -33,6 +37,8 @@ async def open_loop(on_error: Callable[[], None] | None = None) -> AsyncIterator
     was never retrieved" of a connect cancelled by its timeout while the server was
     going away. That must not stop the daemon.
     """
+    import trio_asyncio
+
     async with trio_asyncio.open_loop() as loop:
         def handle(_loop: Any, context: dict[str, Any]) -> None:
             exc = context.get("exception")
@@ -75,24 +81,40 @@ class StaleConnection(StoreUnavailable):
 
 async def call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run an asyncio coroutine function from trio, translating outages."""
+    import trio_asyncio  # already loaded by open_loop: a lookup in sys.modules
+
     try:
         return await trio_asyncio.aio_as_trio(fn)(*args)
-    except asyncpg.exceptions.InternalClientError as exc:
+    except Exception as exc:
+        translated = translate(exc)
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+def translate(exc: BaseException) -> Exception | None:
+    """What an asyncpg/asyncio error means to the store (StaleConnection, StoreUnavailable,
+    Conflict, ValueRejected), or None for an error that is a bug to raise as it is.
+
+    Shared by `call` and the direct producer (daemon/producer.py), which runs on the
+    application's own asyncio loop, so both surfaces read one failure the same way."""
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
         # "cannot switch to state N; another operation is in progress": raised before
         # anything is written to the socket.
         if "cannot switch to state" in str(exc):
-            raise StaleConnection(f"database connection lost: {exc}") from exc
-        raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}: {exc}") from exc
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}: {exc}") from exc
-    except (asyncpg.exceptions.DeadlockDetectedError,
-            asyncpg.exceptions.SerializationError) as exc:
-        raise Conflict(f"retry: {exc}") from exc
-    except (asyncpg.DataError, asyncpg.exceptions.CheckViolationError,
-            asyncpg.exceptions.ProgramLimitExceededError) as exc:
+            return StaleConnection(f"database connection lost: {exc}")
+        return StoreUnavailable(f"database unavailable: {exc.__class__.__name__}: {exc}")
+    if isinstance(exc, _UNAVAILABLE):
+        return StoreUnavailable(f"database unavailable: {exc.__class__.__name__}: {exc}")
+    if isinstance(exc, asyncpg.exceptions.DeadlockDetectedError
+                  | asyncpg.exceptions.SerializationError):
+        return Conflict(f"retry: {exc}")
+    if isinstance(exc, asyncpg.DataError | asyncpg.exceptions.CheckViolationError
+                  | asyncpg.exceptions.ProgramLimitExceededError):
         # The client's mistake, not a server error: every surface answers bad_request.
         # (A CHECK of migration 0008, or an index entry over the btree's row limit.)
-        raise ValueRejected(f"bad value: {exc}") from exc
+        return ValueRejected(f"bad value: {exc}")
+    return None
 
 
 def is_unavailable(exc: BaseException) -> bool:

@@ -27,35 +27,14 @@ class JobStatements(StoreBase):
     async def enqueue_many(self, jobs: list[NewJob]) -> list[Enqueued]:
         if not jobs:
             return []
-        if _copyable(jobs):
-            return await self._copy_jobs(jobs, None)
-        rows = await self._fetch(sql.ENQUEUE_MANY, job_rows_json(jobs), op="enqueue")
-        return await self._enqueued(jobs, rows)
+        done: list[Enqueued] = await self._run(enqueue_rows, jobs, op="enqueue")
+        return done
 
     async def enqueue_children(self, parent_id: int, jobs: list[NewJob]) -> list[Enqueued]:
         if not jobs:
             return []
-        if _copyable(jobs):
-            return await self._copy_jobs(jobs, parent_id)
-        rows = await self._fetch(
-            sql.ENQUEUE_CHILDREN, job_rows_json(jobs), parent_id, op="enqueue",
-        )
-        return await self._enqueued(jobs, rows)
-
-    async def _copy_jobs(self, jobs: list[NewJob], parent_id: int | None) -> list[Enqueued]:
-        ids: list[int] = await self._run(copy_jobs, jobs, parent_id, op="enqueue")
-        return [Enqueued(id=i, created=True) for i in ids]
-
-    async def _enqueued(self, jobs: list[NewJob], rows: list[Any]) -> list[Enqueued]:
-        out = []
-        for job, row in zip(jobs, rows, strict=True):
-            job_id = row["id"]
-            if job_id is None:
-                # The unique-key holder was inserted by a transaction that committed
-                # after our snapshot; it is visible now.
-                job_id = await self._fetchval(sql.FIND_UNFINISHED_BY_UNIQUE_KEY, job.unique_key)
-            out.append(Enqueued(id=job_id, created=row["created"]))
-        return out
+        done: list[Enqueued] = await self._run(enqueue_rows, jobs, parent_id, op="enqueue")
+        return done
 
     async def claim(
         self,
@@ -199,6 +178,30 @@ def copy_columns(jobs: list[NewJob], ids: list[int], now: datetime,
     if parent_id is not None:
         columns["parent_id"] = [parent_id] * len(jobs)
     return columns
+
+
+async def enqueue_rows(connection: asyncpg.Connection, jobs: list[NewJob],
+                       parent_id: int | None = None) -> list[Enqueued]:
+    """ENQUEUE_MANY (ENQUEUE_CHILDREN under `parent_id`) on an asyncpg connection, on the
+    asyncio side: the daemon's enqueues (through the bridge) and the direct producer's
+    (daemon/producer.py, on the application's loop, maybe inside its transaction) are
+    this one function. A long batch without unique keys goes by COPY (copy_jobs)."""
+    if _copyable(jobs):
+        ids = await copy_jobs(connection, jobs, parent_id)
+        return [Enqueued(id=i, created=True) for i in ids]
+    if parent_id is None:
+        rows = await connection.fetch(sql.ENQUEUE_MANY, job_rows_json(jobs))
+    else:
+        rows = await connection.fetch(sql.ENQUEUE_CHILDREN, job_rows_json(jobs), parent_id)
+    out = []
+    for job, row in zip(jobs, rows, strict=True):
+        job_id = row["id"]
+        if job_id is None:
+            # The unique-key holder was inserted by a transaction that committed after
+            # this statement's snapshot; the next statement's snapshot sees it.
+            job_id = await connection.fetchval(sql.FIND_UNFINISHED_BY_UNIQUE_KEY, job.unique_key)
+        out.append(Enqueued(id=job_id, created=row["created"]))
+    return out
 
 
 def outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:

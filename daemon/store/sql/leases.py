@@ -61,6 +61,13 @@ SELECT key, value, now() FROM jsonb_each($1::jsonb)
 ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
 """
 
+# What the daemons wrote with PUT_SETTINGS, for a producer that enqueues without one
+# (daemon/producer.py applies their limits.max_args_bytes and liveness window).
+# $1 = the names wanted.
+GET_SETTINGS = """
+SELECT name, value::text AS value FROM jobd.settings WHERE name = ANY($1::text[])
+"""
+
 # No parameters.
 LIST_DAEMONS = """
 SELECT id, region, host, pid, version, started_at, heartbeat_at, draining, status
