@@ -303,7 +303,8 @@ async def test_a_refused_suspension_fails_the_job(store, sql):
 
 async def test_a_marked_jobs_claim_returns_its_steps(store, sql):
     """A job whose finish said it has steps gets them with its next claim (both claim
-    statements); other jobs get None and pay no read."""
+    statements); a job's first claim gets none (no attempt before it can have stored
+    one); other jobs get None and load on first use."""
     from actors.flow import FlowLimits, KeyLimits
 
     [wf, plain] = await store.enqueue_many([NewJob(kind="wf"), NewJob(kind="plain")])
@@ -313,8 +314,13 @@ async def test_a_marked_jobs_claim_returns_its_steps(store, sql):
     await store.finish_many([Outcome(id=wf.id, token=job.lease_token, state="available",
                                      delay_s=0.0, steps="[]")])
     claimed = {c.kind: c for c in await store.claim("default", 10, "d1", 30.0, ["wf", "plain"])}
-    assert claimed["plain"].steps is None
+    assert claimed["plain"].steps == "[]"  # its first claim
     assert sorted(json.loads(claimed["wf"].steps)) == [["a", {"x": 1}, True], ["b", None, False]]
+    # Unmarked and claimed before (e.g. a crash after a step, before the finish): unknown.
+    await store.finish_many([Outcome(id=plain.id, token=claimed["plain"].lease_token,
+                                     state="available", delay_s=0.0)])
+    [plain_again] = await store.claim("default", 10, "d1", 30.0, ["plain"])
+    assert plain_again.steps is None
     # A finish without steps keeps the mark; under flow control the claim says the same.
     await store.finish_many([Outcome(id=wf.id, token=claimed["wf"].lease_token,
                                      state="available", delay_s=0.0)])
