@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import trio
 import trio.testing
 
@@ -162,3 +163,19 @@ async def test_a_cancelled_waiting_step_is_not_written(store, sql):
 async def _cancel_soon(scope: trio.CancelScope) -> None:
     await trio.testing.wait_all_tasks_blocked()
     scope.cancel()
+
+
+async def test_a_statement_holds_at_most_max_bytes_of_results(store, sql):
+    """Big results do not pile up in one statement: a row that would pass the bound
+    starts the next one, and a row over it alone goes alone."""
+    claimed = await running(store, 5)
+    counting = Counting(store, hold=True)
+    writer = StepWriter(counting, max_bytes=100)
+    big = '"' + "x" * 40 + '"'
+    results = [big, big, big, '"' + "y" * 200 + '"', big]
+    flows = [(workflow(c, writer), lambda r=r: msgspec.json.decode(r))
+             for c, r in zip(claimed, results, strict=True)]
+    out = await outcomes_of(counting, flows)
+    assert out == [msgspec.json.decode(r) for r in results]
+    assert counting.sizes == [1, 2, 1, 1], counting.sizes
+    assert sql.fetchval("SELECT count(*) FROM jobd.job_steps") == 5
