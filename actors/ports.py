@@ -31,6 +31,11 @@ class ValueRejected(Exception):
     """The database refused a value from the request (an id past bigint, a NUL byte)."""
 
 
+class LeaseLost(Exception):
+    """A write fenced by the lease token matched no running job: this attempt was rescued
+    or cancelled (or has finished), and what it wrote was not stored."""
+
+
 class NewJob(msgspec.Struct, kw_only=True):
     """One row to enqueue; args are already validated and JSON-encoded."""
 
@@ -45,6 +50,17 @@ class NewJob(msgspec.Struct, kw_only=True):
     tags: list[str] = []
     timeout_s: float | None = None
     cost: int = 1  # weight against a key's tokens_per_minute
+
+
+class StepRow(msgspec.Struct):
+    """One finished step to store, fenced by its attempt's lease token."""
+
+    job_id: int
+    token: int
+    name: str
+    result: str  # JSON
+    attempts: int
+    duration_s: float
 
 
 class Enqueued(msgspec.Struct):
@@ -211,7 +227,7 @@ class StepStore(Protocol):
     daemon's store has it as part of `Store`, tests may give an in-memory one."""
 
     async def load_steps(self, job_id: int) -> list[tuple[str, str | None, bool]]: ...
-    async def save_step(self, job_id: int, name: str, result: str, attempts: int,
+    async def save_step(self, job_id: int, token: int, name: str, result: str, attempts: int,
                         duration_s: float) -> str: ...
     async def save_step_error(self, job_id: int, name: str, error: str, attempts: int) -> None: ...
     async def begin_sleep(self, job_id: int, name: str, until: float) -> float: ...
@@ -331,6 +347,7 @@ class Store(StepStore, Protocol):
     ) -> int: ...
 
     # -- workflows (the steps are StepStore's, above; events; the reaper's safety net)
+    async def save_steps(self, rows: list[StepRow]) -> list[str | None]: ...
     async def send_event(self, name: str, data: str) -> tuple[int, list[int]]: ...
     async def wake_waiting(self, limit: int) -> list[int]: ...
     async def prune_events(self, max_age_s: float, limit: int,

@@ -169,7 +169,9 @@ class Workflow:
                 await trio.sleep(delay)
         self.step_stats["executed"] += 1
         encoded = msgspec.json.encode(value).decode()
-        stored = await store.save_step(self.job.id, name, encoded, tries,
+        # Returns once the result is committed (with other workflows' steps: the step
+        # writer's group commit); LeaseLost if this attempt no longer holds the job.
+        stored = await store.save_step(self.job.id, self._token, name, encoded, tries,
                                        time.perf_counter() - started)
         memo[name] = _Memo(stored, True)
         return _decode(stored, type)
@@ -263,7 +265,7 @@ class Workflow:
             for i in ids
         ]
         stored = await self.store.save_step(
-            self.job.id, key, msgspec.json.encode(results).decode(), 1, 0.0)
+            self.job.id, self._token, key, msgspec.json.encode(results).decode(), 1, 0.0)
         memo[key] = _Memo(stored, True)
         return msgspec.json.decode(stored, type=list[ChildResult])
 
@@ -300,7 +302,7 @@ class Workflow:
         if data is None and (deadline is None or deadline > now):
             raise Suspend("waiting", None, f"waiting for event {event!r}")
         result = data if data is not None else "null"
-        stored = await store.save_step(self.job.id, key, result, 1, 0.0)
+        stored = await store.save_step(self.job.id, self._token, key, result, 1, 0.0)
         memo[key] = _Memo(stored, True)
         return _decode(stored, type)
 

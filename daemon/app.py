@@ -44,6 +44,7 @@ from actors.services.pools import Pools
 from actors.services.progress import Progress, ProgressWriter
 from actors.services.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig
+from actors.services.step_writer import StepWriter
 from actors.services.worker import AttemptRunner
 from daemon import __version__, lifecycle, signals
 from daemon.api.control_socket import ControlServer, open_listener
@@ -225,7 +226,7 @@ class Daemon:
             progress_every_items=jobs.progress_every_items,
             progress_every_s=jobs.progress_every,
             snooze_burns_attempt=jobs.snooze_burns_attempt,
-            enqueue_children=store.enqueue_children, steps=store,
+            enqueue_children=store.enqueue_children, steps=StepWriter(store),
         )
         pools = self.pools = Pools(
             queue_names(cfg, self.handlers), settings=self.limits.dispatcher_settings, daemon_id=self.id,

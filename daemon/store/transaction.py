@@ -11,15 +11,11 @@ from typing import Any
 import asyncpg
 import trio
 
-from actors.ports import Outcome, StoreUnavailable
+from actors.ports import LeaseLost, Outcome, StoreUnavailable
 from daemon.store.base import StoreBase
 from daemon.store.bridge import StaleConnection, call
 from daemon.store.jobs import outcome_columns
 from daemon.store.sql import jobs as jobs_sql
-
-
-class LeaseLost(Exception):
-    """A transactional finish matched no row: this attempt was rescued or cancelled."""
 
 
 class HandlerTransaction:

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from actors.ports import NewJob
+from actors.ports import LeaseLost, NewJob, StepRow
 from daemon.store.base import StoreBase
 from daemon.store.sql import workflows as wq
 from daemon.store.sql.common import job_rows_json
@@ -19,11 +19,27 @@ class WorkflowStatements(StoreBase):
         rows = await self._fetch(wq.LOAD_STEPS, job_id, op="steps")
         return [(r["name"], r["result"], r["done"]) for r in rows]
 
-    async def save_step(self, job_id: int, name: str, result: str, attempts: int,
+    async def save_step(self, job_id: int, token: int, name: str, result: str, attempts: int,
                         duration_s: float) -> str:
-        rows = await self._fetch(wq.SAVE_STEP, job_id, name, result, attempts, duration_s,
-                                 op="step")
-        return rows[0]["result"]
+        """One step on its own (a running workflow's go through actors/services/step_writer.py,
+        many in one statement). LeaseLost: this attempt no longer holds the job."""
+        [stored] = await self.save_steps([StepRow(job_id, token, name, result, attempts,
+                                                  duration_s)])
+        if stored is None:
+            raise LeaseLost(f"job {job_id}: this attempt no longer holds the lease; "
+                            f"step {name!r} not stored")
+        return stored
+
+    async def save_steps(self, rows: list[StepRow]) -> list[str | None]:
+        """Each row's stored result (the first completion's), in order; None where the
+        row's attempt no longer holds the lease (nothing stored). One statement; a value
+        Postgres refuses (a NUL byte, a result over its limits) fails all of it
+        (ValueRejected): the caller writes the rows apart to find whose it was."""
+        records = await self._fetch(
+            wq.SAVE_STEPS, [r.job_id for r in rows], [r.token for r in rows],
+            [r.name for r in rows], [r.result for r in rows], [r.attempts for r in rows],
+            [r.duration_s for r in rows], op="step")
+        return [r["result"] if r["live"] else None for r in records]
 
     async def save_step_error(self, job_id: int, name: str, error: str, attempts: int) -> None:
         await self._execute(wq.SAVE_STEP_ERROR, job_id, name, error, attempts, op="step")

@@ -39,7 +39,7 @@ class MemoryStore:
         self.trips += 1
         return [(n, s["result"], s["done"]) for (j, n), s in self.steps.items() if j == job_id]
 
-    async def save_step(self, job_id, name, result, attempts, duration_s):
+    async def save_step(self, job_id, token, name, result, attempts, duration_s):
         self.trips += 1
         s = self.steps.setdefault((job_id, name), {"result": None, "done": False, "attempts": 0})
         s["attempts"] += attempts

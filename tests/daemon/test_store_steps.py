@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from actors.ports import NewJob, Outcome, ValueRejected
+from actors.ports import LeaseLost, NewJob, Outcome, StepRow, ValueRejected
 
 
 async def claim_one(store, queue: str = "default", kinds: list[str] | None = None):
@@ -18,15 +18,64 @@ async def claim_one(store, queue: str = "default", kinds: list[str] | None = Non
 
 async def test_steps_save_load_first_writer_wins(store):
     [e] = await store.enqueue_many([NewJob(kind="wf")])
+    job = await claim_one(store)
     assert await store.load_steps(e.id) == []
-    assert await store.save_step(e.id, "a", '{"x": 1}', 1, 0.01) == '{"x": 1}'
-    # A second completion (a zombie attempt) keeps the first result.
-    assert await store.save_step(e.id, "a", '{"x": 2}', 1, 0.01) == '{"x": 1}'
+    assert await store.save_step(e.id, job.lease_token, "a", '{"x": 1}', 1, 0.01) == '{"x": 1}'
+    # A second completion (the same step run twice at once) keeps the first result.
+    assert await store.save_step(e.id, job.lease_token, "a", '{"x": 2}', 1, 0.01) == '{"x": 1}'
     await store.save_step_error(e.id, "b", '{"class": "network"}', 3)
     steps = {n: (r, d) for n, r, d in await store.load_steps(e.id)}
     assert steps == {"a": ('{"x": 1}', True), "b": (None, False)}
     # An errored step completes later; attempts add up.
-    assert await store.save_step(e.id, "b", "7", 1, 0.0) == "7"
+    assert await store.save_step(e.id, job.lease_token, "b", "7", 1, 0.0) == "7"
+
+
+async def test_a_step_of_an_attempt_that_lost_its_lease_is_not_stored(store, sql):
+    [e] = await store.enqueue_many([NewJob(kind="wf")])
+    job = await claim_one(store)
+    with pytest.raises(LeaseLost):  # a zombie: another attempt holds the job
+        await store.save_step(e.id, job.lease_token - 1, "a", "1", 1, 0.0)
+    await store.finish_many([Outcome(id=e.id, token=job.lease_token, state="completed",
+                                     result="1")])
+    with pytest.raises(LeaseLost):  # finished: nothing holds it
+        await store.save_step(e.id, job.lease_token, "a", "1", 1, 0.0)
+    assert sql.fetchval("SELECT count(*) FROM jobd.job_steps") == 0
+
+
+async def test_save_steps_many_rows_one_statement_each_its_own_outcome(store, sql):
+    """Many attempts' steps in one call: each row answers for itself, in order."""
+    enqueued = await store.enqueue_many([NewJob(kind="wf") for _ in range(60)])
+    jobs = {c.id: c for c in await store.claim("default", 60, "d1", 30.0, ["wf"])}
+    assert len(jobs) == 60
+    first = enqueued[0].id
+    await store.save_step(first, jobs[first].lease_token, "done", '"old"', 1, 0.0)
+    rows = [StepRow(e.id, jobs[e.id].lease_token, "s", json.dumps({"i": i}), 1, 0.01)
+            for i, e in enumerate(enqueued)]
+    lost = StepRow(enqueued[1].id, jobs[enqueued[1].id].lease_token + 7, "t", "1", 1, 0.0)
+    again = StepRow(first, jobs[first].lease_token, "done", '"new"', 1, 0.0)
+    twice = [StepRow(first, jobs[first].lease_token, "dup", str(n), 1, 0.0) for n in (1, 2)]
+    out = await store.save_steps([*rows, lost, again, *twice])
+    assert [json.loads(r) for r in out[:60]] == [{"i": i} for i in range(60)]
+    assert out[60:] == [None, '"old"', "1", "1"]
+    assert sql.fetchval("SELECT count(*) FROM jobd.job_steps WHERE name = 's'") == 60
+    assert sql.fetchval("SELECT count(*) FROM jobd.job_steps WHERE name = 't'") == 0
+    assert sql.fetchval("SELECT attempts FROM jobd.job_steps WHERE job_id = $1"
+                        " AND name = 'dup'", first) == 1
+
+
+async def test_save_steps_a_refused_value_fails_the_statement(store, sql):
+    """A NUL byte (jsonb cannot hold one) is ValueRejected for the whole statement, and
+    nothing of it is stored: the step writer then writes the rows apart."""
+    [a, b] = await store.enqueue_many([NewJob(kind="wf"), NewJob(kind="wf")])
+    jobs = {c.id: c for c in await store.claim("default", 2, "d1", 30.0, ["wf"])}
+    rows = [StepRow(a.id, jobs[a.id].lease_token, "s", "1", 1, 0.0),
+            StepRow(b.id, jobs[b.id].lease_token, "s", '"\\u0000"', 1, 0.0)]
+    with pytest.raises(ValueRejected):
+        await store.save_steps(rows)
+    assert sql.fetchval("SELECT count(*) FROM jobd.job_steps") == 0
+    assert await store.save_steps(rows[:1]) == ["1"]
+    with pytest.raises(ValueRejected):
+        await store.save_steps(rows[1:])
 
 
 async def test_sleep_until_is_fixed_by_first_call(store):
@@ -130,7 +179,8 @@ async def test_failure_hook_enqueued_with_the_failure(store, sql):
 
 async def test_workflow_details(store):
     [e] = await store.enqueue_many([NewJob(kind="wf")])
-    await store.save_step(e.id, "a", "1", 2, 0.5)
+    job = await claim_one(store)
+    await store.save_step(e.id, job.lease_token, "a", "1", 2, 0.5)
     await store.spawn_children(e.id, "spawn#1", [NewJob(kind="child")])
     waiting_on, steps, children = await store.workflow_details(e.id)
     assert waiting_on is None
@@ -145,10 +195,11 @@ async def test_overhead_numbers(store):
     import time
 
     [e] = await store.enqueue_many([NewJob(kind="wf")])
+    job = await claim_one(store)
     n = 200
     t = time.perf_counter()
     for i in range(n):
-        await store.save_step(e.id, f"s{i}", '{"v": 1}', 1, 0.0)
+        await store.save_step(e.id, job.lease_token, f"s{i}", '{"v": 1}', 1, 0.0)
     write_us = (time.perf_counter() - t) / n * 1e6
     t = time.perf_counter()
     rows = await store.load_steps(e.id)
@@ -252,18 +303,24 @@ async def test_a_refused_suspension_fails_the_job(store, sql):
 
 async def test_a_marked_jobs_claim_returns_its_steps(store, sql):
     """A job whose finish said it has steps gets them with its next claim (both claim
-    statements); other jobs get None and pay no read."""
+    statements); a job's first claim gets none (no attempt before it can have stored
+    one); other jobs get None and load on first use."""
     from actors.flow import FlowLimits, KeyLimits
 
     [wf, plain] = await store.enqueue_many([NewJob(kind="wf"), NewJob(kind="plain")])
     job = await claim_one(store)
-    await store.save_step(wf.id, "a", '{"x": 1}', 1, 0.0)
+    await store.save_step(wf.id, job.lease_token, "a", '{"x": 1}', 1, 0.0)
     await store.save_step_error(wf.id, "b", '{"class": "network"}', 1)
     await store.finish_many([Outcome(id=wf.id, token=job.lease_token, state="available",
                                      delay_s=0.0, steps="[]")])
     claimed = {c.kind: c for c in await store.claim("default", 10, "d1", 30.0, ["wf", "plain"])}
-    assert claimed["plain"].steps is None
+    assert claimed["plain"].steps == "[]"  # its first claim
     assert sorted(json.loads(claimed["wf"].steps)) == [["a", {"x": 1}, True], ["b", None, False]]
+    # Unmarked and claimed before (e.g. a crash after a step, before the finish): unknown.
+    await store.finish_many([Outcome(id=plain.id, token=claimed["plain"].lease_token,
+                                     state="available", delay_s=0.0)])
+    [plain_again] = await store.claim("default", 10, "d1", 30.0, ["plain"])
+    assert plain_again.steps is None
     # A finish without steps keeps the mark; under flow control the claim says the same.
     await store.finish_many([Outcome(id=wf.id, token=claimed["wf"].lease_token,
                                      state="available", delay_s=0.0)])

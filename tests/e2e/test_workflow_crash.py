@@ -216,3 +216,41 @@ def test_sigkill_between_a_suspension_and_its_record_loses_nothing(jobd, sql):
     # Stored steps ran once; the stepless stretch before the sleep once per run: the
     # killed one, its re-run (which suspends again) and the resume.
     assert runs == {("before", 1), ("after", 1), ("suspending", 3)}
+
+
+def test_sigkill_mid_step_batch_loses_no_acknowledged_step(jobd, sql, tmp_path):
+    """Steps of many workflows go to Postgres in shared statements (the step writer's
+    group commit), and a step's await returns only after its statement committed: SIGKILL
+    the daemon while those batches stream, and every step a workflow saw return is
+    stored; after a restart every workflow completes with each step stored once."""
+    n, steps = 60, 30
+    acks = tmp_path / "acks"
+    daemon = jobd(modules=MODULES, queues={"wf": {"concurrency": n}}, jobs=JOBS)
+    # All at once (its poll finds them): the workflows' steps then finish together.
+    sql.execute("INSERT INTO jobd.jobs (kind, queue, args) SELECT 'wf.acked', 'wf', $1::jsonb"
+                " FROM generate_series(1, $2)",
+                json.dumps({"acks": str(acks), "steps": steps}), n)
+
+    def acknowledged() -> set[tuple[int, str]]:
+        if not acks.exists():
+            return set()
+        lines = acks.read_text().splitlines()
+        return {(int(j), s) for j, s in (ln.split() for ln in lines if ln.count(" ") == 1)}
+
+    wait_until("steps streaming", lambda: len(acknowledged()) >= n * steps // 4,
+               daemons=(daemon,))
+    daemon.kill()
+    seen = acknowledged()  # after the kill: nothing more can be acknowledged
+    wait_for_dead_sessions(sql)
+    stored = done_steps(sql)
+    assert seen - stored == set(), f"acknowledged steps lost: {sorted(seen - stored)[:10]}"
+    assert len(seen) < n * steps, "the kill came after everything had finished"
+
+    daemon = jobd(modules=MODULES, queues={"wf": {"concurrency": n}}, jobs=JOBS)
+    wait_until("every workflow completed", lambda: sql.fetchval(
+        "SELECT count(*) FROM jobd.jobs WHERE state = 'completed'") == n, timeout=90,
+        daemons=(daemon,))
+    assert sql.fetchval("SELECT count(*) FROM jobd.job_steps WHERE finished_at IS NOT NULL") \
+        == n * steps
+    rows = sql.fetch("SELECT name, result::text AS r FROM jobd.job_steps")
+    assert all(r["r"] == str(int(r["name"][1:]) ** 2) for r in rows)

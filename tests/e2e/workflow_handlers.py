@@ -132,3 +132,22 @@ async def gated(ctx: Context, args: GatedArgs) -> dict:
     await _log(ctx, "suspending")
     await ctx.sleep("nap", args.sleep_s)
     return {"before": first, "after": await ctx.step("after", after)}
+
+
+class AckedArgs(msgspec.Struct):
+    acks: str  # a file: a line per step whose await returned, written just after
+    steps: int = 20
+
+
+@job("wf.acked", queue="wf", max_attempts=20)
+async def acked(ctx: Context, args: AckedArgs) -> int:
+    """Many one-line steps; each one's return acknowledged in a file (outside the daemon's
+    database writes, and kept by the OS when the daemon is SIGKILLed)."""
+    fd = os.open(args.acks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for i in range(args.steps):
+            await ctx.step(f"s{i}", lambda i=i: i * i)
+            os.write(fd, f"{ctx.job.id} s{i}\n".encode())
+    finally:
+        os.close(fd)
+    return args.steps

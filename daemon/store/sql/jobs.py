@@ -98,7 +98,10 @@ ORDER BY x.ord
 """
 
 # `steps`: a workflow's stored steps as [[name, result, done], ...], read only for jobs
-# marked has_steps (migration 0015); NULL for the rest, which then load on first use.
+# marked has_steps (migration 0015); none for a job's first claim (lease token 1: steps
+# are only written by an attempt of the job, and every claim, rescue and release moves
+# the token, so no attempt came before this one); NULL for the rest, which then load on
+# first use.
 CLAIMED_COLUMNS = """
 j.id, j.queue, j.kind, j.args::text AS args, j.key, j.priority, j.attempt, j.max_attempts,
 j.lease_token, j.timeout_s, j.tags, j.errors::text AS errors, j.unique_key, j.run_at,
@@ -106,7 +109,8 @@ j.created_at, j.started_at,
 CASE WHEN j.has_steps THEN (
     SELECT coalesce(jsonb_agg(jsonb_build_array(s.name, s.result, s.finished_at IS NOT NULL)),
                     '[]')::text
-    FROM jobd.job_steps s WHERE s.job_id = j.id) END AS steps
+    FROM jobd.job_steps s WHERE s.job_id = j.id)
+    WHEN j.lease_token = 1 THEN '[]' END AS steps
 """
 
 # Only kinds this daemon has handlers for, so daemons with different handler sets

@@ -12,24 +12,40 @@ SELECT name, result::text AS result, finished_at IS NOT NULL AS done
 FROM jobd.job_steps WHERE job_id = $1
 """
 
-# First completion wins: a zombie attempt finishing the same step later does not
-# overwrite what the live attempt may already have built on. Returns the stored result.
-# $1 = job id, $2 = step name, $3 = result (JSON), $4 = attempts it took,
-# $5 = how long it ran (s).
-SAVE_STEP = """
-WITH ins AS (
+# Finished steps of many running attempts, in one statement. Fenced by the lease: a row
+# whose attempt no longer holds its job (rescued, cancelled, finished) stores nothing.
+# First completion wins: a step already finished keeps its result (a second row for the
+# same step in one batch, from a handler running it twice at once, gets the first's).
+# One output row per input row, in order: `live` false = the lease is gone; `result` =
+# what is stored for that step now.
+# $1 = job ids, $2 = lease tokens, $3 = step names, $4 = results (JSON text),
+# $5 = attempts each took, $6 = how long each ran (s); all arrays of one length.
+SAVE_STEPS = """
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[],
+                         $6::float8[]) WITH ORDINALITY
+        AS x(job_id, token, name, result, attempts, duration_s, ord)
+), live AS (
+    SELECT i.* FROM input i JOIN jobd.jobs j ON j.id = i.job_id
+    WHERE j.lease_token = i.token AND j.state = 'running'
+), ins AS (
     INSERT INTO jobd.job_steps AS s (job_id, name, result, attempts, started_at, finished_at)
-    VALUES ($1, $2, $3::jsonb, $4, now() - $5 * interval '1 second', now())
+    SELECT DISTINCT ON (job_id, name) job_id, name, result::jsonb, attempts,
+           now() - duration_s * interval '1 second', now()
+    FROM live ORDER BY job_id, name, ord
     ON CONFLICT (job_id, name) DO UPDATE
         SET result = EXCLUDED.result, error = NULL, attempts = s.attempts + EXCLUDED.attempts,
             finished_at = EXCLUDED.finished_at
         WHERE s.finished_at IS NULL
-    RETURNING s.result::text AS result
+    RETURNING s.job_id, s.name, s.result::text AS result
 )
-SELECT result FROM ins
-UNION ALL
-SELECT result::text FROM jobd.job_steps
-WHERE job_id = $1 AND name = $2 AND NOT EXISTS (SELECT 1 FROM ins)
+SELECT l.ord IS NOT NULL AS live,
+       coalesce(ins.result, (SELECT s.result::text FROM jobd.job_steps s
+                             WHERE s.job_id = i.job_id AND s.name = i.name)) AS result
+FROM input i
+LEFT JOIN live l ON l.ord = i.ord
+LEFT JOIN ins ON ins.job_id = i.job_id AND ins.name = i.name
+ORDER BY i.ord
 """
 
 # A failed step execution: counted and kept for `jobctl get`; the step stays unfinished.
