@@ -83,7 +83,7 @@ async def _terminate_idle(pool: bridge.Pool, url: str) -> None:
             pid = connection.get_server_pid()
             await bridge.call(admin.fetchval, "SELECT pg_terminate_backend($1)", pid)
     finally:
-        admin.terminate()
+        bridge.terminate(admin)
 
 
 async def test_a_connection_killed_while_idle_is_unavailable_and_dropped(pool, fresh_database):
