@@ -128,7 +128,7 @@ async def _orphan_error() -> None:
 async def test_an_unretrieved_asyncio_error_is_logged_not_raised(caplog):
     import gc
 
-    # trio-asyncio's own handler would raise it into the loop's nursery (the daemon's).
+    # An asyncio error nobody waits for is logged and counted, never raised into trio.
     async with bridge.open_loop():
         await bridge.call(_orphan_error)
         gc.collect()
