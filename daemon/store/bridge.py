@@ -28,7 +28,7 @@ import trio
 
 try:
     import uvloop
-except ImportError:  # not on Windows: asyncio's own loop, at 1.5x the CPU per call
+except ImportError:  # no Windows build: asyncio's own loop, at ~1.5x the CPU per call
     uvloop = None  # type: ignore[assignment]
 
 from actors.ports import Conflict, StoreUnavailable, ValueRejected
