@@ -7,10 +7,11 @@ asyncio or uvloop host loop; asyncpg on its own asyncio or uvloop thread. Sequen
         DSN=postgresql://postgres@127.0.0.1:5432/postgres python bridge_bench.py $v
     done
 
-From the repo (uvloop is not a jobd dependency; install it into the venv to run those
-variants): `N=5000 .venv/bin/python bench/bridge_bench.py <variant>` per variant, 3 reps;
-raw output goes to bench/results/bridge-<UTC timestamp>.txt. Note that CPU is the
-process's (`time.process_time`), so the thread variants count both threads.
+From the repo (trio-asyncio is no longer a jobd dependency: the daemon's bridge is the
+thread_uv variant; `.venv/bin/pip install trio-asyncio` to run trio_asyncio):
+`N=5000 .venv/bin/python bench/bridge_bench.py <variant>` per variant, 3 reps; raw output
+goes to bench/results/bridge-<UTC timestamp>.txt. Note that CPU is the process's
+(`time.process_time`), so the thread variants count both threads.
 """
 import asyncio
 import os

@@ -1,6 +1,6 @@
 """Structured logs: one JSON object per line on stdout, or a readable line on a TTY.
 
-Everything goes through stdlib logging, so hypercorn, trio-asyncio and asyncpg land in
+Everything goes through stdlib logging, so hypercorn, asyncio and asyncpg land in
 the same stream. Fields beyond the standard ones come from `extra=`:
 
     log.info("job finished", extra={"event": "job.finished", "job_id": 42, "duration_s": 0.7})
@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-_NOISY = ("asyncio", "trio_asyncio", "hypercorn.access")
+_NOISY = ("asyncio", "hypercorn.access")
 
 # Every attribute a bare LogRecord carries; anything else on a record came from `extra=`.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {

@@ -32,12 +32,12 @@ against the handler when the job runs. `require_handler=True` refuses such a kin
 `unknown_kind`, as the socket does.
 
 asyncio only: asyncpg is asyncio-native (FastAPI, aiohttp, plain asyncio). From trio,
-run it on a trio-asyncio loop:
+run it through the daemon's own bridge (an asyncio loop on a thread of its own):
 
-    async with trio_asyncio.open_loop():
+    async with bridge.open_loop():          # daemon.store.bridge
         jobs = DirectProducer(url)
-        await trio_asyncio.aio_as_trio(jobs.open)()
-        done = await trio_asyncio.aio_as_trio(jobs.enqueue)("noop", {})
+        await bridge.call(jobs.open)
+        done = await bridge.call(jobs.enqueue, "noop", {})
 
 Inside your transaction, a statement Postgres refuses aborts that transaction, as any
 failed statement does; values are checked before anything is sent, so that takes a

@@ -126,7 +126,7 @@ def fresh_database(pg_cluster: EmbeddedPostgres | None) -> Iterator[str]:
 
 @pytest.fixture
 async def store(fresh_database: str):
-    """A migrated PgStore on a fresh database, inside this test's trio-asyncio loop."""
+    """A migrated PgStore on a fresh database, inside this test's store loop (its own thread)."""
 
     async with bridge.open_loop():
         pg = PgStore(fresh_database, pool_min=1, pool_max=4, timeout_s=10)

@@ -38,10 +38,6 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     **{("daemon/api/http_server.py", name): _HYPERCORN
        for name in ("hypercorn.config", "hypercorn.protocol.h2", "hypercorn.trio.tcp_server",
                     "hypercorn.trio.worker_context", "hypercorn.typing", "hypercorn.utils")},
-    ("daemon/store/bridge.py", "trio_asyncio"): (
-        "importing trio-asyncio turns every later asyncio.new_event_loop() of the process "
-        "into a trio-asyncio loop; the direct producer imports the store into an "
-        "application's asyncio process (tests/daemon/test_producer.py checks it)"),
 }
 
 

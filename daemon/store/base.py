@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 
 from actors.ports import Conflict, NullObserver, Observer, StoreUnavailable
-from daemon.store.bridge import Pool, StaleConnection, call, connect
+from daemon.store.bridge import Pool, StaleConnection, call, connect, terminate
 from daemon.store.migrate import apply, current_version, latest_version
 
 # A store call waiting this long (or the database timeout, if shorter) makes the store
@@ -76,7 +76,7 @@ class StoreBase:
         try:
             self.schema_version = await call(migrate, connection)
         finally:
-            connection.terminate()
+            terminate(connection)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

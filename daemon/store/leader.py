@@ -13,7 +13,7 @@ import asyncpg
 
 from actors.ports import Observer
 from daemon.store.base import StoreBase
-from daemon.store.bridge import call, connect
+from daemon.store.bridge import call, connect, terminate
 from daemon.store.sql import flow as flow_sql
 from daemon.store.sql import metrics as sql
 
@@ -60,5 +60,4 @@ class MetricsSessions(StoreBase):
         try:
             yield MetricsSession(connection, self.observer)
         finally:
-            if not connection.is_closed():
-                connection.terminate()
+            terminate(connection)

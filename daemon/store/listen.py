@@ -1,22 +1,24 @@
 """The LISTEN connection: kept alive (probed, reconnected with backoff) while the daemon
-runs. asyncpg calls back on the asyncio side, so the callback only puts (channel, payload)
-into a bounded trio channel the daemon owns; the notifier reads it on the trio side. A
-full channel drops the notification and says so (`on_full`): a lost wake-up costs
-latency, not a job (the dispatchers' poll is the fallback, and the notifier re-checks
-everything), while an unbounded buffer would let a NOTIFY flood grow the daemon's memory
-without limit."""
+runs. asyncpg calls back on the loop thread; bridge.in_trio hands the callback to trio, where
+it only puts (channel, payload) into a bounded trio channel the daemon owns; the notifier
+reads it there. A full channel drops the notification and says so (`on_full`): a lost
+wake-up costs latency, not a job (the dispatchers' poll is the fallback, and the notifier
+re-checks everything), while an unbounded buffer would let a NOTIFY flood grow the
+daemon's memory without limit."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 import trio
 
 from actors.ports import StoreUnavailable
 from daemon.store.base import StoreBase
-from daemon.store.bridge import call, connect
+from daemon.store.bridge import add_termination_listener, call, connect, in_trio, terminate
 
 log = logging.getLogger("jobd.store")
 
@@ -39,7 +41,7 @@ class Listening(StoreBase):
     @staticmethod
     def _deliver(send: trio.MemorySendChannel[tuple[str, str]],
                  on_full: Callable[[str, str], None], channel: str, payload: str) -> None:
-        # Called from asyncpg's callback: nothing here may block or raise.
+        # Called (on the trio side) for asyncpg's callback: nothing here may block or raise.
         try:
             send.send_nowait((channel, payload))
         except trio.WouldBlock:
@@ -56,13 +58,12 @@ class Listening(StoreBase):
             connection = None
             try:
                 connection = await connect(self.url, self._timeout_s)
-                connection.add_termination_listener(lambda _c, lost=lost: lost.set())
+                # Bound now: a late callback of an old connection must not set a new `lost`.
+                await add_termination_listener(connection, partial(_set_lost, lost))
+                deliver = in_trio(
+                    lambda _c, _pid, ch, payload: self._deliver(send, on_full, ch, payload))
                 for channel in channels:
-                    await call(
-                        connection.add_listener,
-                        channel,
-                        lambda _c, _pid, ch, payload: self._deliver(send, on_full, ch, payload),
-                    )
+                    await call(connection.add_listener, channel, deliver)
                 backoff = 0.1
                 for channel in channels:
                     self._deliver(send, on_full, channel, "")
@@ -78,7 +79,11 @@ class Listening(StoreBase):
                 log.exception("LISTEN connection failed; reconnecting",
                               extra={"event": "store.listen_lost"})
             finally:
-                if connection is not None and not connection.is_closed():
-                    connection.terminate()
+                if connection is not None:
+                    terminate(connection)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+
+def _set_lost(lost: trio.Event, _connection: Any) -> None:
+    lost.set()

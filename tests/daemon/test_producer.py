@@ -19,10 +19,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import msgspec
 import pytest
-import trio_asyncio
 
 from actors.handlers import Handlers
 from daemon.producer import DirectProducer
+from daemon.store import bridge
 from daemon.store.migrate import apply
 from protocol import SyncClient
 from protocol.errors import ErrorCode, JobdError, Unavailable
@@ -360,8 +360,8 @@ def test_a_handler_module_that_does_not_import_is_a_typed_error() -> None:
 
 
 def test_importing_the_producer_leaves_the_applications_asyncio_alone() -> None:
-    """trio-asyncio, once imported, makes every new asyncio loop one of its own: the
-    producer must not bring it into a FastAPI process (only the daemon's bridge uses it)."""
+    """The producer brings the store into a FastAPI process: importing it must not change
+    what loop that process gets (no event loop policy set, no trio-asyncio)."""
     probe = ("import asyncio, sys; import daemon.producer; "
              "print('trio_asyncio' in sys.modules, type(asyncio.new_event_loop()).__module__)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
@@ -372,12 +372,12 @@ def test_importing_the_producer_leaves_the_applications_asyncio_alone() -> None:
 # -- from trio ---------------------------------------------------------------------------
 
 
-async def test_from_trio_through_trio_asyncio(db, sql) -> None:
-    async with trio_asyncio.open_loop():
+async def test_from_trio_through_the_bridge(db, sql) -> None:
+    async with bridge.open_loop():
         producer = DirectProducer(db, handlers=charge_handlers())
-        await trio_asyncio.aio_as_trio(producer.open)()
+        await bridge.call(producer.open)
         try:
-            done = await trio_asyncio.aio_as_trio(producer.enqueue)("charge", {"shop": "t"})
+            done = await bridge.call(producer.enqueue, "charge", {"shop": "t"})
         finally:
-            await trio_asyncio.aio_as_trio(producer.close)()
+            await bridge.call(producer.close)
     assert [r["key"] for r in rows(sql, [done.id])] == ["shop:t"]
