@@ -189,6 +189,12 @@ async def enqueue_rows(connection: asyncpg.Connection, jobs: list[NewJob],
     if _copyable(jobs):
         ids = await copy_jobs(connection, jobs, parent_id)
         return [Enqueued(id=i, created=True) for i in ids]
+    return await insert_rows(connection, jobs, parent_id)
+
+
+async def insert_rows(connection: asyncpg.Connection, jobs: list[NewJob],
+                      parent_id: int | None = None) -> list[Enqueued]:
+    """The statement path of enqueue_rows, for any batch (unique keys included)."""
     if parent_id is None:
         rows = await connection.fetch(sql.ENQUEUE_MANY, job_rows_json(jobs))
     else:

@@ -2,8 +2,8 @@
 as the statement path (ENQUEUE_MANY / ENQUEUE_CHILDREN) for the same input, ids in
 input order, one transaction, one NOTIFY per queue, typed errors and outages.
 
-The statement path is reached by raising COPY_MIN_ROWS for one call: the comparison is
-between the two real paths on the same database."""
+The statement path is store.jobs.insert_rows, run on the store's own connection: the
+comparison is between the two real paths on the same database."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ async def rows(store, ids: list[int]) -> list[tuple[str, object]]:
     return [(r["row"], r["delay"]) for r in await store._fetch(ROWS, ids)]
 
 
-def statement_path(monkeypatch) -> None:
-    monkeypatch.setattr(store_jobs, "COPY_MIN_ROWS", 10**9)
+async def by_statement(store, jobs: list[NewJob], parent_id: int | None = None) -> list[int]:
+    done = await store._run(store_jobs.insert_rows, jobs, parent_id, op="enqueue")
+    return [d.id for d in done]
 
 
 async def test_ids_come_back_in_input_order_and_are_what_postgres_holds(store, sql):
@@ -70,11 +71,10 @@ async def test_ids_come_back_in_input_order_and_are_what_postgres_holds(store, s
     assert after.id > ids[-1]
 
 
-async def test_every_column_matches_the_statement_path(store, monkeypatch):
+async def test_every_column_matches_the_statement_path(store):
     jobs = varied(N)
     copied = [d.id for d in await store.enqueue_many(jobs)]
-    statement_path(monkeypatch)
-    stated = [d.id for d in await store.enqueue_many(jobs)]
+    stated = await by_statement(store, jobs)
     assert len(set(copied) | set(stated)) == 2 * N
     assert await rows(store, copied) == await rows(store, stated)
     states = {r["state"] for r in await store._fetch(
@@ -86,15 +86,14 @@ async def test_every_column_matches_the_statement_path(store, monkeypatch):
     None, ("key", "acme"), ("delay_s", 2.5), ("tags", ["t"]), ("timeout_s", 9.5),
     ("cost", 3), ("priority", -5), ("max_attempts", 1), ("queue", "q2"),
 ])
-async def test_a_uniform_batch_matches_the_statement_path(store, monkeypatch, field):
+async def test_a_uniform_batch_matches_the_statement_path(store, field):
     """Columns every row leaves at their default do not travel (copy_columns): what the
     table fills in for them must be what the statement writes."""
     plain = [NewJob(kind="k", args=f'{{"i": {i}}}') for i in range(N)]
     jobs = plain if field is None else [
         NewJob(**{**msgspec.structs.asdict(j), field[0]: field[1]}) for j in plain]
     copied = [d.id for d in await store.enqueue_many(jobs)]
-    statement_path(monkeypatch)
-    stated = [d.id for d in await store.enqueue_many(jobs)]
+    stated = await by_statement(store, jobs)
     assert await rows(store, copied) == await rows(store, stated)
 
 
@@ -109,12 +108,11 @@ def test_only_columns_some_row_needs_travel():
     assert every["state"] == ["available", "scheduled"] and every["parent_id"] == [9, 9]
 
 
-async def test_children_match_the_statement_path_with_their_parent(store, monkeypatch):
+async def test_children_match_the_statement_path_with_their_parent(store):
     [parent] = await store.enqueue_many([NewJob(kind="parent")])
     jobs = varied(N, seed=11)
     copied = [d.id for d in await store.enqueue_children(parent.id, jobs)]
-    statement_path(monkeypatch)
-    stated = [d.id for d in await store.enqueue_children(parent.id, jobs)]
+    stated = await by_statement(store, jobs, parent.id)
     got = await rows(store, copied)
     assert got == await rows(store, stated)
     assert {msgspec.json.decode(r)["parent_id"] for r, _ in got} == {parent.id}
