@@ -13,6 +13,7 @@ killed predecessor's session, and the leader lock with it, is gone.
 
 from __future__ import annotations
 
+import http.client
 import random
 import threading
 import time
@@ -86,7 +87,8 @@ class Scraper(threading.Thread):
                 continue
             try:
                 status, _, body = request(base, "GET", "/metrics", token=None)
-            except OSError:
+            except (OSError, http.client.HTTPException):
+                # A daemon SIGKILLed mid-reply leaves a short body (IncompleteRead).
                 self.failed += 1
                 continue
             if status == 200:
