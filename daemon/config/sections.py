@@ -185,6 +185,14 @@ class Limits(_Strict):
     list_field_bytes: Annotated[int, msgspec.Meta(ge=64, le=_MiB)] = 4096
 
 
+class Http(_Strict):
+    """Outbound requests (HTTP handlers, webhooks). URLs come only from this file."""
+
+    allow_hosts: list[str] = []  # empty: any host; ".example.com": its subdomains
+    follow_redirects: bool = False
+    per_origin: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100  # requests in flight
+
+
 class Config(_Strict):
     region: _Name = "default"
     database: Database = msgspec.field(default_factory=Database)
@@ -195,6 +203,7 @@ class Config(_Strict):
     jobs: Jobs = msgspec.field(default_factory=Jobs)
     limits: Limits = msgspec.field(default_factory=Limits)
     handlers: Handlers = msgspec.field(default_factory=Handlers)
+    http: Http = msgspec.field(default_factory=Http)
     queues: dict[_Name, Queue] = {}
     schedules: list[ScheduleSpec] = []  # [[schedules]]; see README "Schedules"
 

@@ -1,0 +1,99 @@
+"""The one way jobd sends a request out: calls to HTTP handlers and completion webhooks.
+
+Destinations come only from config, never from job args, and must pass the `[http]`
+allow-list; redirects are not followed unless config says so (a redirect could carry a
+signed body to a host nobody allowed); TLS is verified. One httpx client pools
+connections per origin, and a limiter per origin bounds how many requests are in
+flight to it, so one slow endpoint cannot take every connection. A response body is
+read only up to `max_body_bytes`: past that the response is marked `too_large` and the
+rest is never buffered.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import httpx
+import msgspec
+import trio
+
+
+class DestinationRefused(Exception):
+    """The URL is not http(s) or its host is not in `[http] allow_hosts`."""
+
+
+class Response(msgspec.Struct, frozen=True):
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    too_large: bool = False
+
+
+def origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def check_destination(url: str, allow_hosts: list[str]) -> None:
+    """Refuse what config must not be able to send to. An empty allow-list allows any
+    host; an entry `.example.com` allows that domain's subdomains."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DestinationRefused(f"{url!r} is not an http(s) URL with a host")
+    if not allow_hosts:
+        return
+    host = parts.hostname.lower()
+    for allowed in allow_hosts:
+        allowed = allowed.lower()
+        if host == allowed or (allowed.startswith(".") and host.endswith(allowed)):
+            return
+    raise DestinationRefused(f"host {host!r} is not in [http] allow_hosts")
+
+
+class Outbound:
+    def __init__(self, *, allow_hosts: list[str], follow_redirects: bool = False,
+                 per_origin: int = 100, max_body_bytes: int = 1 << 20) -> None:
+        self.allow_hosts = list(allow_hosts)
+        self.per_origin = per_origin
+        self.max_body_bytes = max_body_bytes
+        self._limiters: dict[str, trio.CapacityLimiter] = {}
+        self._client = httpx.AsyncClient(
+            follow_redirects=follow_redirects, verify=True, trust_env=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=per_origin))
+
+    def limiter(self, url: str) -> trio.CapacityLimiter:
+        key = origin(url)
+        found = self._limiters.get(key)
+        if found is None:
+            found = self._limiters[key] = trio.CapacityLimiter(self.per_origin)
+        return found
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str],
+                   timeout_s: float) -> Response:
+        """POST `body`; httpx's own exceptions (timeouts, refused connections) propagate,
+        and the retry table classes them as network errors."""
+        check_destination(url, self.allow_hosts)
+        async with self.limiter(url):
+            request = self._client.build_request(
+                "POST", url, content=body,
+                headers={"content-type": "application/json", **headers},
+                timeout=httpx.Timeout(timeout_s))
+            response = await self._client.send(request, stream=True)
+            try:
+                chunks: list[bytes] = []
+                size = 0
+                too_large = False
+                async for chunk in response.aiter_raw():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        too_large = True
+                        break
+                    chunks.append(chunk)
+            finally:
+                await response.aclose()
+        return Response(status=response.status_code,
+                        headers={k.lower(): v for k, v in response.headers.items()},
+                        body=b"" if too_large else b"".join(chunks), too_large=too_large)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
