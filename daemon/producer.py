@@ -60,7 +60,7 @@ import msgspec
 from actors import jobs
 from actors.handlers import HANDLERS, Handlers
 from actors.ports import NewJob, StoreUnavailable, ValueRejected
-from actors.services.live_queues import LIVE_QUEUES_TTL_S, unserved_warning
+from actors.services.live_queues import LiveSet, unserved_warning
 from actors.validate import DEFAULT_MAX_ARGS_BYTES
 from daemon.api.requests import decode
 from daemon.store.bridge import StaleConnection, translate
@@ -115,7 +115,7 @@ class DirectProducer:
         # (monotonic time read, max_args_bytes, live_s) and (time read, live queues).
         self._settings: tuple[float, int, float] = (-math.inf, DEFAULT_MAX_ARGS_BYTES,
                                                     DEFAULT_LIVE_S)
-        self._live: tuple[float, set[str]] = (-math.inf, set())
+        self._live = LiveSet()
 
     # -- life -------------------------------------------------------------------
 
@@ -212,15 +212,14 @@ class DirectProducer:
         return limit, live_s
 
     async def _unserved(self, rows: list[NewJob], connection: Any) -> str | None:
-        """The socket's warning for queues no live daemon serves. The live set is kept
-        a few seconds while it holds every queue asked; a queue missing from it is
-        asked afresh (it may have just come up)."""
+        """The socket's warning for queues no live daemon serves, on the socket path's
+        cache rule (actors/services/live_queues.py)."""
         wanted = {r.queue for r in rows}
-        at, live = self._live
-        if time.monotonic() - at > LIVE_QUEUES_TTL_S or not wanted <= live:
+        if self._live.stale(time.monotonic(), wanted):
             _, live_s = await self._limits(connection)
-            live = await self._run(live_queues, live_s, connection=connection)
-            self._live = (time.monotonic(), live)
+            queues = await self._run(live_queues, live_s, connection=connection)
+            self._live.update(time.monotonic(), set(queues), wanted)
+        live = self._live.queues
         missing = sorted(wanted - live)
         return unserved_warning(missing, live) if missing else None
 

@@ -4,7 +4,10 @@ is refused (almost always a typo).
 
 The store knows the queues of live daemons (heartbeat younger than `live_s`); this
 keeps that answer a few seconds, so a daemon enqueueing for queues other daemons serve
-does not pay a round trip per enqueue.
+does not pay a round trip per enqueue. A queue found unserved is asked afresh the first
+time (a daemon may have just started serving it), then not again for a second: a
+producer filling a queue no daemon serves yet (a backlog before a deploy) would
+otherwise pay a round trip per job.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from actors.ports import NewJob, Store
 from protocol.errors import NotFound
 
 LIVE_QUEUES_TTL_S = 5.0
+MISSING_QUEUE_TTL_S = 1.0
 
 
 def unserved_warning(missing: list[str], served: set[str]) -> str:
@@ -24,6 +28,26 @@ def unserved_warning(missing: list[str], served: set[str]) -> str:
     names = ", ".join(sorted(served)) or "none"
     return (f"no live daemon serves queue {', '.join(map(repr, missing))}: the job waits "
             f"until one does (queues served: {names})")
+
+
+class LiveSet:
+    """The cache rule both enqueue paths share (this module's docstring): whether a
+    fresh answer is needed for the queues `wanted`, on a monotonic clock of the caller's."""
+
+    def __init__(self) -> None:
+        self.at = -float("inf")
+        self.queues: set[str] = set()
+        self._missing_since: dict[str, float] = {}  # queue -> when an answer lacked it
+
+    def stale(self, now: float, wanted: set[str] | None) -> bool:
+        if wanted is None or now - self.at > LIVE_QUEUES_TTL_S:
+            return True
+        return any(now - self._missing_since.get(q, -float("inf")) > MISSING_QUEUE_TTL_S
+                   for q in wanted - self.queues)
+
+    def update(self, now: float, queues: set[str], wanted: set[str] | None) -> None:
+        self.at, self.queues = now, queues
+        self._missing_since = {q: now for q in (wanted or set()) - queues}
 
 
 class LiveQueues:
@@ -35,17 +59,15 @@ class LiveQueues:
         self._here = here
         self._declared = declared
         self._live_s = live_s
-        self._cache: tuple[float, set[str]] = (-float("inf"), set())
+        self._cache = LiveSet()
 
     async def _live(self, wanted: set[str] | None = None) -> set[str]:
         """Queues live daemons serve. Kept a few seconds when it holds all `wanted`,
-        while a queue missing from it is always asked afresh."""
-        now = trio.current_time()
-        at, queues = self._cache
-        if wanted is None or now - at > LIVE_QUEUES_TTL_S or not wanted <= queues:
+        and while a queue it lacks was found missing less than a second ago."""
+        if self._cache.stale(trio.current_time(), wanted):
             queues = set(await self._store.live_queues(self._live_s))
-            self._cache = (now, queues)
-        return queues
+            self._cache.update(trio.current_time(), queues, wanted)
+        return self._cache.queues
 
     async def unserved(self, rows: list[NewJob]) -> str | None:
         """A warning naming the queues of `rows` that no live daemon serves, else None.

@@ -11,11 +11,13 @@ from typing import Any
 
 import msgspec
 import pytest
+import trio
 
 from actors import jobs
 from actors.context import Context
 from actors.handlers import HANDLERS, Handlers, job
 from actors.ports import NewJob
+from actors.services import live_queues as live_queues_module
 from actors.services.control import Control
 from protocol import commands as c
 from protocol.errors import ErrorCode, JobdError
@@ -145,7 +147,8 @@ async def test_enqueue_reports_the_limit_and_batch_index(store):
     assert info.value.code == ErrorCode.BAD_REQUEST
 
 
-async def test_an_enqueue_to_a_queue_no_live_daemon_serves_says_so(store):
+async def test_an_enqueue_to_a_queue_no_live_daemon_serves_says_so(store, monkeypatch):
+    monkeypatch.setattr(live_queues_module, "MISSING_QUEUE_TTL_S", 0.2)
     ctl = control(store)
     here = await ctl.handle(c.Enqueue(job=JobSpec(kind="sleep")))
     assert here.warning is None
@@ -157,6 +160,7 @@ async def test_an_enqueue_to_a_queue_no_live_daemon_serves_says_so(store):
     assert "'crawl'" in batch.warning
     await store.register_daemon("other", "r", "h", 1, "v")
     await store.set_daemon_queues("other", ["crawl"])
+    await trio.sleep(0.3)  # a miss is kept that long (a second by default)
     served = await ctl.handle(c.Enqueue(job=JobSpec(kind="sleep", queue="crawl")))
     assert served.warning is None
 
@@ -269,3 +273,25 @@ async def test_queues_served_elsewhere_are_not_asked_per_enqueue(store):
     assert len(calls) == 1
     typo = await ctl.handle(c.Enqueue(job=JobSpec(kind="sleep", queue="crawl2")))
     assert typo.warning is not None and len(calls) == 2  # a miss is always asked afresh
+
+
+async def test_a_queue_nobody_serves_is_asked_once_a_second(store, monkeypatch):
+    """A producer filling a queue before any daemon serves it pays a round trip per
+    second, not per job; the warning still comes with every enqueue."""
+    calls = []
+    live_queues = store.live_queues
+
+    async def counting(live_s: float) -> list[str]:
+        calls.append(live_s)
+        return await live_queues(live_s)
+
+    store.live_queues = counting
+    monkeypatch.setattr(live_queues_module, "MISSING_QUEUE_TTL_S", 0.2)
+    ctl = control(store)
+    for _ in range(5):
+        done = await ctl.handle(c.Enqueue(job=JobSpec(kind="sleep", queue="later")))
+        assert "no live daemon serves queue 'later'" in (done.warning or "")
+    assert len(calls) == 1
+    await trio.sleep(0.3)
+    await ctl.handle(c.Enqueue(job=JobSpec(kind="sleep", queue="later")))
+    assert len(calls) == 2
