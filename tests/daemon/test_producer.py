@@ -381,3 +381,43 @@ async def test_from_trio_through_the_bridge(db, sql) -> None:
         finally:
             await bridge.call(producer.close)
     assert [r["key"] for r in rows(sql, [done.id])] == ["shop:t"]
+
+
+def test_a_unique_key_taken_after_a_repeatable_read_snapshot_is_a_conflict_to_retry(db, sql) -> None:
+    """Inside the caller's REPEATABLE READ (or SERIALIZABLE) transaction, a unique key
+    another transaction took after the snapshot cannot be answered "already there, here
+    is its id" (the row is invisible): it is a typed conflict saying to retry the
+    transaction, which then sees the job and gets created=False."""
+
+    async def main() -> tuple[JobdError | None, Any, int]:
+        conn = await asyncpg.connect(db)
+        other = await asyncpg.connect(db)
+        producer = DirectProducer(conn, handlers=charge_handlers())
+        try:
+            tx = conn.transaction(isolation="repeatable_read")
+            await tx.start()
+            await conn.fetchval("SELECT count(*) FROM jobd.jobs")  # the snapshot is taken
+            async with other.transaction():
+                first = await DirectProducer(other, handlers=charge_handlers()).enqueue(
+                    "charge", {"shop": "rr"}, unique_key="rr-1", connection=other)
+            refused: JobdError | None = None
+            try:
+                await producer.enqueue("charge", {"shop": "rr"}, unique_key="rr-1",
+                                       connection=conn)
+            except JobdError as exc:
+                refused = exc
+            await tx.rollback()
+            async with conn.transaction(isolation="repeatable_read"):
+                again = await producer.enqueue("charge", {"shop": "rr"}, unique_key="rr-1",
+                                               connection=conn)
+            return refused, again, first.id
+        finally:
+            await conn.close()
+            await other.close()
+
+    refused, again, first_id = run_async(main)
+    assert refused is not None
+    assert refused.code == ErrorCode.CONFLICT, refused
+    assert "retry the transaction" in refused.message and "\n" not in refused.message
+    assert (again.id, again.created) == (first_id, False)
+    assert sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE unique_key = 'rr-1'") == 1
