@@ -15,6 +15,7 @@ from typing import Any
 
 from actors.errors import UnknownKind
 from actors.jobdef import JobDef
+from actors.tools import ToolKey, declare
 from protocol.durations import parse_duration
 
 
@@ -38,6 +39,21 @@ class Handlers:
         retry_delays: dict[str, float] | None = None,
         on_failure: Callable[..., Awaitable[Any]] | None = None,
         strict_args: bool = True,
+        debounce: str | float | None = None,
+        debounce_key: ToolKey = None,
+        debounce_max: str | float | None = None,
+        batch_size: int | None = None,
+        batch_timeout: str | float | None = None,
+        batch_key: ToolKey = None,
+        throttle: str | float | None = None,
+        throttle_key: ToolKey = None,
+        throttle_burst: int | None = None,
+        throttle_mode: str | None = None,
+        singleton_key: ToolKey = None,
+        singleton_mode: str | None = None,
+        mode: str | None = None,
+        unique_for: str | float | None = None,
+        unique_mode: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Declare a handler. Its second parameter's annotation is the args type (a Struct).
 
@@ -46,6 +62,13 @@ class Handlers:
         accepts (and drops) args fields the type does not declare. `key` and `cost` are
         functions of the decoded args: the flow-control key, and the job's weight against
         the key's tokens_per_minute; every way of creating a job applies them.
+
+        Flow-control tools (README "Flow-control tools", actors/tools.py): `debounce`
+        (+ `debounce_key`, `debounce_max`), `batch_size` + `batch_timeout` (+ `batch_key`;
+        the args type is then `list[Item]` and each enqueue is one Item), `throttle`
+        (+ `throttle_key`, `throttle_burst`, mode delay|drop), `singleton_key` (mode
+        skip|cancel), `unique_for` and `unique_mode="replace"`. A `*_key` is an args
+        field name (SQL enqueues use it too) or a function of the decoded args.
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -58,8 +81,16 @@ class Handlers:
             if len(params) != 2:
                 raise TypeError(f"handler for {kind!r} must take (ctx, args)")
             hints = typing.get_type_hints(fn)
+            args_type = hints.get(params[1], dict[str, Any])
+            tools = declare(
+                kind, args_type, debounce=debounce, debounce_key=debounce_key,
+                debounce_max=debounce_max, batch_size=batch_size, batch_timeout=batch_timeout,
+                batch_key=batch_key, throttle=throttle, throttle_key=throttle_key,
+                throttle_burst=throttle_burst, throttle_mode=throttle_mode,
+                singleton_key=singleton_key, singleton_mode=singleton_mode, mode=mode,
+                unique_for=unique_for, unique_mode=unique_mode)
             self._defs[kind] = JobDef(
-                kind=kind, fn=fn, args_type=hints.get(params[1], dict[str, Any]), queue=queue,
+                kind=kind, fn=fn, args_type=args_type, queue=queue, tools=tools, declared_tools=tools,
                 timeout_s=timeout_s, max_attempts=max_attempts, priority=priority, key=key,
                 cost=cost, base_delays=dict(retry_delays or {}), on_failure=on_failure,
                 sync=not inspect.iscoroutinefunction(fn), strict_args=strict_args,

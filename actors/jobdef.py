@@ -13,6 +13,7 @@ import msgspec
 import msgspec.inspect
 
 from actors.errors import InvalidArgs
+from actors.tools import ToolSpec, batch_item_type
 
 
 class JobDef(msgspec.Struct, kw_only=True):
@@ -31,21 +32,48 @@ class JobDef(msgspec.Struct, kw_only=True):
     on_failure: Callable[..., Awaitable[Any]] | None = None
     # Unknown fields in args (a misspelling: {"secnds": 3}) are refused, not ignored.
     strict_args: bool = True
+    # Flow-control tools (actors/tools.py); a batch kind's args type is list[Item].
+    tools: ToolSpec | None = None
+    # What @job declared, before the config's [kinds] overrides (daemon/kind_tools.py).
+    declared_tools: ToolSpec | None = None
+
+    @property
+    def batched(self) -> bool:
+        return self.tools is not None and self.tools.tools.batch_size is not None
+
+    def enqueue_type(self) -> Any:
+        """What one enqueue's args decode to: a batch kind's item, else the args type."""
+        return batch_item_type(self.args_type) if self.batched else self.args_type
+
+    def decode_enqueued(self, raw: bytes | str | dict[str, Any] | msgspec.Struct) -> Any:
+        """One enqueue's args (a batch kind's: one item), checked as decode_args does."""
+        return self._decode(raw, self.enqueue_type())
 
     def decode_args(self, raw: bytes | str | dict[str, Any] | msgspec.Struct) -> Any:
         """Args as the handler's type; InvalidArgs names the offending field.
 
         With `strict_args` a field the args type does not declare (at any depth of
         nested Structs) is refused too, as if every Struct forbade unknown fields.
+        A batch job's stored args are {"items": [...]} (sealed by migration 0020's
+        trigger, since a job's args are a JSON object); the handler gets the list.
         """
+        if self.batched:
+            plain = msgspec.json.decode(raw) if isinstance(raw, bytes | str) else raw
+            if not isinstance(plain, dict) or not isinstance(plain.get("items"), list):
+                raise InvalidArgs(f"{self.kind}: a batch job's args must be "
+                                  '{"items": [...]}', field="$.items")
+            raw = plain["items"]
+        return self._decode(raw, self.args_type)
+
+    def _decode(self, raw: Any, args_type: Any) -> Any:
         try:
             if isinstance(raw, bytes | str):
-                args = msgspec.json.decode(raw, type=self.args_type)
+                args = msgspec.json.decode(raw, type=args_type)
             else:
                 if isinstance(raw, msgspec.Struct):
                     raw = msgspec.to_builtins(raw)
-                args = msgspec.convert(raw, self.args_type)
-            info = _struct_info(self.args_type) if self.strict_args else None
+                args = msgspec.convert(raw, args_type)
+            info = _struct_info(args_type) if self.strict_args else None
             if info is not None:
                 plain = msgspec.json.decode(raw) if isinstance(raw, bytes | str) else raw
                 unknown = _unknown_field(plain, info, "$")

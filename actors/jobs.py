@@ -61,6 +61,7 @@ def build(
     """
     jobdef: JobDef | None = handlers.get(kind) if foreign is not None else handlers.lookup(kind)
     defaults: JobDef | Defaults
+    tool_keys: dict[str, str] | None = None
     if jobdef is None:
         assert foreign is not None
         defaults = foreign
@@ -69,16 +70,19 @@ def build(
         encoded = msgspec.json.encode(args)
     else:
         defaults = jobdef
-        decoded = jobdef.decode_args(args)
+        decoded = jobdef.decode_enqueued(args)
         encoded = msgspec.json.encode(decoded)
         try:
             if key is None and jobdef.key is not None:
                 key = str(jobdef.key(decoded))
             if cost is None and jobdef.cost is not None:
                 cost = int(jobdef.cost(decoded))
+            if jobdef.tools is not None:
+                # Marks the row for jobd.enqueue_tools; its keys from the handler's functions.
+                tool_keys = jobdef.tools.keys(decoded)
         except Exception as exc:  # noqa: BLE001 - the handler's own function, on these args
-            raise InvalidArgs(f"{kind}: the handler's key/cost function failed on these "
-                              f"args: {exc!r}") from None
+            raise InvalidArgs(f"{kind}: the handler's key/cost/tool-key function failed on "
+                              f"these args: {exc!r}") from None
     row = NewJob(
         kind=kind,
         args=encoded.decode(),
@@ -92,6 +96,7 @@ def build(
         timeout_s=timeout_s if timeout_s is not None else defaults.timeout_s,
         # A cost under 1 would make a job free against tokens_per_minute.
         cost=max(1, cost) if isinstance(cost, int) else (1 if cost is None else cost),
+        tool_keys=tool_keys,
     )
     check_new_job(row, encoded, max_args_bytes)
     return row

@@ -50,6 +50,9 @@ class NewJob(msgspec.Struct, kw_only=True):
     tags: list[str] = []
     timeout_s: float | None = None
     cost: int = 1  # weight against a key's tokens_per_minute
+    # Set (maybe empty) for a kind with flow-control tools (actors/tools.py): the row goes
+    # through jobd.enqueue_tools; the keys its handler's functions computed.
+    tool_keys: dict[str, str] | None = None
 
 
 class StepRow(msgspec.Struct):
@@ -66,6 +69,9 @@ class StepRow(msgspec.Struct):
 class Enqueued(msgspec.Struct):
     id: int
     created: bool
+    # What a flow-control tool did (jobd.enqueue_tools): created | debounced | replaced |
+    # batched | duplicate | skipped_throttle | skipped_singleton; None for plain kinds.
+    outcome: str | None = None
 
 
 class Claimed(msgspec.Struct):

@@ -40,7 +40,7 @@ def definition(handlers: Handlers, spec: ScheduleSpec, *, source: str = "runtime
     timing = Timing(cron=spec.cron, every_s=every_s, tz=spec.tz)
     validate(timing)
     jobdef = handlers.lookup(spec.kind)
-    args = jobdef.decode_args(spec.args)
+    args = jobdef.decode_enqueued(spec.args)
     encoded = msgspec.json.encode(args)
     if len(encoded) > max_args_bytes():
         raise ValueError(f"args: {len(encoded)} bytes of JSON is over the limit of "

@@ -29,6 +29,7 @@ import trio
 
 from actors import failure_hooks, validate
 from actors.handlers import HANDLERS
+from actors.ports import StoreUnavailable, ValueRejected
 from actors.runtime import lag
 from actors.runtime.clock import TrioClock
 from actors.runtime.mailbox import Mailbox
@@ -46,7 +47,7 @@ from actors.services.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig
 from actors.services.step_writer import StepWriter
 from actors.services.worker import AttemptRunner
-from daemon import __version__, lifecycle, signals
+from daemon import __version__, kind_tools, lifecycle, signals
 from daemon.api.control_socket import ControlServer, open_listener
 from daemon.api.http_server import HttpServer
 from daemon.config import Config, socket_path
@@ -80,6 +81,7 @@ class Daemon:
         self.clock = TrioClock()
         self.registry = Registry()
         self.pools: Pools | None = None
+        self.store: PgStore | None = None  # for a reload's writes, once the actors run
         self.readiness = Readiness(
             self.id, config.region, draining=lambda: bool(self.pools and self.pools.draining),
             running=lambda: self.pools.running() if self.pools else 0)
@@ -140,7 +142,11 @@ class Daemon:
     async def _run_actors(self, store: PgStore) -> None:
         cfg = self.config
         import_handlers(cfg.handlers, self.handlers)
+        tools = kind_tools.apply(self.handlers, cfg.kinds)
+        self.store = store
         validate.configure(cfg.limits.max_args_bytes)
+        if not await lifecycle.until_available(lambda: store.sync_kind_tools(tools), self._stop):
+            return
         # The database may go away right after connecting.
         if not await lifecycle.until_available(
                 lambda: store.register_failure_hooks(failure_hooks.hooked_kinds(self.handlers)), self._stop):
@@ -204,6 +210,13 @@ class Daemon:
 
     async def _apply_reload(self) -> None:
         self.limits.forget()
+        if self.store is not None:
+            tools = kind_tools.apply(self.handlers, self.config.kinds)  # checked by the reload
+            try:
+                await self.store.sync_kind_tools(tools)
+            except (StoreUnavailable, ValueRejected) as exc:
+                log.warning("could not publish the kinds' flow-control tools: %s", exc,
+                            extra={"event": "store.unavailable"})
         if self.pools is not None:
             await self.pools.resize()
             await self._scheduler_box.tell(SyncConfig())

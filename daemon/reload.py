@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from actors.handlers import Handlers as HandlerRegistry
+from daemon import kind_tools
 from daemon.config import Config, ConfigError, Handlers, load
 from daemon.logs import set_level
 from daemon.systemd import Notifier as Systemd
@@ -123,12 +124,18 @@ class Reloader:
                 "(handlers.import_timeout); abandoned, previous handlers kept")
         if attempt.error is not None:
             return self._refuse(f"{attempt.error}; previous handlers kept")
+        try:
+            kind_tools.apply(self._registry, new.kinds)
+        except ConfigError as exc:
+            self._registry.restore(attempt.snapshot)
+            return self._refuse(f"{exc}; previous handlers kept")
         _log_loaded(self._registry)
         set_level(new.log.level)
         config = self._config
         config.log = new.log
         config.queues = new.queues
         config.handlers = new.handlers
+        config.kinds = new.kinds
         config.schedules = new.schedules
         await self._apply()
         log.info("config reloaded", extra={"event": "config.reloaded"})

@@ -193,6 +193,30 @@ class Http(_Strict):
     per_origin: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100  # requests in flight
 
 
+_Mode = Annotated[str, msgspec.Meta(pattern=r"^(delay|drop|skip|cancel)$")]
+_Field = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
+
+
+class KindTools(_Strict):
+    """[kinds."<kind>"]: flow-control tools laid over the handler's @job declaration
+    (README "Flow-control tools"); a key set here is an args field name."""
+
+    debounce: Seconds | None = None
+    debounce_max: Seconds | None = None
+    debounce_key: _Field | None = None
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+    batch_timeout: Seconds | None = None
+    batch_key: _Field | None = None
+    throttle: PerSecond | None = None
+    throttle_burst: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    throttle_mode: _Mode | None = None
+    throttle_key: _Field | None = None
+    singleton_key: _Field | None = None
+    singleton_mode: _Mode | None = None
+    unique_for: Seconds | None = None
+    unique_mode: Annotated[str, msgspec.Meta(pattern=r"^(keep|replace)$")] | None = None
+
+
 class Config(_Strict):
     region: _Name = "default"
     database: Database = msgspec.field(default_factory=Database)
@@ -205,6 +229,7 @@ class Config(_Strict):
     handlers: Handlers = msgspec.field(default_factory=Handlers)
     http: Http = msgspec.field(default_factory=Http)
     queues: dict[_Name, Queue] = {}
+    kinds: dict[str, KindTools] = {}  # [kinds."<kind>"]: flow-control tools per kind
     schedules: list[ScheduleSpec] = []  # [[schedules]]; see README "Schedules"
 
     def queue(self, name: str) -> Queue:

@@ -12,6 +12,7 @@ import msgspec
 
 from actors.flow import FlowLimits
 from actors.ports import Claimed, Enqueued, NewJob, Outcome, ProgressUpdate, ValueRejected
+from actors.tools import Tools
 from daemon.store.base import StoreBase
 from daemon.store.sql import flow as flow_sql
 from daemon.store.sql import jobs as sql
@@ -35,6 +36,13 @@ class JobStatements(StoreBase):
             return []
         done: list[Enqueued] = await self._run(enqueue_rows, jobs, parent_id, op="enqueue")
         return done
+
+    async def sync_kind_tools(self, declared: dict[str, Tools | None]) -> None:
+        """jobd.kind_tools for the kinds declared here: their tools, or no row."""
+        rows = [{"kind": kind, **msgspec.structs.asdict(tools)}
+                for kind, tools in sorted(declared.items()) if tools is not None]
+        bare = sorted(kind for kind, tools in declared.items() if tools is None)
+        await self._execute(sql.SYNC_KIND_TOOLS, msgspec.json.encode(rows).decode(), bare)
 
     async def claim(
         self,
@@ -131,7 +139,8 @@ class JobStatements(StoreBase):
 def _copyable(jobs: list[NewJob]) -> bool:
     """COPY has no ON CONFLICT: a batch with any unique key takes the statement whole, so
     duplicates inside it still map to one job and the batch stays one transaction."""
-    return len(jobs) >= COPY_MIN_ROWS and all(j.unique_key is None for j in jobs)
+    return len(jobs) >= COPY_MIN_ROWS and all(
+        j.unique_key is None and j.tool_keys is None for j in jobs)
 
 
 async def copy_jobs(connection: asyncpg.Connection, jobs: list[NewJob],
@@ -194,7 +203,11 @@ async def enqueue_rows(connection: asyncpg.Connection, jobs: list[NewJob],
 
 async def insert_rows(connection: asyncpg.Connection, jobs: list[NewJob],
                       parent_id: int | None = None) -> list[Enqueued]:
-    """The statement path of enqueue_rows, for any batch (unique keys included)."""
+    """The statement path of enqueue_rows, for any batch (unique keys included). Rows of
+    kinds with flow-control tools go through jobd.enqueue_tools (migration 0020) in the
+    same transaction; a batch without any costs one attribute test per row."""
+    if any(j.tool_keys is not None for j in jobs):
+        return await _insert_mixed(connection, jobs, parent_id)
     if parent_id is None:
         rows = await connection.fetch(sql.ENQUEUE_MANY, job_rows_json(jobs))
     else:
@@ -208,6 +221,23 @@ async def insert_rows(connection: asyncpg.Connection, jobs: list[NewJob],
             job_id = await connection.fetchval(sql.FIND_UNFINISHED_BY_UNIQUE_KEY, job.unique_key)
         out.append(Enqueued(id=job_id, created=row["created"]))
     return out
+
+
+async def _insert_mixed(connection: asyncpg.Connection, jobs: list[NewJob],
+                        parent_id: int | None) -> list[Enqueued]:
+    tooled = [i for i, j in enumerate(jobs) if j.tool_keys is not None]
+    plain = [i for i, j in enumerate(jobs) if j.tool_keys is None]
+    out: list[Enqueued | None] = [None] * len(jobs)
+    async with connection.transaction():
+        rows = await connection.fetch(sql.ENQUEUE_TOOLS, job_rows_json([jobs[i] for i in tooled]),
+                                      parent_id, None)
+        for i, row in zip(tooled, rows, strict=True):
+            out[i] = Enqueued(id=row["id"], created=row["created"], outcome=row["outcome"])
+        if plain:
+            for i, done in zip(plain, await insert_rows(connection, [jobs[i] for i in plain],
+                                                        parent_id), strict=True):
+                out[i] = done
+    return [e for e in out if e is not None]
 
 
 def outcome_columns(outcomes: list[Outcome]) -> tuple[list[Any], ...]:

@@ -32,6 +32,43 @@ LEFT JOIN jobd.jobs ex ON i.id IS NULL AND dup.id IS NULL
 ORDER BY x.ord
 """
 
+# Rows of kinds with flow-control tools (NewJob.tool_keys set): migration 0020's
+# function applies debounce, batching, throttle, singleton and unique windows.
+# $1 = the jobs, a JSON array of NewJob, $2 = parent job id or NULL, $3 = now (NULL:
+# the database's clock). One row per input row, in input order.
+ENQUEUE_TOOLS = """
+SELECT ord, id, created, outcome FROM jobd.enqueue_tools($1::json, $2, $3) ORDER BY ord
+"""
+
+# Each kind's flow-control tools (actors/tools.Tools), written at start and on reload by
+# every daemon that has the handler: the last writer wins. A kind declared here without
+# tools loses its row, so removing a tool from the code takes effect.
+# $1 = a JSON array of {kind, <Tools fields>}, $2 = kinds declared here without tools.
+SYNC_KIND_TOOLS = """
+WITH gone AS (
+    DELETE FROM jobd.kind_tools WHERE kind = ANY($2::text[])
+)
+INSERT INTO jobd.kind_tools (kind, debounce_s, debounce_max_s, debounce_field, batch_size, batch_timeout_s, batch_field, throttle_per_s, throttle_burst, throttle_mode, throttle_field, singleton_mode, singleton_field, unique_for_s, unique_mode, updated_at)
+SELECT kind, debounce_s, debounce_max_s, debounce_field, batch_size, batch_timeout_s, batch_field, throttle_per_s, throttle_burst, throttle_mode, throttle_field, singleton_mode, singleton_field, unique_for_s, unique_mode, now()
+FROM json_populate_recordset(NULL::jobd.kind_tools, $1::json)
+ON CONFLICT (kind) DO UPDATE SET
+    debounce_s = EXCLUDED.debounce_s,
+    debounce_max_s = EXCLUDED.debounce_max_s,
+    debounce_field = EXCLUDED.debounce_field,
+    batch_size = EXCLUDED.batch_size,
+    batch_timeout_s = EXCLUDED.batch_timeout_s,
+    batch_field = EXCLUDED.batch_field,
+    throttle_per_s = EXCLUDED.throttle_per_s,
+    throttle_burst = EXCLUDED.throttle_burst,
+    throttle_mode = EXCLUDED.throttle_mode,
+    throttle_field = EXCLUDED.throttle_field,
+    singleton_mode = EXCLUDED.singleton_mode,
+    singleton_field = EXCLUDED.singleton_field,
+    unique_for_s = EXCLUDED.unique_for_s,
+    unique_mode = EXCLUDED.unique_mode,
+    updated_at = now()
+"""
+
 # The COPY path (store.jobs.copy_jobs) for a batch without unique keys: COPY cannot say
 # ON CONFLICT, and without a conflict nothing needs mapping back, so ids are drawn first
 # and travel with the rows. One call draws them all, ascending in input order as
