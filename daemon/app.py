@@ -253,7 +253,7 @@ class Daemon:
         retention = [
             RetentionRule(state, getattr(jobs.retention, f"{state}_max_age"),
                           getattr(jobs.retention, f"{state}_max_count"))
-            for state in ("completed", "failed", "cancelled")
+            for state in ("completed", "failed", "cancelled", "skipped")
         ]
         on_restart = self.observer.actor_restarted
         writers = Supervisor("writers", [

@@ -251,6 +251,10 @@ class Pong(msgspec.Struct, kw_only=True):
 class EnqueueResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: int
     created: bool
+    # For a kind with flow-control tools, what they did: created | debounced | replaced |
+    # batched (id: the batch job) | duplicate | skipped_throttle | skipped_singleton
+    # (id: the `skipped` row).
+    outcome: str | None = None
     # Set when no live daemon serves the job's queue: it waits until one does.
     warning: str | None = None
 
@@ -258,6 +262,8 @@ class EnqueueResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 class BatchResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     ids: list[int]
     created: int
+    # Per job, as EnqueueResult.outcome; only when some job's kind has tools.
+    outcomes: list[str | None] | None = None
     warning: str | None = None
 
 

@@ -13,7 +13,10 @@ from typing import Annotated, Any
 
 import msgspec
 
-JOB_STATES = ("scheduled", "available", "running", "waiting", "completed", "failed", "cancelled")
+# `skipped`: refused by a flow-control tool (throttle mode drop, singleton mode skip),
+# kept as a finished row so list/get show it.
+JOB_STATES = ("scheduled", "available", "running", "waiting", "completed", "failed", "cancelled",
+              "skipped")
 # A pattern, not a Literal: the refusal then spells out the valid states.
 JobState = Annotated[str, msgspec.Meta(pattern=f"^({'|'.join(JOB_STATES)})$")]
 

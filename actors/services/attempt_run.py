@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import trio
 
+from actors.handlers import Handlers
 from actors.ports import Observer, Outcome
 from actors.runtime import lag
 from actors.services.outcomes import error_class
@@ -36,6 +37,10 @@ async def run_and_hand_over(
     task = trio.lowlevel.current_task()
     wait_s = max(0.0, (job.started_at - job.run_at).total_seconds())
     observer.job_started(job.queue, job.kind, wait_s)
+    if job.attempt == 1 and job.args.startswith('{"items":'):
+        size = batch_size(runner.handlers, job)
+        if size is not None:
+            observer.batch_started(job.kind, size)
     began = lag.attempt_started(task, job.kind, job.id)  # named if it blocks the loop
     try:
         outcome, label, run_s = await runner.run(attempt)
@@ -58,6 +63,18 @@ async def run_and_hand_over(
     except trio.WouldBlock:
         await hand_over(outcome)
     observer.job_finished(job.queue, job.kind, _metric_outcome(outcome, label), run_s)
+
+
+def batch_size(handlers: Handlers, job: Any) -> int | None:
+    """Items in a batch kind's job (args {"items": [...]}, sealed by its claim)."""
+    jobdef = handlers.get(job.kind)
+    if jobdef is None or not jobdef.batched:
+        return None
+    try:
+        items = msgspec.json.decode(job.args).get("items")
+    except (msgspec.DecodeError, AttributeError):
+        return None
+    return len(items) if isinstance(items, list) else None
 
 
 def _crashed(runner: AttemptRunner, job: Any, exc: BaseException) -> Outcome:

@@ -112,7 +112,7 @@ class Control:
                 # whoever else is enqueueing now (group commit, services/enqueuer.py).
                 done = await self._enqueuer.enqueue(row)
                 self._count_enqueued([row], [done])
-                return c.EnqueueResult(id=done.id, created=done.created,
+                return c.EnqueueResult(id=done.id, created=done.created, outcome=done.outcome,
                                        warning=await self._unserved([row]))
             case c.EnqueueBatch():
                 if len(cmd.jobs) > MAX_BATCH:
@@ -127,8 +127,10 @@ class Control:
                         raise
                 enqueued = await self._store.enqueue_many(rows)
                 self._count_enqueued(rows, enqueued)
+                outcomes = [d.outcome for d in enqueued]
                 return c.BatchResult(ids=[d.id for d in enqueued],
                                      created=sum(d.created for d in enqueued),
+                                     outcomes=outcomes if any(outcomes) else None,
                                      warning=await self._unserved(rows))
             case c.Get():
                 found_job = await self._store.get_job(cmd.job_id)

@@ -106,6 +106,10 @@ class AttemptRunner:
         self._rng = rng or random.Random()
         self._steps = steps  # actors.workflow.StepStore, for ctx.step & co.
 
+    @property
+    def handlers(self) -> Handlers:
+        return self._handlers
+
     async def run(self, attempt: Attempt) -> tuple[Outcome, str, float]:
         """Returns (outcome, label for metrics, run seconds).
 

@@ -16,6 +16,10 @@ LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 3
 
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "timed_out", "rescued", "released")
 GAUGE_STATES = ("scheduled", "available", "running", "completed", "failed", "cancelled")
+# Flow-control tools: enqueue_tools outcomes counted as skipped or collapsed, by label.
+SKIPPED_REASONS = {"skipped_throttle": "throttle", "skipped_singleton": "singleton"}
+COLLAPSED_TOOLS = {"debounced": "debounce", "replaced": "unique_replace"}
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 OTHER_KEY = "_other"  # where keys past the per-queue series limit are counted
 
 

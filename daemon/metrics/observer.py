@@ -17,13 +17,17 @@ from typing import Concatenate, ParamSpec
 
 from daemon.metrics.accumulators import Counter, Histogram
 from daemon.metrics.collectors import LiveCollector
-from daemon.metrics.names import KeyLabels
+from daemon.metrics.names import COLLAPSED_TOOLS, SKIPPED_REASONS, KeyLabels
 
 log = logging.getLogger("jobd.metrics")
 
 P = ParamSpec("P")
 
 DROP_LOG_EVERY_S = 60.0
+
+
+def _ignore(*_args: object) -> None:
+    """An accumulator a caller did not hand over (an observer built for a test)."""
 
 
 def _never_raises(
@@ -72,7 +76,8 @@ class PromObserver:
         actor_restarts: Counter, maintenance_errors: Counter, loop_errors: Counter,
         key_pauses: Counter, breaker_openings: Counter, notifications_dropped: Counter, run_seconds: Histogram,
         wait_seconds: Histogram, db_seconds: Histogram, claim_batch: Histogram,
-        keys: KeyLabels, live: LiveCollector, drops: Drops | None = None,
+        jobs_skipped: Counter | None = None, enqueues_collapsed: Counter | None = None,
+        batch_size: Histogram | None = None, keys: KeyLabels, live: LiveCollector, drops: Drops | None = None,
     ):
         self.drops = drops if drops is not None else Drops()
         self._keys = keys
@@ -92,6 +97,9 @@ class PromObserver:
         self._wait = wait_seconds.observe
         self._db = db_seconds.observe
         self._batch = claim_batch.observe
+        self._skipped = jobs_skipped.inc if jobs_skipped is not None else _ignore
+        self._collapsed = enqueues_collapsed.inc if enqueues_collapsed is not None else _ignore
+        self._batch_size = batch_size.observe if batch_size is not None else _ignore
 
     @_never_raises
     def job_started(self, queue: str, kind: str, wait_s: float) -> None:
@@ -108,6 +116,17 @@ class PromObserver:
     @_never_raises
     def jobs_enqueued(self, queue: str, kind: str, n: int) -> None:
         self._enqueued((queue, kind), n)
+
+    @_never_raises
+    def flow_tool_enqueued(self, kind: str, outcome: str, n: int) -> None:
+        if outcome in SKIPPED_REASONS:
+            self._skipped((kind, SKIPPED_REASONS[outcome]), n)
+        elif outcome in COLLAPSED_TOOLS:
+            self._collapsed((kind, COLLAPSED_TOOLS[outcome]), n)
+
+    @_never_raises
+    def batch_started(self, kind: str, size: int) -> None:
+        self._batch_size((kind,), size)
 
     @_never_raises
     def jobs_rescued(self, queue: str, kind: str, n: int) -> None:

@@ -17,7 +17,14 @@ from prometheus_client.process_collector import ProcessCollector
 
 from daemon.metrics.accumulators import Counter, Histogram
 from daemon.metrics.collectors import LiveCollector, Mailboxes, QueueGaugeCollector
-from daemon.metrics.names import BATCH_BUCKETS, DB_BUCKETS, JOB_BUCKETS, LAG_BUCKETS, KeyLabels
+from daemon.metrics.names import (
+    BATCH_BUCKETS,
+    BATCH_SIZE_BUCKETS,
+    DB_BUCKETS,
+    JOB_BUCKETS,
+    LAG_BUCKETS,
+    KeyLabels,
+)
 from daemon.metrics.observer import PromObserver
 
 # `*_created` series double every counter and histogram in the text format and no
@@ -95,6 +102,16 @@ class Metrics:
                                     ["operation"], buckets=DB_BUCKETS, registry=r)
         self.claim_batch = Histogram("jobd_claim_batch_size", "Jobs per non-empty claim.",
                                      ["queue"], buckets=BATCH_BUCKETS, registry=r)
+        self.jobs_skipped = Counter(
+            "jobd_jobs_skipped", "Enqueues a flow-control tool recorded as `skipped`, by "
+            "reason (throttle: mode drop; singleton: mode skip).", ["kind", "reason"], registry=r)
+        self.enqueues_collapsed = Counter(
+            "jobd_enqueues_collapsed", "Enqueues folded into a job already queued, by tool "
+            "(debounce; unique_replace: unique_mode replace).", ["kind", "tool"], registry=r)
+        self.batch_size = Histogram(
+            "jobd_batch_size", "Items per batch job, observed at its first attempt "
+            "(the count is the batches started).", ["kind"], buckets=BATCH_SIZE_BUCKETS,
+            registry=r)
         self.loop_lag = Histogram("jobd_event_loop_lag_seconds",
                                   "How late the event loop woke a probe sleeping 0.5 s.",
                                   [], buckets=LAG_BUCKETS, registry=r)
@@ -119,7 +136,8 @@ class Metrics:
             notifications_dropped=self.notifications_dropped,
             run_seconds=self.run_seconds, wait_seconds=self.wait_seconds,
             db_seconds=self.db_seconds, claim_batch=self.claim_batch,
-            keys=self.keys, live=self.live)
+            jobs_skipped=self.jobs_skipped, enqueues_collapsed=self.enqueues_collapsed,
+            batch_size=self.batch_size, keys=self.keys, live=self.live)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """(body, content type) for a scrape; OpenMetrics if the scraper asks for it."""

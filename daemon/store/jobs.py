@@ -29,13 +29,23 @@ class JobStatements(StoreBase):
         if not jobs:
             return []
         done: list[Enqueued] = await self._run(enqueue_rows, jobs, op="enqueue")
+        self._count_tools(jobs, done)
         return done
 
     async def enqueue_children(self, parent_id: int, jobs: list[NewJob]) -> list[Enqueued]:
         if not jobs:
             return []
         done: list[Enqueued] = await self._run(enqueue_rows, jobs, parent_id, op="enqueue")
+        self._count_tools(jobs, done)
         return done
+
+    def _count_tools(self, jobs: list[NewJob], done: list[Enqueued]) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for job, d in zip(jobs, done, strict=True):
+            if d.outcome is not None:
+                counts[job.kind, d.outcome] = counts.get((job.kind, d.outcome), 0) + 1
+        for (kind, outcome), n in counts.items():
+            self.observer.flow_tool_enqueued(kind, outcome, n)
 
     async def sync_kind_tools(self, declared: dict[str, Tools | None]) -> None:
         """jobd.kind_tools for the kinds declared here: their tools, or no row."""

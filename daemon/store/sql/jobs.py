@@ -397,6 +397,11 @@ DELETE FROM jobd.jobs WHERE id = ANY(ARRAY(
       -- scan of every unfinished job per pass; this is one primary-key probe per child.
       AND (j.parent_id IS NULL OR coalesce(
           (SELECT p.state FROM jobd.jobs p WHERE p.id = j.parent_id), 'gone') NOT IN {UNFINISHED})
+      -- A kind's unique_for window (migration 0020) holds the key by this row: it stays
+      -- until the window has passed, whatever retention says.
+      AND (j.unique_key IS NULL OR NOT coalesce(
+          (SELECT j.finished_at > coalesce($5::timestamptz, now()) - t.unique_for_s * interval '1 second'
+           FROM jobd.kind_tools t WHERE t.kind = j.kind), false))
     ORDER BY j.finished_at
     LIMIT $4
     FOR UPDATE OF j SKIP LOCKED
