@@ -15,7 +15,7 @@ import trio
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import HANDLERS
 from actors.schedule_jobs import definition
-from daemon import __version__, demo, lock
+from daemon import __version__, demo, kind_tools, lock
 from daemon.app import Daemon
 from daemon.config import EX_CONFIG, Config, ConfigError, load, socket_path, state_dir
 from daemon.logs import configure_logging
@@ -119,6 +119,7 @@ def check_handlers(config: Config) -> None:
     error = import_modules(config.handlers, reload=False)
     if error is not None:
         raise ConfigError(" ".join(error.split()))  # one line, whatever the module raised
+    kind_tools.apply(HANDLERS, config.kinds)
     for i, spec in enumerate(config.schedules):
         try:
             definition(HANDLERS, spec, source="config")
