@@ -64,7 +64,7 @@ from actors.services.live_queues import LiveSet, unserved_warning
 from actors.validate import DEFAULT_MAX_ARGS_BYTES
 from daemon.api.requests import decode
 from daemon.store.bridge import StaleConnection, translate
-from daemon.store.direct import Pool, live_queues, read_settings
+from daemon.store.direct import Pool, live_queues, read_settings, tool_kinds
 from daemon.store.jobs import enqueue_rows
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError, Unavailable
@@ -113,6 +113,7 @@ class DirectProducer:
         else:
             self._connection = database
         # (monotonic time read, max_args_bytes, live_s) and (time read, live queues).
+        self._tool_kinds: frozenset[str] = frozenset()  # kinds in jobd.kind_tools
         self._settings: tuple[float, int, float] = (-math.inf, DEFAULT_MAX_ARGS_BYTES,
                                                     DEFAULT_LIVE_S)
         self._live = LiveSet()
@@ -159,7 +160,7 @@ class DirectProducer:
         row = jobs.from_spec(self._handlers, cmd.job, max_args_bytes=limit,
                              foreign=self._foreign)
         [done] = await self._write([row], connection)
-        return c.EnqueueResult(id=done.id, created=done.created,
+        return c.EnqueueResult(id=done.id, created=done.created, outcome=done.outcome,
                                warning=await self._unserved([row], connection))
 
     async def enqueue_many(self, specs: Sequence[JobSpec | Mapping[str, Any]], *,
@@ -195,6 +196,11 @@ class DirectProducer:
         return decode(c.command_decoder, data)
 
     async def _write(self, rows: list[NewJob], connection: Any) -> list[Any]:
+        if self._foreign is not None and self._tool_kinds:
+            # A kind whose module this application has not imported: its rows still go
+            # through its flow-control tools, with the keys its *_field settings name.
+            rows = [msgspec.structs.replace(r, tool_keys={})
+                    if r.tool_keys is None and r.kind in self._tool_kinds else r for r in rows]
         done: list[Any] = await self._run(enqueue_rows, rows, connection=connection)
         return done
 
@@ -206,6 +212,8 @@ class DirectProducer:
                                     connection=connection)
             limit = int(found.get("max_args_bytes", DEFAULT_MAX_ARGS_BYTES))
             live_s = float(found.get("daemon_live_s", DEFAULT_LIVE_S))
+            if self._foreign is not None:
+                self._tool_kinds = await self._run(tool_kinds, connection=connection)
             self._settings = (time.monotonic(), limit, live_s)
         if self._max_args_bytes is not None:
             limit = self._max_args_bytes

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from daemon.store.sql import jobs as jobs_sql
 from daemon.store.sql import leases as sql
 
 
@@ -24,6 +25,11 @@ async def read_settings(connection: asyncpg.Connection, names: list[str]) -> dic
     """The values the daemons published (PUT_SETTINGS) under `names`; absent ones left out."""
     rows = await connection.fetch(sql.GET_SETTINGS, names)
     return {r["name"]: msgspec.json.decode(r["value"]) for r in rows}
+
+
+async def tool_kinds(connection: asyncpg.Connection) -> frozenset[str]:
+    """The kinds with flow-control tools (jobd.kind_tools, migration 0020)."""
+    return frozenset(r["kind"] for r in await connection.fetch(jobs_sql.TOOL_KINDS))
 
 
 async def live_queues(connection: asyncpg.Connection, live_s: float) -> set[str]:

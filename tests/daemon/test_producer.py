@@ -421,3 +421,21 @@ def test_a_unique_key_taken_after_a_repeatable_read_snapshot_is_a_conflict_to_re
     assert "retry the transaction" in refused.message and "\n" not in refused.message
     assert (again.id, again.created) == (first_id, False)
     assert sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE unique_key = 'rr-1'") == 1
+# -- flow-control tools -------------------------------------------------------------
+
+
+def test_a_kind_with_tools_goes_through_them_without_its_module(db, sql) -> None:
+    """The producer has no handler for the kind, but a daemon published its tools."""
+    sql.execute("INSERT INTO jobd.kind_tools (kind, debounce_s, debounce_field) "
+                "VALUES ('capture', 60, 'market')")
+
+    async def body(producer: DirectProducer) -> Any:
+        first = await producer.enqueue("capture", {"market": "ebay", "n": 1})
+        second = await producer.enqueue("capture", {"market": "ebay", "n": 2})
+        return first, second
+
+    first, second = produce(db, body)
+    assert (first.outcome, second.outcome) == ("created", "debounced")
+    assert second.id == first.id
+    assert json.loads(sql.fetchval("SELECT args::text FROM jobd.jobs WHERE id = $1", first.id)) == {
+        "market": "ebay", "n": 2}

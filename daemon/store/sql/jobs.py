@@ -69,6 +69,9 @@ ON CONFLICT (kind) DO UPDATE SET
     updated_at = now()
 """
 
+# For a producer without a kind's handler module. No parameters.
+TOOL_KINDS = "SELECT kind FROM jobd.kind_tools"
+
 # The COPY path (store.jobs.copy_jobs) for a batch without unique keys: COPY cannot say
 # ON CONFLICT, and without a conflict nothing needs mapping back, so ids are drawn first
 # and travel with the rows. One call draws them all, ascending in input order as
