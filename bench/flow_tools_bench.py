@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--bulk", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--plain-only", action="store_true", help="only jobd_bench's plain enqueue")
+    ap.add_argument("--e2e", type=int, default=0,
+                    help="also run N plain noop jobs through claim and finish (jobd_bench.e2e)")
     args = ap.parse_args()
     tree = args.tree.resolve()
     sys.path.insert(0, str(tree))
@@ -75,6 +77,8 @@ def main() -> None:
             one: dict = {"plain_jobd_bench": {
                 k: round(v, 1) for k, v in jb.enqueue(ctx, bulk=args.bulk,
                                                       single=args.single).items()}}
+            if args.e2e:
+                one["plain_e2e"] = {k: round(v, 3) for k, v in jb.e2e(ctx, args.e2e).items()}
             if not args.plain_only:
                 for kind in ("bench.plain", "bench.debounced", "bench.batched"):
                     one[kind] = tools_run(ctx, kind)
