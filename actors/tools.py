@@ -183,7 +183,7 @@ def batch_item_type(args_type: Any) -> Any:
     return None
 
 
-def override(spec: ToolSpec | None, kind: str, args_type: Any, settings: Tools) -> ToolSpec | None:
+def override(spec: ToolSpec | None, args_type: Any, settings: Tools) -> ToolSpec | None:
     """A declaration with the config's [kinds.<kind>] values laid over it (a field the
     config sets replaces the declaration's); checked again as a whole."""
     base = msgspec.structs.asdict(spec.tools) if spec is not None else {}
@@ -191,17 +191,17 @@ def override(spec: ToolSpec | None, kind: str, args_type: Any, settings: Tools) 
                          if v is not None}}
     tools = Tools(**merged)
     if tools.batch_size is not None and tools.debounce_s is not None:
-        raise ValueError(f"kinds.{kind}: debounce and batching cannot be combined on one kind")
+        raise ValueError("debounce and batching cannot be combined on one kind")
     if tools.batch_size is not None and batch_item_type(args_type) is None:
-        raise ValueError(f"kinds.{kind}: batching needs a handler whose args type is list[...]")
+        raise ValueError("batching needs a handler whose args type is list[...]")
     if (tools.batch_size is None) != (tools.batch_timeout_s is None):
-        raise ValueError(f"kinds.{kind}: batch_size and batch_timeout go together")
+        raise ValueError("batch_size and batch_timeout go together")
     if tools.debounce_max_s is not None and (tools.debounce_s is None
                                              or tools.debounce_max_s < tools.debounce_s):
-        raise ValueError(f"kinds.{kind}: debounce_max needs debounce and must be >= it")
+        raise ValueError("debounce_max needs debounce and must be >= it")
     if (tools.throttle_per_s is None) != (tools.throttle_mode is None):
         if tools.throttle_per_s is None:
-            raise ValueError(f"kinds.{kind}: throttle_mode needs throttle")
+            raise ValueError("throttle_mode needs throttle")
         tools.throttle_mode = "delay"
     key_fns = dict(spec.key_fns) if spec is not None else {}
     return ToolSpec(tools=tools, key_fns=key_fns) if tools.any() else None

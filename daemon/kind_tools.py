@@ -42,7 +42,7 @@ def apply(handlers: Handlers, kinds: dict[str, KindTools]) -> dict[str, Tools | 
         if jobdef is None:
             raise ConfigError(f"kinds.{kind}: no handler declares this kind")
         try:
-            laid[kind] = override(jobdef.declared_tools, kind, jobdef.args_type, settings(cfg))
+            laid[kind] = override(jobdef.declared_tools, jobdef.args_type, settings(cfg))
         except (ValueError, TypeError, msgspec.ValidationError) as exc:
             raise ConfigError(f"kinds.{kind}: {exc}") from None
     # Only once every table checked out, so a refused reload changes nothing.

@@ -6,7 +6,6 @@ tests/daemon/test_store_flow_tools.py; here only "eventually" is waited for."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -209,15 +208,37 @@ def test_a_bad_kinds_table_is_a_one_line_config_error(tmp_path, table, message):
     assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
 
 
-def test_kinds_overrides_reach_postgres_and_sigterm_keeps_pending_runs(jobd, sql):
+def test_kinds_overrides_reach_postgres_and_a_pending_debounce_survives_sigkill(jobd, sql):
     sql.execute(TABLE)
-    a = jobd(**OPTIONS, extra_toml='[kinds."tools.capture"]\ndebounce = "30s"\n')
-    row = sql.fetch("SELECT debounce_s, debounce_field FROM jobd.kind_tools "
+    a = jobd(**OPTIONS, extra_toml='[kinds."tools.capture"]\ndebounce = "4s"\n')
+    row = sql.fetch("SELECT debounce_s, debounce_max_s, debounce_field FROM jobd.kind_tools "
                     "WHERE kind = 'tools.capture'")[0]
-    assert (row["debounce_s"], row["debounce_field"]) == (30.0, "market")
+    assert (row["debounce_s"], row["debounce_max_s"], row["debounce_field"]) == (4.0, 60.0, "market")
     c = SyncClient(str(a.socket))
     pending = c.enqueue("tools.capture", {"market": "m", "n": 1})
-    a.signal(signal.SIGTERM)
-    assert a.wait() == 0
-    # The pending run is a row: it outlives the daemon.
+    assert c.enqueue("tools.capture", {"market": "m", "n": 2}).id == pending.id
+    a.kill()
+    # The pending run is a row: it outlives the daemon, and the next one runs it.
     assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", pending.id) == "scheduled"
+    a.start()
+    wait_until(lambda: sql.fetchval("SELECT n FROM tool_runs WHERE job_id = $1", pending.id),
+               "the debounced run after the restart", daemons=(a,))
+    assert sql.fetchval("SELECT count(*) FROM tool_runs") == 1
+    assert sql.fetchval("SELECT n FROM tool_runs") == 2
+
+
+def test_reload_publishes_new_kinds_settings_and_refuses_a_bad_table(jobd, sql):
+    sql.execute(TABLE)
+    a = jobd(**OPTIONS, extra_toml='[kinds."tools.capture"]\ndebounce = "4s"\n')
+    text = a.config.read_text()
+    a.config.write_text(text.replace('debounce = "4s"', 'debounce = "9s"'))
+    a.jobctl("reload")
+    assert sql.fetchval("SELECT debounce_s FROM jobd.kind_tools "
+                        "WHERE kind = 'tools.capture'") == 9.0
+    a.config.write_text(text.replace('debounce = "4s"', 'batch_size = 5\nbatch_timeout = "1s"'))
+    result = a.jobctl("reload", check=False)
+    assert "refused" in result.stdout and "cannot be combined" in result.stdout
+    assert sql.fetchval("SELECT debounce_s FROM jobd.kind_tools "
+                        "WHERE kind = 'tools.capture'") == 9.0
+    c = SyncClient(str(a.socket))
+    assert c.enqueue("tools.capture", {"market": "x"}).outcome == "created"
