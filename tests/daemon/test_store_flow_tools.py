@@ -252,3 +252,22 @@ async def test_a_kind_declared_without_tools_loses_its_row(store, sql):
     await declare(store, d={"debounce_s": 5.0})
     await store.sync_kind_tools({"d": None})
     assert sql.fetchval("SELECT count(*) FROM jobd.kind_tools") == 0
+
+
+async def test_children_a_handler_enqueues_go_through_the_tools(store, sql):
+    await declare(store, b={"batch_size": 2, "batch_timeout_s": 60.0})
+    [parent] = await store.enqueue_many([NewJob(kind="p")])
+    done = await store.enqueue_children(parent.id, [
+        NewJob(kind="b", args='{"i": 1}', tool_keys={}),
+        NewJob(kind="b", args='{"i": 2}', tool_keys={})])
+    assert [d.outcome for d in done] == ["batched", "batched"] and done[0].id == done[1].id
+    row = job(sql, done[0].id)
+    assert (row["parent_id"], row["state"], row["tool_count"]) == (parent.id, "available", 2)
+
+
+async def test_a_batch_item_that_is_too_big_for_postgres_fails_its_enqueue_alone(store, sql):
+    await declare(store, b={"batch_size": 2, "batch_timeout_s": 60.0})
+    with pytest.raises(Exception, match="unsupported Unicode escape|NUL|0x00"):
+        await store.enqueue_many([NewJob(kind="b", args='{"s": "a\\u0000b"}', tool_keys={})])
+    done = await store.enqueue_many([NewJob(kind="b", args='{"s": "ok"}', tool_keys={})])
+    assert done[0].outcome == "batched"
