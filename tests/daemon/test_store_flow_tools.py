@@ -271,3 +271,13 @@ async def test_a_batch_item_that_is_too_big_for_postgres_fails_its_enqueue_alone
         await store.enqueue_many([NewJob(kind="b", args='{"s": "a\\u0000b"}', tool_keys={})])
     done = await store.enqueue_many([NewJob(kind="b", args='{"s": "ok"}', tool_keys={})])
     assert done[0].outcome == "batched"
+
+
+async def test_a_throttle_counts_runs_not_the_enqueues_a_debounce_folded(store, sql):
+    await declare(store, dt={"debounce_s": 5.0, "throttle_per_s": 1 / 60, "throttle_mode": "drop"})
+    first = enqueue(sql, "dt", {"n": 1}, 0)
+    assert [enqueue(sql, "dt", {"n": n}, n)[2] for n in range(2, 6)] == ["debounced"] * 4
+    await claim(store, "dt", 20)  # the pending run starts
+    assert enqueue(sql, "dt", {"n": 9}, 21)[2] == "skipped_throttle"  # the second run in a minute
+    assert enqueue(sql, "dt", {"n": 10}, 61)[2] == "created"
+    assert first[2] == "created"

@@ -63,9 +63,8 @@ ALTER TABLE jobd.jobs ADD COLUMN tool_key text, ADD COLUMN tool_until timestampt
 CREATE INDEX jobs_tool_key ON jobd.jobs (kind, tool_key)
     WHERE tool_key IS NOT NULL AND state IN ('scheduled', 'available', 'running', 'waiting');
 
--- unique_for: a finished job keeps its unique key taken for the window; found here.
-CREATE INDEX jobs_unique_finished ON jobd.jobs (unique_key, finished_at)
-    WHERE unique_key IS NOT NULL AND state IN ('completed', 'failed', 'cancelled');
+-- unique_for finds a finished holder of a key through jobs_unique_key_any (0002), which
+-- indexes every row with a unique key: no new index, so finishes cost nothing more.
 
 -- Throttle buckets as GCRA: `tat` is the key's theoretical arrival time; an arrival at t
 -- conforms when t >= tat - (burst - 1) / rate, and moves tat on by 1 / rate.
@@ -125,8 +124,8 @@ CREATE TRIGGER jobs_singleton_after_finish AFTER UPDATE OF state ON jobd.jobs
 -- The rows of kinds with tools, from every enqueue path. $p_rows: a JSON array of
 -- actors.ports.NewJob (sql/common.job_rows) plus `tool_keys`, an object of the keys a
 -- handler's functions computed ({"debounce": "k", ...}). Returns one row per input row:
--- the job that stands for it, whether that job was created by this call, and what
--- happened: created | debounced | replaced | batched | duplicate | skipped_throttle |
+-- the job that stands for it, whether this call created a job that will run (a
+-- `skipped` row is stored but says false), and what happened: created | debounced | replaced | batched | duplicate | skipped_throttle |
 -- skipped_singleton. p_now pins the clock (tests); NULL is the database's.
 CREATE FUNCTION jobd.enqueue_tools(p_rows json, p_parent bigint DEFAULT NULL,
                                    p_now timestamptz DEFAULT NULL)
@@ -219,81 +218,6 @@ BEGIN
             END IF;
         END IF;
 
-        -- Throttle.
-        IF s.throttle_mode IS NOT NULL THEN
-            v_key := coalesce(v_keys ->> 'throttle', v_args ->> s.throttle_field, '');
-            v_tau := (coalesce(s.throttle_burst, 1) - 1) / s.throttle_per_s;
-            INSERT INTO jobd.throttle_keys AS b (kind, key, tat) VALUES (r.kind, v_key, v_t)
-            ON CONFLICT (kind, key) DO UPDATE SET tat = b.tat
-            RETURNING greatest(b.tat, v_t) INTO v_tat;
-            IF s.throttle_mode = 'drop' AND v_tat - v_tau * interval '1 second' > v_t THEN
-                INSERT INTO jobd.jobs AS j (queue, kind, args, key, priority, state,
-                                            max_attempts, tags, timeout_s, cost, parent_id,
-                                            finished_at, errors)
-                VALUES (r.queue, r.kind, v_args, r.key, r.priority, 'skipped',
-                        r.max_attempts, coalesce(r.tags, '{}'), r.timeout_s,
-                        coalesce(r.cost, 1), p_parent, v_t, jsonb_build_array(jsonb_build_object(
-                            'attempt', 0, 'at', v_t, 'class', 'skipped',
-                            'message', format('throttle %s/s (burst %s) of key %L: over the limit, dropped',
-                                              s.throttle_per_s, coalesce(s.throttle_burst, 1), v_key))))
-                RETURNING j.id INTO id;
-                created := true; outcome := 'skipped_throttle';
-                RETURN NEXT;
-                CONTINUE;
-            END IF;
-            IF s.throttle_mode = 'delay' THEN
-                v_run_at := greatest(v_run_at, v_tat - v_tau * interval '1 second');
-            END IF;
-            UPDATE jobd.throttle_keys b
-            SET tat = greatest(v_tat, v_run_at) + (1 / s.throttle_per_s) * interval '1 second'
-            WHERE b.kind = r.kind AND b.key = v_key;
-        END IF;
-
-        -- Singleton.
-        IF s.singleton_mode IS NOT NULL THEN
-            v_key := coalesce(v_keys ->> 'singleton', v_args ->> s.singleton_field, '');
-            v_tool := v_key;
-            IF s.singleton_mode = 'skip' THEN
-                SELECT j.id INTO v_id FROM jobd.jobs j
-                WHERE j.kind = r.kind AND j.tool_key = v_key
-                  AND j.state IN ('scheduled', 'available', 'running', 'waiting')
-                LIMIT 1;
-                IF v_id IS NOT NULL THEN
-                    INSERT INTO jobd.jobs AS j (queue, kind, args, key, priority, state,
-                                                max_attempts, tags, timeout_s, cost, parent_id,
-                                                finished_at, errors)
-                    VALUES (r.queue, r.kind, v_args, r.key, r.priority, 'skipped',
-                            r.max_attempts, coalesce(r.tags, '{}'), r.timeout_s,
-                            coalesce(r.cost, 1), p_parent, v_t, jsonb_build_array(jsonb_build_object(
-                                'attempt', 0, 'at', v_t, 'class', 'skipped',
-                                'message', format('singleton key %L is held by job %s', v_key, v_id))))
-                    RETURNING j.id INTO id;
-                    created := true; outcome := 'skipped_singleton';
-                    RETURN NEXT;
-                    CONTINUE;
-                END IF;
-            ELSE
-                -- cancel: queued holders go now, running ones through the cancel path
-                -- (the worker stops the attempt; a rescue of it ends it `cancelled`),
-                -- and the new job waits until they are gone.
-                UPDATE jobd.jobs j SET state = 'cancelled', finished_at = now()
-                WHERE j.kind = r.kind AND j.tool_key = v_key
-                  AND j.state IN ('scheduled', 'available', 'waiting');
-                -- Locking them (the UPDATE) makes their finish wait for this commit, so
-                -- its trigger sees the parked job and wakes it.
-                WITH running AS (
-                    UPDATE jobd.jobs j SET cancel_requested = true
-                    WHERE j.kind = r.kind AND j.tool_key = v_key AND j.state = 'running'
-                    RETURNING j.id, pg_notify('jobd_cancel', j.id::text)
-                )
-                SELECT array_agg(running.id ORDER BY running.id) INTO v_ids FROM running;
-                IF v_ids IS NOT NULL THEN
-                    v_wait := jsonb_build_object('type', 'children', 'ids', to_jsonb(v_ids),
-                                                 'singleton', v_key);
-                END IF;
-            END IF;
-        END IF;
-
         -- Debounce: the pending run of the key (not yet started) takes the new args and
         -- moves to `debounce` from now, but never past `debounce_max` from its first.
         IF s.debounce_s IS NOT NULL THEN
@@ -317,6 +241,84 @@ BEGIN
             v_tool := v_key;
             v_until := v_t + s.debounce_max_s * interval '1 second';
             v_run_at := greatest(v_run_at, v_t + s.debounce_s * interval '1 second');
+        END IF;
+
+        -- Throttle: counts the runs it admits, so an enqueue a debounce folded into a
+        -- pending run (above) took no token.
+        IF s.throttle_mode IS NOT NULL THEN
+            v_key := coalesce(v_keys ->> 'throttle', v_args ->> s.throttle_field, '');
+            v_tau := (coalesce(s.throttle_burst, 1) - 1) / s.throttle_per_s;
+            INSERT INTO jobd.throttle_keys AS b (kind, key, tat) VALUES (r.kind, v_key, v_t)
+            ON CONFLICT (kind, key) DO UPDATE SET tat = b.tat
+            RETURNING greatest(b.tat, v_t) INTO v_tat;
+            IF s.throttle_mode = 'drop' AND v_tat - v_tau * interval '1 second' > v_t THEN
+                INSERT INTO jobd.jobs AS j (queue, kind, args, key, priority, state,
+                                            max_attempts, tags, timeout_s, cost, parent_id,
+                                            finished_at, errors)
+                VALUES (r.queue, r.kind, v_args, r.key, r.priority, 'skipped',
+                        r.max_attempts, coalesce(r.tags, '{}'), r.timeout_s,
+                        coalesce(r.cost, 1), p_parent, v_t, jsonb_build_array(jsonb_build_object(
+                            'attempt', 0, 'at', v_t, 'class', 'skipped',
+                            'message', format('throttle %s/s (burst %s) of key %L: over the limit, dropped',
+                                              s.throttle_per_s, coalesce(s.throttle_burst, 1), v_key))))
+                RETURNING j.id INTO id;
+                created := false; outcome := 'skipped_throttle';
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+            IF s.throttle_mode = 'delay' THEN
+                v_run_at := greatest(v_run_at, v_tat - v_tau * interval '1 second');
+            END IF;
+            UPDATE jobd.throttle_keys b
+            -- delay: the bucket runs on the times it hands out; drop: on arrivals.
+            SET tat = CASE WHEN s.throttle_mode = 'delay' THEN greatest(v_tat, v_run_at)
+                           ELSE v_tat END + (1 / s.throttle_per_s) * interval '1 second'
+            WHERE b.kind = r.kind AND b.key = v_key;
+        END IF;
+
+        -- Singleton.
+        IF s.singleton_mode IS NOT NULL THEN
+            v_key := coalesce(v_keys ->> 'singleton', v_args ->> s.singleton_field, '');
+            v_tool := v_key;
+            IF s.singleton_mode = 'skip' THEN
+                SELECT j.id INTO v_id FROM jobd.jobs j
+                WHERE j.kind = r.kind AND j.tool_key = v_key
+                  AND j.state IN ('scheduled', 'available', 'running', 'waiting')
+                LIMIT 1;
+                IF v_id IS NOT NULL THEN
+                    INSERT INTO jobd.jobs AS j (queue, kind, args, key, priority, state,
+                                                max_attempts, tags, timeout_s, cost, parent_id,
+                                                finished_at, errors)
+                    VALUES (r.queue, r.kind, v_args, r.key, r.priority, 'skipped',
+                            r.max_attempts, coalesce(r.tags, '{}'), r.timeout_s,
+                            coalesce(r.cost, 1), p_parent, v_t, jsonb_build_array(jsonb_build_object(
+                                'attempt', 0, 'at', v_t, 'class', 'skipped',
+                                'message', format('singleton key %L is held by job %s', v_key, v_id))))
+                    RETURNING j.id INTO id;
+                    created := false; outcome := 'skipped_singleton';
+                    RETURN NEXT;
+                    CONTINUE;
+                END IF;
+            ELSE
+                -- cancel: queued holders go now, running ones through the cancel path
+                -- (the worker stops the attempt; a rescue of it ends it `cancelled`),
+                -- and the new job waits until they are gone.
+                UPDATE jobd.jobs j SET state = 'cancelled', finished_at = now()
+                WHERE j.kind = r.kind AND j.tool_key = v_key
+                  AND j.state IN ('scheduled', 'available', 'waiting');
+                -- Locking them (the UPDATE) makes their finish wait for this commit, so
+                -- its trigger sees the parked job and wakes it.
+                WITH running AS (
+                    UPDATE jobd.jobs j SET cancel_requested = true
+                    WHERE j.kind = r.kind AND j.tool_key = v_key AND j.state = 'running'
+                    RETURNING j.id, pg_notify('jobd_cancel', j.id::text)
+                )
+                SELECT array_agg(running.id ORDER BY running.id) INTO v_ids FROM running;
+                IF v_ids IS NOT NULL THEN
+                    v_wait := jsonb_build_object('type', 'children', 'ids', to_jsonb(v_ids),
+                                                 'singleton', v_key);
+                END IF;
+            END IF;
         END IF;
 
         -- Batching: the item joins the key's open batch (its row locked, so a claim
