@@ -16,6 +16,7 @@ import msgspec
 import trio
 
 from actors.flow import FlowLimits
+from actors.tools import Tools
 from protocol.commands import Filtered
 
 
@@ -359,6 +360,8 @@ class Store(StepStore, Protocol):
     async def prune_events(self, max_age_s: float, limit: int,
                            now: datetime | None = None) -> int: ...
     async def register_failure_hooks(self, kinds: list[str]) -> None: ...
+    # Each kind's flow-control tools (actors/tools.Tools), None for a kind without.
+    async def sync_kind_tools(self, declared: dict[str, Tools | None]) -> None: ...
     async def workflow_details(self, job_id: int) -> tuple[str | None, str, str]: ...
 
     # -- connections of their own
