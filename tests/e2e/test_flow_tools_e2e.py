@@ -242,3 +242,23 @@ def test_reload_publishes_new_kinds_settings_and_refuses_a_bad_table(jobd, sql):
                         "WHERE kind = 'tools.capture'") == 9.0
     c = SyncClient(str(a.socket))
     assert c.enqueue("tools.capture", {"market": "x"}).outcome == "created"
+
+
+def test_singleton_cancel_when_the_holders_daemon_is_sigkilled(jobd, sql):
+    """The cancel request is a column: the rescue ends the killed daemon's attempt as
+    `cancelled`, which wakes the new job on the surviving daemon."""
+    sql.execute(TABLE)
+    a = jobd(**OPTIONS)
+    ca = SyncClient(str(a.socket))
+    old = ca.enqueue("tools.resync", {"acct": "k", "n": 1, "hold_s": 60.0})
+    wait_until(lambda: ca.get(old.id).state == "running", "the old resync running on a",
+               daemons=(a,))
+    b = jobd(**OPTIONS)  # started after: the old job is a's
+    cb = SyncClient(str(b.socket))
+    a.kill()
+    new = cb.enqueue("tools.resync", {"acct": "k", "n": 2})
+    assert cb.get(new.id).state == "waiting"
+    wait_until(lambda: cb.get(new.id).state == "completed", "the new resync after the rescue",
+               timeout=60, daemons=(b,))
+    assert cb.get(old.id).state == "cancelled"
+    assert [r["n"] for r in sql.fetch("SELECT n FROM tool_runs WHERE kind = 'resync'")] == [2]
