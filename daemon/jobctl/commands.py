@@ -121,6 +121,8 @@ def enqueue(args: argparse.Namespace, client: SyncClient) -> int:
         done = client.call(c.Enqueue(job=spec))
         if getattr(done, "warning", None):
             print(f"jobctl: warning: {done.warning}", file=sys.stderr)
+        if done.outcome not in (None, "created"):  # a flow-control tool's doing
+            print(f"jobctl: {done.outcome.replace('_', ' ')} (job {done.id})", file=sys.stderr)
         if args.json:
             print(msgspec.json.encode(client.call(c.Get(job_id=done.id))).decode())
         else:

@@ -189,6 +189,10 @@ def test_misuse_is_typed_and_the_daemon_lives(jobd, sql):
         c.enqueue("tools.capture", {"market": "a\x00b"})
     assert info.value.code in ("invalid_args", "bad_request")
     assert c.enqueue("tools.capture", {"market": "ok"}).outcome == "created"
+    # jobctl prints the id it folded into, and says so on stderr.
+    first = a.jobctl("enqueue", "tools.capture", "--args", '{"market": "cli"}')
+    again = a.jobctl("enqueue", "tools.capture", "--args", '{"market": "cli", "n": 2}')
+    assert first.stdout == again.stdout and "debounced" in again.stderr
     assert c.ping().ready
 
 
