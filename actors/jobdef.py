@@ -47,6 +47,8 @@ class JobDef(msgspec.Struct, kw_only=True):
 
     def decode_enqueued(self, raw: bytes | str | dict[str, Any] | msgspec.Struct) -> Any:
         """One enqueue's args (a batch kind's: one item), checked as decode_args does."""
+        if self.tools is None:  # the common case: one test, no lookups
+            return self._decode(raw, self.args_type)
         return self._decode(raw, self.enqueue_type())
 
     def decode_args(self, raw: bytes | str | dict[str, Any] | msgspec.Struct) -> Any:
