@@ -38,6 +38,8 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     **{("daemon/api/http_server.py", name): _HYPERCORN
        for name in ("hypercorn.config", "hypercorn.protocol.h2", "hypercorn.trio.tcp_server",
                     "hypercorn.trio.worker_context", "hypercorn.typing", "hypercorn.utils")},
+    ("daemon/tracing.py", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+        "the OTLP exporter is the optional `otlp` extra; only [tracing] enabled loads it",
 }
 
 
