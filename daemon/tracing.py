@@ -11,6 +11,7 @@ loses spans. The provider is also the process's global one, so a handler's own
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -54,6 +55,43 @@ def _exporter(config: Tracing) -> SpanExporter:
     return OTLPSpanExporter(endpoint=config.endpoint, timeout=EXPORT_TIMEOUT_S)
 
 
+# The exporter logs each failed try of each batch (three lines every 5 s while the
+# endpoint is down): one line a minute says as much.
+_EXPORT_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                   "opentelemetry.exporter.otlp.common.http",
+                   "opentelemetry.sdk.trace.export", "opentelemetry.sdk._shared_internal")
+_EXPORT_LOG_EVERY_S = 60.0
+
+
+class _OncePerMinute(logging.Filter):
+    """Lets one record through per interval, naming how many it held back since."""
+
+    def __init__(self, every_s: float = _EXPORT_LOG_EVERY_S):
+        super().__init__()
+        self._every_s = every_s
+        self._last = -every_s
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < self._every_s:
+            self._held += 1
+            return False
+        if self._held:
+            record.msg = f"{record.msg} ({self._held} more export messages held back)"
+        self._last, self._held = now, 0
+        if not hasattr(record, "event"):
+            record.event = "tracing.export_failed"
+        return True
+
+
+def _quiet_export_logs() -> None:
+    for name in _EXPORT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OncePerMinute) for f in logger.filters):
+            logger.addFilter(_OncePerMinute())
+
+
 @asynccontextmanager
 async def traced(config: Tracing, *, region: str, daemon_id: str) -> AsyncIterator[None]:
     """Spans on for the body (when `config.enabled`); on the way out the spans still
@@ -61,6 +99,7 @@ async def traced(config: Tracing, *, region: str, daemon_id: str) -> AsyncIterat
     if not config.enabled:
         yield
         return
+    _quiet_export_logs()
     made = provider(config, region=region, daemon_id=daemon_id)
     trace.set_tracer_provider(made)
     tracing.install(made.get_tracer("jobd", __version__))
