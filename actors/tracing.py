@@ -22,8 +22,15 @@ from typing import Any
 import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 
 from actors.ports import Claimed, Outcome
 
@@ -31,7 +38,6 @@ ATTEMPT_SPAN = "jobd.attempt"
 STEP_SPAN = "jobd.step"
 
 _tracer: trace.Tracer | None = None
-_propagator = TraceContextTextMapPropagator()
 _errors_decoder = msgspec.json.Decoder(list[dict[str, Any]])
 
 
@@ -79,8 +85,7 @@ class AttemptSpan:
         }
         if job.key is not None:
             attributes["jobd.key"] = job.key
-        parent = (_propagator.extract({"traceparent": job.traceparent})
-                  if job.traceparent is not None else otel_context.Context())
+        parent = _parent(job.traceparent) if job.traceparent is not None else _ROOT
         self.span = _tracer.start_span(ATTEMPT_SPAN, context=parent, kind=SpanKind.CONSUMER,
                                        attributes=attributes, links=_previous_attempt(job))
         self._token = otel_context.attach(trace.set_span_in_context(self.span))
@@ -114,6 +119,24 @@ def start_attempt(job: Claimed, wait_s: float) -> AttemptSpan | None:
     if _tracer is None:
         return None
     return AttemptSpan(job, wait_s)
+
+
+_ROOT = otel_context.Context()
+
+
+def _parent(traceparent: str) -> otel_context.Context:
+    """The context of a stored traceparent. The column's CHECK (and every edge) holds it
+    to the pattern, so a split does what the propagator's regular expressions would, at
+    a tenth of their cost; anything else starts a trace of its own."""
+    try:
+        _, trace_id, span_id, flags = traceparent.split("-")
+        ctx = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
+                          trace_flags=TraceFlags(int(flags, 16) & 0xFF))
+    except ValueError:
+        return _ROOT
+    if not ctx.is_valid:
+        return _ROOT
+    return trace.set_span_in_context(NonRecordingSpan(ctx), _ROOT)
 
 
 def _previous_attempt(job: Claimed) -> list[Link] | None:
