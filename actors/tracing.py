@@ -15,6 +15,7 @@ the attempt before it, whose span is named in that attempt's stored error.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,8 @@ from opentelemetry.trace import (
 )
 
 from actors.ports import Claimed, Outcome
+
+log = logging.getLogger("jobd.tracing")
 
 ATTEMPT_SPAN = "jobd.attempt"
 STEP_SPAN = "jobd.step"
@@ -92,8 +95,17 @@ class AttemptSpan:
 
     def end(self, outcome: Outcome | None, label: str) -> Outcome | None:
         """Close the span with how the attempt ended; returns `outcome`, its error naming
-        this span when there is one, so the next attempt can link to it."""
+        this span when there is one, so the next attempt can link to it. A failure here
+        is tracing's, never the attempt's: it is logged once and `outcome` goes on as it
+        was."""
         otel_context.detach(self._token)
+        try:
+            return self._end(outcome, label)
+        except Exception:  # noqa: BLE001 - a span must not cost a job its outcome
+            _log_once("end")
+            return outcome
+
+    def _end(self, outcome: Outcome | None, label: str) -> Outcome | None:
         span = self.span
         if not span.is_recording():
             span.end()
@@ -118,7 +130,21 @@ def start_attempt(job: Claimed, wait_s: float) -> AttemptSpan | None:
     """The attempt's span, made current; None (nothing built) when tracing is off."""
     if _tracer is None:
         return None
-    return AttemptSpan(job, wait_s)
+    try:
+        return AttemptSpan(job, wait_s)
+    except Exception:  # noqa: BLE001 - the attempt runs untraced rather than not at all
+        _log_once("start")
+        return None
+
+
+_logged: set[str] = set()
+
+
+def _log_once(where: str) -> None:
+    if where not in _logged:
+        _logged.add(where)
+        log.exception("tracing: could not %s an attempt's span (logged once; the attempts "
+                      "run on)", where, extra={"event": "tracing.span_failed"})
 
 
 _ROOT = otel_context.Context()

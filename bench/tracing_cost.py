@@ -29,7 +29,7 @@ from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from bench.common import proc_cpu, wait_for
+from bench.common import pg_cluster_cpu, proc_cpu, wait_for
 from bench.jobd_bench import Ctx, _client_call, drain, scratch, stop
 from tests.support import ROOT, JobdProcess
 
@@ -84,7 +84,7 @@ def run(ctx: Ctx, mode: str, n: int, receiver: Receiver, round_no: int) -> dict[
             ctx.sql.execute("UPDATE jobd.jobs SET traceparent = $1", TRACEPARENT)
         time.sleep(0.5)
         spans0 = receiver.spans
-        cpu0 = proc_cpu(proc.proc.pid)
+        cpu0, pg0 = proc_cpu(proc.proc.pid), pg_cluster_cpu(ctx.postmaster)
         t0 = time.perf_counter()
         _client_call(proc.socket, lambda c: c.resume("default"))
         drain(ctx, [proc], 60 + n / 50, 0.05)
@@ -94,12 +94,13 @@ def run(ctx: Ctx, mode: str, n: int, receiver: Receiver, round_no: int) -> dict[
             wait_for(lambda: receiver.spans - spans0 >= expected, 20.0, 0.1)
         except TimeoutError:
             pass
-        cpu1 = proc_cpu(proc.proc.pid)
+        cpu1, pg1 = proc_cpu(proc.proc.pid), pg_cluster_cpu(ctx.postmaster)
         received = receiver.spans - spans0
     finally:
         stop([proc])
     return {"mode": mode, "round": round_no, "jobs": n, "jobs_per_s": n / wall,
-            "daemon_cpu_us_per_job": (cpu1 - cpu0) / n * 1e6, "spans_received": received,
+            "daemon_cpu_us_per_job": (cpu1 - cpu0) / n * 1e6,
+            "pg_cpu_us_per_job": (pg1 - pg0) / n * 1e6, "spans_received": received,
             "spans_missing": max(0, expected - received)}
 
 
@@ -128,6 +129,7 @@ def main() -> None:
                 x["daemon_cpu_us_per_job"] for x in mine),
             "daemon_cpu_us_per_job_range": [min(x["daemon_cpu_us_per_job"] for x in mine),
                                             max(x["daemon_cpu_us_per_job"] for x in mine)],
+            "pg_cpu_us_per_job_median": statistics.median(x["pg_cpu_us_per_job"] for x in mine),
             "spans_missing_total": sum(x["spans_missing"] for x in mine),
         }
     if "off" in summary:

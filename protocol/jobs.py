@@ -89,6 +89,9 @@ class AttemptError(msgspec.Struct, kw_only=True):
     at: str | None = None
     duration_s: float | None = None
     traceback: str | None = None
+    # The attempt's span, when it was traced (README: "Tracing"): the next attempt links to it.
+    trace_id: str | None = None
+    span_id: str | None = None
 
 
 class JobView(msgspec.Struct, kw_only=True):

@@ -40,6 +40,9 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
                     "hypercorn.trio.worker_context", "hypercorn.typing", "hypercorn.utils")},
     ("daemon/tracing.py", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
         "the OTLP exporter is the optional `otlp` extra; only [tracing] enabled loads it",
+    **{("daemon/tracing.py", name): "a daemon that does not trace never loads the SDK"
+       for name in ("opentelemetry.sdk.resources", "opentelemetry.sdk.trace",
+                    "opentelemetry.sdk.trace.export", "opentelemetry.sdk.trace.sampling")},
 }
 
 

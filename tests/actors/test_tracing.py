@@ -236,3 +236,22 @@ async def test_an_unsampled_producer_context_is_followed(store):
     async with daemon_like(store):
         await finished(store, a.id)
     assert not spans_named(tracing.ATTEMPT_SPAN)  # ParentBased: the producer said no
+
+
+@pytest.mark.parametrize("where", ["__init__", "_end"])
+async def test_a_bug_in_tracing_costs_the_attempt_nothing(store, monkeypatch, where):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in tracing")
+
+    monkeypatch.setattr(tracing.AttemptSpan, where, broken)
+    monkeypatch.setattr(tracing, "_logged", set())
+    [a] = await store.enqueue_many([jobs.from_spec(HANDLERS, JobSpec(
+        kind="wf.child", traceparent=PRODUCER))])
+    [b] = await store.enqueue_many([jobs.from_spec(HANDLERS, JobSpec(kind="wf.child"))])
+    async with daemon_like(store):
+        for job_id in (a.id, b.id):
+            row = await finished(store, job_id)
+            assert (row["state"], row["result"]) == ("completed", '"kid"')
+    assert tracing._logged == {"start" if where == "__init__" else "end"}
+    # The attempt's context was put back: nothing of it is current after the attempts.
+    assert tracing.current_traceparent() is None

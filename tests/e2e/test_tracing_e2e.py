@@ -199,6 +199,9 @@ def test_spans_arrive_over_otlp_with_the_producers_context_as_parent(
         assert attrs["jobd.queue"] == "default" and attrs["jobd.kind"] == "traced.flaky"
         assert attrs["jobd.job_id"] == by_socket and attrs["jobd.wait_ms"] >= 0
     assert [a["attributes"]["jobd.attempt"] for a in (first, second)] == [1, 2]
+    # `get` shows the failed attempt's span in its error.
+    [error] = client.get(by_socket).errors
+    assert (error.trace_id, error.span_id) == (first["trace_id"], first["span_id"])
     wait_until(lambda: any(s["name"] == "jobd.step" for s in receiver.spans), "the step span")
     [step] = [s for s in receiver.spans if s["name"] == "jobd.step"]
     assert step["parent"] == second["span_id"] and step["attributes"]["jobd.step"] == "finish"
