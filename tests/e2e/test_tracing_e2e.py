@@ -293,3 +293,25 @@ def test_a_drain_flushes_the_spans_still_queued(jobd, receiver, sql):
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0
     assert receiver.attempts(job_id), receiver.spans
+
+
+def test_a_killed_daemons_job_keeps_its_producer_as_parent(jobd, receiver, sql):
+    options = dict(modules=["tests.e2e.tracing_handlers"], jobs={"lease": "2s", "reaper_interval": "500ms"},
+                   extra_toml=tracing_toml(receiver.endpoint))
+    first = jobd(**options)
+    job_id = SyncClient(str(first.socket)).enqueue(
+        "traced.hangs_first", {}, traceparent=producer("6666666666666666")).id
+    wait_until(lambda: sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", job_id)
+               == "running", "the first attempt running")
+    first.kill()  # SIGKILL: its attempt's span, never ended, is lost with it
+    second = jobd(**options)
+    wait_until(lambda: sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", job_id)
+               == "completed", "the rescued job completed", timeout=60, daemons=(second,))
+    second.signal(signal.SIGTERM)
+    assert second.wait(60) == 0
+    [rescued] = receiver.attempts(job_id)
+    assert rescued["attributes"]["jobd.attempt"] == 2
+    assert rescued["attributes"]["jobd.outcome"] == "completed"
+    # The parent came from Postgres, not from the dead daemon's memory.
+    assert (rescued["trace_id"], rescued["parent"]) == (TRACE_ID, "6666666666666666")
+    assert rescued["links"] == []  # the rescue's error names no span; no traced failure before

@@ -4,6 +4,7 @@ and one whose handler opens its own span with the ordinary OpenTelemetry API."""
 from __future__ import annotations
 
 import msgspec
+import trio
 from opentelemetry import trace
 
 from actors import Context, job
@@ -24,3 +25,10 @@ async def flaky(ctx: Context, args: Empty) -> str:
 async def user(ctx: Context, args: Empty) -> str:
     with trace.get_tracer("tests.handlers").start_as_current_span("user.span"):
         return "ok"
+
+
+@job("traced.hangs_first", max_attempts=3)
+async def hangs_first(ctx: Context, args: Empty) -> str:
+    if ctx.job.attempt == 1:
+        await trio.sleep(600)  # the daemon is killed meanwhile
+    return "rescued"
