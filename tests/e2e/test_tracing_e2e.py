@@ -315,3 +315,29 @@ def test_a_killed_daemons_job_keeps_its_producer_as_parent(jobd, receiver, sql):
     # The parent came from Postgres, not from the dead daemon's memory.
     assert (rescued["trace_id"], rescued["parent"]) == (TRACE_ID, "6666666666666666")
     assert rescued["links"] == []  # the rescue's error names no span; no traced failure before
+
+
+def test_an_endpoint_that_accepts_and_never_answers_costs_jobs_nothing(jobd, sql):
+    # A listener whose backlog takes the connections and never reads them: every export
+    # waits out its timeout.
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    try:
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}/v1/traces"
+        daemon = jobd(modules=["tests.e2e.tracing_handlers"], extra_toml=tracing_toml(endpoint))
+        client = SyncClient(str(daemon.socket))
+        ids = [client.enqueue("traced.flaky", {}).id for _ in range(20)]
+        wait_until(lambda: sql.fetchval(
+            "SELECT count(*) FROM jobd.jobs WHERE state = 'completed' AND id = ANY($1::bigint[])",
+            ids) == len(ids), "every job completed", timeout=60, daemons=(daemon,))
+        assert client.ping() is not None
+        began = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+        # Bounded by the flush's 5 s (plus the drain), not by the hung export.
+        assert time.monotonic() - began < 30
+        events = {e.get("event") for e in daemon.log_events()}
+        assert "tracing.flush_timeout" in events or "tracing.export_failed" in events, events
+    finally:
+        hung.close()
