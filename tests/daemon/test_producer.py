@@ -255,6 +255,8 @@ def test_a_kind_without_its_handler_gets_the_generic_checks_and_jobds_defaults(d
     ({"colour": "red"}, ErrorCode.BAD_REQUEST, "unknown field `colour`"),
     ({"kind": "elsewhere", "args": {"blob": "x" * 2000}}, ErrorCode.TOO_LARGE, "over the limit of 1000 bytes"),
     ({"args": {"s": object()}}, ErrorCode.BAD_REQUEST, "cannot encode"),
+    ({"traceparent": "00-abc-def-01"}, ErrorCode.BAD_REQUEST, "$.job.traceparent"),
+    ({"traceparent": 7}, ErrorCode.BAD_REQUEST, "$.job.traceparent"),
 ])
 def test_out_of_range_values_are_the_socket_paths_refusals(db, sql, options, code, words) -> None:
     # The daemons' published args limit applies (lifecycle.publish writes it at start).
@@ -267,6 +269,23 @@ def test_out_of_range_values_are_the_socket_paths_refusals(db, sql, options, cod
     assert error.code == code, error.message
     assert words in error.message
     assert count(sql) == 0
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_producers_traceparent_is_stored_with_its_jobs(db, sql) -> None:
+    async def body(p: DirectProducer) -> list[int]:
+        one = await p.enqueue("charge", {"shop": "a"}, traceparent=TRACEPARENT)
+        many = await p.enqueue_many([{"kind": "charge", "args": {"shop": str(i)},
+                                      "traceparent": TRACEPARENT} for i in range(200)])
+        plain = await p.enqueue("charge", {"shop": "b"})
+        return [one.id, *many.ids, plain.id]
+
+    ids = produce(db, body, handlers=charge_handlers())
+    held = sql.fetch("SELECT traceparent FROM jobd.jobs WHERE id = ANY($1) ORDER BY id", ids)
+    # 200 jobs go by COPY, the single ones by the statement: both store it.
+    assert [r["traceparent"] for r in held] == [TRACEPARENT] * 201 + [None]
 
 
 def test_an_enqueue_in_an_aborted_transaction_is_bad_request(db, sql) -> None:

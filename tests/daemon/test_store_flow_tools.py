@@ -281,3 +281,15 @@ async def test_a_throttle_counts_runs_not_the_enqueues_a_debounce_folded(store, 
     assert enqueue(sql, "dt", {"n": 9}, 21)[2] == "skipped_throttle"  # the second run in a minute
     assert enqueue(sql, "dt", {"n": 10}, 61)[2] == "created"
     assert first[2] == "created"
+
+
+TRACE = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+
+
+async def test_the_trace_context_travels_through_the_tools(store, sql):
+    await declare(store, d={"debounce_s": 5.0}, b={"batch_size": 5, "batch_timeout_s": 5.0})
+    d = sql.fetchval("SELECT jobd.enqueue('d', '{}', traceparent => $1)", TRACE)
+    done = await store.enqueue_many([NewJob(kind="b", args="{}", tool_keys={}, traceparent=TRACE)])
+    assert job(sql, d)["traceparent"] == TRACE == job(sql, done[0].id)["traceparent"]
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="traceparent"):
+        sql.fetchval("SELECT jobd.enqueue('d', '{}', traceparent => 'nope')")

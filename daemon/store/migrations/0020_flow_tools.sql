@@ -177,9 +177,9 @@ BEGIN
         SELECT * FROM ROWS FROM (json_to_recordset(p_rows) AS (
             queue text, kind text, args text, key text, unique_key text, priority int,
             delay_s float8, max_attempts int, tags text[], timeout_s float8, cost int,
-            tool_keys jsonb)) WITH ORDINALITY AS x(
+            traceparent text, tool_keys jsonb)) WITH ORDINALITY AS x(
             queue, kind, args, key, unique_key, priority, delay_s, max_attempts, tags,
-            timeout_s, cost, tool_keys, n)
+            timeout_s, cost, traceparent, tool_keys, n)
         ORDER BY n
     LOOP
         ord := r.n;
@@ -223,7 +223,7 @@ BEGIN
         IF s.debounce_s IS NOT NULL THEN
             v_key := coalesce(v_keys ->> 'debounce', v_args ->> s.debounce_field, '');
             UPDATE jobd.jobs j SET
-                args = v_args,
+                args = v_args, traceparent = coalesce(r.traceparent, j.traceparent),
                 run_at = least(greatest(v_run_at, v_t + s.debounce_s * interval '1 second'),
                                j.tool_until),
                 state = CASE WHEN least(greatest(v_run_at, v_t + s.debounce_s * interval '1 second'),
@@ -254,10 +254,10 @@ BEGIN
             IF s.throttle_mode = 'drop' AND v_tat - v_tau * interval '1 second' > v_t THEN
                 INSERT INTO jobd.jobs AS j (queue, kind, args, key, priority, state,
                                             max_attempts, tags, timeout_s, cost, parent_id,
-                                            finished_at, errors)
+                                            traceparent, finished_at, errors)
                 VALUES (r.queue, r.kind, v_args, r.key, r.priority, 'skipped',
                         r.max_attempts, coalesce(r.tags, '{}'), r.timeout_s,
-                        coalesce(r.cost, 1), p_parent, v_t, jsonb_build_array(jsonb_build_object(
+                        coalesce(r.cost, 1), p_parent, r.traceparent, v_t, jsonb_build_array(jsonb_build_object(
                             'attempt', 0, 'at', v_t, 'class', 'skipped',
                             'message', format('throttle %s/s (burst %s) of key %L: over the limit, dropped',
                                               s.throttle_per_s, coalesce(s.throttle_burst, 1), v_key))))
@@ -288,10 +288,10 @@ BEGIN
                 IF v_id IS NOT NULL THEN
                     INSERT INTO jobd.jobs AS j (queue, kind, args, key, priority, state,
                                                 max_attempts, tags, timeout_s, cost, parent_id,
-                                                finished_at, errors)
+                                                traceparent, finished_at, errors)
                     VALUES (r.queue, r.kind, v_args, r.key, r.priority, 'skipped',
                             r.max_attempts, coalesce(r.tags, '{}'), r.timeout_s,
-                            coalesce(r.cost, 1), p_parent, v_t, jsonb_build_array(jsonb_build_object(
+                            coalesce(r.cost, 1), p_parent, r.traceparent, v_t, jsonb_build_array(jsonb_build_object(
                                 'attempt', 0, 'at', v_t, 'class', 'skipped',
                                 'message', format('singleton key %L is held by job %s', v_key, v_id))))
                     RETURNING j.id INTO id;
@@ -333,13 +333,15 @@ BEGIN
             FOR UPDATE;
             created := false;
             IF v_id IS NULL THEN
+                -- The batch's trace context is its first item's.
                 INSERT INTO jobd.jobs AS j (queue, kind, args, key, priority, run_at, state,
                                             max_attempts, tags, timeout_s, cost, parent_id,
-                                            tool_key, tool_until, tool_count)
+                                            traceparent, tool_key, tool_until, tool_count)
                 VALUES (r.queue, r.kind, '{"items": []}', r.key, r.priority,
                         v_t + s.batch_timeout_s * interval '1 second', 'scheduled',
                         r.max_attempts, coalesce(r.tags, '{}'), r.timeout_s, coalesce(r.cost, 1),
-                        p_parent, v_key, v_t + s.batch_timeout_s * interval '1 second', 0)
+                        p_parent, r.traceparent, v_key,
+                        v_t + s.batch_timeout_s * interval '1 second', 0)
                 RETURNING j.id INTO v_id;
                 created := true;
             END IF;
@@ -358,13 +360,13 @@ BEGIN
         END IF;
 
         INSERT INTO jobd.jobs AS j (queue, kind, args, key, unique_key, priority, run_at, state,
-                                    max_attempts, tags, timeout_s, cost, parent_id, tool_key,
-                                    tool_until, waiting_on)
+                                    max_attempts, tags, timeout_s, cost, parent_id, traceparent,
+                                    tool_key, tool_until, waiting_on)
         VALUES (r.queue, r.kind, v_args, r.key, r.unique_key, r.priority, v_run_at,
                 CASE WHEN v_wait IS NOT NULL THEN 'waiting'
                      WHEN v_run_at > v_t THEN 'scheduled' ELSE 'available' END,
                 r.max_attempts, coalesce(r.tags, '{}'), r.timeout_s, coalesce(r.cost, 1),
-                p_parent, v_tool, v_until, v_wait)
+                p_parent, r.traceparent, v_tool, v_until, v_wait)
         ON CONFLICT (unique_key)
             WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'running', 'waiting')
             DO NOTHING
@@ -380,8 +382,8 @@ BEGIN
     END LOOP;
 END $$;
 
--- jobd.enqueue as in 0008, plus: a kind listed in jobd.kind_tools goes through
--- jobd.enqueue_tools (keys from the kind's *_field settings).
+-- jobd.enqueue as in 0018 (same signature, so this replaces it), plus: a kind listed in
+-- jobd.kind_tools goes through jobd.enqueue_tools (keys from the kind's *_field settings).
 CREATE OR REPLACE FUNCTION jobd.enqueue(
     kind         text,
     args         jsonb DEFAULT '{}',
@@ -392,7 +394,8 @@ CREATE OR REPLACE FUNCTION jobd.enqueue(
     run_at       timestamptz DEFAULT NULL,
     max_attempts integer DEFAULT 3,
     tags         text[] DEFAULT '{}',
-    timeout_s    double precision DEFAULT NULL
+    timeout_s    double precision DEFAULT NULL,
+    traceparent  text DEFAULT NULL
 ) RETURNS bigint LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -442,6 +445,10 @@ BEGIN
         RAISE EXCEPTION 'jobd.enqueue: args must be a JSON object, got %',
             coalesce(jsonb_typeof(args), 'NULL') USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF traceparent IS NOT NULL AND traceparent !~ jobd.traceparent_pattern() THEN
+        RAISE EXCEPTION 'jobd.enqueue: traceparent must be a W3C trace context (00-<32 hex>-<16 hex>-<2 hex>, lower case, ids not all zeros), got %',
+            left(traceparent, 100) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     SELECT (s.value #>> '{}')::bigint INTO v_limit FROM jobd.settings s
     WHERE s.name = 'max_args_bytes';
     v_limit := coalesce(v_limit, 1048576);
@@ -457,13 +464,14 @@ BEGIN
             'unique_key', unique_key, 'priority', priority,
             'delay_s', CASE WHEN run_at > now()
                             THEN extract(epoch FROM run_at - now())::float8 END,
-            'max_attempts', max_attempts, 'tags', tags, 'timeout_s', timeout_s))) t;
+            'max_attempts', max_attempts, 'tags', tags, 'timeout_s', timeout_s,
+            'traceparent', traceparent))) t;
     ELSE
         INSERT INTO jobd.jobs AS j (queue, kind, args, key, unique_key, priority, run_at, state,
-                                    max_attempts, tags, timeout_s)
+                                    max_attempts, tags, timeout_s, traceparent)
         VALUES (queue, kind, args, key, unique_key, priority, coalesce(run_at, now()),
                 CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END,
-                max_attempts, tags, timeout_s)
+                max_attempts, tags, timeout_s, traceparent)
         ON CONFLICT (unique_key)
             WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'running', 'waiting')
             DO NOTHING
