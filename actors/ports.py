@@ -276,7 +276,6 @@ class WebhookStore(Protocol):
                               cursor: int | None, limit: int) -> list[dict[str, Any]]: ...
     async def replay_deliveries(self, ids: list[int], failed: bool,
                                 now: datetime | None = None) -> list[tuple[int, str]]: ...
-    async def delivery_webhooks(self, ids: list[int]) -> dict[int, str]: ...
     async def prune_deliveries(self, ages: dict[str, tuple[float, float]], limit: int,
                                others_max_age_s: float, now: datetime | None = None) -> int: ...
     async def delivery_backlog(self, webhooks: list[str], now: datetime | None = None
@@ -428,6 +427,15 @@ class Observer(Protocol):
     def breaker_opened(self, queue: str, key: str) -> None: ...
     def key_snapshot(self, queue: str, running: dict[str, int], rate: dict[str, float],
                      breaker_open: dict[str, bool] | None = None) -> None: ...
+
+
+class WebhookObserver(Protocol):
+    """The courier's metrics hooks (daemon/metrics/webhooks.py); cheap, never raise."""
+
+    def webhook_attempt(self, webhook: str, state: str, reason: str, seconds: float) -> None:
+        """One POST ended: `state` delivered, pending (a retry, for `reason`) or failed."""
+    def webhook_backlog(self, backlog: dict[str, tuple[int, float]]) -> None:
+        """Pending rows and the oldest one's age, per webhook this daemon declares."""
 
 
 class NullObserver:

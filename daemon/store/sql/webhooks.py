@@ -86,12 +86,6 @@ WHERE (o.id = ANY($1::bigint[]) OR ($2 AND o.state = 'failed'))
 RETURNING o.id, o.webhook
 """
 
-# Which of these ids exist, and for which webhook (to name the ones replay refused).
-# $1 = ids.
-DELIVERY_WEBHOOKS = """
-SELECT id, webhook FROM jobd.webhook_outbox WHERE id = ANY($1::bigint[])
-"""
-
 # Delivered and failed rows past their webhook's retention, a batch at a time; rows of
 # a webhook this daemon does not declare go after $5 (their own daemon prunes them
 # sooner). $1 = webhook names, $2 = delivered max age (s), $3 = failed max age (s),
