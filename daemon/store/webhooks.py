@@ -55,6 +55,14 @@ class WebhookStatements(StoreBase):
         rows = await self._fetch(sql.REPLAY_DELIVERIES, ids, failed, now, op="bulk")
         return [(r["id"], r["webhook"]) for r in rows]
 
+    async def prune_deliveries(self, ages: dict[str, tuple[float, float]], limit: int,
+                               others_max_age_s: float, now: datetime | None = None) -> int:
+        """`ages`: webhook -> (delivered max age, failed max age), in seconds."""
+        names = sorted(ages)
+        return await self._count(sql.PRUNE_DELIVERIES, names, [ages[n][0] for n in names],
+                                 [ages[n][1] for n in names], limit, others_max_age_s, now,
+                                 op="webhook_prune")
+
     async def delivery_backlog(self, webhooks: list[str], now: datetime | None = None
                                ) -> dict[str, tuple[int, float]]:
         """webhook -> (pending rows, the oldest one's age in seconds)."""
