@@ -73,15 +73,17 @@ ORDER BY id DESC
 LIMIT $4
 """
 
-# Make rows due now with a fresh retry window: by id ($1), or every failed row
-# ($2 = true). Only rows of a webhook some daemon still declares (nobody could deliver
-# the others). Returns the ids replayed.
+# Make delivered or failed rows due now with a fresh retry window: by id ($1), or every
+# failed row ($2 = true). Only rows of a webhook some daemon still declares (nobody
+# could deliver the others); a pending row is left to its retries (an attempt may be in
+# flight, and its record is fenced by the attempt number this resets). Returns the ids
+# replayed.
 # $1 = ids (NULL: none by id), $2 = every failed row, $3 = now (NULL: the database's clock).
 REPLAY_DELIVERIES = """
 UPDATE jobd.webhook_outbox o SET
     state = 'pending', next_attempt_at = coalesce($3::timestamptz, now()),
     retry_from = coalesce($3::timestamptz, now()), finished_at = NULL, attempts = 0
-WHERE (o.id = ANY($1::bigint[]) OR ($2 AND o.state = 'failed'))
+WHERE (o.id = ANY($1::bigint[]) OR ($2 AND o.state = 'failed')) AND o.state <> 'pending'
   AND EXISTS (SELECT 1 FROM jobd.webhooks w WHERE w.name = o.webhook)
 RETURNING o.id, o.webhook
 """

@@ -1,0 +1,318 @@
+"""Completion webhooks against the real daemon and receivers on loopback.
+
+Each receiver is an HTTP server in this process that records what it is sent and
+answers as the test says (a status, a delay) or is not listening at all (down). The
+receiver checks every request with protocol.webhook_signing.verify. No timing
+assertions: every wait polls until a generous deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.webhook_signing import InvalidSignature, verify
+from tests.support import ROOT, Sql, wait_until
+
+SECRET = "whsec_" + "c2VjcmV0LWZvci10aGUtd2ViaG9vay10ZXN0cw=="
+DEADLINE_S = 90.0
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1; `status`/`delay_s` say how it answers."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:  # a free port, not yet listened on: "down"
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.status = 200
+        self.delay_s = 0.0
+        self.received: list[dict[str, Any]] = []  # verified requests, as they came
+        self.bad_signatures = 0
+        self.answered: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    def up(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                try:
+                    verify(SECRET, headers, body)
+                    ok = True
+                except InvalidSignature:
+                    ok = False
+                if receiver.delay_s:
+                    time.sleep(receiver.delay_s)
+                status = receiver.status
+                with receiver._lock:
+                    if not ok:
+                        receiver.bad_signatures += 1
+                    elif 200 <= status < 300:
+                        receiver.received.append(
+                            {"id": headers["webhook-id"], "body": json.loads(body)})
+                    receiver.answered[status] += 1
+                try:
+                    self.send_response(status if ok else 401)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the daemon gave up waiting (or was killed)
+
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self._server = server
+
+    def down(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def job_ids(self) -> Counter[int]:
+        with self._lock:
+            return Counter(r["body"]["data"]["id"] for r in self.received)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [r["id"] for r in self.received]
+
+
+@pytest.fixture
+def receivers():
+    made: list[Receiver] = []
+
+    def make() -> Receiver:
+        made.append(Receiver())
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.down()
+
+
+def webhook_toml(name: str, receiver: Receiver, secret: Path, **options: Any) -> str:
+    lines = ["[[webhooks]]", f'name = "{name}"', f'url = "{receiver.url}"',
+             f'secret_file = "{secret}"', 'backoff = "0.2s"', 'max_backoff = "1s"']
+    for key, value in options.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def config(tmp_path: Path, *hooks: str) -> str:
+    secret = tmp_path / "webhook.secret"
+    secret.write_text(SECRET + "\n")
+    return '[http]\nallow_hosts = ["127.0.0.1"]\n' + "".join(hooks)
+
+
+def secret_path(tmp_path: Path) -> Path:
+    return tmp_path / "webhook.secret"
+
+
+def outbox(sql: Sql) -> list[Any]:
+    return sql.fetch("SELECT id, webhook, event, job_id, state, attempts, last_status,"
+                     " last_error FROM jobd.webhook_outbox ORDER BY id")
+
+
+def finished(sql: Sql, n: int) -> bool:
+    return sql.fetchval("SELECT count(*) FROM jobd.jobs"
+                        " WHERE state IN ('completed', 'failed', 'cancelled')") >= n
+
+
+def test_receiver_down_then_up_signed_and_filtered(jobd, sql, tmp_path, receivers):
+    everything, failures = receivers(), receivers()
+    secret = secret_path(tmp_path)
+    extra = config(tmp_path,
+                   webhook_toml("everything", everything, secret),
+                   webhook_toml("flaky-failures", failures, secret, events=["failed"],
+                                kinds=["flaky"], queues=["default"]))
+    d = jobd(extra_toml=extra)
+    ids = [int(d.jobctl("enqueue", "noop").stdout) for _ in range(5)]
+    fatal = int(d.jobctl("enqueue", "flaky", "--args", '{"failures": 1, "fatal": true}',
+                         "--max-attempts", "1").stdout)
+    later = int(d.jobctl("enqueue", "noop", "--delay", "1h").stdout)
+    d.jobctl("cancel", str(later))
+    wait_until(lambda: finished(sql, 7), "the jobs to finish", daemons=(d,))
+    # Both receivers are down: the rows are pending and retried, never lost.
+    wait_until(lambda: all(r["attempts"] >= 2 for r in outbox(sql)) and len(outbox(sql)) == 8,
+               "retries against the down receivers", timeout=DEADLINE_S, daemons=(d,))
+    rows = outbox(sql)
+    assert {r["state"] for r in rows} == {"pending"}
+    assert all(r["last_status"] is None and r["last_error"] for r in rows)
+    listed = d.jobctl_json("webhooks", "list", "--state", "pending")["deliveries"]
+    assert len(listed) == 8 and "url" not in listed[0]
+
+    everything.up()
+    failures.up()
+    wait_until(lambda: {r["state"] for r in outbox(sql)} == {"delivered"},
+               "every row delivered once the receivers are up", timeout=DEADLINE_S,
+               daemons=(d,))
+    assert everything.bad_signatures == failures.bad_signatures == 0
+    assert set(everything.job_ids()) == {*ids, fatal, later}
+    assert set(failures.job_ids()) == {fatal}  # the kind, queue and event filters
+    types = {r["body"]["data"]["id"]: r["body"]["type"] for r in everything.received}
+    assert types[fatal] == "job.failed" and types[later] == "job.cancelled"
+    assert types[ids[0]] == "job.completed"
+    failure = next(r["body"] for r in failures.received)
+    assert failure["data"]["error"]["message"] and failure["data"]["kind"] == "flaky"
+    # webhook-id is the outbox row's: one per (webhook, finish), the same on every retry.
+    assert sorted(everything.ids() + failures.ids()) == sorted(
+        f"msg_{r['id']}" for r in outbox(sql))
+
+
+def test_sigkill_with_deliveries_pending_and_in_flight(jobd, sql, tmp_path, receivers):
+    slow = receivers()
+    slow.delay_s = 0.3
+    slow.up()
+    extra = config(tmp_path, webhook_toml("slow", slow, secret_path(tmp_path),
+                                          timeout="2s", concurrency=4))
+    options = {"extra_toml": extra, "jobs": {"retention.completed_max_count": 100_000}}
+    d = jobd(**options)
+    args = tmp_path / "args.jsonl"
+    args.write_text("{}\n" * 300)
+    ids = d.jobctl_json("enqueue", "noop", "--args-file", str(args))["ids"]
+    wait_until(lambda: len(slow.received) >= 10 and sql.fetchval(
+        "SELECT count(*) FROM jobd.webhook_outbox WHERE state = 'pending'"
+        " AND claimed_by IS NOT NULL AND next_attempt_at > now()") > 0,
+        "deliveries in flight", timeout=DEADLINE_S, daemons=(d,))
+    d.kill()
+    pending = sql.fetchval("SELECT count(*) FROM jobd.webhook_outbox WHERE state = 'pending'")
+    assert pending > 0
+    d.start()
+    wait_until(lambda: finished(sql, len(ids)), "every job finished", daemons=(d,))
+    wait_until(lambda: sql.fetchval(
+        "SELECT count(*) FROM jobd.webhook_outbox WHERE state <> 'delivered'") == 0
+        and sql.fetchval("SELECT count(*) FROM jobd.webhook_outbox") == len(ids),
+        "every row delivered after the restart", timeout=3 * DEADLINE_S, daemons=(d,))
+    got = slow.job_ids()
+    assert set(got) == set(ids), "a finish was never delivered"
+    assert slow.bad_signatures == 0
+
+
+def test_errors_slow_receiver_window_runs_out_then_replay(jobd, sql, tmp_path, receivers):
+    broken, slow = receivers(), receivers()
+    broken.status = 500
+    broken.up()
+    slow.delay_s = 2.0
+    slow.up()
+    secret = secret_path(tmp_path)
+    extra = config(tmp_path, webhook_toml("broken", broken, secret, retry_for="3s"),
+                   webhook_toml("slow", slow, secret, retry_for="3s", timeout="0.5s"))
+    d = jobd(extra_toml=extra)
+    job = int(d.jobctl("enqueue", "noop").stdout)
+    wait_until(lambda: broken.answered[500] >= 2, "5xx answers", daemons=(d,))
+    broken.status = 404  # a 4xx is retried too (a receiver mid-deploy answers 404)
+    wait_until(lambda: {r["state"] for r in outbox(sql)} == {"failed"},
+               "the retry window to run out", timeout=DEADLINE_S, daemons=(d,))
+    rows = {r["webhook"]: r for r in outbox(sql)}
+    assert rows["broken"]["last_status"] in (404, 500) and rows["broken"]["attempts"] >= 3
+    assert rows["slow"]["last_status"] is None and "timeout" in rows["slow"]["last_error"]
+    failed = d.jobctl_json("webhooks", "list", "--failed")["deliveries"]
+    assert sorted(r["webhook"] for r in failed) == ["broken", "slow"]
+    assert all(r["job_id"] == job for r in failed)
+    human = d.jobctl("webhooks", "list", "--failed").stdout
+    assert "broken" in human and "failed" in human
+
+    broken.status, slow.delay_s = 200, 0.0
+    replay = d.jobctl_json("webhooks", "replay", "--failed")
+    assert sorted(replay["replayed"]) == sorted(r["id"] for r in failed)
+    wait_until(lambda: {r["state"] for r in outbox(sql)} == {"delivered"},
+               "the replayed rows delivered", daemons=(d,))
+    assert broken.job_ids() == Counter({job: 1}) and set(slow.job_ids()) == {job}
+    # A replay by id of a row that does not exist is refused by name; bad input is typed.
+    missing = d.jobctl_json("webhooks", "replay", "999999")
+    assert missing == {"replayed": [], "refused": [999999]}
+    bad = d.jobctl("webhooks", "replay", "0", check=False)
+    assert bad.returncode == 1 and "bad_request" in bad.stderr
+    assert d.jobctl("webhooks", "list", "--limit", "0", check=False).returncode == 1
+    # A receiver whose requests all fail never stopped the job path.
+    assert d.jobctl_json("get", str(job))["state"] == "completed"
+
+
+def test_two_daemons_deliver_each_row_once(jobd, sql, tmp_path, receivers):
+    receiver = receivers()
+    receiver.up()
+    extra = config(tmp_path, webhook_toml("shared", receiver, secret_path(tmp_path)))
+    options = {"extra_toml": extra, "queues": {"default": {"concurrency": 20}},
+               "jobs": {"retention.completed_max_count": 100_000}}
+    a, b = jobd(**options), jobd(**options)
+    args = tmp_path / "args.jsonl"
+    args.write_text("{}\n" * 400)
+    ids = a.jobctl_json("enqueue", "noop", "--args-file", str(args))["ids"]
+    wait_until(lambda: sql.fetchval(
+        "SELECT count(*) FROM jobd.webhook_outbox WHERE state = 'delivered'") == len(ids),
+        "every row delivered", timeout=DEADLINE_S, daemons=(a, b))
+    assert receiver.job_ids() == Counter({i: 1 for i in ids}), "a row was delivered twice"
+    claimers = sql.fetchval("SELECT count(DISTINCT claimed_by) FROM jobd.webhook_outbox")
+    assert claimers >= 1
+
+
+def test_config_errors_are_one_line_and_reload_keeps_the_running_webhooks(
+        jobd, sql, tmp_path, receivers):
+    receiver = receivers()
+    receiver.up()
+    secret = secret_path(tmp_path)
+    cases = {
+        "host": config(tmp_path, webhook_toml("w", receiver, secret)).replace(
+            '["127.0.0.1"]', '["example.com"]'),
+        "secret": config(tmp_path, webhook_toml("w", receiver, tmp_path / "nope")),
+        "event": config(tmp_path, webhook_toml("w", receiver, secret, events=["done"])),
+    }
+    for name, text in cases.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text)
+        result = subprocess.run([sys.executable, "-m", "daemon.main", "check-config",
+                                 "--config", str(path)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 78, (name, result.stderr)
+        message = result.stderr.strip()
+        assert "\n" not in message and "$.webhooks[0]" in message, message
+        assert SECRET not in message and "Traceback" not in message
+
+    d = jobd(extra_toml=config(tmp_path, webhook_toml("w", receiver, secret)))
+    text = d.config.read_text()
+    d.config.write_text(text.replace(str(secret), str(tmp_path / "gone")))
+    reload = d.jobctl_json("reload")
+    assert reload["ok"] is False and "secret" in reload["message"]
+    job = int(d.jobctl("enqueue", "noop").stdout)
+    wait_until(lambda: job in receiver.job_ids(), "delivery with the running config",
+               daemons=(d,))
+    assert SECRET not in d.log_text()
+    assert SECRET not in json.dumps(d.jobctl_json("get", str(job)))
+
+
+def test_sighup_drops_a_webhook_and_its_pending_rows_fail(jobd, sql, tmp_path, receivers):
+    keep, drop = receivers(), receivers()
+    keep.up()  # `drop` stays down
+    secret = secret_path(tmp_path)
+    d = jobd(extra_toml=config(tmp_path, webhook_toml("keep", keep, secret),
+                               webhook_toml("drop", drop, secret)))
+    first = int(d.jobctl("enqueue", "noop").stdout)
+    wait_until(lambda: first in keep.job_ids(), "the first delivery", daemons=(d,))
+    text = d.config.read_text()
+    d.config.write_text(text[:text.index('[[webhooks]]\nname = "drop"')])
+    assert d.jobctl_json("reload")["ok"] is True
+    wait_until(lambda: [(r["webhook"], r["state"]) for r in outbox(sql)
+                        if r["webhook"] == "drop"] == [("drop", "failed")],
+               "the dropped webhook's row failed", daemons=(d,))
+    second = int(d.jobctl("enqueue", "noop").stdout)
+    wait_until(lambda: second in keep.job_ids(), "delivery after the reload", daemons=(d,))
+    assert [r["job_id"] for r in outbox(sql) if r["webhook"] == "drop"] == [first]
