@@ -33,9 +33,10 @@ class WebhookStatements(StoreBase):
 
     async def next_delivery_due(self, webhooks: list[str],
                                 now: datetime | None = None) -> float | None:
+        """Seconds until the next row is due (0 if one is already), None if none pending."""
         value: float | None = await self._fetchval(sql.NEXT_DELIVERY_DUE, webhooks, now,
                                                    op="webhook_claim")
-        return value
+        return None if value is None else max(value, 0.0)
 
     async def record_deliveries(self, outcomes: list[DeliveryOutcome],
                                 now: datetime | None = None) -> None:

@@ -100,6 +100,7 @@ async def test_claims_fence_skip_and_record(store):
     assert [d.id for d in second] == [max(d.id for d in [*first, *second])]
     assert await store.claim_deliveries("d2", {"w": 5}, 10.0, now=now) == []
     assert 9 < await store.next_delivery_due(["w"], now=now) <= 10
+    assert await store.next_delivery_due(["other"], now=now) is None  # none pending: no wake-up
 
     a, b = first
     c = second[0]

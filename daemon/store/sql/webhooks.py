@@ -36,8 +36,7 @@ RETURNING o.id, o.webhook, o.event, o.job_id, o.payload::text AS payload, o.atte
 # Seconds until the next row of these webhooks is due (NULL: none pending).
 # $1 = webhook names, $2 = now (NULL: the database's clock).
 NEXT_DELIVERY_DUE = """
-SELECT greatest(extract(epoch FROM min(next_attempt_at) - coalesce($2::timestamptz, now())),
-                0)::float8
+SELECT extract(epoch FROM min(next_attempt_at) - coalesce($2::timestamptz, now()))::float8
 FROM jobd.webhook_outbox WHERE state = 'pending' AND webhook = ANY($1::text[])
 """
 
