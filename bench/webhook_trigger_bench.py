@@ -1,7 +1,8 @@
 """What the outbox trigger costs a finish statement: batches of 200 running jobs
-finished by one UPDATE (the completer's shape), alternating rounds with the trigger
-enabled and disabled, no subscriptions (the hot path with webhooks off), then with one
-subscription that matches nothing (kinds filter) and one that matches every row.
+finished by one UPDATE (the completer's shape), alternating rounds: without the trigger
+(as before migration 0017), with it disabled (jobd with no webhooks anywhere), enabled
+with no subscription, with one subscription that matches nothing (kinds filter), and
+one that matches every row (an outbox row and a NOTIFY each).
 
     python bench/webhook_trigger_bench.py [--jobs 20000] [--rounds 5]
 """
@@ -22,6 +23,12 @@ from daemon.embedded import EmbeddedPostgres
 from daemon.store.migrate import apply
 
 BATCH = 200
+TRIGGER = """
+CREATE TRIGGER jobs_webhooks AFTER UPDATE OF state ON jobd.jobs
+    FOR EACH ROW WHEN (NEW.state IN ('completed', 'failed', 'cancelled')
+                       AND OLD.state IS DISTINCT FROM NEW.state)
+    EXECUTE FUNCTION jobd.webhook_after_finish()
+"""
 FINISH = """
 UPDATE jobd.jobs j SET state = 'completed', finished_at = now(), result = '{"ok": true}'
 WHERE j.id = ANY($1::bigint[]) AND j.state = 'running'
@@ -45,6 +52,7 @@ async def main(url: str, jobs: int, rounds: int) -> None:
     conn = await asyncpg.connect(url)
     await apply(conn)
     cases = {
+        "no trigger (main)": ("DROP", None),
         "trigger disabled": ("DISABLE", None),
         "no subscriptions": ("ENABLE", None),
         "one, matching none": ("ENABLE", ["other.kind"]),
@@ -53,7 +61,10 @@ async def main(url: str, jobs: int, rounds: int) -> None:
     results: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, (mode, kinds) in cases.items():
-            await conn.execute(f"ALTER TABLE jobd.jobs {mode} TRIGGER jobs_webhooks")
+            await conn.execute("DROP TRIGGER IF EXISTS jobs_webhooks ON jobd.jobs")
+            if mode != "DROP":
+                await conn.execute(TRIGGER)
+                await conn.execute(f"ALTER TABLE jobd.jobs {mode} TRIGGER jobs_webhooks")
             await conn.execute("DELETE FROM jobd.webhooks")
             if kinds is not None:
                 await conn.execute(

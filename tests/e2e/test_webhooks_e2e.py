@@ -9,11 +9,14 @@ assertions: every wait polls until a generous deadline.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,8 +24,9 @@ from typing import Any
 
 import pytest
 
+from daemon.embedded import EmbeddedPostgres
 from protocol.webhook_signing import InvalidSignature, verify
-from tests.support import ROOT, Sql, wait_until
+from tests.support import ROOT, JobdProcess, Sql, wait_until
 
 SECRET = "whsec_" + "c2VjcmV0LWZvci10aGUtd2ViaG9vay10ZXN0cw=="
 DEADLINE_S = 90.0
@@ -127,6 +131,17 @@ def secret_path(tmp_path: Path) -> Path:
     return tmp_path / "webhook.secret"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
 def outbox(sql: Sql) -> list[Any]:
     return sql.fetch("SELECT id, webhook, event, job_id, state, attempts, last_status,"
                      " last_error FROM jobd.webhook_outbox ORDER BY id")
@@ -216,7 +231,8 @@ def test_errors_slow_receiver_window_runs_out_then_replay(jobd, sql, tmp_path, r
     secret = secret_path(tmp_path)
     extra = config(tmp_path, webhook_toml("broken", broken, secret, retry_for="3s"),
                    webhook_toml("slow", slow, secret, retry_for="3s", timeout="0.5s"))
-    d = jobd(extra_toml=extra)
+    port = free_port()
+    d = jobd(extra_toml=extra, control={"http": f"127.0.0.1:{port}"})
     job = int(d.jobctl("enqueue", "noop").stdout)
     wait_until(lambda: broken.answered[500] >= 2, "5xx answers", daemons=(d,))
     broken.status = 404  # a 4xx is retried too (a receiver mid-deploy answers 404)
@@ -245,6 +261,17 @@ def test_errors_slow_receiver_window_runs_out_then_replay(jobd, sql, tmp_path, r
     assert d.jobctl("webhooks", "list", "--limit", "0", check=False).returncode == 1
     # A receiver whose requests all fail never stopped the job path.
     assert d.jobctl_json("get", str(job))["state"] == "completed"
+    wait_until(lambda: 'jobd_webhook_pending{webhook="broken"} 0.0' in scrape(port),
+               "the backlog gauge to drain", daemons=(d,))
+    text = scrape(port)
+    for line in ('jobd_webhook_deliveries_total{outcome="failed",webhook="broken"} 1.0',
+                 'jobd_webhook_deliveries_total{outcome="delivered",webhook="broken"} 1.0',
+                 'jobd_webhook_deliveries_total{outcome="failed",webhook="slow"} 1.0',
+                 'jobd_webhook_oldest_pending_age_seconds{webhook="slow"} 0.0'):
+        assert line in text, line
+    assert 'jobd_webhook_retries_total{reason="status_5xx",webhook="broken"}' in text
+    assert 'jobd_webhook_retries_total{reason="timeout",webhook="slow"}' in text
+    assert SECRET not in text and broken.url not in text
 
 
 def test_two_daemons_deliver_each_row_once(jobd, sql, tmp_path, receivers):
@@ -316,3 +343,45 @@ def test_sighup_drops_a_webhook_and_its_pending_rows_fail(jobd, sql, tmp_path, r
     second = int(d.jobctl("enqueue", "noop").stdout)
     wait_until(lambda: second in keep.job_ids(), "delivery after the reload", daemons=(d,))
     assert [r["job_id"] for r in outbox(sql) if r["webhook"] == "drop"] == [first]
+
+
+@pytest.fixture
+def cluster():
+    # A private cluster (see tests/e2e/test_db_outage.py): this test stops and starts it.
+    root = Path(tempfile.mkdtemp(prefix="jobd-t-"))
+    pg = EmbeddedPostgres(root / "pg", fast=True)
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgres_restart_with_rows_pending(cluster, tmp_path, receivers):
+    """Rows pending when Postgres goes away are delivered once it is back; the courier
+    waits the outage out like every other caller (the daemon never exits)."""
+    url = cluster.create_database("jobd_wh_outage")
+    sql = Sql(url)
+    receiver = receivers()  # down
+    extra = config(tmp_path, webhook_toml("w", receiver, secret_path(tmp_path)))
+    d = JobdProcess(tmp_path / "d", url, extra_toml=extra)
+    try:
+        d.start()
+        ids = [int(d.jobctl("enqueue", "noop").stdout) for _ in range(3)]
+        wait_until(lambda: len(outbox(sql)) == 3 and all(r["attempts"] >= 1 for r in outbox(sql)),
+                   "rows pending against the down receiver", daemons=(d,))
+        cluster.stop()
+        receiver.up()
+        time.sleep(2)  # claims, records and upkeep fail meanwhile
+        assert d.proc.poll() is None, d.log_text()
+        cluster.start()
+        wait_until(lambda: {r["state"] for r in outbox(sql)} == {"delivered"},
+                   "delivery after the restart", timeout=DEADLINE_S, daemons=(d,))
+        assert set(receiver.job_ids()) == set(ids)
+        later = int(d.jobctl("enqueue", "noop").stdout)
+        wait_until(lambda: later in receiver.job_ids(), "a new finish delivered", daemons=(d,))
+        tree = d.jobctl_json("tree")
+        assert all(child["state"] == "running" for child in tree["children"]), tree
+    finally:
+        d.kill()
