@@ -311,10 +311,11 @@ class Daemon:
                 config_schedules=lambda: cfg.schedules, observer=self.observer, clock=clock)),
             ChildSpec.for_supervisor(pools.supervisor(self.registry, on_restart)),
             ChildSpec("notifier", notifier.run),
+            # A drain lets requests in flight end and their outcomes be written.
             ChildSpec.for_actor(lambda: Courier(
                 self._courier_box, store, self.outbound, daemon_id=self.id,
                 subscriptions=lambda: self.subscriptions, observer=self.metrics.webhooks,
-                clock=clock)),
+                clock=clock), stop=Courier.stopper(self._courier_box), shutdown_timeout=12),
         ]
         root = Supervisor("root", children, Strategy.REST_FOR_ONE, max_restarts=5,
                           max_seconds=30, registry=self.registry, on_restart=on_restart)

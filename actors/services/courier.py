@@ -1,7 +1,7 @@
 """The courier: delivers the completion webhooks' outbox (README "Webhooks").
 
-Messages: `Deliver` (rows may be due: a NOTIFY on jobd_webhooks, a replay) and `Sync`
-(the config changed: write this daemon's subscriptions again).
+Messages: `Deliver` (rows may be due: a NOTIFY on jobd_webhooks, a replay), `Sync`
+(the config changed: write this daemon's subscriptions again) and `Stop` (the drain).
 
 A finish writes the outbox rows in its own transaction (the trigger of migration
 0017); the courier only claims due rows of the webhooks this daemon declares, POSTs
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -25,7 +25,7 @@ import trio
 
 from actors.ports import Delivery, DeliveryOutcome, Store, StoreUnavailable, WebhookObserver
 from actors.runtime.clock import Clock
-from actors.runtime.mailbox import Actor, Mailbox
+from actors.runtime.mailbox import Actor, Mailbox, MailboxClosed
 from actors.services.outbound import Outbound, Response
 from protocol.webhook_signing import secret_key, sign_headers
 
@@ -40,7 +40,12 @@ class Sync(msgspec.Struct, tag="sync"):
     """Write this daemon's subscriptions (after a reload) and prune now."""
 
 
-CourierMsg = Deliver | Sync
+class Stop(msgspec.Struct, tag="stop"):
+    """Claim no more; let the requests in flight end and their outcomes be written,
+    then return (a drain: what is not written by then is sent again after its lease)."""
+
+
+CourierMsg = Deliver | Sync | Stop
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,9 @@ class Courier(Actor[CourierMsg]):
         self._sync_now = trio.Event()
         self._records: list[DeliveryOutcome] = []
         self._records_ready = trio.Event()
+        self._writing = False
+        self._stopping = False
+        self._settled = trio.Event()  # set whenever an attempt or a record ends
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -157,11 +165,26 @@ class Courier(Actor[CourierMsg]):
             nursery.start_soon(self._record)
             task_status.started()
             await self._deliver(nursery)
+            nursery.cancel_scope.cancel()
 
     async def handle(self, msg: CourierMsg) -> None:
         if isinstance(msg, Sync):
             self._sync_now.set()
+        elif isinstance(msg, Stop):
+            self._stopping = True
         self._kicked.set()
+
+    @staticmethod
+    def stopper(mailbox: Mailbox[CourierMsg]) -> Callable[[], Awaitable[None]]:
+        """A ChildSpec `stop` hook: the courier returns once drained (see Stop)."""
+
+        async def stop() -> None:
+            try:
+                await mailbox.tell(Stop())
+            except MailboxClosed:
+                pass
+
+        return stop
 
     async def _receive(self) -> None:
         async for envelope in self.mailbox:
@@ -171,7 +194,7 @@ class Courier(Actor[CourierMsg]):
 
     async def _deliver(self, nursery: trio.Nursery) -> None:
         pause = 0.0
-        while True:
+        while not self._stopping:
             self._kicked = trio.Event()  # a kick from here on ends the wait below
             subs = self._subscriptions()
             wanted = {name: free for name, s in subs.items() if (free := self.free(s))}
@@ -194,6 +217,9 @@ class Courier(Actor[CourierMsg]):
                 wait = pause
             with trio.move_on_after(wait):
                 await self._kicked.wait()
+        while any(self._in_flight.values()) or self._records or self._writing:
+            self._settled = trio.Event()
+            await self._settled.wait()
 
     def free(self, sub: Subscription) -> int:
         """Slots to claim for now: none until half of them are free (or all are), so a
@@ -214,11 +240,12 @@ class Courier(Actor[CourierMsg]):
     async def _attempt(self, sub: Subscription, delivery: Delivery) -> None:
         try:
             outcome = await self.attempt(sub, delivery)
+            self._records.append(outcome)
+            self._records_ready.set()
         finally:
             self._in_flight[delivery.webhook] -= 1
             self._kicked.set()
-        self._records.append(outcome)
-        self._records_ready.set()
+            self._settled.set()
 
     async def attempt(self, sub: Subscription, delivery: Delivery) -> DeliveryOutcome:
         """POST one row, signed; the outcome to record (never raises for the receiver's
@@ -257,6 +284,7 @@ class Courier(Actor[CourierMsg]):
             await self._records_ready.wait()
             self._records_ready = trio.Event()
             batch, self._records = self._records, []
+            self._writing = True
             try:
                 await self._store.record_deliveries(batch)
                 pause = 0.0
@@ -266,6 +294,9 @@ class Courier(Actor[CourierMsg]):
                 pause = min(max(pause * 2, 0.25), self.settings.max_store_backoff_s)
                 log.debug("webhook record deferred: %s", exc, extra={"event": "courier.unavailable"})
                 await self._clock.sleep(pause)
+            finally:
+                self._writing = False
+                self._settled.set()
 
     # -- upkeep ------------------------------------------------------------------------
 

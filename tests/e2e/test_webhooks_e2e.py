@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -385,3 +386,24 @@ def test_postgres_restart_with_rows_pending(cluster, tmp_path, receivers):
         assert all(child["state"] == "running" for child in tree["children"]), tree
     finally:
         d.kill()
+
+
+def test_sigterm_lets_requests_in_flight_finish_and_be_recorded(jobd, sql, tmp_path, receivers):
+    slow = receivers()
+    slow.delay_s = 1.0
+    slow.up()
+    extra = config(tmp_path, webhook_toml("slow", slow, secret_path(tmp_path), timeout="5s",
+                                          concurrency=4))
+    d = jobd(extra_toml=extra)
+    for _ in range(12):
+        d.jobctl("enqueue", "noop")
+    in_flight = ("SELECT count(*) FROM jobd.webhook_outbox WHERE state = 'pending'"
+                 " AND claimed_by IS NOT NULL AND last_status IS NULL AND last_error IS NULL")
+    wait_until(lambda: sql.fetchval(in_flight) > 0, "requests in flight", daemons=(d,))
+    d.signal(signal.SIGTERM)
+    assert d.wait(60) == 0, d.log_text()
+    # Every request that was in flight got its answer and its record before the exit:
+    # nothing is left leased to be sent a second time.
+    assert sql.fetchval(in_flight) == 0
+    delivered = sql.fetchval("SELECT count(*) FROM jobd.webhook_outbox WHERE state = 'delivered'")
+    assert delivered >= 1 and delivered == len(slow.received)
