@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -143,6 +144,17 @@ def scrape(port: int) -> str:
         return reply.read().decode()
 
 
+def api(port: int, command: str, body: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/{command}", data=json.dumps(body).encode(),
+        headers={"Authorization": "Bearer t0ken-for-the-api"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def outbox(sql: Sql) -> list[Any]:
     return sql.fetch("SELECT id, webhook, event, job_id, state, attempts, last_status,"
                      " last_error FROM jobd.webhook_outbox ORDER BY id")
@@ -233,7 +245,9 @@ def test_errors_slow_receiver_window_runs_out_then_replay(jobd, sql, tmp_path, r
     extra = config(tmp_path, webhook_toml("broken", broken, secret, retry_for="3s"),
                    webhook_toml("slow", slow, secret, retry_for="3s", timeout="0.5s"))
     port = free_port()
-    d = jobd(extra_toml=extra, control={"http": f"127.0.0.1:{port}"})
+    token = tmp_path / "api-token"
+    token.write_text("t0ken-for-the-api\n")
+    d = jobd(extra_toml=extra, control={"http": f"127.0.0.1:{port}", "token_file": str(token)})
     job = int(d.jobctl("enqueue", "noop").stdout)
     wait_until(lambda: broken.answered[500] >= 2, "5xx answers", daemons=(d,))
     broken.status = 404  # a 4xx is retried too (a receiver mid-deploy answers 404)
@@ -273,6 +287,17 @@ def test_errors_slow_receiver_window_runs_out_then_replay(jobd, sql, tmp_path, r
     assert 'jobd_webhook_retries_total{reason="status_5xx",webhook="broken"}' in text
     assert 'jobd_webhook_retries_total{reason="timeout",webhook="slow"}' in text
     assert SECRET not in text and broken.url not in text
+    # The same commands over HTTP, bearer token; a bad field is a typed 400.
+    status, page = api(port, "webhook_list", {"state": "delivered", "limit": 10})
+    assert status == 200 and {r["webhook"] for r in page["result"]["deliveries"]} == {
+        "broken", "slow"}
+    assert "url" not in json.dumps(page) and SECRET not in json.dumps(page)
+    status, error = api(port, "webhook_list", {"limit": -1})
+    assert (status, error["code"]) == (400, "bad_request") and "limit" in error["message"]
+    status, error = api(port, "webhook_replay", {"ids": ["x"]})
+    assert (status, error["code"]) == (400, "bad_request")
+    status, error = api(port, "webhook_replay", {})
+    assert (status, error["code"]) == (400, "bad_request")
 
 
 def test_two_daemons_deliver_each_row_once(jobd, sql, tmp_path, receivers):
