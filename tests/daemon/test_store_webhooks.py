@@ -144,3 +144,18 @@ async def test_prune_and_orphans(store):
     assert [(r["webhook"], r["state"]) for r in rows] == [("theirs", "failed")]
     assert await store.replay_deliveries([rows[0]["id"]], False) == []  # nobody could send it
     assert await trigger_on(store)
+
+
+async def test_a_restarting_daemon_keeps_its_webhooks_for_a_while(store):
+    await store.register_daemon("d1", "r", "h", 1, "v")
+    await store.register_daemon("d2", "r", "h", 2, "v")
+    await store.sync_webhooks("d1", [hook("mine")])
+    await store.deregister_daemon("d1")  # a clean stop: a restart is on its way
+    await store.sync_webhooks("d2", [])  # another daemon's periodic sync meanwhile
+    await run_one(store)
+    assert [r["webhook"] for r in await outbox(store)] == ["mine"], "a finish was missed"
+    # Nobody wrote it for ten minutes: it goes, its pending row fails.
+    await store._execute("UPDATE jobd.webhooks SET declared_at = now() - interval '11 minutes'")
+    await store.sync_webhooks("d2", [])
+    assert [r["state"] for r in await outbox(store)] == ["failed"]
+    assert not await trigger_on(store)

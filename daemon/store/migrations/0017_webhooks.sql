@@ -10,13 +10,14 @@ CREATE TABLE jobd.webhooks (
     events     text[] NOT NULL,
     kinds      text[] NOT NULL DEFAULT '{}',   -- empty: every kind
     queues     text[] NOT NULL DEFAULT '{}',   -- empty: every queue
-    updated_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),   -- its filters last changed
+    declared_at timestamptz NOT NULL DEFAULT now(),  -- a daemon last wrote it
     CONSTRAINT webhooks_events_valid CHECK (
         cardinality(events) >= 1 AND events <@ ARRAY['completed', 'failed', 'cancelled'])
 );
 
--- The webhooks each daemon declares: a subscription no registered daemon declares any
--- more is deleted (see SYNC_WEBHOOKS); a SIGKILLed daemon's stay until it is forgotten.
+-- The webhooks each daemon declares (see jobd.sync_webhooks for when a subscription
+-- nobody declares goes).
 ALTER TABLE jobd.daemons ADD COLUMN webhooks text[] NOT NULL DEFAULT '{}';
 
 -- state: pending (due at next_attempt_at) | delivered | failed (its retry window ran
@@ -90,9 +91,13 @@ CREATE TRIGGER jobs_webhooks AFTER UPDATE OF state ON jobd.jobs
 ALTER TABLE jobd.jobs DISABLE TRIGGER jobs_webhooks;
 
 -- One daemon's [[webhooks]] (a JSON array of {name, events, kinds, queues}) written at
--- start, on reload and once a minute: its own subscriptions upserted, those no
--- registered daemon declares any more deleted (their pending rows failed, since nobody
--- holds their URL and secret), and the trigger switched to match.
+-- start, on reload and once a minute: its own subscriptions upserted, and the trigger
+-- switched to match. A subscription no registered daemon declares is deleted (its
+-- pending rows failed: nobody holds its URL and secret) when this daemon has just
+-- dropped it from its file, or once nobody has written it for 10 minutes: a daemon
+-- restarting (deregistered, not yet registered again) must not lose its webhooks to
+-- another daemon's sync, while a SIGKILLed one's declarations last until it is
+-- forgotten anyway.
 --
 -- Syncs run one at a time (the lock on jobd.webhooks), so "is any subscription left?"
 -- is never decided on a stale view. Switching the trigger locks jobd.jobs (SHARE ROW
@@ -104,8 +109,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     wanted boolean;
     enabled boolean;
+    dropped text[];
 BEGIN
     LOCK TABLE jobd.webhooks IN SHARE ROW EXCLUSIVE MODE;
+    SELECT coalesce(array_agg(old.name), '{}') INTO dropped
+    FROM jobd.daemons d, unnest(d.webhooks) AS old(name)
+    WHERE d.id = daemon
+      AND old.name NOT IN (SELECT e ->> 'name' FROM jsonb_array_elements(declared) e);
     UPDATE jobd.daemons SET webhooks = ARRAY(
         SELECT d ->> 'name' FROM jsonb_array_elements(declared) d ORDER BY 1)
     WHERE id = daemon;
@@ -117,12 +127,14 @@ BEGIN
     FROM jsonb_array_elements(declared) d
     ON CONFLICT (name) DO UPDATE
         SET events = excluded.events, kinds = excluded.kinds, queues = excluded.queues,
-            updated_at = now()
-        WHERE (w.events, w.kinds, w.queues)
-              IS DISTINCT FROM (excluded.events, excluded.kinds, excluded.queues);
+            declared_at = now(),
+            updated_at = CASE WHEN (w.events, w.kinds, w.queues)
+                                   IS DISTINCT FROM (excluded.events, excluded.kinds, excluded.queues)
+                              THEN now() ELSE w.updated_at END;
     WITH gone AS (
         DELETE FROM jobd.webhooks w
         WHERE NOT EXISTS (SELECT 1 FROM jobd.daemons d WHERE w.name = ANY(d.webhooks))
+          AND (w.name = ANY(dropped) OR w.declared_at < now() - interval '10 minutes')
         RETURNING w.name
     )
     UPDATE jobd.webhook_outbox o
