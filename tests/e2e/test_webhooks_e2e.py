@@ -432,3 +432,46 @@ def test_sigterm_lets_requests_in_flight_finish_and_be_recorded(jobd, sql, tmp_p
     assert sql.fetchval(in_flight) == 0
     delivered = sql.fetchval("SELECT count(*) FROM jobd.webhook_outbox WHERE state = 'delivered'")
     assert delivered >= 1 and delivered == len(slow.received)
+
+
+def test_a_hung_receiver_blocks_neither_jobs_nor_other_webhooks(jobd, sql, tmp_path, receivers):
+    hung, healthy = receivers(), receivers()
+    hung.delay_s = 30.0  # answers nothing within the timeout
+    hung.up()
+    healthy.up()
+    secret = secret_path(tmp_path)
+    extra = config(tmp_path, webhook_toml("hung", hung, secret, timeout="20s", concurrency=2),
+                   webhook_toml("healthy", healthy, secret))
+    d = jobd(extra_toml=extra, jobs={"retention.completed_max_count": 100_000})
+    args = tmp_path / "args.jsonl"
+    args.write_text("{}\n" * 200)
+    ids = d.jobctl_json("enqueue", "noop", "--args-file", str(args))["ids"]
+    wait_until(lambda: finished(sql, len(ids)), "every job finished", daemons=(d,))
+    wait_until(lambda: set(healthy.job_ids()) == set(ids), "the healthy webhook's deliveries",
+               daemons=(d,))
+    # The hung one holds its two slots and nothing else.
+    in_flight = sql.fetchval("SELECT count(*) FROM jobd.webhook_outbox WHERE webhook = 'hung'"
+                             " AND attempts > 0")
+    assert in_flight <= 2
+
+
+def test_a_killed_daemons_claims_are_sent_by_the_other(jobd, sql, tmp_path, receivers):
+    slow = receivers()
+    slow.delay_s = 0.3
+    slow.up()
+    extra = config(tmp_path, webhook_toml("shared", slow, secret_path(tmp_path), timeout="2s",
+                                          concurrency=4))
+    options = {"extra_toml": extra, "jobs": {"retention.completed_max_count": 100_000}}
+    a, b = jobd(**options), jobd(**options)
+    a_id = a.jobctl_json("ping")["daemon_id"]
+    args = tmp_path / "args.jsonl"
+    args.write_text("{}\n" * 150)
+    ids = a.jobctl_json("enqueue", "noop", "--args-file", str(args))["ids"]
+    claimed_by_a = ("SELECT count(*) FROM jobd.webhook_outbox WHERE state = 'pending'"
+                    " AND claimed_by = $1 AND next_attempt_at > now()")
+    wait_until(lambda: sql.fetchval(claimed_by_a, a_id) > 0, "A delivering", daemons=(a, b))
+    a.kill()
+    wait_until(lambda: sql.fetchval(
+        "SELECT count(*) FROM jobd.webhook_outbox WHERE state = 'delivered'") == len(ids),
+        "B to deliver everything, A's claims included", timeout=3 * DEADLINE_S, daemons=(b,))
+    assert set(slow.job_ids()) == set(ids)
