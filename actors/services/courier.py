@@ -209,7 +209,9 @@ class Courier(Actor[CourierMsg]):
                 if wanted:
                     due = await self._store.next_delivery_due(sorted(wanted))
                     if due is not None:
-                        wait = min(wait, due)
+                        # Due now yet not claimed: another daemon's claim holds those
+                        # rows this instant; look again shortly, not in a spin.
+                        wait = min(wait, max(due, 0.05))
                 pause = 0.0
             except StoreUnavailable as exc:
                 pause = min(max(pause * 2, 0.25), self.settings.max_store_backoff_s)
@@ -230,7 +232,8 @@ class Courier(Actor[CourierMsg]):
 
     async def claim(self, wanted: dict[str, int],
                     subs: dict[str, Subscription]) -> list[Delivery]:
-        """One claim of due rows for the free slots in `wanted` (the pass tests call)."""
+        """One claim of due rows for the free slots in `wanted`; the lease covers the
+        longest timeout among them."""
         if not wanted:
             return []
         lease_s = max(subs[n].timeout_s for n in wanted) + self.settings.lease_margin_s
