@@ -250,6 +250,15 @@ class Client:
     async def send_event(self, name: str, data: dict[str, Any] | None = None) -> c.SendEventResult:
         return await self.call(c.SendEvent(name=name, data=data or {}))
 
+    async def webhook_list(self, *, state: str | None = None, webhook: str | None = None,
+                           limit: int = 50, cursor: int | None = None) -> c.WebhooksPage:
+        return await self.call(c.WebhookList(state=state, webhook=webhook, limit=limit,
+                                             cursor=cursor))
+
+    async def webhook_replay(self, ids: Sequence[int] = (), *,
+                             failed: bool = False) -> c.WebhookReplayResult:
+        return await self.call(c.WebhookReplay(ids=list(ids), failed=failed))
+
     async def reload(self) -> c.ReloadResult:
         return await self.call(c.Reload())
 
