@@ -19,6 +19,7 @@ from protocol.commands import (
     CancelResult,
     DrainResult,
     EnqueueResult,
+    EventsPage,
     HelloResult,
     JobsPage,
     NodesResult,
@@ -29,6 +30,7 @@ from protocol.commands import (
     ScheduleListResult,
     ScheduleRemoved,
     SendEventResult,
+    SendEventsResult,
     StatsResult,
     SummaryResult,
 )
@@ -40,6 +42,7 @@ from protocol.errors import (
     NotFound,
     Unavailable,
 )
+from protocol.events import EventSpec, EventView
 from protocol.jobs import AttemptError, DaemonView, JobSpec, JobView, KeyStats, QueueCounts
 from protocol.schedules import ScheduleSpec, ScheduleView
 from protocol.tree import TreeNode
@@ -56,6 +59,8 @@ __all__ = [
     "AttemptError", "BatchResult", "BulkResult", "CancelResult", "ChildView", "DaemonView",
     "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
-    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
-    "StepView", "SummaryResult", "TreeNode", "WorkflowView",
+    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",
+    "SendEventsResult", "StatsResult", "StepView", "SummaryResult", "TreeNode", "WorkflowView",
+    # events
+    "EventSpec", "EventView", "EventsPage",
 ]

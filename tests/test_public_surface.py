@@ -26,8 +26,10 @@ CLIENT_API = [
     "AttemptError", "BatchResult", "BulkResult", "CancelResult", "ChildView", "DaemonView",
     "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
-    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
-    "StepView", "SummaryResult", "TreeNode", "WorkflowView",
+    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",
+    "SendEventsResult", "StatsResult", "StepView", "SummaryResult", "TreeNode", "WorkflowView",
+    # events
+    "EventSpec", "EventView", "EventsPage",
 ]
 
 HANDLER_API = [

@@ -193,6 +193,18 @@ class Http(_Strict):
     per_origin: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100  # requests in flight
 
 
+class Events(_Strict):
+    """Events (README: "Events and flow control")."""
+
+    # An idempotency key is accepted once within this window; written to jobd.settings
+    # at start, so jobd.send_event in SQL applies it too (the last daemon started wins).
+    dedup_window: Seconds = seconds("24h")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.dedup_window <= 3650 * 86400:
+            raise ValueError("dedup_window must be 1 s to 3650 days")
+
+
 class Config(_Strict):
     region: _Name = "default"
     database: Database = msgspec.field(default_factory=Database)
@@ -204,6 +216,7 @@ class Config(_Strict):
     limits: Limits = msgspec.field(default_factory=Limits)
     handlers: Handlers = msgspec.field(default_factory=Handlers)
     http: Http = msgspec.field(default_factory=Http)
+    events: Events = msgspec.field(default_factory=Events)
     queues: dict[_Name, Queue] = {}
     schedules: list[ScheduleSpec] = []  # [[schedules]]; see README "Schedules"
 

@@ -2,7 +2,7 @@
 
 One thin method per named statement (`daemon/store/sql/`, one module per subject), grouped
 by subject in mixins that share one road to the database (`base.StoreBase`): jobs, leases
-and daemons, flow control, the control plane, schedules, workflows; plus the three things
+and daemons, flow control, the control plane, schedules, workflows, events; plus the three things
 that hold a connection of their own: the LISTEN connection (`listen`), the handler
 transaction (`transaction`) and the metrics leader's session (`leader`).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from actors.ports import Store
 from daemon.store.control import ControlStatements
+from daemon.store.events import EventStatements
 from daemon.store.flow import FlowStatements
 from daemon.store.jobs import JobStatements
 from daemon.store.leader import MetricsSession, MetricsSessions
@@ -30,6 +31,7 @@ class PgStore(
     ControlStatements,
     ScheduleStatements,
     WorkflowStatements,
+    EventStatements,
     Transactions,
     Listening,
     MetricsSessions,
