@@ -201,6 +201,7 @@ class Events(_Strict):
     dedup_window: Seconds = seconds("24h")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 1 <= self.dedup_window <= 3650 * 86400:
             raise ValueError("dedup_window must be 1 s to 3650 days")
 
