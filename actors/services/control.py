@@ -85,6 +85,8 @@ class Control:
         self._max_args_bytes = max_args_bytes if max_args_bytes is not None else \
             validate_max_args_bytes()
         self._list_field_bytes = list_field_bytes
+        self._event_sender = event_commands.EventSender(store,
+                                                        max_data_bytes=self._max_args_bytes)
         self._queues = LiveQueues(store, here=queues, declared=declared or set,
                                   live_s=live_s) if queues is not None else None
 
@@ -135,8 +137,8 @@ class Control:
                 return await workflow_view(self._store, job_view(found_job))
             case c.SendEvent() | c.SendEvents() | c.ListEvents():
                 return await event_commands.handle(
-                    self._store, self._observer, cmd, max_data_bytes=self._max_args_bytes,
-                    list_field_bytes=self._list_field_bytes)
+                    self._store, self._observer, cmd, sender=self._event_sender,
+                    max_data_bytes=self._max_args_bytes, list_field_bytes=self._list_field_bytes)
             case c.Cancel():
                 found = await self._store.cancel(cmd.job_id)
                 if found is None:

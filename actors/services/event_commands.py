@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from actors.ports import EventSent, EventToSend, Observer, Store
+from actors.services.group_commit import MAX_ROWS, GroupCommit
 from actors.validate import has_nul
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError
@@ -23,12 +24,23 @@ from protocol.events import MAX_EVENTS_BATCH, EventView
 EventCommand = c.SendEvent | c.SendEvents | c.ListEvents
 
 
-async def handle(store: Store, observer: Observer, cmd: EventCommand, *, max_data_bytes: int,
-                 list_field_bytes: int) -> Any:
+class EventSender(GroupCommit[EventToSend, EventSent]):
+    """Single sends from many clients at once share statements (group commit, as single
+    enqueues do): each event is still its own answer, and a value Postgres refuses is
+    found by writing that statement again one event at a time."""
+
+    def __init__(self, store: Store, *, max_data_bytes: int):
+        super().__init__(store.send_events, what="send_event", max_rows=MAX_ROWS,
+                         size=lambda e: len(e.data), max_bytes=4 * max_data_bytes)
+
+
+async def handle(store: Store, observer: Observer, cmd: EventCommand, *, sender: EventSender,
+                 max_data_bytes: int, list_field_bytes: int) -> Any:
     match cmd:
         case c.SendEvent():
-            [one] = await _send(store, observer, [_checked(cmd.name, cmd.data,
-                                                           cmd.idempotency_key, max_data_bytes)])
+            one = await sender.submit(_checked(cmd.name, cmd.data, cmd.idempotency_key,
+                                               max_data_bytes))
+            _count(observer, [one])
             return _result(one)
         case c.SendEvents():
             if len(cmd.events) > MAX_EVENTS_BATCH:
@@ -67,13 +79,17 @@ def _checked(name: str, data: dict[str, Any], key: str | None, limit: int) -> Ev
 
 async def _send(store: Store, observer: Observer, events: list[EventToSend]) -> list[EventSent]:
     sent = await store.send_events(events)
+    _count(observer, sent)
+    return sent
+
+
+def _count(observer: Observer, sent: list[EventSent]) -> None:
     started: dict[str, int] = {}
     for s in sent:
         for kind in s.started_kinds:
             started[kind] = started.get(kind, 0) + 1
     observer.events_sent(sum(s.created for s in sent), sum(not s.created for s in sent),
                          started)
-    return sent
 
 
 def _result(sent: EventSent) -> c.SendEventResult:
