@@ -173,3 +173,26 @@ async def test_an_event_still_wakes_its_waiting_workflows(store, sql):
     [sent] = await store.send_events([send("paid", {"order": 1, "by": "ann"})])
     assert sent.woken == [job]
     assert sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", job) == "available"
+
+
+async def test_batches_sharing_keys_in_opposite_orders_do_not_deadlock(store, sql):
+    """Without the sorted key locks of jobd.send_events these two batches lock each
+    other's key rows in opposite orders; Postgres would abort one (a deadlock)."""
+    import trio
+
+    keys = [f"k{i:03}" for i in range(300)]
+    answers: list[list] = []
+
+    async def batch(order: list[str]) -> None:
+        answers.append(await store.send_events([send("e", {"k": k}, k) for k in order]))
+
+    for round_ in range(3):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batch, [f"{k}:{round_}" for k in keys])
+            nursery.start_soon(batch, [f"{k}:{round_}" for k in reversed(keys)])
+    created = sum(a.created for sent in answers for a in sent)
+    assert created == 3 * len(keys)
+    assert sql.fetchval("SELECT count(*) FROM jobd.events") == 3 * len(keys)
+    # Answered in the caller's order, a repeat inside a batch as a repeat.
+    first, again = await store.send_events([send("e", {}, "x"), send("e", {}, "x")])
+    assert first.created and not again.created and again.id == first.id

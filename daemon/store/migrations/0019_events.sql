@@ -199,3 +199,34 @@ BEGIN
     )
     SELECT coalesce(array_agg(w.id ORDER BY w.id), '{}') INTO woken FROM w;
 END $$;
+
+-- Many events in one call, sent in order (a repeat of a key earlier in the batch
+-- answers as a repeat; a cancel after a start in the batch cancels it). The batch's
+-- idempotency keys are first locked in sorted order, so two batches that share keys,
+-- listed in different orders, wait for each other instead of deadlocking on the keys'
+-- rows. One row per event, in order (n = its position, from 1).
+CREATE FUNCTION jobd.send_events(names text[], datas jsonb[], ids text[] DEFAULT NULL)
+RETURNS TABLE (n bigint, event_id bigint, created boolean, started bigint[],
+               started_kinds text[], cancelled bigint[], woken bigint[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    i integer;
+BEGIN
+    IF cardinality(names) IS DISTINCT FROM cardinality(datas)
+       OR (ids IS NOT NULL AND cardinality(ids) <> cardinality(names)) THEN
+        RAISE EXCEPTION 'jobd.send_events: names, datas and ids must be arrays of one length'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF ids IS NOT NULL THEN
+        -- 0x6a6f6264 = 'jobd': a namespace of its own among the application's locks.
+        PERFORM pg_advisory_xact_lock(1785684580, hashtext(k))
+        FROM (SELECT DISTINCT k FROM unnest(ids) AS u(k) WHERE k IS NOT NULL ORDER BY k) s;
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(names), 0) LOOP
+        n := i;
+        SELECT s.event_id, s.created, s.started, s.started_kinds, s.cancelled, s.woken
+        INTO event_id, created, started, started_kinds, cancelled, woken
+        FROM jobd.send_event(names[i], datas[i], ids[i]) s;
+        RETURN NEXT;
+    END LOOP;
+END $$;

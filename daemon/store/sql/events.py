@@ -6,14 +6,14 @@ same thing."""
 
 from __future__ import annotations
 
-# Many events in one statement and one transaction, in order: a repeat of an earlier
-# idempotency key in the same batch answers as a repeat.
+# Many events in one statement and one transaction, in order, through jobd.send_events
+# (migration 0019: the batch's idempotency keys are locked in sorted order first, so two
+# batches sharing keys cannot deadlock).
 # $1 = names, $2 = data (JSON text), $3 = idempotency keys (NULL: none); one length.
 SEND_EVENTS = """
 SELECT s.event_id, s.created, s.started, s.started_kinds, s.cancelled, s.woken
-FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(name, data, key, n)
-CROSS JOIN LATERAL jobd.send_event(u.name, u.data::jsonb, u.key) s
-ORDER BY u.n
+FROM jobd.send_events($1::text[], $2::text[]::jsonb[], $3::text[]) s
+ORDER BY s.n
 """
 
 # This daemon's declarations replace its earlier ones. A row it no longer declares goes
