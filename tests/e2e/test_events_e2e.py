@@ -7,12 +7,17 @@ acknowledged event. No timing assertions: every wait polls until a generous dead
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from daemon.embedded import EmbeddedPostgres
 from protocol.client import SyncClient
 from protocol.errors import JobdError
 from protocol.events import EventSpec
@@ -250,3 +255,42 @@ async def do(ctx, args: dict) -> None:
     return None
 """
 
+
+
+@pytest.fixture
+def cluster() -> Iterator[EmbeddedPostgres]:
+    """A private cluster this test may stop and start (as in test_db_outage.py)."""
+    root = Path(tempfile.mkdtemp(prefix="jobd-t-"))
+    pg = EmbeddedPostgres(root / "pg", fast=True)
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_postgres_restart_is_a_typed_error_then_sends_resume(cluster, tmp_path):
+    url = cluster.create_database("jobd_events_outage")
+    d = JobdProcess(tmp_path / "d", url, modules=MODULES, queues=QUEUES,
+                    jobs={"lease": "3s"}, daemon={"heartbeat": "0.5s"})
+    try:
+        d.start()
+        first = d.jobctl_json("send-event", "marketplace/capture", "--data",
+                              '{"marketplace": "ebay"}', "--id", "outage:1")
+        cluster.stop()
+        result = d.jobctl("send-event", "marketplace/capture", "--id", "outage:2", check=False)
+        assert result.returncode == 1 and result.stderr.startswith("jobctl: unavailable: ")
+        assert len(result.stderr.strip().splitlines()) == 1
+        cluster.start()
+        wait_until("ready again", lambda: d.jobctl_json("ping")["ready"], d)
+        again = d.jobctl_json("send-event", "marketplace/capture", "--id", "outage:1")
+        assert again["id"] == first["id"] and not again["created"]
+        second = d.jobctl_json("send-event", "marketplace/capture", "--data",
+                               '{"marketplace": "otto"}', "--id", "outage:2")
+        assert second["created"] and len(second["started"]) == 1
+        sql = Sql(url)
+        wait_until("both captures complete", lambda: sql.fetchval(
+            "SELECT count(*) FROM jobd.jobs WHERE state = 'completed'") == 2, d)
+    finally:
+        d.kill()
