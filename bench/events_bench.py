@@ -26,6 +26,7 @@ from bench.common import PgConn  # noqa: E402
 from daemon.embedded import EmbeddedPostgres  # noqa: E402
 from protocol.client import SyncClient  # noqa: E402
 from protocol.events import EventSpec  # noqa: E402
+from protocol.jobs import JobSpec  # noqa: E402
 from tests.support import JobdProcess  # noqa: E402
 
 BATCH = 1000
@@ -77,6 +78,10 @@ def run(url: str, tmp: Path, opts: argparse.Namespace) -> dict[str, object]:
                                   idempotency_key=f"single:{i}")
             results["single_1_client_with_id_events_per_s"] = n / (time.perf_counter() - t)
             t = time.perf_counter()
+            for i in range(n):  # the baseline under the same load: the job alone
+                client.enqueue("bench.tick", {"n": i, "user": f"u{i % 100}"})
+            results["single_1_client_enqueue_baseline_jobs_per_s"] = n / (time.perf_counter() - t)
+            t = time.perf_counter()
             for i in range(n):  # every one a repeat: answered, nothing started
                 client.send_event("bench/tick", {"n": i}, idempotency_key=f"single:{i}")
             results["single_1_client_repeats_per_s"] = n / (time.perf_counter() - t)
@@ -97,6 +102,14 @@ def run(url: str, tmp: Path, opts: argparse.Namespace) -> dict[str, object]:
             done_s = wait_done(sql, "bench.tick", t0)
             results["batched_started_jobs"] = _count(sql, "bench.tick") - before
             results["batched_jobs_completed_per_s_from_first_send"] = total / done_s
+            wait_done(sql, "bench.tick")
+            t = time.perf_counter()
+            for start in range(0, total, BATCH):  # the baseline: the jobs alone
+                client.enqueue_batch([JobSpec(kind="bench.tick",
+                                              args={"n": i, "user": f"u{i % 100}"})
+                                      for i in range(start, min(total, start + BATCH))])
+            results[f"batched_{BATCH}_enqueue_baseline_jobs_per_s"] = \
+                total / (time.perf_counter() - t)
         t = time.perf_counter()
         n = opts.single
         for i in range(n):
@@ -114,12 +127,39 @@ def run(url: str, tmp: Path, opts: argparse.Namespace) -> dict[str, object]:
                          json.dumps({"n": i}))
         results["sql_1_connection_unsubscribed_events_per_s"] = n / (time.perf_counter() - t)
         wait_done(sql, "bench.tick")
+        results.update(_in_postgres(sql, 2000))
         results["events_stored"] = sql.fetchval("SELECT count(*) FROM jobd.events")
     finally:
         sql.close()
         daemon.signal(15)
         daemon.wait(60)
     return results
+
+
+def _in_postgres(sql: PgConn, n: int) -> dict[str, float]:
+    """Postgres' own cost per event: n calls in one statement, so no round trip or
+    commit is counted. The cancel's cost grows with the kind's jobs (it reads them by
+    the jobs_kind index and compares args), so their count is reported with it."""
+    calls = {
+        "enqueue_baseline": "count(jobd.enqueue('bench.tick', jsonb_build_object('n', i, "
+                            "'user', 'p' || (i % 100)), queue => 'events'))",
+        "send_event_unsubscribed": "count(jobd.send_event('bench/nobody', "
+                                   "jsonb_build_object('n', i)))",
+        "send_event_one_subscriber": "count(jobd.send_event('bench/tick', jsonb_build_object("
+                                     "'n', i, 'user', 'p' || (i % 100))))",
+        "send_event_one_subscriber_with_id": "count(jobd.send_event('bench/tick', "
+                                             "jsonb_build_object('n', i, 'user', 'p' || (i % 100)), "
+                                             "'pg:' || i))",
+        "send_event_cancel_matching_nothing": "count(jobd.send_event('bench/untick', "
+                                              "jsonb_build_object('user', 'nobody' || i)))",
+    }
+    out: dict[str, float] = {}
+    for name, call in calls.items():
+        t = time.perf_counter()
+        sql.fetchval(f"SELECT {call} FROM generate_series(1, $1) i", n)
+        out[f"in_postgres_{name}_us"] = (time.perf_counter() - t) / n * 1e6
+    out["in_postgres_cancel_kind_jobs"] = float(_count(sql, "bench.tick"))
+    return out
 
 
 def _concurrent(daemon: JobdProcess, opts: argparse.Namespace) -> float:
