@@ -87,7 +87,7 @@ def subscriptions(jobdefs: Iterable[JobDef]) -> list[Subscription]:
                 key_path=key_path(jobdef)))
         for name, fields in jobdef.cancel_on:
             out.append(Subscription(event=name, kind=jobdef.kind, action="cancel",
-                                    fields=fields))
+                                    fields=fields, queue=jobdef.queue))
     return sorted(out, key=lambda s: (s.event, s.kind, s.action))
 
 

@@ -31,7 +31,7 @@ CREATE INDEX event_keys_expiry ON jobd.event_keys (expires_at);
 -- One row per (event, kind, action): action 'start' creates a job of `kind` with the
 -- event's data as its args when the data contains `match`; 'cancel' cancels the
 -- unfinished jobs of `kind` whose args equal the event's data on every field of
--- `fields`. The job options are the kind's declaration, copied at sync; key_path is the
+-- `fields` (queued ones in the kind's declared `queue`). The job options are the kind's declaration, copied at sync; key_path is the
 -- kind's key as a path into the data (a Python key function cannot run here).
 -- Each daemon writes what its handlers declare at start and after a reload
 -- (SYNC_SUBSCRIPTIONS): the last writer's definition holds, and a row goes only when a
@@ -139,16 +139,31 @@ BEGIN
 
     -- Cancels first: an event that both cancels and starts a kind replaces its jobs.
     FOR sub IN
-        SELECT s.kind, s.fields FROM jobd.event_subscriptions s
+        SELECT s.kind, s.queue, s.fields,
+               (SELECT jsonb_object_agg(u.f, send_event.data -> u.f)
+                FROM unnest(s.fields) AS u(f)) AS args
+        FROM jobd.event_subscriptions s
         WHERE s.event = send_event.name AND s.action = 'cancel' AND send_event.data ?& s.fields
         ORDER BY s.kind
     LOOP
-        WITH target AS (
+        -- Read through the partial indexes of unfinished jobs (the queue's claimable
+        -- ones, the running ones, the waiting ones): never the retained finished jobs,
+        -- and no index by kind (0007 dropped it: it cost every claim). Queued jobs are
+        -- looked for in the kind's declared queue.
+        WITH candidates AS (
+            SELECT j.id FROM jobd.jobs j
+            WHERE j.queue = sub.queue AND j.state IN ('available', 'scheduled')
+              AND j.kind = sub.kind AND j.args @> sub.args
+            UNION ALL
+            SELECT j.id FROM jobd.jobs j
+            WHERE j.state = 'running' AND j.kind = sub.kind AND j.args @> sub.args
+            UNION ALL
+            SELECT j.id FROM jobd.jobs j
+            WHERE j.state = 'waiting' AND j.kind = sub.kind AND j.args @> sub.args
+        ), target AS (
             SELECT j.id, j.state FROM jobd.jobs j
-            WHERE j.kind = sub.kind
+            WHERE j.id IN (SELECT id FROM candidates)
               AND j.state IN ('scheduled', 'available', 'running', 'waiting')
-              AND j.args @> (SELECT jsonb_object_agg(u.f, send_event.data -> u.f)
-                             FROM unnest(sub.fields) AS u(f))
             ORDER BY j.id
             FOR UPDATE
         ), queued AS (
