@@ -294,3 +294,35 @@ def test_a_postgres_restart_is_a_typed_error_then_sends_resume(cluster, tmp_path
             "SELECT count(*) FROM jobd.jobs WHERE state = 'completed'") == 2, d)
     finally:
         d.kill()
+
+
+def test_a_client_hanging_up_mid_send_leaves_the_daemon_serving(jobd, sql, tmp_path):
+    """The event is written or not (one transaction); a resend with its key tells which,
+    and never makes a second one."""
+    import socket as socket_module
+    from urllib.parse import urlsplit
+
+    d = start(jobd, tmp_path)
+    host, port = urlsplit(d.base).hostname, urlsplit(d.base).port
+    body = json.dumps({"name": "marketplace/capture", "data": {"marketplace": "gone"},
+                       "idempotency_key": "hangup:1"}).encode()
+    for _ in range(5):
+        with socket_module.create_connection((host, port)) as conn:
+            conn.sendall(b"POST /v1/send_event HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    # Over the socket too: a request line, then gone.
+    for _ in range(5):
+        with socket_module.socket(socket_module.AF_UNIX) as conn:
+            conn.connect(str(d.socket))
+            conn.sendall(b'{"type": "hello", "protocol": 1}\n{"id": 1, "type": "send_event", '
+                         b'"name": "marketplace/capture", "data": {"marketplace": "gone"}, '
+                         b'"idempotency_key": "hangup:2"}\n')
+    for key in ("hangup:1", "hangup:2"):
+        resent = d.jobctl_json("send-event", "marketplace/capture", "--data",
+                               '{"marketplace": "gone"}', "--id", key)
+        assert resent["id"] > 0
+    assert sql.fetchval("SELECT count(*) FROM jobd.events") == 2
+    assert sql.fetchval("SELECT count(*) FROM jobd.jobs") == 2
+    assert d.jobctl_json("ping")["ready"]
