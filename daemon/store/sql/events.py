@@ -83,7 +83,7 @@ DELETE FROM jobd.event_keys WHERE key = ANY(ARRAY(
 ))
 """
 
-# What `jobctl get` shows of the subscriptions (and tests read).
+# Every subscription the daemons declared, for inspection (tests, debugging).
 LIST_SUBSCRIPTIONS = """
 SELECT event, kind, action, match::text AS match, fields, queue, key_path, daemon_id
 FROM jobd.event_subscriptions ORDER BY event, kind, action
