@@ -50,6 +50,7 @@ class NewJob(msgspec.Struct, kw_only=True):
     tags: list[str] = []
     timeout_s: float | None = None
     cost: int = 1  # weight against a key's tokens_per_minute
+    traceparent: str | None = None  # W3C, validated (protocol.jobs.TRACEPARENT_PATTERN)
 
 
 class StepRow(msgspec.Struct):
@@ -93,6 +94,9 @@ class Claimed(msgspec.Struct):
     # A workflow's stored steps, JSON [[name, result, done], ...]; None: not known, the
     # first step loads them (a job without steps, or one whose steps were not marked).
     steps: str | None = None
+    # The producer's W3C trace context (its enqueue's, or the spawning attempt's), the
+    # parent of this attempt's span when tracing is on.
+    traceparent: str | None = None
 
 
 class Outcome(msgspec.Struct, kw_only=True):

@@ -59,6 +59,7 @@ from daemon.serve_http import serve_http
 from daemon.store import PgStore, bridge
 from daemon.systemd import Notifier as Systemd
 from daemon.systemd import run_watchdog
+from daemon.tracing import traced
 
 log = logging.getLogger("jobd.app")
 
@@ -116,7 +117,9 @@ class Daemon:
                     if interval:
                         nursery.start_soon(run_watchdog, self.systemd, interval)
                     try:
-                        await self._run_database()
+                        async with traced(self.config.tracing, region=self.config.region,
+                                          daemon_id=self.id):
+                            await self._run_database()
                     finally:
                         nursery.cancel_scope.cancel()
         finally:

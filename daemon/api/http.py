@@ -226,7 +226,8 @@ class HttpApp:
                             code=ErrorCode.UNKNOWN_COMMAND, details={"commands": c.COMMAND_NAMES})
         await self._only(method, "POST")
         body = await self._body(scope, receive)
-        await self._run(scope, send, self._requests.decode_body(name, body))
+        traceparent = _headers(scope).get(b"traceparent")
+        await self._run(scope, send, self._requests.decode_body(name, body, traceparent))
 
     async def _run(self, scope: Scope, send: Send, cmd: c.Command) -> None:
         client = scope.get("client")

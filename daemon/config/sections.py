@@ -168,6 +168,20 @@ class Daemon(_Strict):
     loop_lag_warning: Seconds = seconds("1s")
 
 
+class Tracing(_Strict):
+    """OpenTelemetry spans of attempts and steps (README: "Tracing"), off by default."""
+
+    enabled: bool = False
+    # OTLP/HTTP (protobuf) traces endpoint; needs the `otlp` extra.
+    endpoint: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s\x00]+$",
+                                          max_length=2048)] = "http://127.0.0.1:4318/v1/traces"
+    # Share of traces kept, 0 to 1, for traces that start here; a producer's traceparent
+    # decides for its own (its sampled flag).
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    service_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200,
+                                              pattern=r"^[^\x00]+$")] = "jobd"
+
+
 _MiB = 1 << 20
 
 
@@ -215,6 +229,7 @@ class Config(_Strict):
     metrics: Metrics = msgspec.field(default_factory=Metrics)
     jobs: Jobs = msgspec.field(default_factory=Jobs)
     limits: Limits = msgspec.field(default_factory=Limits)
+    tracing: Tracing = msgspec.field(default_factory=Tracing)
     handlers: Handlers = msgspec.field(default_factory=Handlers)
     http: Http = msgspec.field(default_factory=Http)
     events: Events = msgspec.field(default_factory=Events)
