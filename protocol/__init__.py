@@ -19,6 +19,7 @@ from protocol.commands import (
     CancelResult,
     DrainResult,
     EnqueueResult,
+    EventsPage,
     HelloResult,
     JobsPage,
     NodesResult,
@@ -29,6 +30,7 @@ from protocol.commands import (
     ScheduleListResult,
     ScheduleRemoved,
     SendEventResult,
+    SendEventsResult,
     StatsResult,
     SummaryResult,
     WebhookReplayResult,
@@ -42,6 +44,7 @@ from protocol.errors import (
     NotFound,
     Unavailable,
 )
+from protocol.events import EventSpec, EventView
 from protocol.jobs import AttemptError, DaemonView, JobSpec, JobView, KeyStats, QueueCounts
 from protocol.schedules import ScheduleSpec, ScheduleView
 from protocol.tree import TreeNode
@@ -59,7 +62,9 @@ __all__ = [
     "AttemptError", "BatchResult", "BulkResult", "CancelResult", "ChildView", "DaemonView",
     "DeliveryView", "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
-    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
-    "StepView", "SummaryResult", "TreeNode", "WebhookReplayResult", "WebhooksPage",
-    "WorkflowView",
+    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",
+    "SendEventsResult", "StatsResult", "StepView", "SummaryResult", "TreeNode",
+    "WebhookReplayResult", "WebhooksPage", "WorkflowView",
+    # events
+    "EventSpec", "EventView", "EventsPage",
 ]
