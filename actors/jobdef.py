@@ -25,13 +25,36 @@ class JobDef(msgspec.Struct, kw_only=True):
     timeout_s: float | None = None
     max_attempts: int = 3
     priority: int = 0
-    key: Callable[[Any], str] | None = None
+    # A function of the decoded args, or a path into them ("marketplace", "user.id"):
+    # a path also works where Python cannot run, in a send from SQL (actors/events.py).
+    key: Callable[[Any], str] | str | None = None
     cost: Callable[[Any], int] | None = None
     base_delays: dict[str, float] = {}
     # async fn(ctx, args, last_error): runs once the job has failed (actors/failure_hooks.py)
     on_failure: Callable[..., Awaitable[Any]] | None = None
     # Unknown fields in args (a misspelling: {"secnds": 3}) are refused, not ignored.
     strict_args: bool = True
+    # Events that start this kind, (name, match) each, and the events that cancel its
+    # unfinished jobs, (name, fields) each (actors/events.py).
+    on_event: list[tuple[str, dict[str, Any]]] = []
+    cancel_on: list[tuple[str, list[str]]] = []
+
+    def key_of(self, args: Any) -> str | None:
+        """The flow-control key of decoded args. A path's value is written as Postgres'
+        `#>>` writes it (a string as is, a number or boolean as JSON; missing: no key),
+        so a job gets the same key however it was created."""
+        if self.key is None:
+            return None
+        if not isinstance(self.key, str):
+            return str(self.key(args))
+        value: Any = msgspec.to_builtins(args)
+        for part in self.key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return None
+            value = value[part]
+        if value is None:
+            return None
+        return value if isinstance(value, str) else msgspec.json.encode(value).decode()
     # Flow-control tools (actors/tools.py); a batch kind's args type is list[Item].
     tools: ToolSpec | None = None
     # What @job declared, before the config's [kinds] overrides (daemon/kind_tools.py).

@@ -197,6 +197,38 @@ class Fired(msgspec.Struct):
     job_id: int
 
 
+class Subscription(msgspec.Struct, kw_only=True, frozen=True):
+    """One (event, kind, action) a handler declares (actors/events.py), as Postgres keeps
+    it: "start" makes a job of `kind` from an event whose data contains `match`;
+    "cancel" cancels the kind's unfinished jobs whose args equal the data on `fields`."""
+
+    event: str
+    kind: str
+    action: str
+    match: dict[str, Any] = {}
+    fields: list[str] = []
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_s: float | None = None
+    key_path: list[str] | None = None  # the job's key: the data's value at this path
+
+
+class EventToSend(msgspec.Struct):
+    name: str
+    data: str  # a JSON object
+    key: str | None = None  # the sender's idempotency key
+
+
+class EventSent(msgspec.Struct, kw_only=True):
+    id: int  # the first event's, for a repeat of its idempotency key
+    created: bool
+    started: list[int]
+    started_kinds: list[str]
+    cancelled: list[int]
+    woken: list[int]
+
+
 class Transaction(Protocol):
     """SQL on jobd's pool inside one transaction, for handlers (`ctx.transaction()`)."""
 
@@ -250,7 +282,50 @@ class StepStore(Protocol):
     async def get_job(self, job_id: int) -> dict[str, Any] | None: ...
 
 
-class Store(StepStore, Protocol):
+class Delivery(msgspec.Struct):
+    """A claimed webhook outbox row: one attempt to POST `payload` (JSON text)."""
+
+    id: int
+    webhook: str
+    event: str
+    job_id: int
+    payload: str
+    attempts: int  # this attempt's number (it fences the record)
+    age_s: float  # since its retry window began
+
+
+class DeliveryOutcome(msgspec.Struct, kw_only=True):
+    """One attempt's end: `state` delivered, pending (again after `delay_s`) or failed."""
+
+    id: int
+    attempts: int
+    state: str
+    delay_s: float = 0.0
+    status: int | None = None  # the receiver's HTTP status; None: no response
+    error: str | None = None
+
+
+class WebhookStore(Protocol):
+    """The completion webhooks' outbox (`actors/services/courier.py`, the control plane)."""
+
+    async def sync_webhooks(self, daemon_id: str, declared: list[dict[str, Any]]) -> None: ...
+    async def claim_deliveries(self, daemon_id: str, wanted: dict[str, int], lease_s: float,
+                               now: datetime | None = None) -> list[Delivery]: ...
+    async def next_delivery_due(self, webhooks: list[str],
+                                now: datetime | None = None) -> float | None: ...
+    async def record_deliveries(self, outcomes: list[DeliveryOutcome],
+                                now: datetime | None = None) -> None: ...
+    async def list_deliveries(self, state: str | None, webhook: str | None,
+                              cursor: int | None, limit: int) -> list[dict[str, Any]]: ...
+    async def replay_deliveries(self, ids: list[int], failed: bool,
+                                now: datetime | None = None) -> list[tuple[int, str]]: ...
+    async def prune_deliveries(self, ages: dict[str, tuple[float, float]], limit: int,
+                               others_max_age_s: float, now: datetime | None = None) -> int: ...
+    async def delivery_backlog(self, webhooks: list[str], now: datetime | None = None
+                               ) -> dict[str, tuple[int, float]]: ...
+
+
+class Store(StepStore, WebhookStore, Protocol):
     """Every method `daemon.store.PgStore` has, by subject; callers depend on this only.
 
     `tests/daemon/test_store_port.py` checks PgStore against it (signatures) and that
@@ -360,6 +435,13 @@ class Store(StepStore, Protocol):
     # -- workflows (the steps are StepStore's, above; events; the reaper's safety net)
     async def save_steps(self, rows: list[StepRow]) -> list[str | None]: ...
     async def send_event(self, name: str, data: str) -> tuple[int, list[int]]: ...
+    async def send_events(self, events: list[EventToSend]) -> list[EventSent]: ...
+    async def sync_subscriptions(self, daemon_id: str, subscriptions: list[Subscription],
+                                 kinds: list[str], live_s: float) -> tuple[int, int]: ...
+    async def list_events(self, name: str | None, cursor: int | None, limit: int,
+                          field_bytes: int) -> list[dict[str, Any]]: ...
+    async def prune_event_keys(self, limit: int, now: datetime | None = None) -> int: ...
+    async def list_subscriptions(self) -> list[dict[str, Any]]: ...
     async def wake_waiting(self, limit: int) -> list[int]: ...
     async def prune_events(self, max_age_s: float, limit: int,
                            now: datetime | None = None) -> int: ...
@@ -386,6 +468,7 @@ class Observer(Protocol):
     def job_started(self, queue: str, kind: str, wait_s: float) -> None: ...
     def job_finished(self, queue: str, kind: str, outcome: str, run_s: float) -> None: ...
     def jobs_enqueued(self, queue: str, kind: str, n: int) -> None: ...
+    def events_sent(self, received: int, deduplicated: int, started: dict[str, int]) -> None: ...
     def jobs_rescued(self, queue: str, kind: str, n: int) -> None: ...
     def error_classified(self, queue: str, error_class: str) -> None: ...
     def actor_restarted(self, actor: str) -> None: ...
@@ -401,6 +484,15 @@ class Observer(Protocol):
     def batch_started(self, kind: str, size: int) -> None: ...
     def key_snapshot(self, queue: str, running: dict[str, int], rate: dict[str, float],
                      breaker_open: dict[str, bool] | None = None) -> None: ...
+
+
+class WebhookObserver(Protocol):
+    """The courier's metrics hooks (daemon/metrics/webhooks.py); cheap, never raise."""
+
+    def webhook_attempt(self, webhook: str, state: str, reason: str, seconds: float) -> None:
+        """One POST ended: `state` delivered, pending (a retry, for `reason`) or failed."""
+    def webhook_backlog(self, backlog: dict[str, tuple[int, float]]) -> None:
+        """Pending rows and the oldest one's age, per webhook this daemon declares."""
 
 
 class NullObserver:

@@ -11,7 +11,8 @@ The tree (rest_for_one at the root: a child's crash restarts those after it):
     ├── writers (one_for_one): completer, progress
     ├── heart, reaper, scheduler
     ├── pools (one_for_one): pool:<queue> ...
-    └── notifier
+    ├── notifier
+    └── courier        completion webhooks (last: its crash restarts nothing else)
 
 Behaviour lives in the modules named here; this one only connects them.
 """
@@ -22,6 +23,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -32,15 +34,17 @@ from actors.handlers import HANDLERS
 from actors.ports import StoreUnavailable, ValueRejected
 from actors.runtime import lag
 from actors.runtime.clock import TrioClock
-from actors.runtime.mailbox import Mailbox
+from actors.runtime.mailbox import Mailbox, MailboxClosed
 from actors.runtime.registry import Registry
 from actors.runtime.specs import ChildSpec, Strategy
 from actors.runtime.supervisor import Supervisor
 from actors.services.batcher import Batcher
 from actors.services.completer import Completer, Outcomes
 from actors.services.control import Control
+from actors.services.courier import Courier, CourierMsg, Deliver, Subscription, Sync
 from actors.services.heart import Beat, Heart
 from actors.services.notifier import CHANNELS, Notifier
+from actors.services.outbound import Outbound
 from actors.services.pools import Pools
 from actors.services.progress import Progress, ProgressWriter
 from actors.services.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
@@ -50,7 +54,7 @@ from actors.services.worker import AttemptRunner
 from daemon import __version__, kind_tools, lifecycle, signals
 from daemon.api.control_socket import ControlServer, open_listener
 from daemon.api.http_server import HttpServer
-from daemon.config import Config, socket_path
+from daemon.config import Config, ConfigError, socket_path, subscriptions
 from daemon.metrics import Metrics
 from daemon.queue_settings import QueueLimits, queue_names
 from daemon.readiness import Readiness
@@ -82,7 +86,6 @@ class Daemon:
         self.clock = TrioClock()
         self.registry = Registry()
         self.pools: Pools | None = None
-        self.store: PgStore | None = None  # for a reload's writes, once the actors run
         self.readiness = Readiness(
             self.id, config.region, draining=lambda: bool(self.pools and self.pools.draining),
             running=lambda: self.pools.running() if self.pools else 0)
@@ -100,7 +103,15 @@ class Daemon:
                                  apply=self._apply_reload,
                                  status_line=self.readiness.status_line)
         self._scheduler_box: Mailbox[SchedulerMsg] = Mailbox("scheduler", capacity=64)
+        # Every request jobd sends out goes through this one client (README "Webhooks").
+        self.outbound = Outbound(allow_hosts=config.http.allow_hosts,
+                                 follow_redirects=config.http.follow_redirects,
+                                 per_origin=config.http.per_origin)
+        self._courier_box: Mailbox[CourierMsg] = Mailbox("courier", capacity=16)
+        self.subscriptions: dict[str, Subscription] = subscriptions(config)
+        self.metrics.webhooks.declare(self.subscriptions)
         self._stop = trio.Event()
+        self._store: PgStore | None = None
 
     async def run(self) -> None:
         instrument = lag.LoopLag(self.config.daemon.loop_lag_warning,
@@ -141,12 +152,12 @@ class Daemon:
                         await self._run_actors(store)
                 finally:
                     await store.close()
+                    await self.outbound.aclose()
 
     async def _run_actors(self, store: PgStore) -> None:
         cfg = self.config
         import_handlers(cfg.handlers, self.handlers)
         tools = kind_tools.apply(self.handlers, cfg.kinds)
-        self.store = store
         validate.configure(cfg.limits.max_args_bytes)
         if not await lifecycle.until_available(lambda: store.sync_kind_tools(tools), self._stop):
             return
@@ -154,11 +165,20 @@ class Daemon:
         if not await lifecycle.until_available(
                 lambda: store.register_failure_hooks(failure_hooks.hooked_kinds(self.handlers)), self._stop):
             return
+        # Before READY: a job finishing once the daemon is up has its rows written.
+        if not await lifecycle.until_available(self._sync_webhooks(store), self._stop):
+            return
+        self._store = store
+        if not await lifecycle.until_available(
+                partial(lifecycle.sync_subscriptions, store, self.id, self.handlers,
+                        lifecycle.live_s(cfg.daemon.heartbeat)), self._stop):
+            return
         send, notifications = trio.open_memory_channel[tuple[str, str]](_NOTIFY_BUFFER)
         root, pools, notifier = self._build_tree(store, notifications)
         live_s = lifecycle.live_s(cfg.daemon.heartbeat)
         await lifecycle.publish(store, self.id, sorted(pools.queues),
-                                max_args_bytes=cfg.limits.max_args_bytes, daemon_live_s=live_s)
+                                max_args_bytes=cfg.limits.max_args_bytes, daemon_live_s=live_s,
+                                event_dedup_s=cfg.events.dedup_window)
         control = Control(store, handlers=self.handlers, server=f"jobd/{__version__}", pong=self.readiness.pong,
                           tree=self.registry.tree, running_here=pools.running_here,
                           cancel_here=pools.cancel_here, drain=pools.set_draining,
@@ -167,7 +187,8 @@ class Daemon:
                           max_args_bytes=cfg.limits.max_args_bytes,
                           list_field_bytes=cfg.limits.list_field_bytes,
                           queues=lambda: pools.queues,
-                          declared=lambda: set(cfg.queues), live_s=live_s)
+                          declared=lambda: set(cfg.queues), live_s=live_s,
+                          wake_courier=self._wake_courier)
         await pools.refresh_pauses()
         sock = socket_path(cfg, self.state_dir)
         async with trio.open_nursery() as nursery:
@@ -211,18 +232,49 @@ class Daemon:
             with trio.move_on_after(_HTTP_STOP_S):
                 await http.stop()
 
+    def _sync_webhooks(self, store: PgStore) -> Callable[[], Awaitable[None]]:
+        return lambda: store.sync_webhooks(
+            self.id, [s.declared() for s in self.subscriptions.values()])
+
     async def _apply_reload(self) -> None:
         self.limits.forget()
-        if self.store is not None:
+        try:
+            self.subscriptions = subscriptions(self.config)
+        except ConfigError as exc:  # a secret file gone since the reload's own check
+            log.error("webhooks not reloaded, the previous ones kept: %s", exc,
+                      extra={"event": "config.reload_failed"})
+        self.outbound.allow_hosts = list(self.config.http.allow_hosts)
+        self.metrics.webhooks.declare(self.subscriptions)
+        try:
+            self._courier_box.tell_nowait(Sync())
+        except (trio.WouldBlock, MailboxClosed):
+            pass  # a full mailbox already holds a sync
+        if self._store is not None:
+            # The reload itself stands: should the database be away, the next start or
+            # reload writes the subscriptions.
+            try:
+                await lifecycle.sync_subscriptions(
+                    self._store, self.id, self.handlers,
+                    lifecycle.live_s(self.config.daemon.heartbeat))
+            except (StoreUnavailable, ValueRejected) as exc:
+                log.warning("could not write the event subscriptions after the reload: %s",
+                            exc, extra={"event": "events.subscriptions_failed"})
+        if self._store is not None:
             tools = kind_tools.apply(self.handlers, self.config.kinds)  # checked by the reload
             try:
-                await self.store.sync_kind_tools(tools)
+                await self._store.sync_kind_tools(tools)
             except (StoreUnavailable, ValueRejected) as exc:
                 log.warning("could not publish the kinds' flow-control tools: %s", exc,
                             extra={"event": "store.unavailable"})
         if self.pools is not None:
             await self.pools.resize()
             await self._scheduler_box.tell(SyncConfig())
+
+    def _wake_courier(self) -> None:
+        try:
+            self._courier_box.tell_nowait(Deliver())
+        except (trio.WouldBlock, MailboxClosed):
+            pass  # a full mailbox already holds a wake-up
 
     # -- the tree ------------------------------------------------------------------------
 
@@ -252,7 +304,7 @@ class Daemon:
         notifier = Notifier(
             notifications, wake=pools.wake, cancel=pools.cancel_nowait,
             refresh_pauses=pools.refresh_pauses, scheduler=self._scheduler_box,
-            count_drop=self.observer.notification_dropped)
+            count_drop=self.observer.notification_dropped, webhooks=self._wake_courier)
         retention = [
             RetentionRule(state, getattr(jobs.retention, f"{state}_max_age"),
                           getattr(jobs.retention, f"{state}_max_count"))
@@ -290,6 +342,11 @@ class Daemon:
                 config_schedules=lambda: cfg.schedules, observer=self.observer, clock=clock)),
             ChildSpec.for_supervisor(pools.supervisor(self.registry, on_restart)),
             ChildSpec("notifier", notifier.run),
+            # A drain lets requests in flight end and their outcomes be written.
+            ChildSpec.for_actor(lambda: Courier(
+                self._courier_box, store, self.outbound, daemon_id=self.id,
+                subscriptions=lambda: self.subscriptions, observer=self.metrics.webhooks,
+                clock=clock), stop=Courier.stopper(self._courier_box), shutdown_timeout=12),
         ]
         root = Supervisor("root", children, Strategy.REST_FOR_ONE, max_restarts=5,
                           max_seconds=30, registry=self.registry, on_restart=on_restart)

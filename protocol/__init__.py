@@ -19,6 +19,7 @@ from protocol.commands import (
     CancelResult,
     DrainResult,
     EnqueueResult,
+    EventsPage,
     HelloResult,
     JobsPage,
     NodesResult,
@@ -29,8 +30,11 @@ from protocol.commands import (
     ScheduleListResult,
     ScheduleRemoved,
     SendEventResult,
+    SendEventsResult,
     StatsResult,
     SummaryResult,
+    WebhookReplayResult,
+    WebhooksPage,
 )
 from protocol.errors import (
     BadRequest,
@@ -40,9 +44,11 @@ from protocol.errors import (
     NotFound,
     Unavailable,
 )
+from protocol.events import EventSpec, EventView
 from protocol.jobs import AttemptError, DaemonView, JobSpec, JobView, KeyStats, QueueCounts
 from protocol.schedules import ScheduleSpec, ScheduleView
 from protocol.tree import TreeNode
+from protocol.webhooks import DeliveryView
 from protocol.workflows import ChildView, StepView, WorkflowView
 
 __all__ = [
@@ -54,8 +60,11 @@ __all__ = [
     "JobSpec", "ScheduleSpec",
     # what a client receives
     "AttemptError", "BatchResult", "BulkResult", "CancelResult", "ChildView", "DaemonView",
-    "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
+    "DeliveryView", "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
-    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
-    "StepView", "SummaryResult", "TreeNode", "WorkflowView",
+    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",
+    "SendEventsResult", "StatsResult", "StepView", "SummaryResult", "TreeNode",
+    "WebhookReplayResult", "WebhooksPage", "WorkflowView",
+    # events
+    "EventSpec", "EventView", "EventsPage",
 ]

@@ -34,6 +34,7 @@ from protocol.errors import (
     NotFound,
     Unavailable,
 )
+from protocol.events import EventSpec
 from protocol.framing import PROTOCOL_VERSION, FrameTooLong, LineBuffer, encode_line
 from protocol.jobs import JobSpec, JobView
 from protocol.tree import TreeNode
@@ -247,8 +248,27 @@ class Client:
     async def drain(self, undo: bool = False) -> c.DrainResult:
         return await self.call(c.Drain(undo=undo))
 
-    async def send_event(self, name: str, data: dict[str, Any] | None = None) -> c.SendEventResult:
-        return await self.call(c.SendEvent(name=name, data=data or {}))
+    async def send_event(self, name: str, data: dict[str, Any] | None = None, *,
+                         idempotency_key: str | None = None) -> c.SendEventResult:
+        return await self.call(c.SendEvent(name=name, data=data or {},
+                                           idempotency_key=idempotency_key))
+
+    async def send_events(self, events: Sequence[EventSpec]) -> c.SendEventsResult:
+        """Many events in one round trip (and one transaction), answered in order."""
+        return await self.call(c.SendEvents(events=list(events)))
+
+    async def list_events(self, name: str | None = None, *, cursor: int | None = None,
+                          limit: int = 50) -> c.EventsPage:
+        return await self.call(c.ListEvents(name=name, cursor=cursor, limit=limit))
+
+    async def webhook_list(self, *, state: str | None = None, webhook: str | None = None,
+                           limit: int = 50, cursor: int | None = None) -> c.WebhooksPage:
+        return await self.call(c.WebhookList(state=state, webhook=webhook, limit=limit,
+                                             cursor=cursor))
+
+    async def webhook_replay(self, ids: Sequence[int] = (), *,
+                             failed: bool = False) -> c.WebhookReplayResult:
+        return await self.call(c.WebhookReplay(ids=list(ids), failed=failed))
 
     async def reload(self) -> c.ReloadResult:
         return await self.call(c.Reload())

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from protocol.events import MAX_EVENTS_BATCH, EventName, EventSpec, EventView, IdempotencyKey
 from protocol.jobs import (
     DaemonView,
     JobId,
@@ -29,12 +30,12 @@ from protocol.jobs import (
 )
 from protocol.schedules import ScheduleName, ScheduleSpec, ScheduleView
 from protocol.tree import TreeNode
+from protocol.webhooks import DeliveryState, DeliveryView, WebhookName
 from protocol.workflows import WorkflowView
 
 MAX_BATCH = 100_000  # jobs per enqueue_batch, ids per filter
 # A filter value is only compared, never stored: bounded by the longest value a job can hold.
 FilterText = text(1024)
-EventName = text(200, 1)
 
 
 class _Command(msgspec.Struct, tag_field="type", kw_only=True):
@@ -170,16 +171,51 @@ class Reload(_Command, tag="reload"):
 
 
 class SendEvent(_Command, tag="send_event"):
-    """Wakes every workflow waiting for `name` whose match the data contains."""
+    """Starts every function subscribed to `name` (one job each, the data as its args),
+    cancels the jobs whose cancel_on it matches, and wakes every workflow waiting for it
+    whose match the data contains. With an `idempotency_key`, a repeat within
+    `events.dedup_window` answers the first event's id, created false, and does nothing."""
 
-    name: EventName  # type: ignore[valid-type]
+    name: EventName
     data: dict[str, Any] = {}  # at most limits.max_args_bytes, JSON-encoded
+    idempotency_key: IdempotencyKey | None = None
     mutating = True
 
 
+class SendEvents(_Command, tag="send_events"):
+    """Many events in one round trip and one transaction, in order."""
+
+    events: Annotated[list[EventSpec], msgspec.Meta(max_length=MAX_EVENTS_BATCH)]
+    mutating = True
+
+
+class ListEvents(_Command, tag="list_events"):
+    """Newest first; pass `next_cursor` back as `cursor` for the next page."""
+
+    name: EventName | None = None
+    cursor: JobId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+
+
 class SendEventResult(msgspec.Struct, kw_only=True):
+    """`id` is the event's (the first one's, for a repeat); `started` the jobs it
+    created, `cancelled` the jobs its cancel_on matched (running ones are being
+    stopped), `woken` the workflows waiting for it."""
+
     id: int
     woken: list[int]
+    created: bool = True
+    started: list[int] = []
+    cancelled: list[int] = []
+
+
+class SendEventsResult(msgspec.Struct, kw_only=True):
+    events: list[SendEventResult]
+
+
+class EventsPage(msgspec.Struct, kw_only=True):
+    events: list[EventView]
+    next_cursor: int | None
 
 
 class Watch(_Command, tag="watch"):
@@ -222,12 +258,29 @@ class ScheduleList(_Command, tag="schedule_list"):
     pass
 
 
+class WebhookList(_Command, tag="webhook_list"):
+    """Webhook outbox rows, newest first; `state = "failed"` is `jobctl webhooks list --failed`."""
+
+    state: DeliveryState | None = None
+    webhook: WebhookName | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 50
+    cursor: JobId | None = None  # next_cursor of the previous page
+
+
+class WebhookReplay(_Command, tag="webhook_replay"):
+    """Send outbox rows again from a fresh retry window: by id, or every failed row."""
+
+    ids: Annotated[list[JobId], msgspec.Meta(max_length=MAX_BATCH)] = []
+    failed: bool = False
+    mutating = True
+
+
 Command = (
     Hello | Ping | Tree | Enqueue | EnqueueBatch | Get | Cancel | Stats | Nodes
     | List | Summary | CancelMany | Retry | Replay | Delete | Pause | Resume | Drain | Reload
     | Watch
     | ScheduleAdd | ScheduleRemove | SchedulePause | ScheduleResume | ScheduleTrigger
-    | ScheduleList | SendEvent
+    | ScheduleList | SendEvent | SendEvents | ListEvents | WebhookList | WebhookReplay
 )
 
 
@@ -320,6 +373,17 @@ class ReloadResult(msgspec.Struct, kw_only=True):
     message: str
 
 
+class WebhooksPage(msgspec.Struct, kw_only=True):
+    deliveries: list[DeliveryView]
+    next_cursor: int | None
+
+
+class WebhookReplayResult(msgspec.Struct, kw_only=True):
+    replayed: list[int]  # rows pending again
+    # Asked for by id but not replayed: no such row, or no daemon declares its webhook.
+    refused: list[int] = []
+
+
 class ScheduleListResult(msgspec.Struct, kw_only=True):
     schedules: list[ScheduleView]
 
@@ -343,6 +407,8 @@ RESULT_TYPES: dict[type, Any] = {
     EnqueueBatch: BatchResult,
     Get: WorkflowView,
     SendEvent: SendEventResult,
+    SendEvents: SendEventsResult,
+    ListEvents: EventsPage,
     Cancel: CancelResult,
     Stats: StatsResult,
     Nodes: NodesResult,
@@ -363,6 +429,8 @@ RESULT_TYPES: dict[type, Any] = {
     ScheduleResume: ScheduleView,
     ScheduleTrigger: ScheduleFired,
     ScheduleList: ScheduleListResult,
+    WebhookList: WebhooksPage,
+    WebhookReplay: WebhookReplayResult,
 }
 
 COMMAND_NAMES = sorted(c.__struct_config__.tag for c in RESULT_TYPES)  # type: ignore[attr-defined]

@@ -122,6 +122,7 @@ class JobView(msgspec.Struct, kw_only=True):
     # List views leave out args/result/errors (and shorten progress_note) larger than
     # `limits.list_field_bytes`; the names of the fields left out. `get` shows them whole.
     truncated: list[str] = []
+    event_id: int | None = None  # the event that started this job (README: "Events")
 
 
 class QueueCounts(msgspec.Struct, kw_only=True):

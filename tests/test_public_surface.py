@@ -24,10 +24,13 @@ CLIENT_API = [
     "JobSpec", "ScheduleSpec",
     # what a client receives
     "AttemptError", "BatchResult", "BulkResult", "CancelResult", "ChildView", "DaemonView",
-    "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
+    "DeliveryView", "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
-    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
-    "StepView", "SummaryResult", "TreeNode", "WorkflowView",
+    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",
+    "SendEventsResult", "StatsResult", "StepView", "SummaryResult", "TreeNode",
+    "WebhookReplayResult", "WebhooksPage", "WorkflowView",
+    # events
+    "EventSpec", "EventView", "EventsPage",
 ]
 
 HANDLER_API = [

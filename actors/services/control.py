@@ -6,7 +6,7 @@ the store) and `watch` (a stream of views). Transports (daemon/api) own framing,
 and the envelopes; this owns meaning. Domain problems come back as
 `protocol.errors.JobdError` with a stable code. Its views live beside it: jobs in
 `job_views`, flow keys in `key_views`, the live-queue checks in `live_queues`, the
-schedule commands in `schedule_commands`.
+schedule commands in `schedule_commands`, the webhook ones in `webhook_commands`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgspec
 import trio
 
 from actors import jobs
@@ -29,12 +28,11 @@ from actors.ports import (
     StoreUnavailable,
     ValueRejected,
 )
-from actors.services import schedule_commands
+from actors.services import event_commands, schedule_commands, webhook_commands
 from actors.services.enqueuer import Enqueuer
 from actors.services.job_views import FINISHED, job_view, summary
 from actors.services.key_views import key_stats
 from actors.services.live_queues import LiveQueues
-from actors.validate import has_nul
 from actors.validate import max_args_bytes as validate_max_args_bytes
 from actors.workflow import workflow_view
 from protocol import commands as c
@@ -67,6 +65,7 @@ class Control:
         queues: Callable[[], set[str]] | None = None,
         declared: Callable[[], set[str]] | None = None,
         live_s: float = 60.0,
+        wake_courier: Callable[[], None] = lambda: None,
     ):
         """`queues()`: the queues this daemon serves; an enqueue elsewhere asks the store
         which queues live daemons serve (heartbeat younger than `live_s`). A pause is
@@ -87,6 +86,9 @@ class Control:
         self._max_args_bytes = max_args_bytes if max_args_bytes is not None else \
             validate_max_args_bytes()
         self._list_field_bytes = list_field_bytes
+        self._wake_courier = wake_courier
+        self._event_sender = event_commands.EventSender(store,
+                                                        max_data_bytes=self._max_args_bytes)
         self._queues = LiveQueues(store, here=queues, declared=declared or set,
                                   live_s=live_s) if queues is not None else None
 
@@ -137,20 +139,10 @@ class Control:
                 if found_job is None:
                     raise NotFound(f"no job {cmd.job_id}", details={"id": cmd.job_id})
                 return await workflow_view(self._store, job_view(found_job))
-            case c.SendEvent():
-                data = msgspec.json.encode(cmd.data)
-                if len(data) > self._max_args_bytes:
-                    raise JobdError(
-                        f"data: {len(data)} bytes of JSON is over the limit of "
-                        f"{self._max_args_bytes} bytes (limits.max_args_bytes)",
-                        code=ErrorCode.TOO_LARGE,
-                        details={"field": "data", "bytes": len(data),
-                                 "limit": self._max_args_bytes})
-                if has_nul(data):
-                    raise BadRequest("data: contains a NUL character (\\u0000), which "
-                                     "Postgres cannot store", details={"field": "data"})
-                event_id, woken = await self._store.send_event(cmd.name, data.decode())
-                return c.SendEventResult(id=event_id, woken=woken)
+            case c.SendEvent() | c.SendEvents() | c.ListEvents():
+                return await event_commands.handle(
+                    self._store, self._observer, cmd, sender=self._event_sender,
+                    max_data_bytes=self._max_args_bytes, list_field_bytes=self._list_field_bytes)
             case c.Cancel():
                 found = await self._store.cancel(cmd.job_id)
                 if found is None:
@@ -189,6 +181,8 @@ class Control:
                 return await self._reload()
             case c.Watch():
                 return await self._handle(c.Get(job_id=cmd.job_id))
+            case c.WebhookList() | c.WebhookReplay():
+                return await webhook_commands.handle(self._store, cmd, self._wake_courier)
             case (c.ScheduleAdd() | c.ScheduleRemove() | c.SchedulePause() | c.ScheduleResume()
                   | c.ScheduleTrigger() | c.ScheduleList()):
                 return await schedule_commands.handle(self._store, self._handlers, cmd)

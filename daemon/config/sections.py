@@ -210,6 +210,44 @@ class Http(_Strict):
     per_origin: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100  # requests in flight
 
 
+_Event = Annotated[str, msgspec.Meta(pattern=r"^(completed|failed|cancelled)$")]
+
+
+class Webhook(_Strict):
+    """One `[[webhooks]]` entry: finishes POSTed to `url`, signed (README "Webhooks").
+
+    The secret is never in this file: `secret_file` names a file holding it (one per
+    line; two while rotating), or `secret_credential` a systemd credential
+    (`$CREDENTIALS_DIRECTORY/<name>`)."""
+
+    name: _Name
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    events: Annotated[list[_Event], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["completed", "failed", "cancelled"])
+    kinds: list[str] = []  # empty: every kind
+    queues: list[str] = []  # empty: every queue
+    secret_file: str | None = None
+    secret_credential: _Name | None = None
+    timeout: Seconds = seconds("10s")  # one request, connect to last byte
+    retry_for: Seconds = seconds("24h")  # then the row is failed (replayable)
+    backoff: Seconds = seconds("5s")  # the first retry's delay; doubles, +-25 % jitter
+    max_backoff: Seconds = seconds("1h")
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10  # in flight, this daemon
+    keep_delivered: Seconds = seconds("24h")
+    keep_failed: Seconds = seconds("7d")
+class Events(_Strict):
+    """Events (README: "Events and flow control")."""
+
+    # An idempotency key is accepted once within this window; written to jobd.settings
+    # at start, so jobd.send_event in SQL applies it too (the last daemon started wins).
+    dedup_window: Seconds = seconds("24h")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.dedup_window <= 3650 * 86400:
+            raise ValueError("dedup_window must be 1 s to 3650 days")
+
+
 _Mode = Annotated[str, msgspec.Meta(pattern=r"^(delay|drop|skip|cancel)$")]
 _Field = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 
@@ -246,9 +284,11 @@ class Config(_Strict):
     tracing: Tracing = msgspec.field(default_factory=Tracing)
     handlers: Handlers = msgspec.field(default_factory=Handlers)
     http: Http = msgspec.field(default_factory=Http)
+    events: Events = msgspec.field(default_factory=Events)
     queues: dict[_Name, Queue] = {}
     kinds: dict[str, KindTools] = {}  # [kinds."<kind>"]: flow-control tools per kind
     schedules: list[ScheduleSpec] = []  # [[schedules]]; see README "Schedules"
+    webhooks: list[Webhook] = []  # [[webhooks]]; see README "Webhooks"
 
     def queue(self, name: str) -> Queue:
         return self.queues.get(name) or Queue()

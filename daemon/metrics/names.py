@@ -12,6 +12,7 @@ JOB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 30
                900, 1800, 3600, 7200)
 DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "timed_out", "rescued", "released")
@@ -20,6 +21,7 @@ GAUGE_STATES = ("scheduled", "available", "running", "completed", "failed", "can
 SKIPPED_REASONS = {"skipped_throttle": "throttle", "skipped_singleton": "singleton"}
 COLLAPSED_TOOLS = {"debounced": "debounce", "replaced": "unique_replace"}
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+WEBHOOK_OUTCOMES = ("delivered", "failed")  # jobd_webhook_deliveries_total{outcome}
 OTHER_KEY = "_other"  # where keys past the per-queue series limit are counted
 
 

@@ -26,6 +26,7 @@ from daemon.metrics.names import (
     KeyLabels,
 )
 from daemon.metrics.observer import PromObserver
+from daemon.metrics.webhooks import WebhookMetrics
 
 # `*_created` series double every counter and histogram in the text format and no
 # dashboard or alert of ours reads them. The switch is process-wide; the daemon owns
@@ -92,6 +93,15 @@ class Metrics:
         self.loop_errors = Counter("jobd_asyncio_errors",
                                    "Errors the asyncio loop reported with nobody awaiting "
                                    "them (logged, not raised).", [], registry=r)
+        self.events_received = Counter(
+            "jobd_events_received", "Events sent through the control API and stored (an "
+            "event sent from SQL is not counted here).", [], registry=r)
+        self.events_deduplicated = Counter(
+            "jobd_events_deduplicated", "Sends answered with an earlier event: a repeat of "
+            "its idempotency key within events.dedup_window.", [], registry=r)
+        self.event_jobs_started = Counter(
+            "jobd_event_jobs_started", "Jobs created by events sent through the control "
+            "API, by kind.", ["kind"], registry=r)
         self.run_seconds = Histogram("jobd_job_run_seconds", "Attempt run time.",
                                      ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
         self.wait_seconds = Histogram("jobd_job_wait_seconds",
@@ -128,6 +138,7 @@ class Metrics:
         r.register(self.live)
         self.queue_gauges = QueueGaugeCollector()
         r.register(self.queue_gauges)
+        self.webhooks = WebhookMetrics(r)
         self.observer = PromObserver(
             enqueued=self.enqueued, started=self.started, finished=self.finished,
             errors=self.errors, actor_restarts=self.actor_restarts,
@@ -137,7 +148,10 @@ class Metrics:
             run_seconds=self.run_seconds, wait_seconds=self.wait_seconds,
             db_seconds=self.db_seconds, claim_batch=self.claim_batch,
             jobs_skipped=self.jobs_skipped, enqueues_collapsed=self.enqueues_collapsed,
-            batch_size=self.batch_size, keys=self.keys, live=self.live)
+            batch_size=self.batch_size,
+            keys=self.keys, live=self.live, events_received=self.events_received,
+            events_deduplicated=self.events_deduplicated,
+            event_jobs_started=self.event_jobs_started)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """(body, content type) for a scrape; OpenMetrics if the scraper asks for it."""

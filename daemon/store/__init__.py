@@ -2,15 +2,16 @@
 
 One thin method per named statement (`daemon/store/sql/`, one module per subject), grouped
 by subject in mixins that share one road to the database (`base.StoreBase`): jobs, leases
-and daemons, flow control, the control plane, schedules, workflows; plus the three things
-that hold a connection of their own: the LISTEN connection (`listen`), the handler
-transaction (`transaction`) and the metrics leader's session (`leader`).
+and daemons, flow control, the control plane, schedules, workflows, webhooks, events; plus
+the three things that hold a connection of their own: the LISTEN connection (`listen`),
+the handler transaction (`transaction`) and the metrics leader's session (`leader`).
 """
 
 from __future__ import annotations
 
 from actors.ports import Store
 from daemon.store.control import ControlStatements
+from daemon.store.events import EventStatements
 from daemon.store.flow import FlowStatements
 from daemon.store.jobs import JobStatements
 from daemon.store.leader import MetricsSession, MetricsSessions
@@ -18,6 +19,7 @@ from daemon.store.leases import LeaseStatements
 from daemon.store.listen import Listening
 from daemon.store.schedules import ScheduleStatements
 from daemon.store.transaction import HandlerTransaction, LeaseLost, Transactions
+from daemon.store.webhooks import WebhookStatements
 from daemon.store.workflows import WorkflowStatements
 
 __all__ = ["HandlerTransaction", "LeaseLost", "MetricsSession", "PgStore"]
@@ -30,6 +32,8 @@ class PgStore(
     ControlStatements,
     ScheduleStatements,
     WorkflowStatements,
+    WebhookStatements,
+    EventStatements,
     Transactions,
     Listening,
     MetricsSessions,
