@@ -77,3 +77,18 @@ async def resync(ctx: Context, args: Account) -> None:
 @job("tools.replace", unique_mode="replace")
 async def replace(ctx: Context, args: Account) -> None:
     await record(ctx, "replace", args.acct, args.n)
+
+
+@job("tools.on_change", on_event="market/changed", debounce="2s", debounce_key="market")
+async def on_change(ctx: Context, args: Capture) -> None:
+    await record(ctx, "on_change", args.market, args.n)
+
+
+@job("tools.on_signup", on_event="user/signup", batch_size=4, batch_timeout="1s",
+     batch_key="day")
+async def on_signup(ctx: Context, args: list[Item]) -> None:
+    async with ctx.transaction() as tx:
+        for a in args:
+            await tx.execute("INSERT INTO tool_items VALUES ($1, $2, $3, $4)",
+                             ctx.job.id, a.day, a.i, os.getpid())
+        await tx.complete({"items": len(args)})

@@ -266,3 +266,26 @@ def test_singleton_cancel_when_the_holders_daemon_is_sigkilled(jobd, sql):
                timeout=60, daemons=(b,))
     assert cb.get(old.id).state == "cancelled"
     assert [r["n"] for r in sql.fetch("SELECT n FROM tool_runs WHERE kind = 'resync'")] == [2]
+
+
+def test_events_start_debounced_and_batched_jobs_across_two_daemons(jobd, sql):
+    """Event-started jobs are created by jobd.enqueue (migration 0019), so the kind's
+    tools apply to them as to any enqueue."""
+    sql.execute(TABLE)
+    a, b = two(jobd)
+    ca, cb = clients(a, b)
+    for n in range(10):
+        (ca if n % 2 else cb).send_event("market/changed", {"market": "ebay", "n": n})
+    for i in range(10):
+        (ca if i % 2 else cb).send_event("user/signup", {"day": "mon", "i": i})
+    sql.fetchval("SELECT event_id FROM jobd.send_event('user/signup', "
+                 "'{\"day\": \"mon\", \"i\": 10}'::jsonb)")
+    wait_until(lambda: sql.fetchval("SELECT count(*) FROM tool_items") == 11 and
+               sql.fetchval("SELECT count(*) FROM tool_runs WHERE kind = 'on_change'") == 1,
+               "the debounced run and every batched event", daemons=(a, b))
+    time.sleep(1.0)
+    assert [r["n"] for r in sql.fetch("SELECT n FROM tool_runs WHERE kind = 'on_change'")] == [9]
+    items = sql.fetch("SELECT job_id, i FROM tool_items")
+    assert sorted(r["i"] for r in items) == list(range(11))
+    sizes = sql.fetch("SELECT count(*) AS n FROM tool_items GROUP BY job_id")
+    assert sorted(r["n"] for r in sizes) == [3, 4, 4]  # full batches of 4, the rest at timeout
