@@ -293,3 +293,13 @@ async def test_the_trace_context_travels_through_the_tools(store, sql):
     assert job(sql, d)["traceparent"] == TRACE == job(sql, done[0].id)["traceparent"]
     with pytest.raises(asyncpg.InvalidParameterValueError, match="traceparent"):
         sql.fetchval("SELECT jobd.enqueue('d', '{}', traceparent => 'nope')")
+
+
+async def test_a_batch_stays_within_the_args_limit(store, sql):
+    """Items that would make the sealed args too large for a job open the next batch."""
+    sql.execute("INSERT INTO jobd.settings (name, value) VALUES ('max_args_bytes', '1024')")
+    await declare(store, b={"batch_size": 100, "batch_timeout_s": 1.0})
+    ids = [enqueue(sql, "b", {"s": "x" * 400, "i": i}, 0)[0] for i in range(5)]
+    assert ids[0] == ids[1] != ids[2] == ids[3] != ids[4]
+    for c in await claim(store, "b", 2):
+        assert len(c.args) <= 1024 + 16

@@ -58,8 +58,10 @@ CREATE INDEX jobs_skipped ON jobd.jobs (state, finished_at) WHERE state = 'skipp
 -- deadline (NULL once the batch is sealed). tool_count: an open batch's item count (NULL
 -- for every job that is not a batch). Plain jobs leave all three NULL, so the partial
 -- index below holds none of them and costs their insert one predicate test.
+-- tool_bytes: an open batch's item JSON so far, so a sealed batch's args stay within
+-- limits.max_args_bytes (an item that does not fit opens the next batch).
 ALTER TABLE jobd.jobs ADD COLUMN tool_key text, ADD COLUMN tool_until timestamptz,
-    ADD COLUMN tool_count integer;
+    ADD COLUMN tool_count integer, ADD COLUMN tool_bytes integer;
 CREATE INDEX jobs_tool_key ON jobd.jobs (kind, tool_key)
     WHERE tool_key IS NOT NULL AND state IN ('scheduled', 'available', 'running', 'waiting');
 
@@ -151,6 +153,8 @@ DECLARE
     v_tool    text;
     v_until   timestamptz;
     v_wait    jsonb;
+    v_limit   bigint;
+    v_bytes   bigint;
 BEGIN
     -- Every key lock of the batch first, in one order: two statements never wait on
     -- each other crosswise. Transaction-scoped, so a caller's own transaction holds
@@ -325,10 +329,17 @@ BEGIN
         -- cannot seal it meanwhile), or opens one due at the timeout.
         IF s.batch_size IS NOT NULL THEN
             v_key := coalesce(v_keys ->> 'batch', v_args ->> s.batch_field, '');
+            IF v_limit IS NULL THEN
+                SELECT (x.value #>> '{}')::bigint INTO v_limit FROM jobd.settings x
+                WHERE x.name = 'max_args_bytes';
+                v_limit := coalesce(v_limit, 1048576);
+            END IF;
+            v_bytes := octet_length(r.args) + 2;  -- the item and its separator
             SELECT j.id INTO v_id FROM jobd.jobs j
             WHERE j.kind = r.kind AND j.tool_key = v_key
               AND j.state IN ('scheduled', 'available') AND j.tool_until IS NOT NULL
               AND j.tool_count < s.batch_size
+              AND (j.tool_count = 0 OR j.tool_bytes + v_bytes <= v_limit - 16)
             ORDER BY j.id LIMIT 1
             FOR UPDATE;
             created := false;
@@ -336,17 +347,19 @@ BEGIN
                 -- The batch's trace context is its first item's.
                 INSERT INTO jobd.jobs AS j (queue, kind, args, key, priority, run_at, state,
                                             max_attempts, tags, timeout_s, cost, parent_id,
-                                            traceparent, tool_key, tool_until, tool_count)
+                                            traceparent, tool_key, tool_until, tool_count,
+                                            tool_bytes)
                 VALUES (r.queue, r.kind, '{"items": []}', r.key, r.priority,
                         v_t + s.batch_timeout_s * interval '1 second', 'scheduled',
                         r.max_attempts, coalesce(r.tags, '{}'), r.timeout_s, coalesce(r.cost, 1),
                         p_parent, r.traceparent, v_key,
-                        v_t + s.batch_timeout_s * interval '1 second', 0)
+                        v_t + s.batch_timeout_s * interval '1 second', 0, 0)
                 RETURNING j.id INTO v_id;
                 created := true;
             END IF;
             INSERT INTO jobd.batch_items (job_id, args) VALUES (v_id, v_args);
             UPDATE jobd.jobs j SET tool_count = j.tool_count + 1,
+                tool_bytes = j.tool_bytes + v_bytes,
                 run_at = CASE WHEN j.tool_count + 1 >= s.batch_size THEN v_t ELSE j.run_at END,
                 state = CASE WHEN j.tool_count + 1 >= s.batch_size THEN 'available' ELSE j.state END
             WHERE j.id = v_id
