@@ -308,8 +308,12 @@ class Daemon:
         retention = [
             RetentionRule(state, getattr(jobs.retention, f"{state}_max_age"),
                           getattr(jobs.retention, f"{state}_max_count"))
-            for state in ("completed", "failed", "cancelled", "skipped")
+            for state in ("completed", "failed", "cancelled")
         ]
+        # A `skipped` row (a flow-control tool refused the enqueue) never ran: it is kept
+        # as long as a cancelled job.
+        retention.append(RetentionRule("skipped", jobs.retention.cancelled_max_age,
+                                       jobs.retention.cancelled_max_count))
         on_restart = self.observer.actor_restarted
         writers = Supervisor("writers", [
             # Outcomes already handed over must reach the database before we exit.

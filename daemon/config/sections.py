@@ -138,9 +138,6 @@ class Retention(_Strict):
     failed_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     cancelled_max_age: Seconds = seconds("7d")
     cancelled_max_count: Annotated[int, msgspec.Meta(ge=0)] = 100_000
-    # Enqueues a throttle (mode drop) or singleton (mode skip) recorded as `skipped`.
-    skipped_max_age: Seconds = seconds("24h")
-    skipped_max_count: Annotated[int, msgspec.Meta(ge=0)] = 10_000
     # Workflow events (signals) older than this go, unless a live waiter may still need one.
     events_max_age: Seconds = seconds("7d")
 

@@ -16,7 +16,9 @@ WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "timed_out", "rescued", "released")
-GAUGE_STATES = ("scheduled", "available", "running", "completed", "failed", "cancelled")
+# skipped: enqueues a flow-control tool refused, from every path (SQL and events too).
+GAUGE_STATES = ("scheduled", "available", "running", "completed", "failed", "cancelled",
+                "skipped")
 # Flow-control tools: enqueue_tools outcomes counted as skipped or collapsed, by label.
 SKIPPED_REASONS = {"skipped_throttle": "throttle", "skipped_singleton": "singleton"}
 COLLAPSED_TOOLS = {"debounced": "debounce", "replaced": "unique_replace"}

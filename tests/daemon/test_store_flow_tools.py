@@ -303,3 +303,21 @@ async def test_a_batch_stays_within_the_args_limit(store, sql):
     assert ids[0] == ids[1] != ids[2] == ids[3] != ids[4]
     for c in await claim(store, "b", 2):
         assert len(c.args) <= 1024 + 16
+
+
+async def test_retention_prunes_skipped_rows_and_keeps_a_unique_for_window(store, sql):
+    await declare(store, t={"throttle_per_s": 1.0, "throttle_mode": "drop"},
+                  u={"unique_for_s": 3600.0})
+    enqueue(sql, "t", {}, 0)
+    skipped = enqueue(sql, "t", {}, 0)[0]
+    held = enqueue(sql, "u", {}, 0, unique_key="hold")[0]
+    [c] = await claim(store, "u", 0)
+    await store.finish_many([Outcome(id=c.id, token=c.lease_token, state="completed")])
+    finished = job(sql, held)["finished_at"]
+    assert await store.prune_finished("skipped", 0, 0, 100, now=finished + timedelta(days=1)) == 1
+    assert sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE id = $1", skipped) == 0
+    # Within the window the holder stays, whatever retention says; after it, it goes.
+    assert await store.prune_finished("completed", 0, 0, 100,
+                                      now=finished + timedelta(minutes=30)) == 0
+    assert await store.prune_finished("completed", 0, 0, 100,
+                                      now=finished + timedelta(hours=2)) == 1

@@ -8,7 +8,8 @@ METRICS_LEADER_LOCK = 0x6A6F6264_6D657472  # "jobd" "metr": a session lock, neve
 # $1 = the lock (METRICS_LEADER_LOCK).
 TRY_METRICS_LEADER = "SELECT pg_try_advisory_lock($1)"
 
-# One arm per partial index (jobs_claimable, jobs_leases, jobs_finished), so no arm
+# One arm per partial index (jobs_claimable, jobs_leases, jobs_finished, jobs_skipped of
+# migration 0020), so no arm
 # scans the whole table; 'waiting' has no index yet and is not counted.
 # No parameters.
 QUEUE_COUNTS = """
@@ -19,6 +20,8 @@ SELECT queue, state, count(*) FROM jobd.jobs WHERE state = 'running' GROUP BY qu
 UNION ALL
 SELECT queue, state, count(*) FROM jobd.jobs
 WHERE state IN ('completed', 'failed', 'cancelled') GROUP BY queue, state
+UNION ALL
+SELECT queue, state, count(*) FROM jobd.jobs WHERE state = 'skipped' GROUP BY queue, state
 """
 
 # Claimable = available, or scheduled and already due (the claim takes both).
