@@ -29,6 +29,7 @@ import trio
 
 from actors import failure_hooks, validate
 from actors.handlers import HANDLERS
+from actors.http_handler import HttpCalls
 from actors.runtime import lag
 from actors.runtime.clock import TrioClock
 from actors.runtime.mailbox import Mailbox
@@ -36,17 +37,19 @@ from actors.runtime.registry import Registry
 from actors.runtime.specs import ChildSpec, Strategy
 from actors.runtime.supervisor import Supervisor
 from actors.services.batcher import Batcher
+from actors.services.callbacks import Callbacks
 from actors.services.completer import Completer, Outcomes
 from actors.services.control import Control
 from actors.services.heart import Beat, Heart
 from actors.services.notifier import CHANNELS, Notifier
+from actors.services.outbound import Outbound
 from actors.services.pools import Pools
 from actors.services.progress import Progress, ProgressWriter
 from actors.services.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig
 from actors.services.step_writer import StepWriter
 from actors.services.worker import AttemptRunner
-from daemon import __version__, lifecycle, signals
+from daemon import __version__, http_kinds, lifecycle, signals
 from daemon.api.control_socket import ControlServer, open_listener
 from daemon.api.http_server import HttpServer
 from daemon.config import Config, socket_path
@@ -93,9 +96,17 @@ class Daemon:
         self.limits = QueueLimits(config)
         self.outcomes = Outcomes()
         self.progress = Progress()
+        # One client for every HTTP kind (connection pools and limits per origin).
+        self.http_calls = HttpCalls(
+            Outbound(allow_hosts=config.http.allow_hosts,
+                     follow_redirects=config.http.follow_redirects,
+                     per_origin=config.http.per_origin,
+                     max_body_bytes=config.limits.max_result_bytes),
+            self.observer, callback_url=config.http.callback_url)
         self.reloader = Reloader(config, config_path, systemd, registry=self.handlers,
                                  apply=self._apply_reload,
-                                 status_line=self.readiness.status_line)
+                                 status_line=self.readiness.status_line,
+                                 http_calls=self.http_calls)
         self._scheduler_box: Mailbox[SchedulerMsg] = Mailbox("scheduler", capacity=64)
         self._stop = trio.Event()
 
@@ -119,6 +130,8 @@ class Daemon:
                         nursery.cancel_scope.cancel()
         finally:
             instrument.uninstall()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self.http_calls.outbound.aclose()
 
     async def _run_database(self) -> None:
         db = self.config.database
@@ -140,6 +153,8 @@ class Daemon:
     async def _run_actors(self, store: PgStore) -> None:
         cfg = self.config
         import_handlers(cfg.handlers, self.handlers)
+        http_kinds.install(self.http_calls, self.handlers, http_kinds.prepare(cfg),
+                           cfg.http.allow_hosts)
         validate.configure(cfg.limits.max_args_bytes)
         # The database may go away right after connecting.
         if not await lifecycle.until_available(
@@ -158,7 +173,9 @@ class Daemon:
                           max_args_bytes=cfg.limits.max_args_bytes,
                           list_field_bytes=cfg.limits.list_field_bytes,
                           queues=lambda: pools.queues,
-                          declared=lambda: set(cfg.queues), live_s=live_s)
+                          declared=lambda: set(cfg.queues), live_s=live_s,
+                          callbacks=Callbacks(store, self.http_calls,
+                                              max_result_bytes=cfg.limits.max_result_bytes))
         await pools.refresh_pauses()
         sock = socket_path(cfg, self.state_dir)
         async with trio.open_nursery() as nursery:

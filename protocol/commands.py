@@ -15,6 +15,13 @@ from typing import Annotated, Any
 
 import msgspec
 
+from protocol.callbacks import (
+    CallbackResult,
+    JobComplete,
+    JobFail,
+    JobHeartbeat,
+    JobProgress,
+)
 from protocol.jobs import (
     DaemonView,
     JobId,
@@ -228,6 +235,7 @@ Command = (
     | Watch
     | ScheduleAdd | ScheduleRemove | SchedulePause | ScheduleResume | ScheduleTrigger
     | ScheduleList | SendEvent
+    | JobComplete | JobFail | JobProgress | JobHeartbeat
 )
 
 
@@ -357,6 +365,10 @@ RESULT_TYPES: dict[type, Any] = {
     ScheduleResume: ScheduleView,
     ScheduleTrigger: ScheduleFired,
     ScheduleList: ScheduleListResult,
+    JobComplete: CallbackResult,
+    JobFail: CallbackResult,
+    JobProgress: CallbackResult,
+    JobHeartbeat: CallbackResult,
 }
 
 COMMAND_NAMES = sorted(c.__struct_config__.tag for c in RESULT_TYPES)  # type: ignore[attr-defined]

@@ -72,7 +72,7 @@ def _crashed(runner: AttemptRunner, job: Any, exc: BaseException) -> Outcome:
 
 
 def _metric_outcome(outcome: Outcome, label: str) -> str:
-    if label in ("timed_out", "released"):
+    if label in ("timed_out", "released", "detached"):
         return label
     if outcome.state in ("completed", "failed", "cancelled"):
         return outcome.state

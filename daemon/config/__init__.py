@@ -60,6 +60,9 @@ def load(path: Path | None, environ: dict[str, str] | None = None) -> Config:
     if path:
         base = path.parent
         config.handlers.paths = [str((base / p).resolve()) for p in config.handlers.paths]
+        for kind in config.http.kinds.values():
+            if kind.secret_file is not None:
+                kind.secret_file = str((base / kind.secret_file).resolve())
     url = environ.get("JOBD_DATABASE_URL") or _credential(environ, "database-url")
     if url:
         config.database.url = url

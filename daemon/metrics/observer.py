@@ -73,6 +73,7 @@ class PromObserver:
         key_pauses: Counter, breaker_openings: Counter, notifications_dropped: Counter, run_seconds: Histogram,
         wait_seconds: Histogram, db_seconds: Histogram, claim_batch: Histogram,
         keys: KeyLabels, live: LiveCollector, drops: Drops | None = None,
+        http_requests: Counter | None = None, http_seconds: Histogram | None = None,
     ):
         self.drops = drops if drops is not None else Drops()
         self._keys = keys
@@ -88,6 +89,8 @@ class PromObserver:
         self._pauses = key_pauses.inc
         self._openings = breaker_openings.inc
         self._notifications_dropped = notifications_dropped.inc
+        self._http_requests = http_requests.inc if http_requests is not None else _ignore
+        self._http_seconds = http_seconds.observe if http_seconds is not None else _ignore
         self._run = run_seconds.observe
         self._wait = wait_seconds.observe
         self._db = db_seconds.observe
@@ -142,6 +145,11 @@ class PromObserver:
         self._db((operation,), seconds)
 
     @_never_raises
+    def http_request(self, kind: str, status_class: str, outcome: str, seconds: float) -> None:
+        self._http_requests((kind, status_class, outcome))
+        self._http_seconds((kind,), 0.0 if seconds < 0.0 else seconds)
+
+    @_never_raises
     def key_paused(self, queue: str, key: str) -> None:
         self._pauses((queue, self._keys(queue, key)))
 
@@ -161,3 +169,7 @@ class PromObserver:
         self._live.key_running[queue] = key_running
         self._live.key_rate[queue] = key_rate
         self._live.key_breaker[queue] = key_breaker
+
+
+def _ignore(*args: object) -> None:
+    return None

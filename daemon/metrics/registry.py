@@ -17,7 +17,14 @@ from prometheus_client.process_collector import ProcessCollector
 
 from daemon.metrics.accumulators import Counter, Histogram
 from daemon.metrics.collectors import LiveCollector, Mailboxes, QueueGaugeCollector
-from daemon.metrics.names import BATCH_BUCKETS, DB_BUCKETS, JOB_BUCKETS, LAG_BUCKETS, KeyLabels
+from daemon.metrics.names import (
+    BATCH_BUCKETS,
+    DB_BUCKETS,
+    HTTP_BUCKETS,
+    JOB_BUCKETS,
+    LAG_BUCKETS,
+    KeyLabels,
+)
 from daemon.metrics.observer import PromObserver
 
 # `*_created` series double every counter and histogram in the text format and no
@@ -102,6 +109,13 @@ class Metrics:
                                    "Task steps that held the event loop past "
                                    "daemon.loop_lag_warning, by the handler kind running "
                                    "(\"\" when no handler).", ["kind"], registry=r)
+        self.http_requests = Counter(
+            "jobd_http_requests", "Requests to HTTP handlers' endpoints, by kind, status "
+            "class (2xx..5xx, none: no answer) and what the answer meant.",
+            ["kind", "status_class", "outcome"], registry=r)
+        self.http_seconds = Histogram("jobd_http_request_seconds",
+                                      "An HTTP handler's request, sent to answered.",
+                                      ["kind"], buckets=HTTP_BUCKETS, registry=r)
         info = Gauge("jobd_daemon_info", "Always 1; labels name this daemon.",
                      ["version", "region", "daemon_id"], registry=r)
         info.labels(version, region, daemon_id).set(1)
@@ -119,7 +133,8 @@ class Metrics:
             notifications_dropped=self.notifications_dropped,
             run_seconds=self.run_seconds, wait_seconds=self.wait_seconds,
             db_seconds=self.db_seconds, claim_batch=self.claim_batch,
-            keys=self.keys, live=self.live)
+            keys=self.keys, live=self.live,
+            http_requests=self.http_requests, http_seconds=self.http_seconds)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """(body, content type) for a scrape; OpenMetrics if the scraper asks for it."""

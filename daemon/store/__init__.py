@@ -2,7 +2,7 @@
 
 One thin method per named statement (`daemon/store/sql/`, one module per subject), grouped
 by subject in mixins that share one road to the database (`base.StoreBase`): jobs, leases
-and daemons, flow control, the control plane, schedules, workflows; plus the three things
+and daemons, flow control, the control plane, schedules, workflows, HTTP callbacks; plus the three things
 that hold a connection of their own: the LISTEN connection (`listen`), the handler
 transaction (`transaction`) and the metrics leader's session (`leader`).
 """
@@ -10,6 +10,7 @@ transaction (`transaction`) and the metrics leader's session (`leader`).
 from __future__ import annotations
 
 from actors.ports import Store
+from daemon.store.callbacks import CallbackStatements
 from daemon.store.control import ControlStatements
 from daemon.store.flow import FlowStatements
 from daemon.store.jobs import JobStatements
@@ -30,6 +31,7 @@ class PgStore(
     ControlStatements,
     ScheduleStatements,
     WorkflowStatements,
+    CallbackStatements,
     Transactions,
     Listening,
     MetricsSessions,
