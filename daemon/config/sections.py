@@ -6,7 +6,7 @@ in daemon/config/checks.py.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -200,7 +200,7 @@ class HttpKind(_Strict):
     key: str | None = None  # a top-level args field, or a JSON pointer ("/model/name")
     secret_file: str | None = None  # relative to the config file
     secret_credential: str | None = None  # $CREDENTIALS_DIRECTORY/<name> (systemd)
-    args_schema: dict[str, object] | None = None  # a JSON Schema the args must meet
+    args_schema: dict[str, Any] | None = None  # a JSON Schema the args must meet
 
 
 class Http(_Strict):
