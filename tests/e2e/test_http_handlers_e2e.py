@@ -343,3 +343,21 @@ def test_node_snippet_verifies_jobd_requests(start, secret):
     finally:
         server.kill()
         server.wait(5)
+
+
+def test_reload_refuses_a_bad_kind_and_applies_a_good_one(start, endpoint, secret):
+    daemon = start({"t.ok": {"path": "/ok"}})
+    original = daemon.config.read_text()
+    daemon.config.write_text(original.replace(str(secret), str(secret) + ".missing"))
+    result = daemon.jobctl("--json", "reload", check=False)
+    reply = json.loads(result.stdout)
+    assert reply["ok"] is False and "cannot read" in reply["message"], reply
+    assert http_endpoint.SECRET not in result.stdout + daemon.log_text()
+    wait_state(daemon, enqueue(daemon, "t.ok", {}), "completed")  # the running kinds stay
+
+    daemon.config.write_text(original.replace('"t.ok"', '"t.new"'))
+    assert daemon.jobctl_json("reload")["ok"] is True
+    result = daemon.jobctl("enqueue", "t.ok", "--args", "{}", check=False)
+    assert result.returncode != 0 and "unknown" in result.stderr, result.stderr
+    job = wait_state(daemon, enqueue(daemon, "t.new", {"n": 2}), "completed")
+    assert job["result"]["echo"] == {"n": 2}
