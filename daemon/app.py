@@ -175,7 +175,8 @@ class Daemon:
                           queues=lambda: pools.queues,
                           declared=lambda: set(cfg.queues), live_s=live_s,
                           callbacks=Callbacks(store, self.http_calls,
-                                              max_result_bytes=cfg.limits.max_result_bytes))
+                                              max_result_bytes=cfg.limits.max_result_bytes,
+                                              observer=self.observer))
         await pools.refresh_pauses()
         sock = socket_path(cfg, self.state_dir)
         async with trio.open_nursery() as nursery:

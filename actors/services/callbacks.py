@@ -18,8 +18,14 @@ from typing import Any
 from actors import retry
 from actors.errors import Fail
 from actors.http_handler import HttpCalls, token_matches
-from actors.ports import Outcome, Store
-from actors.services.outcomes import InvalidValue, encode_error, encode_result, remote_signal
+from actors.ports import NullObserver, Observer, Outcome, Store
+from actors.services.outcomes import (
+    InvalidValue,
+    encode_error,
+    encode_result,
+    error_class,
+    remote_signal,
+)
 from protocol.callbacks import CallbackResult, JobComplete, JobFail, JobHeartbeat, JobProgress
 from protocol.errors import ErrorCode, JobdError, NotFound
 
@@ -32,8 +38,9 @@ class RemoteFailure(Exception):
 
 class Callbacks:
     def __init__(self, store: Store, calls: HttpCalls, *, max_result_bytes: int | None,
-                 rng: random.Random | None = None):
+                 observer: Observer | None = None, rng: random.Random | None = None):
         self._store = store
+        self._observer: Observer = observer or NullObserver()
         self._calls = calls
         self._max_result_bytes = max_result_bytes
         self._rng = rng or random.Random()
@@ -61,6 +68,12 @@ class Callbacks:
         outcome = self._outcome(cmd, job)
         if cmd.job_id not in await self._store.finish_many([outcome]):
             raise await self._now_ended(cmd.job_id)
+        # Counted where it finished, as a local attempt is (its run time from its start).
+        if outcome.error is not None:
+            self._observer.error_classified(job["queue"], error_class(outcome.error))
+        finished = outcome.state if outcome.state in ("completed", "failed") else "retried"
+        self._observer.job_finished(job["queue"], job["kind"], finished,
+                                    float(job["running_s"] or 0.0))
         return CallbackResult(id=cmd.job_id, state=outcome.state)
 
     def _outcome(self, cmd: JobComplete | JobFail, job: dict[str, Any]) -> Outcome:

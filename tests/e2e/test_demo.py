@@ -18,6 +18,8 @@ def test_demo_runs_to_the_end(tmp_path):
     assert 'jobd_jobs_finished_total{kind="stocks.pipeline",outcome="completed"' in result.stdout
     assert "where to look next" in result.stdout
     # The HTTP kind: two answered at once, one through a 202 and its callbacks.
+    assert ('jobd_jobs_finished_total{kind="report.summarize",outcome="completed",'
+            'queue="models"} 3.0') in result.stdout
     assert ('jobd_http_requests_total{kind="report.summarize",outcome="completed",'
             'status_class="2xx"} 2.0') in result.stdout
     assert ('jobd_http_requests_total{kind="report.summarize",outcome="callback",'

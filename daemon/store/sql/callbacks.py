@@ -8,7 +8,8 @@ from __future__ import annotations
 # $1 = job id.
 CALLBACK_TARGET = """
 SELECT id, kind, queue, key, state, attempt, max_attempts, lease_token,
-       lease_owner IS NULL AND state = 'running' AS detached, lease_until
+       lease_owner IS NULL AND state = 'running' AS detached, lease_until,
+       extract(epoch FROM now() - started_at)::float8 AS running_s
 FROM jobd.jobs WHERE id = $1
 """
 
