@@ -17,7 +17,6 @@ import httpx
 import msgspec
 import trio
 
-
 _CALLS_PER_POOL = 10
 
 
