@@ -1,6 +1,6 @@
 // Check that a request came from jobd (Standard Webhooks signatures), with node's own
-// crypto: no package. Copy it into your app; README "Handlers behind a URL" shows the
-// same function in TypeScript, and a node:http server and a Next.js route using it.
+// crypto: no package. Copy it into your app (a TypeScript project imports it as it is:
+// the JSDoc below types it); server.mjs beside it is a node:http handler using it.
 //
 //   webhook-signature: v1,<base64(HMAC-SHA256(key, `${id}.${timestamp}.${rawBody}`))>
 //
@@ -12,8 +12,16 @@ export const TOLERANCE_S = 300;
 
 export class InvalidSignature extends Error {}
 
-// headers: a plain object with lower-case names (node:http's req.headers) or a
-// Headers instance (fetch, Next.js); body: the raw request body (Buffer or string).
+/**
+ * Throws InvalidSignature unless the headers sign the raw body with the secret.
+ * (The JSDoc types are what a TypeScript project importing this file sees.)
+ * @param {string} secret the kind's secret, as in its secret_file
+ * @param {Record<string, string | string[] | undefined> | Headers} headers node:http's
+ *   req.headers (lower-case names), or a fetch/Next.js Headers
+ * @param {Buffer | string} body the raw request body, before any JSON parsing
+ * @param {number} [nowS] the time to check the timestamp against, Unix seconds
+ * @returns {void}
+ */
 export function verify(secret, headers, body, nowS = Date.now() / 1000) {
   const get = (name) => (typeof headers.get === "function" ? headers.get(name) : headers[name]);
   const id = get("webhook-id");

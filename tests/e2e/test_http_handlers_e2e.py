@@ -361,3 +361,10 @@ def test_reload_refuses_a_bad_kind_and_applies_a_good_one(start, endpoint, secre
     assert result.returncode != 0 and "unknown" in result.stderr, result.stderr
     job = wait_state(daemon, enqueue(daemon, "t.new", {"n": 2}), "completed")
     assert job["result"]["echo"] == {"n": 2}
+
+
+def test_the_readme_shows_the_node_files_the_tests_run():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("verify.mjs", "server.mjs"):
+        text = (ROOT / "examples" / "node" / name).read_text().rstrip("\n")
+        assert f"```js\n{text}\n```" in readme, name
