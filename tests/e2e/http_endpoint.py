@@ -8,6 +8,7 @@ way, every request is checked with the Python verifier users copy
 - `/slow`: holds `args.hold_s` (recording the overlap per `args.market`), then 200.
 - `/callback`: 202 `{"callback": true}`.
 - `/big`: 200 with a body of `args.bytes` bytes.
+- `/nul`: 200 with a result holding a NUL character; `/garbage`: 200 with HTML.
 """
 
 from __future__ import annotations
@@ -91,10 +92,15 @@ def start() -> Endpoint:
                 return self.answer(202, {"callback": True})
             if self.path == "/big":
                 return self.answer(200, "x" * args["bytes"])
+            if self.path == "/nul":  # a result Postgres cannot store
+                return self.answer(200, {"text": "a\u0000b"})
+            if self.path == "/garbage":
+                return self.answer(200, None, raw=b"<html>oops</html>")
             self.answer(200, {"echo": args, "attempt": body["attempt"]})
 
-        def answer(self, status: int, value: Any, extra: dict[str, str] | None = None) -> None:
-            payload = json.dumps(value).encode()
+        def answer(self, status: int, value: Any, extra: dict[str, str] | None = None,
+                   raw: bytes | None = None) -> None:
+            payload = raw if raw is not None else json.dumps(value).encode()
             try:
                 self.send_response(status)
                 self.send_header("content-type", "application/json")

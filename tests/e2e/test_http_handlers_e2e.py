@@ -27,6 +27,9 @@ KINDS: dict[str, dict[str, Any]] = {
     "t.slow": {"path": "/slow", "key": "market", "timeout": "10s"},
     "t.timeout": {"path": "/slow", "timeout": "1s", "max_attempts": 1},
     "t.big": {"path": "/big"},
+    "t.nul": {"path": "/nul"},
+    "t.garbage": {"path": "/garbage"},
+    "t.refused": {"url": "http://127.0.0.1:9/closed", "max_attempts": 1},
     "t.callback": {"path": "/callback", "key": "/market", "callback_timeout": "60s"},
     "t.short": {"path": "/callback", "callback_timeout": "2s", "max_attempts": 1},
     "t.schema": {"path": "/ok", "args_schema": {
@@ -162,6 +165,9 @@ def test_answers_map_onto_the_retry_table(start, endpoint, sql):
     gone = enqueue(daemon, "t.status", {"market": "d", "status": 404, "times": 1})
     slow = enqueue(daemon, "t.timeout", {"hold_s": 3})
     big = enqueue(daemon, "t.big", {"bytes": 100_000})
+    nul = enqueue(daemon, "t.nul", {})
+    garbage = enqueue(daemon, "t.garbage", {})
+    refused = enqueue(daemon, "t.refused", {})
     assert errors(wait_state(daemon, bad, "failed")) == ["fail"]
     assert errors(wait_state(daemon, gone, "failed")) == ["fail"]
     assert get(daemon, bad)["attempt"] == 1
@@ -169,6 +175,10 @@ def test_answers_map_onto_the_retry_table(start, endpoint, sql):
     assert errors(timed_out)[0] in ("network", "timeout"), timed_out
     too_large = wait_state(daemon, big, "failed")
     assert errors(too_large) == ["result_too_large"]
+    assert errors(wait_state(daemon, nul, "failed")) == ["invalid_value"]
+    assert errors(wait_state(daemon, garbage, "failed")) == ["fail"]
+    assert errors(wait_state(daemon, refused, "failed")) == ["network"]  # connection refused
+    assert daemon.jobctl_json("ping")["ready"]  # none of it touched the daemon
     # 500 and 408 are network errors: retried with backoff (10 s base), then fine.
     sql.execute("UPDATE jobd.jobs SET run_at = now() WHERE id = ANY($1) AND state = 'scheduled'",
                 [five, gateway])
