@@ -149,6 +149,7 @@ def test_success_is_signed_and_counted(start, endpoint):
     secret = http_endpoint.SECRET
     assert secret not in daemon.jobctl("get", str(job_id)).stdout
     assert secret not in daemon.log_text()
+    assert "HTTP Request" not in daemon.log_text()  # httpx's line per request is silenced
     status, _, text = request(daemon.base, "GET", "/metrics", token=None)
     assert status == 200 and secret.encode() not in text
     counted = samples(text.decode(), "jobd_http_requests_total")
