@@ -179,12 +179,15 @@ class HttpCalls:
             try:
                 response = await self.outbound.post(endpoint.url, body, headers,
                                                      endpoint.timeout_s)
-            except httpx.TimeoutException:
+            except httpx.TimeoutException as exc:
+                # httpx's own messages are often empty: say what did not answer.
                 outcome = "timeout"
-                raise
-            except httpx.TransportError:
+                raise TimeoutError(f"{endpoint.kind}: {endpoint.url}: no answer within "
+                                   f"{endpoint.timeout_s:g} s ({type(exc).__name__})") from exc
+            except httpx.TransportError as exc:
                 outcome = "connection_error"
-                raise
+                raise ConnectionError(f"{endpoint.kind}: {endpoint.url}: {type(exc).__name__}: "
+                                      f"{_reason(exc)}") from exc
             except DestinationRefused as exc:
                 outcome = "refused"
                 raise Fail(f"{endpoint.kind}: {exc}") from None
@@ -258,6 +261,16 @@ def retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - now)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first non-empty message down the chain (an SSL error's, a refused connect's)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen):
+            return str(seen)[:300]
+        seen = seen.__cause__ or seen.__context__
+    return "no detail"
 
 
 def _snippet(body: bytes) -> str:

@@ -178,7 +178,10 @@ def test_answers_map_onto_the_retry_table(start, endpoint, sql):
     assert errors(too_large) == ["result_too_large"]
     assert errors(wait_state(daemon, nul, "failed")) == ["invalid_value"]
     assert errors(wait_state(daemon, garbage, "failed")) == ["fail"]
-    assert errors(wait_state(daemon, refused, "failed")) == ["network"]  # connection refused
+    refused_job = wait_state(daemon, refused, "failed")
+    assert errors(refused_job) == ["network"]  # connection refused
+    assert "ConnectError: " in refused_job["errors"][0]["message"], refused_job["errors"]
+    assert "1 s" in timed_out["errors"][0]["message"], timed_out["errors"]
     assert daemon.jobctl_json("ping")["ready"]  # none of it touched the daemon
     # 500 and 408 are network errors: retried with backoff (10 s base), then fine.
     sql.execute("UPDATE jobd.jobs SET run_at = now() WHERE id = ANY($1) AND state = 'scheduled'",
