@@ -7,16 +7,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from daemon.embedded import EmbeddedPostgres
 from protocol.client import SyncClient
 from protocol.jobs import JobSpec
 from tests.e2e import http_endpoint
 from tests.e2e.test_http_e2e import free_port, request, samples
+from tests.support import JobdProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 40.0
@@ -382,3 +385,41 @@ def test_the_readme_shows_the_node_files_the_tests_run():
     for name in ("verify.mjs", "server.mjs"):
         text = (ROOT / "examples" / "node" / name).read_text().rstrip("\n")
         assert f"```js\n{text}\n```" in readme, name
+
+
+def test_postgres_outage_during_a_callback_wait(endpoint, secret, tmp_path):
+    """The wait lives in Postgres: a callback during the outage is `unavailable` (503),
+    the same callback after it completes the job, and the endpoint is called once."""
+    root = Path(tempfile.mkdtemp(prefix="jobd-t-"))  # not under tmp_path: see test_db_outage
+    cluster = EmbeddedPostgres(root / "pg", fast=True)
+    cluster.start()
+    daemon = None
+    try:
+        url = cluster.create_database("jobd_http_outage")
+        port = free_port()
+        extra = (f'[http]\nallow_hosts = ["127.0.0.1"]\ncallback_url = "http://127.0.0.1:{port}"\n'
+                 + kinds_toml(endpoint.base, secret, {"t.callback": KINDS["t.callback"]}))
+        daemon = JobdProcess(tmp_path / "d", url, control={"http": f"127.0.0.1:{port}"},
+                             extra_toml=extra, queues={"hooks": {"key_concurrency": 1}},
+                             jobs={"lease": "3s"}, daemon={"heartbeat": "0.5s"})
+        daemon.start()
+        daemon.base = f"http://127.0.0.1:{port}"
+        job_id = enqueue(daemon, "t.callback", {"market": "m"})
+        token = token_of(endpoint, job_id)
+        wait_for(lambda: get(daemon, job_id)["callback_deadline"], "detached")
+
+        cluster.stop()
+        status, reply = callback(daemon, job_id, "complete", {"token": token, "result": 1})
+        assert status == 503 and reply["code"] == "unavailable", reply
+        cluster.start()
+        wait_for(lambda: daemon.jobctl_json("ping")["ready"], "ready again")
+        status, reply = callback(daemon, job_id, "complete", {"token": token, "result": 1})
+        assert status == 200, reply
+        assert get(daemon, job_id)["result"] == 1
+        assert len(endpoint.requests("/callback")) == 1
+        assert daemon.proc.poll() is None
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
