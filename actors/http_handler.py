@@ -129,6 +129,7 @@ class HttpCalls:
         self._observer = observer
         self._wall = wall
         self._endpoints: dict[str, Endpoint] = {}
+        self._defs: dict[str, JobDef] = {}
 
     def endpoint(self, kind: str) -> Endpoint | None:
         return self._endpoints.get(kind)
@@ -136,17 +137,26 @@ class HttpCalls:
     def kinds(self) -> list[str]:
         return sorted(self._endpoints)
 
+    def declared_elsewhere(self, handlers: Handlers, kind: str) -> bool:
+        """Whether `kind` is in the registry by another hand (a handler module)."""
+        found = handlers.get(kind)
+        return found is not None and found is not self._defs.get(kind)
+
     def install(self, handlers: Handlers, kinds: list[HttpKind]) -> None:
         new = {k.endpoint.kind: k for k in kinds}
-        for kind in self._endpoints:
-            if kind not in new:
+        for kind, jobdef in self._defs.items():
+            # Only our own: a handler module may have declared the kind since.
+            if kind not in new and handlers.get(kind) is jobdef:
                 handlers.discard(kind)
-        for kind, spec in new.items():
-            handlers.add(JobDef(
-                kind=kind, fn=self._handler(spec.endpoint), args_type=dict[str, Any],
-                queue=spec.queue, timeout_s=spec.endpoint.timeout_s,
-                max_attempts=spec.max_attempts, priority=spec.priority, key=spec.key,
-                check_args=spec.check_args))
+        defs = {kind: JobDef(
+                    kind=kind, fn=self._handler(spec.endpoint), args_type=dict[str, Any],
+                    queue=spec.queue, timeout_s=spec.endpoint.timeout_s,
+                    max_attempts=spec.max_attempts, priority=spec.priority, key=spec.key,
+                    check_args=spec.check_args)
+                for kind, spec in new.items()}
+        for jobdef in defs.values():
+            handlers.add(jobdef)
+        self._defs = defs
         self._endpoints = {kind: spec.endpoint for kind, spec in new.items()}
 
     def _handler(self, endpoint: Endpoint) -> Callable[..., Any]:

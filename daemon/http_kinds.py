@@ -50,7 +50,7 @@ def install(calls: HttpCalls, handlers: Handlers, kinds: list[HttpKind],
     handler module declares one of them too, and then nothing changes."""
     for spec in kinds:
         kind = spec.endpoint.kind
-        if kind not in calls.kinds() and handlers.get(kind) is not None:
+        if calls.declared_elsewhere(handlers, kind):
             raise ConfigError(f"http.kinds.{kind}: a handler module declares {kind!r} "
                               f"too; a kind has one handler - at `$.http.kinds.{kind}`")
     calls.outbound.allow_hosts = list(allow_hosts)

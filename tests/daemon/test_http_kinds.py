@@ -102,6 +102,12 @@ def test_install_registers_replaces_and_refuses_a_module_kind(tmp_path):
     with pytest.raises(ConfigError, match="a handler module declares"):
         http_kinds.install(calls, handlers, specs, ["app.example.com"])
     assert handlers.lookup("predict.session").fn is local
+    # A module taking over a kind the file drops in the same reload keeps it.
+    handlers.discard("predict.session")
+    http_kinds.install(calls, handlers, specs, ["app.example.com"])
+    handlers.job("predict.session")(local)
+    http_kinds.install(calls, handlers, [], [])
+    assert handlers.lookup("predict.session").fn is local
 
 
 def test_check_config_exits_78_with_one_line(tmp_path):
