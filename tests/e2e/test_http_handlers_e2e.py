@@ -423,3 +423,15 @@ def test_postgres_outage_during_a_callback_wait(endpoint, secret, tmp_path):
             daemon.kill()
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_cancel_while_the_request_is_in_flight(start, endpoint):
+    daemon = start()
+    job_id = enqueue(daemon, "t.slow", {"market": "z", "hold_s": 5})
+    wait_for(lambda: endpoint.requests("/slow"), "the request")
+    daemon.jobctl("cancel", str(job_id))
+    job = wait_state(daemon, job_id, "cancelled")
+    assert errors(job) == ["cancelled"], job
+    _, _, text = request(daemon.base, "GET", "/metrics", token=None)
+    assert ({"kind": "t.slow", "status_class": "none", "outcome": "cancelled"}, 1.0) in \
+        samples(text.decode(), "jobd_http_requests_total")
