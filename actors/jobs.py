@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from actors import tracing
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import Handlers
 from actors.jobdef import JobDef
@@ -52,6 +53,7 @@ def build(
     cost: int | None = None,
     foreign: Defaults | None = None,
     max_args_bytes: int | None = None,
+    traceparent: str | None = None,
 ) -> NewJob:
     """A row for `kind`: None takes the handler's declaration.
 
@@ -92,18 +94,20 @@ def build(
         timeout_s=timeout_s if timeout_s is not None else defaults.timeout_s,
         # A cost under 1 would make a job free against tokens_per_minute.
         cost=max(1, cost) if isinstance(cost, int) else (1 if cost is None else cost),
+        traceparent=traceparent,
     )
     check_new_job(row, encoded, max_args_bytes)
     return row
 
 
 def from_spec(handlers: Handlers, spec: JobSpec, *, max_args_bytes: int | None = None,
-              foreign: Defaults | None = None) -> NewJob:
+              foreign: Defaults | None = None, traceparent: str | None = None) -> NewJob:
     """An enqueue (socket, HTTP, `ctx.enqueue`, the direct producer): the edge, so every
     error is a JobdError with its code (unknown_kind, invalid_args, bad_request,
     too_large). With `foreign` a kind no handler here declares takes those defaults and
     only the generic value checks, as the direct producer does without the handler's
-    module."""
+    module. `traceparent` is the one a spec without its own takes (an HTTP request's
+    header, the enqueueing attempt's span)."""
     delay_s = spec.delay_s
     if spec.run_at is not None:
         run_at = spec.run_at if spec.run_at.tzinfo else spec.run_at.replace(tzinfo=UTC)
@@ -122,6 +126,7 @@ def from_spec(handlers: Handlers, spec: JobSpec, *, max_args_bytes: int | None =
             unique_key=spec.unique_key, priority=spec.priority, delay_s=delay_s,
             max_attempts=spec.max_attempts, tags=spec.tags, timeout_s=spec.timeout_s,
             cost=spec.cost, foreign=foreign, max_args_bytes=max_args_bytes,
+            traceparent=spec.traceparent or traceparent,
         )
     except UnknownKind as exc:
         raise JobdError(str(exc), code=ErrorCode.UNKNOWN_KIND,
@@ -136,10 +141,11 @@ def from_spec(handlers: Handlers, spec: JobSpec, *, max_args_bytes: int | None =
 def child(handlers: Handlers, spec: Child, parent: Any) -> NewJob:
     """A workflow's child (`ctx.spawn`). A kind no handler here declares is passed through
     with the parent's queue and priority (another daemon serves it); a bad child raises
-    out of the parent's attempt (InvalidArgs, JobdError), not in the store."""
+    out of the parent's attempt (InvalidArgs, JobdError), not in the store. With tracing
+    on, the spawning attempt's span is the child's parent."""
     foreign = None if parent is None else Defaults(queue=parent.queue, priority=parent.priority)
     return build(
         handlers, spec.kind, spec.args, queue=spec.queue, key=spec.key, priority=spec.priority,
         delay_s=spec.delay_s, max_attempts=spec.max_attempts or None, tags=spec.tags,
-        timeout_s=spec.timeout_s, foreign=foreign,
+        timeout_s=spec.timeout_s, foreign=foreign, traceparent=tracing.current_traceparent(),
     )

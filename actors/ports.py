@@ -50,6 +50,7 @@ class NewJob(msgspec.Struct, kw_only=True):
     tags: list[str] = []
     timeout_s: float | None = None
     cost: int = 1  # weight against a key's tokens_per_minute
+    traceparent: str | None = None  # W3C, validated (protocol.jobs.TRACEPARENT_PATTERN)
 
 
 class StepRow(msgspec.Struct):
@@ -93,6 +94,9 @@ class Claimed(msgspec.Struct):
     # A workflow's stored steps, JSON [[name, result, done], ...]; None: not known, the
     # first step loads them (a job without steps, or one whose steps were not marked).
     steps: str | None = None
+    # The producer's W3C trace context (its enqueue's, or the spawning attempt's), the
+    # parent of this attempt's span when tracing is on.
+    traceparent: str | None = None
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -239,7 +243,50 @@ class StepStore(Protocol):
     async def get_job(self, job_id: int) -> dict[str, Any] | None: ...
 
 
-class Store(StepStore, Protocol):
+class Delivery(msgspec.Struct):
+    """A claimed webhook outbox row: one attempt to POST `payload` (JSON text)."""
+
+    id: int
+    webhook: str
+    event: str
+    job_id: int
+    payload: str
+    attempts: int  # this attempt's number (it fences the record)
+    age_s: float  # since its retry window began
+
+
+class DeliveryOutcome(msgspec.Struct, kw_only=True):
+    """One attempt's end: `state` delivered, pending (again after `delay_s`) or failed."""
+
+    id: int
+    attempts: int
+    state: str
+    delay_s: float = 0.0
+    status: int | None = None  # the receiver's HTTP status; None: no response
+    error: str | None = None
+
+
+class WebhookStore(Protocol):
+    """The completion webhooks' outbox (`actors/services/courier.py`, the control plane)."""
+
+    async def sync_webhooks(self, daemon_id: str, declared: list[dict[str, Any]]) -> None: ...
+    async def claim_deliveries(self, daemon_id: str, wanted: dict[str, int], lease_s: float,
+                               now: datetime | None = None) -> list[Delivery]: ...
+    async def next_delivery_due(self, webhooks: list[str],
+                                now: datetime | None = None) -> float | None: ...
+    async def record_deliveries(self, outcomes: list[DeliveryOutcome],
+                                now: datetime | None = None) -> None: ...
+    async def list_deliveries(self, state: str | None, webhook: str | None,
+                              cursor: int | None, limit: int) -> list[dict[str, Any]]: ...
+    async def replay_deliveries(self, ids: list[int], failed: bool,
+                                now: datetime | None = None) -> list[tuple[int, str]]: ...
+    async def prune_deliveries(self, ages: dict[str, tuple[float, float]], limit: int,
+                               others_max_age_s: float, now: datetime | None = None) -> int: ...
+    async def delivery_backlog(self, webhooks: list[str], now: datetime | None = None
+                               ) -> dict[str, tuple[int, float]]: ...
+
+
+class Store(StepStore, WebhookStore, Protocol):
     """Every method `daemon.store.PgStore` has, by subject; callers depend on this only.
 
     `tests/daemon/test_store_port.py` checks PgStore against it (signatures) and that
@@ -391,6 +438,15 @@ class Observer(Protocol):
     def breaker_opened(self, queue: str, key: str) -> None: ...
     def key_snapshot(self, queue: str, running: dict[str, int], rate: dict[str, float],
                      breaker_open: dict[str, bool] | None = None) -> None: ...
+
+
+class WebhookObserver(Protocol):
+    """The courier's metrics hooks (daemon/metrics/webhooks.py); cheap, never raise."""
+
+    def webhook_attempt(self, webhook: str, state: str, reason: str, seconds: float) -> None:
+        """One POST ended: `state` delivered, pending (a retry, for `reason`) or failed."""
+    def webhook_backlog(self, backlog: dict[str, tuple[int, float]]) -> None:
+        """Pending rows and the oldest one's age, per webhook this daemon declares."""
 
 
 class NullObserver:

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import trio
 
-from actors import retry
+from actors import retry, tracing
 from actors.ports import NewJob, StepStore
 from actors.workflow import (
     FINISHED,
@@ -147,6 +147,18 @@ class Workflow:
         if entry is not None and entry.done:
             self.step_stats["memoized"] += 1
             return _decode(entry.result, type)
+        # A span for a step that runs (with its in-place retries and its write), none for
+        # a memoized one: a replay of 200 steps adds nothing to the trace.
+        with tracing.span(tracing.STEP_SPAN, {"jobd.step": name}) as span:
+            stored, tries = await self._run_step(name, fn, args, retries, backoff_s)
+            if span is not None:
+                span.set_attribute("jobd.step.tries", tries)
+        memo[name] = _Memo(stored, True)
+        return _decode(stored, type)
+
+    async def _run_step(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                        retries: int, backoff_s: float) -> tuple[str, int]:
+        """Call `fn` (retrying in place) and store its result: (stored result, tries)."""
         store = self.store
         tries = 0
         started = time.perf_counter()
@@ -173,8 +185,7 @@ class Workflow:
         # writer's group commit); LeaseLost if this attempt no longer holds the job.
         stored = await store.save_step(self.job.id, self._token, name, encoded, tries,
                                        time.perf_counter() - started)
-        memo[name] = _Memo(stored, True)
-        return _decode(stored, type)
+        return stored, tries
 
     # -- sleeps ---------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ The tree (rest_for_one at the root: a child's crash restarts those after it):
     ├── writers (one_for_one): completer, progress
     ├── heart, reaper, scheduler
     ├── pools (one_for_one): pool:<queue> ...
-    └── notifier
+    ├── notifier
+    └── courier        completion webhooks (last: its crash restarts nothing else)
 
 Behaviour lives in the modules named here; this one only connects them.
 """
@@ -22,6 +23,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from actors.handlers import HANDLERS
 from actors.http_handler import HttpCalls
 from actors.runtime import lag
 from actors.runtime.clock import TrioClock
-from actors.runtime.mailbox import Mailbox
+from actors.runtime.mailbox import Mailbox, MailboxClosed
 from actors.runtime.registry import Registry
 from actors.runtime.specs import ChildSpec, Strategy
 from actors.runtime.supervisor import Supervisor
@@ -40,6 +42,7 @@ from actors.services.batcher import Batcher
 from actors.services.callbacks import Callbacks
 from actors.services.completer import Completer, Outcomes
 from actors.services.control import Control
+from actors.services.courier import Courier, CourierMsg, Deliver, Subscription, Sync
 from actors.services.heart import Beat, Heart
 from actors.services.notifier import CHANNELS, Notifier
 from actors.services.outbound import Outbound
@@ -52,7 +55,7 @@ from actors.services.worker import AttemptRunner
 from daemon import __version__, http_kinds, lifecycle, signals
 from daemon.api.control_socket import ControlServer, open_listener
 from daemon.api.http_server import HttpServer
-from daemon.config import Config, socket_path
+from daemon.config import Config, ConfigError, socket_path, subscriptions
 from daemon.metrics import Metrics
 from daemon.queue_settings import QueueLimits, queue_names
 from daemon.readiness import Readiness
@@ -61,6 +64,7 @@ from daemon.serve_http import serve_http
 from daemon.store import PgStore, bridge
 from daemon.systemd import Notifier as Systemd
 from daemon.systemd import run_watchdog
+from daemon.tracing import traced
 
 log = logging.getLogger("jobd.app")
 
@@ -108,6 +112,13 @@ class Daemon:
                                  status_line=self.readiness.status_line,
                                  http_calls=self.http_calls)
         self._scheduler_box: Mailbox[SchedulerMsg] = Mailbox("scheduler", capacity=64)
+        # Every request jobd sends out goes through this one client (README "Webhooks").
+        self.outbound = Outbound(allow_hosts=config.http.allow_hosts,
+                                 follow_redirects=config.http.follow_redirects,
+                                 per_origin=config.http.per_origin)
+        self._courier_box: Mailbox[CourierMsg] = Mailbox("courier", capacity=16)
+        self.subscriptions: dict[str, Subscription] = subscriptions(config)
+        self.metrics.webhooks.declare(self.subscriptions)
         self._stop = trio.Event()
 
     async def run(self) -> None:
@@ -125,7 +136,9 @@ class Daemon:
                     if interval:
                         nursery.start_soon(run_watchdog, self.systemd, interval)
                     try:
-                        await self._run_database()
+                        async with traced(self.config.tracing, region=self.config.region,
+                                          daemon_id=self.id):
+                            await self._run_database()
                     finally:
                         nursery.cancel_scope.cancel()
         finally:
@@ -149,6 +162,7 @@ class Daemon:
                         await self._run_actors(store)
                 finally:
                     await store.close()
+                    await self.outbound.aclose()
 
     async def _run_actors(self, store: PgStore) -> None:
         cfg = self.config
@@ -159,6 +173,9 @@ class Daemon:
         # The database may go away right after connecting.
         if not await lifecycle.until_available(
                 lambda: store.register_failure_hooks(failure_hooks.hooked_kinds(self.handlers)), self._stop):
+            return
+        # Before READY: a job finishing once the daemon is up has its rows written.
+        if not await lifecycle.until_available(self._sync_webhooks(store), self._stop):
             return
         send, notifications = trio.open_memory_channel[tuple[str, str]](_NOTIFY_BUFFER)
         root, pools, notifier = self._build_tree(store, notifications)
@@ -174,6 +191,7 @@ class Daemon:
                           list_field_bytes=cfg.limits.list_field_bytes,
                           queues=lambda: pools.queues,
                           declared=lambda: set(cfg.queues), live_s=live_s,
+                          wake_courier=self._wake_courier,
                           callbacks=Callbacks(store, self.http_calls,
                                               max_result_bytes=cfg.limits.max_result_bytes,
                                               observer=self.observer))
@@ -220,11 +238,32 @@ class Daemon:
             with trio.move_on_after(_HTTP_STOP_S):
                 await http.stop()
 
+    def _sync_webhooks(self, store: PgStore) -> Callable[[], Awaitable[None]]:
+        return lambda: store.sync_webhooks(
+            self.id, [s.declared() for s in self.subscriptions.values()])
+
     async def _apply_reload(self) -> None:
         self.limits.forget()
+        try:
+            self.subscriptions = subscriptions(self.config)
+        except ConfigError as exc:  # a secret file gone since the reload's own check
+            log.error("webhooks not reloaded, the previous ones kept: %s", exc,
+                      extra={"event": "config.reload_failed"})
+        self.outbound.allow_hosts = list(self.config.http.allow_hosts)
+        self.metrics.webhooks.declare(self.subscriptions)
+        try:
+            self._courier_box.tell_nowait(Sync())
+        except (trio.WouldBlock, MailboxClosed):
+            pass  # a full mailbox already holds a sync
         if self.pools is not None:
             await self.pools.resize()
             await self._scheduler_box.tell(SyncConfig())
+
+    def _wake_courier(self) -> None:
+        try:
+            self._courier_box.tell_nowait(Deliver())
+        except (trio.WouldBlock, MailboxClosed):
+            pass  # a full mailbox already holds a wake-up
 
     # -- the tree ------------------------------------------------------------------------
 
@@ -254,7 +293,7 @@ class Daemon:
         notifier = Notifier(
             notifications, wake=pools.wake, cancel=pools.cancel_nowait,
             refresh_pauses=pools.refresh_pauses, scheduler=self._scheduler_box,
-            count_drop=self.observer.notification_dropped)
+            count_drop=self.observer.notification_dropped, webhooks=self._wake_courier)
         retention = [
             RetentionRule(state, getattr(jobs.retention, f"{state}_max_age"),
                           getattr(jobs.retention, f"{state}_max_count"))
@@ -292,6 +331,11 @@ class Daemon:
                 config_schedules=lambda: cfg.schedules, observer=self.observer, clock=clock)),
             ChildSpec.for_supervisor(pools.supervisor(self.registry, on_restart)),
             ChildSpec("notifier", notifier.run),
+            # A drain lets requests in flight end and their outcomes be written.
+            ChildSpec.for_actor(lambda: Courier(
+                self._courier_box, store, self.outbound, daemon_id=self.id,
+                subscriptions=lambda: self.subscriptions, observer=self.metrics.webhooks,
+                clock=clock), stop=Courier.stopper(self._courier_box), shutdown_timeout=12),
         ]
         root = Supervisor("root", children, Strategy.REST_FOR_ONE, max_restarts=5,
                           max_seconds=30, registry=self.registry, on_restart=on_restart)

@@ -59,7 +59,7 @@ import msgspec
 
 from actors import jobs
 from actors.handlers import HANDLERS, Handlers
-from actors.ports import NewJob, StoreUnavailable, ValueRejected
+from actors.ports import Conflict, NewJob, StoreUnavailable, ValueRejected
 from actors.services.live_queues import LiveSet, unserved_warning
 from actors.validate import DEFAULT_MAX_ARGS_BYTES
 from daemon.api.requests import decode
@@ -259,7 +259,14 @@ class DirectProducer:
             return BadRequest(f"the caller's transaction is aborted: {exc} (roll it back, or "
                               "enqueue inside a savepoint)")
         translated = translate(exc)
-        if isinstance(translated, StoreUnavailable):  # Conflict too: retrying may succeed
+        if isinstance(translated, Conflict):
+            # A deadlock, or a REPEATABLE READ / SERIALIZABLE caller whose snapshot
+            # predates a concurrent job with the same unique key: the transaction is
+            # aborted, and only running it again can see what the other one wrote.
+            message = str(exc).replace("\n", " ")
+            return JobdError(f"conflict with a concurrent transaction: retry the transaction "
+                             f"({message})", code=ErrorCode.CONFLICT)
+        if isinstance(translated, StoreUnavailable):  # retrying may succeed
             message = f"{translated}{self._where()}".replace("\n", " ")
             return Unavailable(message)
         if isinstance(translated, ValueRejected):

@@ -142,6 +142,7 @@ class Reloader:
         config.handlers = new.handlers
         config.schedules = new.schedules
         config.http = new.http
+        config.webhooks = new.webhooks
         await self._apply()
         log.info("config reloaded", extra={"event": "config.reloaded"})
         self._systemd.ready(self._status_line())

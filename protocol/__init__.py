@@ -32,6 +32,8 @@ from protocol.commands import (
     SendEventResult,
     StatsResult,
     SummaryResult,
+    WebhookReplayResult,
+    WebhooksPage,
 )
 from protocol.errors import (
     BadRequest,
@@ -44,6 +46,7 @@ from protocol.errors import (
 from protocol.jobs import AttemptError, DaemonView, JobSpec, JobView, KeyStats, QueueCounts
 from protocol.schedules import ScheduleSpec, ScheduleView
 from protocol.tree import TreeNode
+from protocol.webhooks import DeliveryView
 from protocol.workflows import ChildView, StepView, WorkflowView
 
 __all__ = [
@@ -55,8 +58,9 @@ __all__ = [
     "JobSpec", "ScheduleSpec",
     # what a client receives
     "AttemptError", "BatchResult", "BulkResult", "CallbackResult", "CancelResult", "ChildView", "DaemonView",
-    "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
+    "DeliveryView", "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
     "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
-    "StepView", "SummaryResult", "TreeNode", "WorkflowView",
+    "StepView", "SummaryResult", "TreeNode", "WebhookReplayResult", "WebhooksPage",
+    "WorkflowView",
 ]

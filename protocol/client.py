@@ -268,6 +268,15 @@ class Client:
     async def job_heartbeat(self, job_id: int, token: str) -> CallbackResult:
         return await self.call(JobHeartbeat(job_id=job_id, token=token))
 
+    async def webhook_list(self, *, state: str | None = None, webhook: str | None = None,
+                           limit: int = 50, cursor: int | None = None) -> c.WebhooksPage:
+        return await self.call(c.WebhookList(state=state, webhook=webhook, limit=limit,
+                                             cursor=cursor))
+
+    async def webhook_replay(self, ids: Sequence[int] = (), *,
+                             failed: bool = False) -> c.WebhookReplayResult:
+        return await self.call(c.WebhookReplay(ids=list(ids), failed=failed))
+
     async def reload(self) -> c.ReloadResult:
         return await self.call(c.Reload())
 

@@ -36,6 +36,7 @@ from protocol.jobs import (
 )
 from protocol.schedules import ScheduleName, ScheduleSpec, ScheduleView
 from protocol.tree import TreeNode
+from protocol.webhooks import DeliveryState, DeliveryView, WebhookName
 from protocol.workflows import WorkflowView
 
 MAX_BATCH = 100_000  # jobs per enqueue_batch, ids per filter
@@ -229,12 +230,29 @@ class ScheduleList(_Command, tag="schedule_list"):
     pass
 
 
+class WebhookList(_Command, tag="webhook_list"):
+    """Webhook outbox rows, newest first; `state = "failed"` is `jobctl webhooks list --failed`."""
+
+    state: DeliveryState | None = None
+    webhook: WebhookName | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 50
+    cursor: JobId | None = None  # next_cursor of the previous page
+
+
+class WebhookReplay(_Command, tag="webhook_replay"):
+    """Send outbox rows again from a fresh retry window: by id, or every failed row."""
+
+    ids: Annotated[list[JobId], msgspec.Meta(max_length=MAX_BATCH)] = []
+    failed: bool = False
+    mutating = True
+
+
 Command = (
     Hello | Ping | Tree | Enqueue | EnqueueBatch | Get | Cancel | Stats | Nodes
     | List | Summary | CancelMany | Retry | Replay | Delete | Pause | Resume | Drain | Reload
     | Watch
     | ScheduleAdd | ScheduleRemove | SchedulePause | ScheduleResume | ScheduleTrigger
-    | ScheduleList | SendEvent
+    | ScheduleList | SendEvent | WebhookList | WebhookReplay
     | JobComplete | JobFail | JobProgress | JobHeartbeat
 )
 
@@ -322,6 +340,17 @@ class ReloadResult(msgspec.Struct, kw_only=True):
     message: str
 
 
+class WebhooksPage(msgspec.Struct, kw_only=True):
+    deliveries: list[DeliveryView]
+    next_cursor: int | None
+
+
+class WebhookReplayResult(msgspec.Struct, kw_only=True):
+    replayed: list[int]  # rows pending again
+    # Asked for by id but not replayed: no such row, or no daemon declares its webhook.
+    refused: list[int] = []
+
+
 class ScheduleListResult(msgspec.Struct, kw_only=True):
     schedules: list[ScheduleView]
 
@@ -365,6 +394,8 @@ RESULT_TYPES: dict[type, Any] = {
     ScheduleResume: ScheduleView,
     ScheduleTrigger: ScheduleFired,
     ScheduleList: ScheduleListResult,
+    WebhookList: WebhooksPage,
+    WebhookReplay: WebhookReplayResult,
     JobComplete: CallbackResult,
     JobFail: CallbackResult,
     JobProgress: CallbackResult,

@@ -32,6 +32,10 @@ TIMEOUT_MAX_S = 365 * 86400.0  # one year
 DELAY_MAX_S = 10 * 365 * 86400.0  # ten years: run_at may lie at most this far ahead
 COST_MAX = 1_000_000_000
 ID_MAX = 2**63 - 1  # bigint
+# A W3C trace context (version 00, lower-case hex, neither id all zeros): the producer's
+# span, which a job's attempt spans take as their parent (README: "Tracing"). The same
+# pattern is the column's CHECK and `jobd.enqueue`'s test (migration 0018).
+TRACEPARENT_PATTERN = r"^00-(?!0{32}-)[0-9a-f]{32}-(?!0{16}-)[0-9a-f]{16}-[0-9a-f]{2}$"
 
 
 def text(max_chars: int, min_chars: int = 0) -> Any:
@@ -52,6 +56,7 @@ TimeoutS = Annotated[float, msgspec.Meta(gt=0, le=TIMEOUT_MAX_S)]
 DelayS = Annotated[float, msgspec.Meta(ge=0, le=DELAY_MAX_S)]
 Cost = Annotated[int, msgspec.Meta(ge=0, le=COST_MAX)]
 JobId = Annotated[int, msgspec.Meta(ge=1, le=ID_MAX)]
+Traceparent = Annotated[str, msgspec.Meta(pattern=TRACEPARENT_PATTERN)]
 
 
 class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -73,6 +78,7 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tags: Tags = []
     timeout_s: TimeoutS | None = None
     cost: Cost | None = None  # weight against the key's tokens_per_minute (e.g. tokens)
+    traceparent: Traceparent | None = None  # the producer's span (W3C), parent of the attempts
 
 
 class AttemptError(msgspec.Struct, kw_only=True):
@@ -83,6 +89,9 @@ class AttemptError(msgspec.Struct, kw_only=True):
     at: str | None = None
     duration_s: float | None = None
     traceback: str | None = None
+    # The attempt's span, when it was traced (README: "Tracing"): the next attempt links to it.
+    trace_id: str | None = None
+    span_id: str | None = None
 
 
 class JobView(msgspec.Struct, kw_only=True):

@@ -38,6 +38,11 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     **{("daemon/api/http_server.py", name): _HYPERCORN
        for name in ("hypercorn.config", "hypercorn.protocol.h2", "hypercorn.trio.tcp_server",
                     "hypercorn.trio.worker_context", "hypercorn.typing", "hypercorn.utils")},
+    ("daemon/tracing.py", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+        "the OTLP exporter is the optional `otlp` extra; only [tracing] enabled loads it",
+    **{("daemon/tracing.py", name): "a daemon that does not trace never loads the SDK"
+       for name in ("opentelemetry.sdk.resources", "opentelemetry.sdk.trace",
+                    "opentelemetry.sdk.trace.export", "opentelemetry.sdk.trace.sampling")},
 }
 
 

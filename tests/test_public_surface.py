@@ -24,10 +24,11 @@ CLIENT_API = [
     "JobSpec", "ScheduleSpec",
     # what a client receives
     "AttemptError", "BatchResult", "BulkResult", "CallbackResult", "CancelResult", "ChildView", "DaemonView",
-    "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
+    "DeliveryView", "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
     "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
-    "StepView", "SummaryResult", "TreeNode", "WorkflowView",
+    "StepView", "SummaryResult", "TreeNode", "WebhookReplayResult", "WebhooksPage",
+    "WorkflowView",
 ]
 
 HANDLER_API = [

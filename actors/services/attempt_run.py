@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import trio
 
+from actors import tracing
 from actors.ports import Observer, Outcome
 from actors.runtime import lag
 from actors.services.outcomes import error_class
@@ -37,14 +38,20 @@ async def run_and_hand_over(
     wait_s = max(0.0, (job.started_at - job.run_at).total_seconds())
     observer.job_started(job.queue, job.kind, wait_s)
     began = lag.attempt_started(task, job.kind, job.id)  # named if it blocks the loop
+    traced = tracing.start_attempt(job, wait_s)  # None, and nothing built, when off
     try:
         outcome, label, run_s = await runner.run(attempt)
     except trio.Cancelled:
+        if traced is not None:
+            traced.end(None, "interrupted")
+            traced = None
         raise
     except BaseException as exc:  # noqa: BLE001 - a bug around one attempt fails that attempt
         outcome, label, run_s = _crashed(runner, job, exc), "error", 0.0
     finally:
         lag.attempt_ended(task, began)
+    if traced is not None:
+        outcome = traced.end(outcome, _span_outcome(outcome, label)) or outcome
     if label == "lease_lost":
         # The job is another attempt's now; a finish would be fenced, so none is sent.
         observer.job_finished(job.queue, job.kind, label, run_s)
@@ -69,6 +76,14 @@ def _crashed(runner: AttemptRunner, job: Any, exc: BaseException) -> Outcome:
         error = msgspec.json.encode({"attempt": job.attempt, "class": "crashed",
                                      "message": type(exc).__name__}).decode()
         return Outcome(id=job.id, token=job.lease_token, state="failed", error=error)
+
+
+# What a span can tell that the metric's outcome folds away.
+_SPAN_OUTCOMES = {"suspended": "suspended", "lease_lost": "lease_lost", "committed": "completed"}
+
+
+def _span_outcome(outcome: Outcome, label: str) -> str:
+    return _SPAN_OUTCOMES.get(label) or _metric_outcome(outcome, label)
 
 
 def _metric_outcome(outcome: Outcome, label: str) -> str:

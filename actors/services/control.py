@@ -6,7 +6,7 @@ the store) and `watch` (a stream of views). Transports (daemon/api) own framing,
 and the envelopes; this owns meaning. Domain problems come back as
 `protocol.errors.JobdError` with a stable code. Its views live beside it: jobs in
 `job_views`, flow keys in `key_views`, the live-queue checks in `live_queues`, the
-schedule commands in `schedule_commands`.
+schedule commands in `schedule_commands`, the webhook ones in `webhook_commands`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from actors.ports import (
     StoreUnavailable,
     ValueRejected,
 )
-from actors.services import schedule_commands
+from actors.services import schedule_commands, webhook_commands
 from actors.services.callbacks import Callbacks
 from actors.services.enqueuer import Enqueuer
 from actors.services.job_views import FINISHED, job_view, summary
@@ -69,6 +69,7 @@ class Control:
         declared: Callable[[], set[str]] | None = None,
         live_s: float = 60.0,
         callbacks: Callbacks | None = None,
+        wake_courier: Callable[[], None] = lambda: None,
     ):
         """`queues()`: the queues this daemon serves; an enqueue elsewhere asks the store
         which queues live daemons serve (heartbeat younger than `live_s`). A pause is
@@ -90,6 +91,7 @@ class Control:
             validate_max_args_bytes()
         self._list_field_bytes = list_field_bytes
         self._callbacks = callbacks
+        self._wake_courier = wake_courier
         self._queues = LiveQueues(store, here=queues, declared=declared or set,
                                   live_s=live_s) if queues is not None else None
 
@@ -190,6 +192,8 @@ class Control:
                 return await self._reload()
             case c.Watch():
                 return await self._handle(c.Get(job_id=cmd.job_id))
+            case c.WebhookList() | c.WebhookReplay():
+                return await webhook_commands.handle(self._store, cmd, self._wake_courier)
             case (c.ScheduleAdd() | c.ScheduleRemove() | c.SchedulePause() | c.ScheduleResume()
                   | c.ScheduleTrigger() | c.ScheduleList()):
                 return await schedule_commands.handle(self._store, self._handlers, cmd)

@@ -7,6 +7,7 @@ asyncio callback):
 - `("jobd_cancel", job_id)`: a running job is to be cancelled; every pool is told.
 - `("jobd_paused", queue)`: a pause changed; the pause set is read again.
 - `("jobd_schedules", name)`: a schedule changed; the scheduler runs a pass (`Tick`).
+- `("jobd_webhooks", name)`: a finish wrote webhook outbox rows; the courier claims.
 - `(channel, "")`: sent after every (re)connect of the listener: anything may have been
   missed, so every pool is woken and the pauses are read again.
 
@@ -29,7 +30,7 @@ from actors.services.scheduler import SchedulerMsg, Tick
 
 log = logging.getLogger("jobd.notifier")
 
-CHANNELS = ["jobd_enqueued", "jobd_cancel", "jobd_paused", "jobd_schedules"]
+CHANNELS = ["jobd_enqueued", "jobd_cancel", "jobd_paused", "jobd_schedules", "jobd_webhooks"]
 NOTIFY_WARN_EVERY_S = 60.0  # at most one "dropped notifications" warning a minute
 _INT64_MAX = 2**63 - 1
 _NAME_PAYLOAD = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
@@ -49,6 +50,7 @@ class Notifier:
         refresh_pauses: Callable[[], Awaitable[None]],
         scheduler: Mailbox[SchedulerMsg],
         count_drop: Callable[[str], None],
+        webhooks: Callable[[], None] = lambda: None,
     ):
         """`wake(queue)` (None: every queue) and `cancel(job_id)` must not block;
         `count_drop(channel)` counts a dropped notification (the metric)."""
@@ -58,6 +60,7 @@ class Notifier:
         self._refresh_pauses = refresh_pauses
         self._scheduler = scheduler
         self._count_drop = count_drop
+        self._webhooks = webhooks
         self._drops = 0
         self._warned_at = -NOTIFY_WARN_EVERY_S
         self._overflowed = False
@@ -103,6 +106,8 @@ class Notifier:
             self._wake(payload or None)
         elif channel == "jobd_cancel" and payload:
             self._cancel(int(payload))
+        elif channel == "jobd_webhooks":
+            self._webhooks()
         elif channel == "jobd_schedules":
             try:
                 self._scheduler.tell_nowait(Tick())
@@ -135,7 +140,7 @@ class Notifier:
 
 def valid_payload(channel: str, payload: str) -> bool:
     """What jobd itself sends: a queue name (enqueued, paused), a job id (cancel), a
-    schedule name (schedules); empty after a (re)connect."""
+    schedule or webhook name (schedules, webhooks); empty after a (re)connect."""
     if not isinstance(payload, str):
         return False
     if payload == "":
@@ -143,6 +148,6 @@ def valid_payload(channel: str, payload: str) -> bool:
     if channel == "jobd_cancel":
         return (payload.isascii() and payload.isdigit() and len(payload) <= 19
                 and 0 < int(payload) <= _INT64_MAX)
-    if channel in ("jobd_enqueued", "jobd_paused", "jobd_schedules"):
+    if channel in ("jobd_enqueued", "jobd_paused", "jobd_schedules", "jobd_webhooks"):
         return _NAME_PAYLOAD.fullmatch(payload) is not None
     return False

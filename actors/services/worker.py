@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import trio
 
-from actors import jobs, retry
+from actors import jobs, retry, tracing
 from actors.context import Context, JobInfo
 from actors.errors import AwaitCallback, InvalidArgs, UnknownKind
 from actors.handlers import Handlers
@@ -243,7 +243,9 @@ class AttemptRunner:
             add, handlers = self._enqueue_children, self._handlers
 
             async def enqueue(specs: list[JobSpec]) -> list[Enqueued]:
-                return await add(job.id, [jobs.from_spec(handlers, spec) for spec in specs])
+                traceparent = tracing.current_traceparent()  # the attempt's span: the parent
+                return await add(job.id, [jobs.from_spec(handlers, spec, traceparent=traceparent)
+                                          for spec in specs])
 
         return Context(
             info, job.lease_token, report_progress=self._report_progress,

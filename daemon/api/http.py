@@ -235,7 +235,8 @@ class HttpApp:
                             code=ErrorCode.UNKNOWN_COMMAND, details={"commands": c.COMMAND_NAMES})
         await self._only(method, "POST")
         body = await self._body(scope, receive)
-        await self._run(scope, send, self._requests.decode_body(name, body))
+        traceparent = _headers(scope).get(b"traceparent")
+        await self._run(scope, send, self._requests.decode_body(name, body, traceparent))
 
     def _callback(self, match: re.Match[str], body: bytes) -> c.Command:
         """The callback command: the job id from the path, the rest from the body."""

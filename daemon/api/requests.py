@@ -12,6 +12,7 @@ also has failures outside any command: a write that fails, a metrics exposition)
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ import msgspec
 
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError
+from protocol.jobs import TRACEPARENT_PATTERN
 
 
 class Answers(Protocol):
@@ -60,6 +62,18 @@ def decode(decoder: c.JsonDecoder, data: bytes) -> Any:
         raise JobdError(str(exc), code=ErrorCode.BAD_JSON) from None
 
 
+def _traceparent(header: bytes) -> str:
+    value = header.decode("latin-1").strip()
+    if not _TRACEPARENT.match(value):
+        raise BadRequest(f"the traceparent header is not a W3C trace context "
+                         f"(00-<32 hex>-<16 hex>-<2 hex>, lower case): {value[:100]!r}",
+                         details={"header": "traceparent"})
+    return value
+
+
+_TRACEPARENT = re.compile(TRACEPARENT_PATTERN)
+
+
 def error(exc: JobdError, request_id: int | None = None) -> c.Error:
     return c.Error(id=request_id, code=str(exc.code), message=exc.message, details=exc.details)
 
@@ -97,10 +111,18 @@ class Requests:
             return error(JobdError(failure.message, code=ErrorCode.UNKNOWN_COMMAND), request_id)
         return error(failure, request_id)
 
-    def decode_body(self, name: str, body: bytes) -> c.Command:
+    def decode_body(self, name: str, body: bytes, traceparent: bytes | None = None) -> c.Command:
         """An HTTP request: `name` from the path, the command's fields in the body (no
-        body at all means no fields). Raises JobdError; `name` must be in COMMANDS."""
+        body at all means no fields). Raises JobdError; `name` must be in COMMANDS.
+
+        `traceparent` (the request's W3C header) is the trace context of every job of an
+        enqueue that names none in its body; a malformed one is refused, as in a body."""
         cmd: c.Command = decode(self._bodies[name], body or b"{}")
+        if traceparent is not None and isinstance(cmd, c.Enqueue | c.EnqueueBatch):
+            given = _traceparent(traceparent)
+            for spec in [cmd.job] if isinstance(cmd, c.Enqueue) else cmd.jobs:
+                if spec.traceparent is None:
+                    spec.traceparent = given
         return cmd
 
     def audit(self, cmd: c.Command, peer: Peer, request_id: int | None = None) -> None:

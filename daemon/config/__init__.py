@@ -2,7 +2,8 @@
 rates name their key's path.
 
 Precedence (highest first): command-line flags, `JOBD_DATABASE_URL` / `JOBD_LOG_LEVEL`,
-systemd credentials in `$CREDENTIALS_DIRECTORY` (`database-url`, `api-token`), the file,
+systemd credentials in `$CREDENTIALS_DIRECTORY` (`database-url`, `api-token`, webhook
+secrets), the file,
 defaults.
 
 This module reads the file and applies the overrides; the tables are in `sections`,
@@ -31,13 +32,15 @@ from daemon.config.sections import (
     Metrics,
     Queue,
     Retention,
+    Webhook,
 )
 from daemon.config.units import PerSecond, Seconds, decode_hook
+from daemon.config.webhooks import check_webhooks, read_secrets, subscriptions
 
 __all__ = [
     "EX_CONFIG", "Config", "ConfigError", "Control", "Daemon", "Database", "Handlers", "Jobs",
     "KeyOverrides", "Limits", "Log", "Metrics", "PerSecond", "Queue", "Retention", "Seconds",
-    "load", "read_token", "socket_path", "state_dir",
+    "Webhook", "load", "read_secrets", "read_token", "socket_path", "state_dir", "subscriptions",
 ]
 
 
@@ -63,12 +66,16 @@ def load(path: Path | None, environ: dict[str, str] | None = None) -> Config:
         for kind in config.http.kinds.values():
             if kind.secret_file is not None:
                 kind.secret_file = str((base / kind.secret_file).resolve())
+        for hook in config.webhooks:
+            if hook.secret_file is not None:
+                hook.secret_file = str((base / hook.secret_file).resolve())
     url = environ.get("JOBD_DATABASE_URL") or _credential(environ, "database-url")
     if url:
         config.database.url = url
     if level := environ.get("JOBD_LOG_LEVEL"):
         config.log.level = level
     check(config, where)
+    check_webhooks(config, where, environ)
     return config
 
 

@@ -6,6 +6,7 @@ Each check raises ConfigError naming the file and the key's path, as the decoder
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from daemon.config.units import decode_hook
 from protocol.durations import parse_duration
 from protocol.schedules import ScheduleSpec
 
+OTLP_EXPORTER = "opentelemetry.exporter.otlp.proto.http"
 EX_CONFIG = 78  # sysexits.h: the exit status of a config jobd refuses
 _YEAR_S = 86400 * 365
 
@@ -35,8 +37,18 @@ def check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: limits.max_frame_bytes must exceed limits.max_args_bytes "
                           "by at least 64 KiB (a frame carries the args and the command) "
                           "- at `$.limits.max_frame_bytes`")
+    if config.tracing.enabled and not _installed(OTLP_EXPORTER):
+        raise ConfigError(f"{where}: tracing.enabled needs the OTLP exporter "
+                          f"(pip install 'jobd[otlp]') - at `$.tracing.enabled`")
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{where}: log level must be debug|info|warning|error - at `$.log.level`")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def _check_schedules(schedules: list[ScheduleSpec], where: str) -> None:

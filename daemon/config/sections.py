@@ -168,6 +168,20 @@ class Daemon(_Strict):
     loop_lag_warning: Seconds = seconds("1s")
 
 
+class Tracing(_Strict):
+    """OpenTelemetry spans of attempts and steps (README: "Tracing"), off by default."""
+
+    enabled: bool = False
+    # OTLP/HTTP (protobuf) traces endpoint; needs the `otlp` extra.
+    endpoint: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s\x00]+$",
+                                          max_length=2048)] = "http://127.0.0.1:4318/v1/traces"
+    # Share of traces kept, 0 to 1, for traces that start here; a producer's traceparent
+    # decides for its own (its sampled flag).
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    service_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200,
+                                              pattern=r"^[^\x00]+$")] = "jobd"
+
+
 _MiB = 1 << 20
 
 
@@ -215,6 +229,33 @@ class Http(_Strict):
     kinds: dict[str, HttpKind] = {}
 
 
+_Event = Annotated[str, msgspec.Meta(pattern=r"^(completed|failed|cancelled)$")]
+
+
+class Webhook(_Strict):
+    """One `[[webhooks]]` entry: finishes POSTed to `url`, signed (README "Webhooks").
+
+    The secret is never in this file: `secret_file` names a file holding it (one per
+    line; two while rotating), or `secret_credential` a systemd credential
+    (`$CREDENTIALS_DIRECTORY/<name>`)."""
+
+    name: _Name
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    events: Annotated[list[_Event], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["completed", "failed", "cancelled"])
+    kinds: list[str] = []  # empty: every kind
+    queues: list[str] = []  # empty: every queue
+    secret_file: str | None = None
+    secret_credential: _Name | None = None
+    timeout: Seconds = seconds("10s")  # one request, connect to last byte
+    retry_for: Seconds = seconds("24h")  # then the row is failed (replayable)
+    backoff: Seconds = seconds("5s")  # the first retry's delay; doubles, +-25 % jitter
+    max_backoff: Seconds = seconds("1h")
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10  # in flight, this daemon
+    keep_delivered: Seconds = seconds("24h")
+    keep_failed: Seconds = seconds("7d")
+
+
 class Config(_Strict):
     region: _Name = "default"
     database: Database = msgspec.field(default_factory=Database)
@@ -224,10 +265,12 @@ class Config(_Strict):
     metrics: Metrics = msgspec.field(default_factory=Metrics)
     jobs: Jobs = msgspec.field(default_factory=Jobs)
     limits: Limits = msgspec.field(default_factory=Limits)
+    tracing: Tracing = msgspec.field(default_factory=Tracing)
     handlers: Handlers = msgspec.field(default_factory=Handlers)
     http: Http = msgspec.field(default_factory=Http)
     queues: dict[_Name, Queue] = {}
     schedules: list[ScheduleSpec] = []  # [[schedules]]; see README "Schedules"
+    webhooks: list[Webhook] = []  # [[webhooks]]; see README "Webhooks"
 
     def queue(self, name: str) -> Queue:
         return self.queues.get(name) or Queue()

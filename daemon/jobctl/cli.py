@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from daemon.jobctl import schedules
+from daemon.jobctl import schedules, webhooks
 from daemon.jobctl.commands import run
 from protocol.client import SyncClient, default_socket
 from protocol.durations import parse_duration
@@ -84,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     event.add_argument("name")
     event.add_argument("--data", default="{}", help="JSON object (matched with wait_for_event(match=...))")
     schedules.add_parser(command("schedules", "list, add, remove, pause, resume, trigger"))
+    webhooks.add_parser(command("webhooks", "completion webhook deliveries: list, replay"))
     top = command("top", "live view of queues and running jobs")
     top.add_argument("--interval", type=float, default=1.0)
     top.add_argument("--once", action="store_true", help="print one frame and exit")

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from daemon.jobctl import schedules
+from daemon.jobctl import schedules, webhooks
 from daemon.jobctl.render import (
     render_job,
     render_keys,
@@ -107,6 +107,8 @@ def run(args: argparse.Namespace, client: SyncClient) -> int:
             return top(args, client)
         case "schedules":
             result, human = schedules.run(args, client)
+        case "webhooks":
+            result, human = webhooks.run(args, client)
     emit(args, result, human)
     return 0
 

@@ -12,6 +12,7 @@ JOB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 30
                900, 1800, 3600, 7200)
 DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # An HTTP handler's request, from sending it to its answer read (or its failure).
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -21,6 +22,7 @@ HTTP_OUTCOMES = ("completed", "callback", "rate_limited", "network", "failed",
 
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "timed_out", "rescued", "released")
 GAUGE_STATES = ("scheduled", "available", "running", "completed", "failed", "cancelled")
+WEBHOOK_OUTCOMES = ("delivered", "failed")  # jobd_webhook_deliveries_total{outcome}
 OTHER_KEY = "_other"  # where keys past the per-queue series limit are counted
 
 

@@ -26,6 +26,7 @@ from daemon.metrics.names import (
     KeyLabels,
 )
 from daemon.metrics.observer import PromObserver
+from daemon.metrics.webhooks import WebhookMetrics
 
 # `*_created` series double every counter and histogram in the text format and no
 # dashboard or alert of ours reads them. The switch is process-wide; the daemon owns
@@ -125,6 +126,7 @@ class Metrics:
         r.register(self.live)
         self.queue_gauges = QueueGaugeCollector()
         r.register(self.queue_gauges)
+        self.webhooks = WebhookMetrics(r)
         self.observer = PromObserver(
             enqueued=self.enqueued, started=self.started, finished=self.finished,
             errors=self.errors, actor_restarts=self.actor_restarts,

@@ -2,8 +2,8 @@
 
 One thin method per named statement (`daemon/store/sql/`, one module per subject), grouped
 by subject in mixins that share one road to the database (`base.StoreBase`): jobs, leases
-and daemons, flow control, the control plane, schedules, workflows, HTTP callbacks; plus the three things
-that hold a connection of their own: the LISTEN connection (`listen`), the handler
+and daemons, flow control, the control plane, schedules, workflows, webhooks, HTTP
+callbacks; plus the three things that hold a connection of their own: the LISTEN connection (`listen`), the handler
 transaction (`transaction`) and the metrics leader's session (`leader`).
 """
 
@@ -19,6 +19,7 @@ from daemon.store.leases import LeaseStatements
 from daemon.store.listen import Listening
 from daemon.store.schedules import ScheduleStatements
 from daemon.store.transaction import HandlerTransaction, LeaseLost, Transactions
+from daemon.store.webhooks import WebhookStatements
 from daemon.store.workflows import WorkflowStatements
 
 __all__ = ["HandlerTransaction", "LeaseLost", "MetricsSession", "PgStore"]
@@ -31,6 +32,7 @@ class PgStore(
     ControlStatements,
     ScheduleStatements,
     WorkflowStatements,
+    WebhookStatements,
     CallbackStatements,
     Transactions,
     Listening,

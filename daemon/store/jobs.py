@@ -177,6 +177,8 @@ def copy_columns(jobs: list[NewJob], ids: list[int], now: datetime,
         columns["cost"] = [j.cost for j in jobs]
     if parent_id is not None:
         columns["parent_id"] = [parent_id] * len(jobs)
+    if any(j.traceparent is not None for j in jobs):
+        columns["traceparent"] = [j.traceparent for j in jobs]
     return columns
 
 

@@ -255,6 +255,8 @@ def test_a_kind_without_its_handler_gets_the_generic_checks_and_jobds_defaults(d
     ({"colour": "red"}, ErrorCode.BAD_REQUEST, "unknown field `colour`"),
     ({"kind": "elsewhere", "args": {"blob": "x" * 2000}}, ErrorCode.TOO_LARGE, "over the limit of 1000 bytes"),
     ({"args": {"s": object()}}, ErrorCode.BAD_REQUEST, "cannot encode"),
+    ({"traceparent": "00-abc-def-01"}, ErrorCode.BAD_REQUEST, "$.job.traceparent"),
+    ({"traceparent": 7}, ErrorCode.BAD_REQUEST, "$.job.traceparent"),
 ])
 def test_out_of_range_values_are_the_socket_paths_refusals(db, sql, options, code, words) -> None:
     # The daemons' published args limit applies (lifecycle.publish writes it at start).
@@ -267,6 +269,23 @@ def test_out_of_range_values_are_the_socket_paths_refusals(db, sql, options, cod
     assert error.code == code, error.message
     assert words in error.message
     assert count(sql) == 0
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_producers_traceparent_is_stored_with_its_jobs(db, sql) -> None:
+    async def body(p: DirectProducer) -> list[int]:
+        one = await p.enqueue("charge", {"shop": "a"}, traceparent=TRACEPARENT)
+        many = await p.enqueue_many([{"kind": "charge", "args": {"shop": str(i)},
+                                      "traceparent": TRACEPARENT} for i in range(200)])
+        plain = await p.enqueue("charge", {"shop": "b"})
+        return [one.id, *many.ids, plain.id]
+
+    ids = produce(db, body, handlers=charge_handlers())
+    held = sql.fetch("SELECT traceparent FROM jobd.jobs WHERE id = ANY($1) ORDER BY id", ids)
+    # 200 jobs go by COPY, the single ones by the statement: both store it.
+    assert [r["traceparent"] for r in held] == [TRACEPARENT] * 201 + [None]
 
 
 def test_an_enqueue_in_an_aborted_transaction_is_bad_request(db, sql) -> None:
@@ -381,3 +400,43 @@ async def test_from_trio_through_the_bridge(db, sql) -> None:
         finally:
             await bridge.call(producer.close)
     assert [r["key"] for r in rows(sql, [done.id])] == ["shop:t"]
+
+
+def test_a_unique_key_taken_after_a_repeatable_read_snapshot_is_a_conflict_to_retry(db, sql) -> None:
+    """Inside the caller's REPEATABLE READ (or SERIALIZABLE) transaction, a unique key
+    another transaction took after the snapshot cannot be answered "already there, here
+    is its id" (the row is invisible): it is a typed conflict saying to retry the
+    transaction, which then sees the job and gets created=False."""
+
+    async def main() -> tuple[JobdError | None, Any, int]:
+        conn = await asyncpg.connect(db)
+        other = await asyncpg.connect(db)
+        producer = DirectProducer(conn, handlers=charge_handlers())
+        try:
+            tx = conn.transaction(isolation="repeatable_read")
+            await tx.start()
+            await conn.fetchval("SELECT count(*) FROM jobd.jobs")  # the snapshot is taken
+            async with other.transaction():
+                first = await DirectProducer(other, handlers=charge_handlers()).enqueue(
+                    "charge", {"shop": "rr"}, unique_key="rr-1", connection=other)
+            refused: JobdError | None = None
+            try:
+                await producer.enqueue("charge", {"shop": "rr"}, unique_key="rr-1",
+                                       connection=conn)
+            except JobdError as exc:
+                refused = exc
+            await tx.rollback()
+            async with conn.transaction(isolation="repeatable_read"):
+                again = await producer.enqueue("charge", {"shop": "rr"}, unique_key="rr-1",
+                                               connection=conn)
+            return refused, again, first.id
+        finally:
+            await conn.close()
+            await other.close()
+
+    refused, again, first_id = run_async(main)
+    assert refused is not None
+    assert refused.code == ErrorCode.CONFLICT, refused
+    assert "retry the transaction" in refused.message and "\n" not in refused.message
+    assert (again.id, again.created) == (first_id, False)
+    assert sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE unique_key = 'rr-1'") == 1

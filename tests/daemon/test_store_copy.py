@@ -20,6 +20,7 @@ from daemon.store import bridge
 from daemon.store.sql import jobs as sql
 
 N = store_jobs.COPY_MIN_ROWS + 72
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def varied(n: int, seed: int = 7) -> list[NewJob]:
@@ -37,6 +38,7 @@ def varied(n: int, seed: int = 7) -> list[NewJob]:
         tags=rnd.choice([[], ["x"], ["y z", "t" * 256], [str(t) for t in range(100)]]),
         timeout_s=rnd.choice([None, 0.001, 9.5, 31536000.0]),
         cost=rnd.choice([1, 7, 10**9]),
+        traceparent=rnd.choice([None, TRACEPARENT]),
     ) for i in range(n)]
 
 
@@ -85,6 +87,7 @@ async def test_every_column_matches_the_statement_path(store):
 @pytest.mark.parametrize("field", [
     None, ("key", "acme"), ("delay_s", 2.5), ("tags", ["t"]), ("timeout_s", 9.5),
     ("cost", 3), ("priority", -5), ("max_attempts", 1), ("queue", "q2"),
+    ("traceparent", TRACEPARENT),
 ])
 async def test_a_uniform_batch_matches_the_statement_path(store, field):
     """Columns every row leaves at their default do not travel (copy_columns): what the
@@ -102,7 +105,7 @@ def test_only_columns_some_row_needs_travel():
     jobs = [NewJob(kind="k")] * 3
     assert tuple(store_jobs.copy_columns(jobs, [1, 2, 3], now, None)) == sql.COPY_ALWAYS
     mixed = [NewJob(kind="k"), NewJob(kind="k", key="a", delay_s=1, tags=["t"],
-                                     timeout_s=1, cost=2)]
+                                     timeout_s=1, cost=2, traceparent=TRACEPARENT)]
     every = store_jobs.copy_columns(mixed, [1, 2], now, 9)
     assert tuple(every) == sql.COPY_ALWAYS + sql.COPY_OPTIONAL
     assert every["state"] == ["available", "scheduled"] and every["parent_id"] == [9, 9]

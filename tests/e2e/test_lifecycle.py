@@ -183,7 +183,8 @@ def _run_once(daemon: JobdProcess, notify: NotifyListener) -> tuple[float, int]:
     tree = daemon.jobctl_json("tree")
     assert tree["name"] == "root" and tree["kind"] == "supervisor"
     names = tree_names(tree)
-    assert names["root"] == ["writers", "heart", "reaper", "scheduler", "pools", "notifier"]
+    assert names["root"] == ["writers", "heart", "reaper", "scheduler", "pools", "notifier",
+                             "courier"]
     assert names["writers"] == ["completer", "progress"]
     assert "pool:default" in names["pools"]
     pools = next(child for child in tree["children"] if child["name"] == "pools")

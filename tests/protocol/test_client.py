@@ -162,3 +162,53 @@ def test_sync_client_reports_a_missing_daemon_in_one_typed_error(tmp_path) -> No
         except ConnectionFailed as exc:
             assert "cannot reach jobd" in exc.message
     client.close()
+
+
+def test_sync_client_hung_up_on_mid_reply_raises_once_and_reconnects(tmp_path: Path) -> None:
+    """The daemon dies halfway through a reply: the call raises unavailable (it may or
+    may not have happened: the caller decides), the command is not re-sent, and the next
+    call opens a new connection by itself."""
+    import socket
+    import threading
+
+    from protocol import SyncClient
+
+    path = tmp_path / "fake.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(2)
+    requests: list[list[str]] = []
+
+    def serve() -> None:
+        for n in range(2):
+            conn, _ = server.accept()
+            seen: list[str] = []
+            requests.append(seen)
+            reader = conn.makefile("rb")
+            hello = json.loads(reader.readline())
+            conn.sendall(json.dumps({"id": hello["id"], "type": "ok", "result": {
+                "protocol": 1, "server": "fake", "commands": ["ping"]}}).encode() + b"\n")
+            request = json.loads(reader.readline())
+            seen.append(request["type"])
+            reply = json.dumps({"id": request["id"], "type": "ok", "result": {
+                "daemon_id": "d", "region": "r", "version": "v", "ready": True,
+                "draining": False}}).encode() + b"\n"
+            if n == 0:
+                conn.sendall(reply[: len(reply) // 2])  # then the process is gone
+                conn.shutdown(socket.SHUT_RDWR)  # (makefile() keeps the fd open past close)
+                conn.close()
+                continue
+            conn.sendall(reply)
+            reader.readline()  # until the client closes
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with SyncClient(str(path), timeout=5) as client:
+        with pytest.raises(JobdError) as caught:
+            client.ping()
+        assert caught.value.code == "unavailable"
+        assert client.ping().ready is True
+    thread.join(5)
+    server.close()
+    assert requests == [["ping"], ["ping"]]

@@ -22,9 +22,9 @@ def job_rows(param: str) -> str:
     return f"""
 ROWS FROM (json_to_recordset({param}::json) AS (queue text, kind text, args text, key text,
            unique_key text, priority int, delay_s float8, max_attempts int, tags text[],
-           timeout_s float8, cost int))
+           timeout_s float8, cost int, traceparent text))
     WITH ORDINALITY AS x(queue, kind, args, key, unique_key, priority, delay_s, max_attempts,
-                         tags, timeout_s, cost, ord)
+                         tags, timeout_s, cost, traceparent, ord)
 """
 
 

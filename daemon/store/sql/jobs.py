@@ -13,11 +13,12 @@ WITH input AS (
 ),
 ins AS (
     INSERT INTO jobd.jobs (id, queue, kind, args, key, unique_key, priority, run_at, state,
-                           max_attempts, tags, timeout_s, cost)
+                           max_attempts, tags, timeout_s, cost, traceparent)
     SELECT id, queue, kind, args::jsonb, key, unique_key, priority,
            now() + coalesce(delay_s, 0) * interval '1 second',
            CASE WHEN coalesce(delay_s, 0) > 0 THEN 'scheduled' ELSE 'available' END,
-           max_attempts, coalesce(tags::text[], '{{}}'), timeout_s, coalesce(cost, 1)
+           max_attempts, coalesce(tags::text[], '{{}}'), timeout_s, coalesce(cost, 1),
+           traceparent
     FROM input ORDER BY ord
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {UNFINISHED}
     DO NOTHING
@@ -53,8 +54,9 @@ COPY_SCHEMA, COPY_TABLE = "jobd", "jobs"
 COPY_ALWAYS = ("id", "queue", "kind", "args", "priority", "max_attempts")
 # Left out, a column takes its default: key NULL, run_at now() (the transaction's, as
 # RESERVE_JOB_IDS returns it), state 'available', tags '{}', timeout_s NULL, cost 1,
-# parent_id NULL.
-COPY_OPTIONAL = ("key", "run_at", "state", "tags", "timeout_s", "cost", "parent_id")
+# parent_id NULL, traceparent NULL.
+COPY_OPTIONAL = ("key", "run_at", "state", "tags", "timeout_s", "cost", "parent_id",
+                 "traceparent")
 
 # $1 = unique key.
 FIND_UNFINISHED_BY_UNIQUE_KEY = f"""
@@ -75,11 +77,11 @@ WITH input AS (
        OR NOT EXISTS (SELECT 1 FROM jobd.jobs j WHERE j.unique_key = i.unique_key)
 ), ins AS (
     INSERT INTO jobd.jobs (id, queue, kind, args, key, unique_key, priority, run_at, state,
-                           max_attempts, tags, timeout_s, cost, parent_id)
+                           max_attempts, tags, timeout_s, cost, parent_id, traceparent)
     SELECT id, queue, kind, args::jsonb, key, unique_key, priority,
            now() + coalesce(delay_s, 0) * interval '1 second',
            CASE WHEN coalesce(delay_s, 0) > 0 THEN 'scheduled' ELSE 'available' END,
-           max_attempts, coalesce(tags, '{{}}'), timeout_s, coalesce(cost, 1), $2
+           max_attempts, coalesce(tags, '{{}}'), timeout_s, coalesce(cost, 1), $2, traceparent
     FROM fresh ORDER BY ord
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN {UNFINISHED}
     DO NOTHING
@@ -101,7 +103,8 @@ ORDER BY x.ord
 # marked has_steps (migration 0015); none for a job's first claim (lease token 1: steps
 # are only written by an attempt of the job, and every claim, rescue and release moves
 # the token, so no attempt came before this one); NULL for the rest, which then load on
-# first use.
+# first use. `traceparent`: the producer's trace context (migration 0018), the parent of
+# the attempt's span.
 CLAIMED_COLUMNS = """
 j.id, j.queue, j.kind, j.args::text AS args, j.key, j.priority, j.attempt, j.max_attempts,
 j.lease_token, j.timeout_s, j.tags, j.errors::text AS errors, j.unique_key, j.run_at,
@@ -110,7 +113,8 @@ CASE WHEN j.has_steps THEN (
     SELECT coalesce(jsonb_agg(jsonb_build_array(s.name, s.result, s.finished_at IS NOT NULL)),
                     '[]')::text
     FROM jobd.job_steps s WHERE s.job_id = j.id)
-    WHEN j.lease_token = 1 THEN '[]' END AS steps
+    WHEN j.lease_token = 1 THEN '[]' END AS steps,
+j.traceparent
 """
 
 # Only kinds this daemon has handlers for, so daemons with different handler sets

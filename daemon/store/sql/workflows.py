@@ -87,11 +87,11 @@ WITH input AS (
     RETURNING result
 ), ins AS (
     INSERT INTO jobd.jobs (id, queue, kind, args, key, priority, run_at, state, max_attempts,
-                           tags, timeout_s, cost, parent_id)
+                           tags, timeout_s, cost, parent_id, traceparent)
     SELECT id, queue, kind, args::jsonb, key, priority,
            now() + coalesce(delay_s, 0) * interval '1 second',
            CASE WHEN coalesce(delay_s, 0) > 0 THEN 'scheduled' ELSE 'available' END,
-           max_attempts, coalesce(tags, '{{}}'), timeout_s, coalesce(cost, 1), $1
+           max_attempts, coalesce(tags, '{{}}'), timeout_s, coalesce(cost, 1), $1, traceparent
     FROM input WHERE EXISTS (SELECT 1 FROM step)
     ORDER BY ord
     RETURNING id
