@@ -36,6 +36,7 @@ import httpx
 import msgspec
 import trio
 
+from actors import tracing
 from actors.context import Context
 from actors.errors import AwaitCallback, Fail, RateLimited
 from actors.handlers import Handlers
@@ -187,8 +188,15 @@ class HttpCalls:
         status_class, outcome = "none", "cancelled"
         try:
             try:
-                response = await self.outbound.post(endpoint.url, body, headers,
-                                                     endpoint.timeout_s)
+                # With tracing on, the call is a span under the attempt's, and the app
+                # continues the trace from its traceparent (W3C); off, both are no-ops.
+                with tracing.span("jobd.http_call", {"http.url": endpoint.url,
+                                                     "jobd.kind": endpoint.kind}):
+                    traceparent = tracing.current_traceparent()
+                    if traceparent is not None:
+                        headers["traceparent"] = traceparent
+                    response = await self.outbound.post(endpoint.url, body, headers,
+                                                         endpoint.timeout_s)
             except httpx.TimeoutException as exc:
                 # httpx's own messages are often empty: say what did not answer.
                 outcome = "timeout"

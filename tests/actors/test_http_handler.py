@@ -4,10 +4,16 @@ Retry-After forms, the key from args, the callback token."""
 from __future__ import annotations
 
 import email.utils
+import threading
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from actors import retry
+from actors import retry, tracing
+from actors.context import JobInfo
 from actors.errors import AwaitCallback
 from actors.http_handler import (
     Endpoint,
@@ -20,6 +26,8 @@ from actors.http_handler import (
 from actors.ports import NullObserver
 from actors.services.outbound import Outbound, Response
 from actors.services.outcomes import InvalidValue
+from daemon.config.sections import Tracing
+from daemon.tracing import provider
 
 ENDPOINT = Endpoint("k", "http://127.0.0.1/x", [b"key"], timeout_s=5, callback_timeout_s=60)
 CALLS = HttpCalls(Outbound(allow_hosts=[]), NullObserver(), wall=lambda: 1000.0)
@@ -92,3 +100,49 @@ def test_callback_token_is_bound_to_job_attempt_and_key():
     rotated = Endpoint("k", "http://x/", [b"new", b"key"], 5, 60)
     assert token_matches(rotated, 7, 3, token)
     assert not token_matches(ENDPOINT, 7, 3, token + "x")
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    seen: list[dict[str, str]] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        _Recorder.seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+
+class _Ctx:
+    lease_token = 1
+    job = JobInfo(id=5, kind="k", queue="q", key=None, attempt=1, max_attempts=3, tags=[],
+                  unique_key=None, priority=0, run_at=datetime.now(UTC),
+                  created_at=datetime.now(UTC), errors=[])
+
+
+async def test_the_request_carries_traceparent_only_when_tracing_is_on():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = Endpoint("k", f"http://127.0.0.1:{server.server_address[1]}/", [b"key"], 5, 60)
+    calls = HttpCalls(Outbound(allow_hosts=[]), NullObserver())
+    exporter = InMemorySpanExporter()
+    traced = provider(Tracing(enabled=True, sample_ratio=1.0), region="r", daemon_id="d",
+                      processor=SimpleSpanProcessor(exporter))
+    try:
+        assert await calls.call(endpoint, _Ctx(), {}) == {}
+        tracing.install(traced.get_tracer("jobd"))
+        assert await calls.call(endpoint, _Ctx(), {}) == {}
+    finally:
+        tracing.install(None)
+        server.shutdown()
+        await calls.outbound.aclose()
+    off, on = _Recorder.seen[-2:]
+    assert "traceparent" not in off
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "jobd.http_call"]
+    assert on["traceparent"] == (f"00-{span.context.trace_id:032x}-"
+                                 f"{span.context.span_id:016x}-"
+                                 f"{int(span.context.trace_flags):02x}")
