@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from actors.errors import UnknownKind
+from actors.events import cancels, triggers
 from actors.jobdef import JobDef
 from protocol.durations import parse_duration
 
@@ -33,11 +34,13 @@ class Handlers:
         timeout: str | float | None = None,
         max_attempts: int = 3,
         priority: int = 0,
-        key: Callable[[Any], str] | None = None,
+        key: Callable[[Any], str] | str | None = None,
         cost: Callable[[Any], int] | None = None,
         retry_delays: dict[str, float] | None = None,
         on_failure: Callable[..., Awaitable[Any]] | None = None,
         strict_args: bool = True,
+        on_event: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
+        cancel_on: dict[str, Any] | list[dict[str, Any]] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Declare a handler. Its second parameter's annotation is the args type (a Struct).
 
@@ -45,8 +48,22 @@ class Handlers:
         blocking SDKs), so it may block without stalling the daemon. `strict_args=False`
         accepts (and drops) args fields the type does not declare. `key` and `cost` are
         functions of the decoded args: the flow-control key, and the job's weight against
-        the key's tokens_per_minute; every way of creating a job applies them.
+        the key's tokens_per_minute; every way of creating a job applies them. `key` may
+        also be a path into the args ("marketplace", "user.id").
+
+        `on_event` names the events that start this kind, each job's args the event's
+        data: "name", {"event": "name", "match": {...}} (the data must contain the
+        match), or a list of them. `cancel_on=[{"event": "name", "match": "field"}]`
+        cancels this kind's unfinished jobs whose args equal the event's data on the
+        field(s). A kind started by events needs a path `key` (or none): the jobs are
+        created in SQL, where a Python function cannot run (actors/events.py).
         """
+        started_by = triggers(kind, on_event)
+        cancelled_by = cancels(kind, cancel_on)
+        if started_by and key is not None and not isinstance(key, str):
+            raise TypeError(f"{kind}: a kind started by events takes its key as a path into "
+                            "the event's data (key=\"marketplace\"), not a function: the "
+                            "jobs are created in SQL")
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         timeout_s = None if timeout is None else parse_duration(timeout)
@@ -63,6 +80,7 @@ class Handlers:
                 timeout_s=timeout_s, max_attempts=max_attempts, priority=priority, key=key,
                 cost=cost, base_delays=dict(retry_delays or {}), on_failure=on_failure,
                 sync=not inspect.iscoroutinefunction(fn), strict_args=strict_args,
+                on_event=started_by, cancel_on=cancelled_by,
             )
             return fn
 

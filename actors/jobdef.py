@@ -24,7 +24,9 @@ class JobDef(msgspec.Struct, kw_only=True):
     timeout_s: float | None = None
     max_attempts: int = 3
     priority: int = 0
-    key: Callable[[Any], str] | None = None
+    # A function of the decoded args, or a path into them ("marketplace", "user.id"):
+    # a path also works where Python cannot run, in a send from SQL (actors/events.py).
+    key: Callable[[Any], str] | str | None = None
     cost: Callable[[Any], int] | None = None
     base_delays: dict[str, float] = {}
     # async fn(ctx, args, last_error): runs once the job has failed (actors/failure_hooks.py)
@@ -33,6 +35,27 @@ class JobDef(msgspec.Struct, kw_only=True):
     strict_args: bool = True
     # A check beyond the type (an HTTP kind's JSON Schema); raises InvalidArgs.
     check_args: Callable[[Any], None] | None = None
+    # Events that start this kind, (name, match) each, and the events that cancel its
+    # unfinished jobs, (name, fields) each (actors/events.py).
+    on_event: list[tuple[str, dict[str, Any]]] = []
+    cancel_on: list[tuple[str, list[str]]] = []
+
+    def key_of(self, args: Any) -> str | None:
+        """The flow-control key of decoded args. A path's value is written as Postgres'
+        `#>>` writes it (a string as is, a number or boolean as JSON; missing: no key),
+        so a job gets the same key however it was created."""
+        if self.key is None:
+            return None
+        if not isinstance(self.key, str):
+            return str(self.key(args))
+        value: Any = msgspec.to_builtins(args)
+        for part in self.key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return None
+            value = value[part]
+        if value is None:
+            return None
+        return value if isinstance(value, str) else msgspec.json.encode(value).decode()
 
     def decode_args(self, raw: bytes | str | dict[str, Any] | msgspec.Struct) -> Any:
         """Args as the handler's type; InvalidArgs names the offending field.

@@ -75,7 +75,7 @@ def build(
         encoded = msgspec.json.encode(decoded)
         try:
             if key is None and jobdef.key is not None:
-                key = str(jobdef.key(decoded))
+                key = jobdef.key_of(decoded)
             if cost is None and jobdef.cost is not None:
                 cost = int(jobdef.cost(decoded))
         except Exception as exc:  # noqa: BLE001 - the handler's own function, on these args

@@ -190,6 +190,38 @@ class Fired(msgspec.Struct):
     job_id: int
 
 
+class Subscription(msgspec.Struct, kw_only=True, frozen=True):
+    """One (event, kind, action) a handler declares (actors/events.py), as Postgres keeps
+    it: "start" makes a job of `kind` from an event whose data contains `match`;
+    "cancel" cancels the kind's unfinished jobs whose args equal the data on `fields`."""
+
+    event: str
+    kind: str
+    action: str
+    match: dict[str, Any] = {}
+    fields: list[str] = []
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_s: float | None = None
+    key_path: list[str] | None = None  # the job's key: the data's value at this path
+
+
+class EventToSend(msgspec.Struct):
+    name: str
+    data: str  # a JSON object
+    key: str | None = None  # the sender's idempotency key
+
+
+class EventSent(msgspec.Struct, kw_only=True):
+    id: int  # the first event's, for a repeat of its idempotency key
+    created: bool
+    started: list[int]
+    started_kinds: list[str]
+    cancelled: list[int]
+    woken: list[int]
+
+
 class Transaction(Protocol):
     """SQL on jobd's pool inside one transaction, for handlers (`ctx.transaction()`)."""
 
@@ -396,6 +428,13 @@ class Store(StepStore, WebhookStore, Protocol):
     # -- workflows (the steps are StepStore's, above; events; the reaper's safety net)
     async def save_steps(self, rows: list[StepRow]) -> list[str | None]: ...
     async def send_event(self, name: str, data: str) -> tuple[int, list[int]]: ...
+    async def send_events(self, events: list[EventToSend]) -> list[EventSent]: ...
+    async def sync_subscriptions(self, daemon_id: str, subscriptions: list[Subscription],
+                                 kinds: list[str], live_s: float) -> tuple[int, int]: ...
+    async def list_events(self, name: str | None, cursor: int | None, limit: int,
+                          field_bytes: int) -> list[dict[str, Any]]: ...
+    async def prune_event_keys(self, limit: int, now: datetime | None = None) -> int: ...
+    async def list_subscriptions(self) -> list[dict[str, Any]]: ...
     async def wake_waiting(self, limit: int) -> list[int]: ...
     async def prune_events(self, max_age_s: float, limit: int,
                            now: datetime | None = None) -> int: ...
@@ -425,6 +464,7 @@ class Observer(Protocol):
     def job_started(self, queue: str, kind: str, wait_s: float) -> None: ...
     def job_finished(self, queue: str, kind: str, outcome: str, run_s: float) -> None: ...
     def jobs_enqueued(self, queue: str, kind: str, n: int) -> None: ...
+    def events_sent(self, received: int, deduplicated: int, started: dict[str, int]) -> None: ...
     def jobs_rescued(self, queue: str, kind: str, n: int) -> None: ...
     def error_classified(self, queue: str, error_class: str) -> None: ...
     def actor_restarted(self, actor: str) -> None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -18,6 +19,7 @@ import msgspec
 import trio
 
 from actors import retry, tracing
+from actors.errors import Fail
 from actors.ports import NewJob, StepStore
 from actors.workflow import (
     FINISHED,
@@ -29,6 +31,9 @@ from actors.workflow import (
     maybe_json,
 )
 from protocol.durations import parse_duration
+from protocol.events import EVENT_NAME_PATTERN
+
+_EVENT_NAME = re.compile(EVENT_NAME_PATTERN)
 
 
 class _Memo(msgspec.Struct):
@@ -288,6 +293,11 @@ class Workflow:
         """Suspend until an event `event` whose data contains `match` is sent (after this
         wait began), or until `timeout` passes. Returns the event's data, or None on
         timeout. The human-approval step."""
+        if not isinstance(event, str) or not _EVENT_NAME.match(event):
+            # No surface sends such a name (protocol/events.py), so the wait could only
+            # time out: failing now says why.
+            raise Fail(f"wait_for_event: {event!r} is not an event name that can be sent "
+                       "(1 to 200 characters of A-Z a-z 0-9 _ . : / @ -)")
         key = self._auto_name("event", name or event)
         memo = await self._loaded()
         entry = memo.get(key)

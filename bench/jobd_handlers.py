@@ -54,3 +54,15 @@ async def wf3(ctx: Context, args: StepsArgs) -> int:
     for name in ("fetch", "transform", "store"):
         total += await ctx.step(name, int, 1)
     return total
+
+
+class TickArgs(msgspec.Struct):
+    n: int = 0
+    user: str = ""
+
+
+# Started by events (bench/events_bench.py): one job per `bench/tick`.
+@job("bench.tick", queue="events", on_event="bench/tick", key="user",
+     cancel_on=[{"event": "bench/untick", "match": "user"}])
+async def tick(ctx: Context, args: TickArgs) -> None:
+    return None

@@ -32,6 +32,7 @@ import trio
 from actors import failure_hooks, validate
 from actors.handlers import HANDLERS
 from actors.http_handler import HttpCalls
+from actors.ports import StoreUnavailable, ValueRejected
 from actors.runtime import lag
 from actors.runtime.clock import TrioClock
 from actors.runtime.mailbox import Mailbox, MailboxClosed
@@ -120,6 +121,7 @@ class Daemon:
         self.subscriptions: dict[str, Subscription] = subscriptions(config)
         self.metrics.webhooks.declare(self.subscriptions)
         self._stop = trio.Event()
+        self._store: PgStore | None = None
 
     async def run(self) -> None:
         instrument = lag.LoopLag(self.config.daemon.loop_lag_warning,
@@ -177,11 +179,17 @@ class Daemon:
         # Before READY: a job finishing once the daemon is up has its rows written.
         if not await lifecycle.until_available(self._sync_webhooks(store), self._stop):
             return
+        self._store = store
+        if not await lifecycle.until_available(
+                partial(lifecycle.sync_subscriptions, store, self.id, self.handlers,
+                        lifecycle.live_s(cfg.daemon.heartbeat)), self._stop):
+            return
         send, notifications = trio.open_memory_channel[tuple[str, str]](_NOTIFY_BUFFER)
         root, pools, notifier = self._build_tree(store, notifications)
         live_s = lifecycle.live_s(cfg.daemon.heartbeat)
         await lifecycle.publish(store, self.id, sorted(pools.queues),
-                                max_args_bytes=cfg.limits.max_args_bytes, daemon_live_s=live_s)
+                                max_args_bytes=cfg.limits.max_args_bytes, daemon_live_s=live_s,
+                                event_dedup_s=cfg.events.dedup_window)
         control = Control(store, handlers=self.handlers, server=f"jobd/{__version__}", pong=self.readiness.pong,
                           tree=self.registry.tree, running_here=pools.running_here,
                           cancel_here=pools.cancel_here, drain=pools.set_draining,
@@ -255,6 +263,16 @@ class Daemon:
             self._courier_box.tell_nowait(Sync())
         except (trio.WouldBlock, MailboxClosed):
             pass  # a full mailbox already holds a sync
+        if self._store is not None:
+            # The reload itself stands: should the database be away, the next start or
+            # reload writes the subscriptions.
+            try:
+                await lifecycle.sync_subscriptions(
+                    self._store, self.id, self.handlers,
+                    lifecycle.live_s(self.config.daemon.heartbeat))
+            except (StoreUnavailable, ValueRejected) as exc:
+                log.warning("could not write the event subscriptions after the reload: %s",
+                            exc, extra={"event": "events.subscriptions_failed"})
         if self.pools is not None:
             await self.pools.resize()
             await self._scheduler_box.tell(SyncConfig())

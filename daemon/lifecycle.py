@@ -18,6 +18,8 @@ from pathlib import Path
 
 import trio
 
+from actors import events
+from actors.handlers import Handlers
 from actors.ports import StoreUnavailable, ValueRejected
 from daemon import __version__
 from daemon.embedded import EmbeddedPostgres
@@ -108,14 +110,26 @@ def live_s(heartbeat_s: float) -> float:
 
 
 async def publish(store: PgStore, daemon_id: str, queues: list[str], *, max_args_bytes: int,
-                  daemon_live_s: float) -> None:
+                  daemon_live_s: float, event_dedup_s: float = 86400.0) -> None:
     """The queues served here (for enqueue warnings) and the limits for jobd.enqueue.
 
     Once, at start: a reload neither adds dispatchers nor changes [limits]."""
     try:
         await store.set_daemon_queues(daemon_id, queues)
         await store.put_settings({"max_args_bytes": max_args_bytes,
-                                  "daemon_live_s": daemon_live_s})
+                                  "daemon_live_s": daemon_live_s,
+                                  "event_dedup_s": event_dedup_s})
     except (StoreUnavailable, ValueRejected) as exc:
         log.warning("could not record this daemon's queues and limits: %s", exc,
                     extra={"event": "store.unavailable"})
+
+
+async def sync_subscriptions(store: PgStore, daemon_id: str, handlers: Handlers,
+                             live_s: float) -> None:
+    """What this daemon's handlers declare (on_event, cancel_on) into Postgres, where a
+    send from SQL reads it; at start and after each reload. Raises StoreUnavailable."""
+    declared = events.subscriptions(handlers.registered().values())
+    kept, removed = await store.sync_subscriptions(daemon_id, declared, handlers.kinds(),
+                                                   live_s)
+    log.info("event subscriptions: %d declared here, %d removed", kept, removed,
+             extra={"event": "events.subscriptions", "declared": kept, "removed": removed})

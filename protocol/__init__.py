@@ -20,6 +20,7 @@ from protocol.commands import (
     CancelResult,
     DrainResult,
     EnqueueResult,
+    EventsPage,
     HelloResult,
     JobsPage,
     NodesResult,
@@ -30,6 +31,7 @@ from protocol.commands import (
     ScheduleListResult,
     ScheduleRemoved,
     SendEventResult,
+    SendEventsResult,
     StatsResult,
     SummaryResult,
     WebhookReplayResult,
@@ -43,6 +45,7 @@ from protocol.errors import (
     NotFound,
     Unavailable,
 )
+from protocol.events import EventSpec, EventView
 from protocol.jobs import AttemptError, DaemonView, JobSpec, JobView, KeyStats, QueueCounts
 from protocol.schedules import ScheduleSpec, ScheduleView
 from protocol.tree import TreeNode
@@ -60,7 +63,9 @@ __all__ = [
     "AttemptError", "BatchResult", "BulkResult", "CallbackResult", "CancelResult", "ChildView", "DaemonView",
     "DeliveryView", "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
-    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
-    "StepView", "SummaryResult", "TreeNode", "WebhookReplayResult", "WebhooksPage",
-    "WorkflowView",
+    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",
+    "SendEventsResult", "StatsResult", "StepView", "SummaryResult", "TreeNode",
+    "WebhookReplayResult", "WebhooksPage", "WorkflowView",
+    # events
+    "EventSpec", "EventView", "EventsPage",
 ]

@@ -35,6 +35,7 @@ from protocol.errors import (
     NotFound,
     Unavailable,
 )
+from protocol.events import EventSpec
 from protocol.framing import PROTOCOL_VERSION, FrameTooLong, LineBuffer, encode_line
 from protocol.jobs import JobSpec, JobView
 from protocol.tree import TreeNode
@@ -248,8 +249,18 @@ class Client:
     async def drain(self, undo: bool = False) -> c.DrainResult:
         return await self.call(c.Drain(undo=undo))
 
-    async def send_event(self, name: str, data: dict[str, Any] | None = None) -> c.SendEventResult:
-        return await self.call(c.SendEvent(name=name, data=data or {}))
+    async def send_event(self, name: str, data: dict[str, Any] | None = None, *,
+                         idempotency_key: str | None = None) -> c.SendEventResult:
+        return await self.call(c.SendEvent(name=name, data=data or {},
+                                           idempotency_key=idempotency_key))
+
+    async def send_events(self, events: Sequence[EventSpec]) -> c.SendEventsResult:
+        """Many events in one round trip (and one transaction), answered in order."""
+        return await self.call(c.SendEvents(events=list(events)))
+
+    async def list_events(self, name: str | None = None, *, cursor: int | None = None,
+                          limit: int = 50) -> c.EventsPage:
+        return await self.call(c.ListEvents(name=name, cursor=cursor, limit=limit))
 
     # An HTTP handler's app calling back (protocol/callbacks.py), with the token its
     # request carried in `callback.token`.

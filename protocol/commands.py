@@ -22,6 +22,7 @@ from protocol.callbacks import (
     JobHeartbeat,
     JobProgress,
 )
+from protocol.events import MAX_EVENTS_BATCH, EventName, EventSpec, EventView, IdempotencyKey
 from protocol.jobs import (
     DaemonView,
     JobId,
@@ -42,7 +43,6 @@ from protocol.workflows import WorkflowView
 MAX_BATCH = 100_000  # jobs per enqueue_batch, ids per filter
 # A filter value is only compared, never stored: bounded by the longest value a job can hold.
 FilterText = text(1024)
-EventName = text(200, 1)
 
 
 class _Command(msgspec.Struct, tag_field="type", kw_only=True):
@@ -178,16 +178,51 @@ class Reload(_Command, tag="reload"):
 
 
 class SendEvent(_Command, tag="send_event"):
-    """Wakes every workflow waiting for `name` whose match the data contains."""
+    """Starts every function subscribed to `name` (one job each, the data as its args),
+    cancels the jobs whose cancel_on it matches, and wakes every workflow waiting for it
+    whose match the data contains. With an `idempotency_key`, a repeat within
+    `events.dedup_window` answers the first event's id, created false, and does nothing."""
 
-    name: EventName  # type: ignore[valid-type]
+    name: EventName
     data: dict[str, Any] = {}  # at most limits.max_args_bytes, JSON-encoded
+    idempotency_key: IdempotencyKey | None = None
     mutating = True
 
 
+class SendEvents(_Command, tag="send_events"):
+    """Many events in one round trip and one transaction, in order."""
+
+    events: Annotated[list[EventSpec], msgspec.Meta(max_length=MAX_EVENTS_BATCH)]
+    mutating = True
+
+
+class ListEvents(_Command, tag="list_events"):
+    """Newest first; pass `next_cursor` back as `cursor` for the next page."""
+
+    name: EventName | None = None
+    cursor: JobId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+
+
 class SendEventResult(msgspec.Struct, kw_only=True):
+    """`id` is the event's (the first one's, for a repeat); `started` the jobs it
+    created, `cancelled` the jobs its cancel_on matched (running ones are being
+    stopped), `woken` the workflows waiting for it."""
+
     id: int
     woken: list[int]
+    created: bool = True
+    started: list[int] = []
+    cancelled: list[int] = []
+
+
+class SendEventsResult(msgspec.Struct, kw_only=True):
+    events: list[SendEventResult]
+
+
+class EventsPage(msgspec.Struct, kw_only=True):
+    events: list[EventView]
+    next_cursor: int | None
 
 
 class Watch(_Command, tag="watch"):
@@ -252,7 +287,7 @@ Command = (
     | List | Summary | CancelMany | Retry | Replay | Delete | Pause | Resume | Drain | Reload
     | Watch
     | ScheduleAdd | ScheduleRemove | SchedulePause | ScheduleResume | ScheduleTrigger
-    | ScheduleList | SendEvent | WebhookList | WebhookReplay
+    | ScheduleList | SendEvent | SendEvents | ListEvents | WebhookList | WebhookReplay
     | JobComplete | JobFail | JobProgress | JobHeartbeat
 )
 
@@ -374,6 +409,8 @@ RESULT_TYPES: dict[type, Any] = {
     EnqueueBatch: BatchResult,
     Get: WorkflowView,
     SendEvent: SendEventResult,
+    SendEvents: SendEventsResult,
+    ListEvents: EventsPage,
     Cancel: CancelResult,
     Stats: StatsResult,
     Nodes: NodesResult,

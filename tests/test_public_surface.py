@@ -26,9 +26,11 @@ CLIENT_API = [
     "AttemptError", "BatchResult", "BulkResult", "CallbackResult", "CancelResult", "ChildView", "DaemonView",
     "DeliveryView", "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
-    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult", "StatsResult",
-    "StepView", "SummaryResult", "TreeNode", "WebhookReplayResult", "WebhooksPage",
-    "WorkflowView",
+    "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",
+    "SendEventsResult", "StatsResult", "StepView", "SummaryResult", "TreeNode",
+    "WebhookReplayResult", "WebhooksPage", "WorkflowView",
+    # events
+    "EventSpec", "EventView", "EventsPage",
 ]
 
 HANDLER_API = [

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgspec
 import trio
 
 from actors import jobs
@@ -29,13 +28,12 @@ from actors.ports import (
     StoreUnavailable,
     ValueRejected,
 )
-from actors.services import schedule_commands, webhook_commands
+from actors.services import event_commands, schedule_commands, webhook_commands
 from actors.services.callbacks import Callbacks
 from actors.services.enqueuer import Enqueuer
 from actors.services.job_views import FINISHED, job_view, summary
 from actors.services.key_views import key_stats
 from actors.services.live_queues import LiveQueues
-from actors.validate import has_nul
 from actors.validate import max_args_bytes as validate_max_args_bytes
 from actors.workflow import workflow_view
 from protocol import commands as c
@@ -92,6 +90,8 @@ class Control:
         self._list_field_bytes = list_field_bytes
         self._callbacks = callbacks
         self._wake_courier = wake_courier
+        self._event_sender = event_commands.EventSender(store,
+                                                        max_data_bytes=self._max_args_bytes)
         self._queues = LiveQueues(store, here=queues, declared=declared or set,
                                   live_s=live_s) if queues is not None else None
 
@@ -140,20 +140,10 @@ class Control:
                 if found_job is None:
                     raise NotFound(f"no job {cmd.job_id}", details={"id": cmd.job_id})
                 return await workflow_view(self._store, job_view(found_job))
-            case c.SendEvent():
-                data = msgspec.json.encode(cmd.data)
-                if len(data) > self._max_args_bytes:
-                    raise JobdError(
-                        f"data: {len(data)} bytes of JSON is over the limit of "
-                        f"{self._max_args_bytes} bytes (limits.max_args_bytes)",
-                        code=ErrorCode.TOO_LARGE,
-                        details={"field": "data", "bytes": len(data),
-                                 "limit": self._max_args_bytes})
-                if has_nul(data):
-                    raise BadRequest("data: contains a NUL character (\\u0000), which "
-                                     "Postgres cannot store", details={"field": "data"})
-                event_id, woken = await self._store.send_event(cmd.name, data.decode())
-                return c.SendEventResult(id=event_id, woken=woken)
+            case c.SendEvent() | c.SendEvents() | c.ListEvents():
+                return await event_commands.handle(
+                    self._store, self._observer, cmd, sender=self._event_sender,
+                    max_data_bytes=self._max_args_bytes, list_field_bytes=self._list_field_bytes)
             case c.Cancel():
                 found = await self._store.cancel(cmd.job_id)
                 if found is None:

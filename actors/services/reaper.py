@@ -153,6 +153,12 @@ class Reaper(Actor[Sweep]):
                 if n < batch:
                     break
                 await trio.lowlevel.checkpoint()
+        with self._contained("prune_event_keys", report):
+            while True:  # idempotency keys past their window (events.dedup_window)
+                n = await self._store.prune_event_keys(batch)
+                if n < batch:
+                    break
+                await trio.lowlevel.checkpoint()
         with self._contained("prune_keys", report):
             while True:
                 n = await self._store.prune_idle_keys(batch, self.settings.idle_key_after_s,

@@ -46,7 +46,7 @@ COMMANDS: dict[str, type] = {
 
 
 # Mutating commands whose audit line is at debug (see Requests.audit).
-QUIET = (c.Enqueue, c.EnqueueBatch)
+QUIET = (c.Enqueue, c.EnqueueBatch, c.SendEvent, c.SendEvents)
 
 
 def decode(decoder: c.JsonDecoder, data: bytes) -> Any:
@@ -127,8 +127,9 @@ class Requests:
 
     def audit(self, cmd: c.Command, peer: Peer, request_id: int | None = None) -> None:
         """The line of a mutating command: what was asked, by whom. At info, except an
-        enqueue's at debug: they come by the thousand a second, a line each was about a
-        tenth of a request's cost, and jobd_jobs_enqueued_total counts them."""
+        enqueue's or an event's at debug: they come by the thousand a second, a line each
+        was about a tenth of a request's cost, and jobd_jobs_enqueued_total and
+        jobd_events_received_total count them."""
         name = type(cmd).__struct_config__.tag
         level = logging.DEBUG if isinstance(cmd, QUIET) else logging.INFO
         if not self._log.isEnabledFor(level):

@@ -254,6 +254,17 @@ class Webhook(_Strict):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10  # in flight, this daemon
     keep_delivered: Seconds = seconds("24h")
     keep_failed: Seconds = seconds("7d")
+class Events(_Strict):
+    """Events (README: "Events and flow control")."""
+
+    # An idempotency key is accepted once within this window; written to jobd.settings
+    # at start, so jobd.send_event in SQL applies it too (the last daemon started wins).
+    dedup_window: Seconds = seconds("24h")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.dedup_window <= 3650 * 86400:
+            raise ValueError("dedup_window must be 1 s to 3650 days")
 
 
 class Config(_Strict):
@@ -268,6 +279,7 @@ class Config(_Strict):
     tracing: Tracing = msgspec.field(default_factory=Tracing)
     handlers: Handlers = msgspec.field(default_factory=Handlers)
     http: Http = msgspec.field(default_factory=Http)
+    events: Events = msgspec.field(default_factory=Events)
     queues: dict[_Name, Queue] = {}
     schedules: list[ScheduleSpec] = []  # [[schedules]]; see README "Schedules"
     webhooks: list[Webhook] = []  # [[webhooks]]; see README "Webhooks"

@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from daemon.jobctl import schedules, webhooks
+from daemon.jobctl import events, schedules, webhooks
 from daemon.jobctl.commands import run
 from protocol.client import SyncClient, default_socket
 from protocol.durations import parse_duration
@@ -80,9 +80,9 @@ def parser() -> argparse.ArgumentParser:
     drain = command("drain", "stop claiming on this daemon (running jobs finish); for deploys")
     drain.add_argument("--undo", action="store_true", help="start claiming again")
     command("reload", "re-read the config file (like SIGHUP)")
-    event = command("send-event", "send an event; wakes the workflows waiting for it")
-    event.add_argument("name")
-    event.add_argument("--data", default="{}", help="JSON object (matched with wait_for_event(match=...))")
+    events.add_send_parser(command(
+        "send-event", "send an event: starts its subscribed functions, cancels and wakes jobs"))
+    events.add_list_parser(command("events", "recent events and the jobs they started"))
     schedules.add_parser(command("schedules", "list, add, remove, pause, resume, trigger"))
     webhooks.add_parser(command("webhooks", "completion webhook deliveries: list, replay"))
     top = command("top", "live view of queues and running jobs")

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from daemon.jobctl import schedules, webhooks
+from daemon.jobctl import events, schedules, webhooks
 from daemon.jobctl.render import (
     render_job,
     render_keys,
@@ -98,9 +98,9 @@ def run(args: argparse.Namespace, client: SyncClient) -> int:
             result = client.call(c.Reload())
             human = result.message
         case "send-event":
-            result = client.call(c.SendEvent(name=args.name, data=_json_object(args.data)))
-            human = f"event {result.id} sent; woke {len(result.woken)} job(s)" + (
-                ": " + " ".join(map(str, result.woken)) if result.woken else "")
+            result, human = events.send(args, client)
+        case "events":
+            result, human = events.run(args, client)
         case "watch":
             return watch(args, client)
         case "top":

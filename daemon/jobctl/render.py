@@ -85,6 +85,8 @@ def render_job(job: Any) -> str:
         lines.append(f"result: {json.dumps(job.result)}")
     if job.tags:
         lines.append(f"tags: {', '.join(job.tags)}")
+    if getattr(job, "event_id", None) is not None:
+        lines.append(f"started by event {job.event_id}")
     for err in job.errors:
         lines.append(f"attempt {err.attempt}: {err.error_class}: {err.message}")
     lines += render_workflow(job)

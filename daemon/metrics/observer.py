@@ -73,6 +73,8 @@ class PromObserver:
         key_pauses: Counter, breaker_openings: Counter, notifications_dropped: Counter, run_seconds: Histogram,
         wait_seconds: Histogram, db_seconds: Histogram, claim_batch: Histogram,
         keys: KeyLabels, live: LiveCollector, drops: Drops | None = None,
+        events_received: Counter | None = None, events_deduplicated: Counter | None = None,
+        event_jobs_started: Counter | None = None,
         http_requests: Counter | None = None, http_seconds: Histogram | None = None,
     ):
         self.drops = drops if drops is not None else Drops()
@@ -89,6 +91,7 @@ class PromObserver:
         self._pauses = key_pauses.inc
         self._openings = breaker_openings.inc
         self._notifications_dropped = notifications_dropped.inc
+        self._events = (events_received, events_deduplicated, event_jobs_started)
         self._http_requests = http_requests.inc if http_requests is not None else _ignore
         self._http_seconds = http_seconds.observe if http_seconds is not None else _ignore
         self._run = run_seconds.observe
@@ -111,6 +114,17 @@ class PromObserver:
     @_never_raises
     def jobs_enqueued(self, queue: str, kind: str, n: int) -> None:
         self._enqueued((queue, kind), n)
+
+    @_never_raises
+    def events_sent(self, received: int, deduplicated: int, started: dict[str, int]) -> None:
+        received_c, deduplicated_c, started_c = self._events
+        if received_c is not None and received:
+            received_c.inc((), received)
+        if deduplicated_c is not None and deduplicated:
+            deduplicated_c.inc((), deduplicated)
+        if started_c is not None:
+            for kind, n in started.items():
+                started_c.inc((kind,), n)
 
     @_never_raises
     def jobs_rescued(self, queue: str, kind: str, n: int) -> None:

@@ -93,6 +93,15 @@ class Metrics:
         self.loop_errors = Counter("jobd_asyncio_errors",
                                    "Errors the asyncio loop reported with nobody awaiting "
                                    "them (logged, not raised).", [], registry=r)
+        self.events_received = Counter(
+            "jobd_events_received", "Events sent through the control API and stored (an "
+            "event sent from SQL is not counted here).", [], registry=r)
+        self.events_deduplicated = Counter(
+            "jobd_events_deduplicated", "Sends answered with an earlier event: a repeat of "
+            "its idempotency key within events.dedup_window.", [], registry=r)
+        self.event_jobs_started = Counter(
+            "jobd_event_jobs_started", "Jobs created by events sent through the control "
+            "API, by kind.", ["kind"], registry=r)
         self.run_seconds = Histogram("jobd_job_run_seconds", "Attempt run time.",
                                      ["queue", "kind"], buckets=JOB_BUCKETS, registry=r)
         self.wait_seconds = Histogram("jobd_job_wait_seconds",
@@ -135,7 +144,9 @@ class Metrics:
             notifications_dropped=self.notifications_dropped,
             run_seconds=self.run_seconds, wait_seconds=self.wait_seconds,
             db_seconds=self.db_seconds, claim_batch=self.claim_batch,
-            keys=self.keys, live=self.live,
+            keys=self.keys, live=self.live, events_received=self.events_received,
+            events_deduplicated=self.events_deduplicated,
+            event_jobs_started=self.event_jobs_started,
             http_requests=self.http_requests, http_seconds=self.http_seconds)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:

@@ -365,3 +365,14 @@ async def test_a_plain_job_is_not_marked():
 @job("t.wf.plain")
 async def plain_handler(ctx, args: Empty) -> int:
     return 1
+
+
+@job("t.wf.unsendable")
+async def unsendable_handler(ctx, args: Empty) -> object:
+    return await ctx.wait_for_event("needs approval", timeout=60)
+
+
+async def test_a_wait_for_a_name_no_surface_can_send_fails_at_once():
+    h = Harness()
+    outcome, _ = await h.run("t.wf.unsendable")
+    assert outcome.state == "failed" and "not an event name that can be sent" in outcome.error

@@ -99,6 +99,8 @@ def bases(seeded: int, target: int, long_job: int) -> dict[str, dict[str, Any]]:
         "schedule_add": {"schedule": {"name": "fuzz-sched", "kind": "noop", "every": "1h",
                                       "queue": "fuzzq"}, "replace": True},
         "send_event": {"name": "fuzz.event", "data": {}},
+        "send_events": {"events": [{"name": "fuzz.event", "idempotency_key": "fuzz"}]},
+        "list_events": {"name": "fuzz.event", "limit": 5},
     }
     out = {}
     for tag, struct in command_types().items():
@@ -414,7 +416,8 @@ def _ping_fresh(world: World) -> None:
 
 SAFE_VALID = ["hello", "ping", "tree", "stats", "nodes", "get", "list", "summary",
               "enqueue", "enqueue_batch", "schedule_list", "pause", "resume", "retry",
-              "replay", "delete", "cancel_many", "send_event", "schedule_add",
+              "replay", "delete", "cancel_many", "send_event", "send_events", "list_events",
+              "schedule_add",
               "schedule_trigger", "schedule_pause", "schedule_resume", "drain"]
 
 garbage = st.one_of(

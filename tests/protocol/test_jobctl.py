@@ -100,7 +100,7 @@ def test_enqueue_from_a_file_sends_batches(jobd, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("argv", "message"), [
     (["enqueue", "noop", "--args", "[1]"], "jobctl: args must be a JSON object\n"),
     (["enqueue", "noop", "--args", "{"], "jobctl: args are not JSON: "),
-    (["send-event", "approved", "--data", "7"], "jobctl: args must be a JSON object\n"),
+    (["send-event", "approved", "--data", "7"], "jobctl: data must be a JSON object\n"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv: list[str], message: str, tmp_path: Path,
                                            capsys) -> None:

@@ -335,7 +335,7 @@ JOB_COLUMNS = """
 id, queue, kind, args::text AS args, key, priority, state, attempt, max_attempts, run_at,
 lease_owner, lease_until, timeout_s, unique_key, tags, parent_id, progress, progress_note,
 result::text AS result, errors::text AS errors, cancel_requested, created_at, started_at,
-finished_at
+finished_at, event_id
 """
 
 # $1 = job id.

@@ -147,20 +147,9 @@ SELECT w.r::text AS wait,
 FROM w
 """
 
+# One event through jobd.send_event (migration 0019), which also wakes the waiters.
 # $1 = event name, $2 = data (JSON).
-SEND_EVENT = """
-WITH e AS (
-    INSERT INTO jobd.events (name, data) VALUES ($1, $2::jsonb) RETURNING id
-), woken AS (
-    UPDATE jobd.jobs j SET state = 'available', run_at = now()
-    WHERE j.state = 'waiting' AND j.waiting_on ->> 'type' = 'event'
-      AND j.waiting_on ->> 'name' = $1
-      AND $2::jsonb @> coalesce(j.waiting_on -> 'match', '{}'::jsonb)
-    RETURNING j.id, pg_notify('jobd_enqueued', j.queue)
-)
-SELECT (SELECT id FROM e) AS id, coalesce(array_agg(woken.id ORDER BY woken.id), '{}') AS woken
-FROM woken
-"""
+SEND_EVENT = "SELECT event_id AS id, woken FROM jobd.send_event($1, $2::jsonb)"
 
 # The safety net (reaper): waiting jobs whose condition holds or whose deadline passed.
 # $1 = batch size.

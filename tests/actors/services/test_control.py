@@ -11,11 +11,12 @@ from typing import Any
 
 import msgspec
 import pytest
+import trio
 
 from actors.context import Context
 from actors.flow import FlowLimits, KeyLimits
 from actors.handlers import Handlers
-from actors.ports import NullObserver
+from actors.ports import NullObserver, Subscription
 from actors.services.control import Control
 from daemon.store import PgStore
 from protocol import commands as c
@@ -294,6 +295,35 @@ async def test_send_event_stores_it_and_refuses_data_postgres_cannot_hold(store)
     assert big.code == ErrorCode.TOO_LARGE and big.details["limit"] == 64
     nul = await refused(ctl, c.SendEvent(name="paid", data={"x": "\x00"}))
     assert nul.code == ErrorCode.BAD_REQUEST and nul.details == {"field": "data"}
+
+
+async def test_concurrent_single_sends_share_statements_and_a_bad_one_fails_alone(store, sql):
+    """A key path value jobd.enqueue refuses (over 512 characters) fails that send only,
+    though it went into one statement with the others (group commit)."""
+    await store.register_daemon("d1", "test", "host", 1, "0")
+    await store.sync_subscriptions("d1", [Subscription(
+        event="tick", kind="work", action="start", key_path=["k"])], ["work"], 60)
+    ctl, _ = control(store)
+    answers: dict[int, Any] = {}
+
+    async def send(i: int) -> None:
+        key = "x" * 600 if i == 7 else f"k{i}"
+        try:
+            answers[i] = await ctl.handle(c.SendEvent(
+                name="tick", data={"k": key}, idempotency_key="bad" if i == 7 else f"t{i % 10}"))
+        except JobdError as exc:
+            answers[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(send, i)
+    bad = [i for i, a in answers.items() if isinstance(a, JobdError)]
+    assert bad == [7] and answers[7].code == ErrorCode.BAD_REQUEST
+    assert "key must be 1 to 512" in answers[7].message
+    created = [i for i, a in answers.items() if not isinstance(a, JobdError) and a.created]
+    assert len(created) == 10  # t0..t9 once each (t7 by 17 alone)
+    assert sql.fetchval("SELECT count(*) FROM jobd.events") == len(created)
+    assert sql.fetchval("SELECT count(*) FROM jobd.jobs") == len(created)
 
 
 # --------------------------------------------------------------------------- the store fails
