@@ -99,6 +99,12 @@ class Context:
         self._claimed_steps = claimed_steps
 
     @property
+    def lease_token(self) -> int:
+        """This attempt's fencing token: a write that carries it lands only while the
+        attempt still holds its job (the HTTP handler's callback token is derived from it)."""
+        return self._token
+
+    @property
     def job(self) -> JobInfo:
         if not isinstance(self._job, JobInfo):
             self._job = self._job()

@@ -45,3 +45,14 @@ class InvalidArgs(Exception):
     def __init__(self, message: str, *, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class AwaitCallback(BaseException):  # noqa: N818 - control flow, like trio.Cancelled
+    """Raised by the HTTP handler when its endpoint answered 202 {"callback": true}: the
+    attempt goes on at the app, which calls back. The worker detaches the job from this
+    daemon's lease, keeps it `running` (its key's slot stays held) and gives it
+    `timeout_s` to be called back. A BaseException so no `except Exception` swallows it."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(f"waiting up to {timeout_s:g} s for the callback")
+        self.timeout_s = timeout_s

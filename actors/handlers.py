@@ -130,6 +130,13 @@ class Handlers:
             known = ", ".join(sorted(self._defs)) or "none"
             raise UnknownKind(f"unknown job kind {kind!r} (registered: {known})") from None
 
+    def add(self, jobdef: JobDef) -> None:
+        """Register a declaration built elsewhere (the HTTP kinds of the config)."""
+        self._defs[jobdef.kind] = jobdef
+
+    def discard(self, kind: str) -> None:
+        self._defs.pop(kind, None)
+
     def get(self, kind: str) -> JobDef | None:
         return self._defs.get(kind)
 

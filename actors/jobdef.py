@@ -34,6 +34,8 @@ class JobDef(msgspec.Struct, kw_only=True):
     on_failure: Callable[..., Awaitable[Any]] | None = None
     # Unknown fields in args (a misspelling: {"secnds": 3}) are refused, not ignored.
     strict_args: bool = True
+    # A check beyond the type (an HTTP kind's JSON Schema); raises InvalidArgs.
+    check_args: Callable[[Any], None] | None = None
     # Events that start this kind, (name, match) each, and the events that cancel its
     # unfinished jobs, (name, fields) each (actors/events.py).
     on_event: list[tuple[str, dict[str, Any]]] = []
@@ -109,6 +111,8 @@ class JobDef(msgspec.Struct, kw_only=True):
                         "(the handler's args do not declare it; a handler may accept "
                         "unknown fields with @job(..., strict_args=False))",
                         field=f"{path}.{name}")
+            if self.check_args is not None:
+                self.check_args(args)
             return args
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise InvalidArgs(f"{self.kind}: {exc}") from exc

@@ -7,7 +7,7 @@ Pure functions; the worker applies the decision. Classes and default first delay
 | rate_limit  | HTTP 429 or RateLimited (Retry-After / seconds    | retry after that; the key |
 |             | honoured, else the 60 s backoff)                  | pauses (see Decision)     |
 | snooze      | the handler raised RetryAfter(seconds)           | run again then            |
-| network     | timeouts, refused/reset connections, 5xx          | retry, 10 s base          |
+| network     | timeouts, refused/reset connections, 408, 5xx     | retry, 10 s base          |
 | timeout     | the attempt ran past the job's timeout           | retry, 10 s base          |
 | unknown     | anything else                                    | retry, 5 s base           |
 | validation  | args or data that can never pass                 | fail now                  |
@@ -93,7 +93,7 @@ def error_class(exc: BaseException) -> str:
         return "rate_limit"
     if status in _CLIENT_STATUSES:
         return "client"
-    if status is not None and status >= 500:
+    if status is not None and (status >= 500 or status == 408):  # 408: the server timed out
         return "network"
     if isinstance(exc, TimeoutError | ConnectionError) or _looks_like_network(exc):
         return "network"

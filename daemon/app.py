@@ -31,6 +31,7 @@ import trio
 
 from actors import failure_hooks, validate
 from actors.handlers import HANDLERS
+from actors.http_handler import HttpCalls
 from actors.ports import StoreUnavailable, ValueRejected
 from actors.runtime import lag
 from actors.runtime.clock import TrioClock
@@ -39,6 +40,7 @@ from actors.runtime.registry import Registry
 from actors.runtime.specs import ChildSpec, Strategy
 from actors.runtime.supervisor import Supervisor
 from actors.services.batcher import Batcher
+from actors.services.callbacks import Callbacks
 from actors.services.completer import Completer, Outcomes
 from actors.services.control import Control
 from actors.services.courier import Courier, CourierMsg, Deliver, Subscription, Sync
@@ -51,7 +53,7 @@ from actors.services.reaper import Reaper, ReaperSettings, RetentionRule, Sweep
 from actors.services.scheduler import Scheduler, SchedulerMsg, SchedulerSettings, SyncConfig
 from actors.services.step_writer import StepWriter
 from actors.services.worker import AttemptRunner
-from daemon import __version__, kind_tools, lifecycle, signals
+from daemon import __version__, http_kinds, kind_tools, lifecycle, signals
 from daemon.api.control_socket import ControlServer, open_listener
 from daemon.api.http_server import HttpServer
 from daemon.config import Config, ConfigError, socket_path, subscriptions
@@ -99,9 +101,17 @@ class Daemon:
         self.limits = QueueLimits(config)
         self.outcomes = Outcomes()
         self.progress = Progress()
+        # One client for every HTTP kind (connection pools and limits per origin).
+        self.http_calls = HttpCalls(
+            Outbound(allow_hosts=config.http.allow_hosts,
+                     follow_redirects=config.http.follow_redirects,
+                     per_origin=config.http.per_origin,
+                     max_body_bytes=config.limits.max_result_bytes),
+            self.observer, callback_url=config.http.callback_url)
         self.reloader = Reloader(config, config_path, systemd, registry=self.handlers,
                                  apply=self._apply_reload,
-                                 status_line=self.readiness.status_line)
+                                 status_line=self.readiness.status_line,
+                                 http_calls=self.http_calls)
         self._scheduler_box: Mailbox[SchedulerMsg] = Mailbox("scheduler", capacity=64)
         # Every request jobd sends out goes through this one client (README "Webhooks").
         self.outbound = Outbound(allow_hosts=config.http.allow_hosts,
@@ -135,6 +145,8 @@ class Daemon:
                         nursery.cancel_scope.cancel()
         finally:
             instrument.uninstall()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self.http_calls.outbound.aclose()
 
     async def _run_database(self) -> None:
         db = self.config.database
@@ -157,6 +169,8 @@ class Daemon:
     async def _run_actors(self, store: PgStore) -> None:
         cfg = self.config
         import_handlers(cfg.handlers, self.handlers)
+        http_kinds.install(self.http_calls, self.handlers, http_kinds.prepare(cfg),
+                           cfg.http.allow_hosts)
         tools = kind_tools.apply(self.handlers, cfg.kinds)
         validate.configure(cfg.limits.max_args_bytes)
         if not await lifecycle.until_available(lambda: store.sync_kind_tools(tools), self._stop):
@@ -188,7 +202,10 @@ class Daemon:
                           list_field_bytes=cfg.limits.list_field_bytes,
                           queues=lambda: pools.queues,
                           declared=lambda: set(cfg.queues), live_s=live_s,
-                          wake_courier=self._wake_courier)
+                          wake_courier=self._wake_courier,
+                          callbacks=Callbacks(store, self.http_calls,
+                                              max_result_bytes=cfg.limits.max_result_bytes,
+                                              observer=self.observer))
         await pools.refresh_pauses()
         sock = socket_path(cfg, self.state_dir)
         async with trio.open_nursery() as nursery:

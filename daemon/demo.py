@@ -3,7 +3,8 @@
 Starts the stand-in APIs, a `jobd run` on a private state directory (embedded Postgres)
 with the example handlers, enqueues a realistic mix (stock pipelines that need a human
 approval, which the demo gives; interactive prediction sessions beside a nightly batch;
-marketplace refreshes through a 429 storm), shows `jobctl top` until everything has
+marketplace refreshes through a 429 storm; summaries by an HTTP handler, one of them a
+long job finished through its callbacks), shows `jobctl top` until everything has
 finished, then a summary and where to look next.
 """
 
@@ -33,14 +34,24 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _config(directory: Path, socket: Path, port: int) -> Path:
+# The HTTP kind the demo runs: its handler is the stand-in's endpoint (README "Handlers
+# behind a URL"); a throwaway secret, written beside the config.
+HOOK_SECRET = "whsec_ZGVtby1zZWNyZXQtb25seS1mb3ItdGhlLWRlbW8="
+
+
+def _config(directory: Path, socket: Path, port: int, standin_url: str) -> Path:
     path = directory / "demo.toml"
+    (directory / "summarize.secret").write_text(HOOK_SECRET + "\n")
     path.write_text(
         'region = "demo"\n[control]\n'
         f'socket = "{socket}"\nhttp = "127.0.0.1:{port}"\n[log]\nlevel = "warning"\n[handlers]\n'
         f"modules = {MODULES!r}\n".replace("'", '"')
         + '[jobs]\nreaper_interval = "0.5s"\npoll_interval = "0.5s"\nprogress_every_items = 5\n'
-        '[queues.models]\nconcurrency = 8\n[queues.crawl]\nconcurrency = 4\n')
+        '[queues.models]\nconcurrency = 8\n[queues.crawl]\nconcurrency = 4\n'
+        f'[http]\nallow_hosts = ["127.0.0.1"]\ncallback_url = "http://127.0.0.1:{port}"\n'
+        '[http.kinds."report.summarize"]\n'
+        f'url = "{standin_url}/v1/hooks/summarize"\nqueue = "models"\nkey = "sector"\n'
+        'timeout = "10s"\ncallback_timeout = "1m"\nsecret_file = "summarize.secret"\n')
     return path
 
 
@@ -55,6 +66,8 @@ def _mix() -> list[JobSpec]:
     jobs.append(JobSpec(kind="predict.session", args={
         "user": "unlucky", "question": "?", "models": ["down-1"], "credits": 2}))
     jobs += [JobSpec(kind="market.refresh", args={"marketplace": m}) for m in ("ebay", "etsy", "amazon")]
+    jobs += [JobSpec(kind="report.summarize", args={"sector": s, "long": long})
+             for s, long in (("semiconductors", False), ("energy", False), ("retail", True))]
     return jobs
 
 
@@ -65,7 +78,7 @@ def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
     log = directory / "jobd.log"
     with StandinServers() as servers:
         servers.configure(judge_rejects=2, rate_limit_next=8, retry_after=1,
-                          fail_models=["down-1"])
+                          fail_models=["down-1"], hook_secret=HOOK_SECRET)
         env = {**os.environ, "JOBD_STANDIN_URL": servers.url,
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         env.pop("JOBD_DATABASE_URL", None)
@@ -75,7 +88,7 @@ def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
         with log.open("ab") as out:
             daemon = subprocess.Popen(
                 [sys.executable, "-m", "daemon.main", "run", "--config",
-                 str(_config(directory, socket, port)), "--state-dir",
+                 str(_config(directory, socket, port, servers.url)), "--state-dir",
                  str(directory / "state")],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -131,8 +144,10 @@ where to look next:
                                    jobctl top        jobctl get 1        jobctl stats
   metrics:                         set control.http = "127.0.0.1:9464", then
                                    curl -s http://127.0.0.1:9464/metrics
-  the handlers behind this demo:   examples/stock_pipeline.py, predictions.py, marketplace.py
-  how they work:                   README, sections "Durable workflows" and "Flow control".""")
+  the handlers behind this demo:   examples/stock_pipeline.py, predictions.py, marketplace.py,
+                                   and report.summarize: a URL (examples/standin_servers.py)
+  how they work:                   README, "Durable workflows", "Flow control" and
+                                   "Handlers behind a URL".""")
             return 0
         finally:
             daemon.terminate()
@@ -155,4 +170,5 @@ def _finished_metrics(port: int) -> str:
     except OSError as exc:
         return f"  (metrics unavailable: {exc})"
     lines = [ln for ln in text.splitlines() if ln.startswith("jobd_jobs_finished_total{")]
-    return "\n".join("  " + ln for ln in sorted(lines)[:12])
+    calls = [ln for ln in text.splitlines() if ln.startswith("jobd_http_requests_total{")]
+    return "\n".join("  " + ln for ln in sorted(lines)[:12] + sorted(calls))

@@ -16,7 +16,9 @@ from typing import Any, TextIO
 
 import msgspec
 
-_NOISY = ("asyncio", "hypercorn.access")
+# httpx logs a line per request at info: an HTTP kind's every call (counted instead in
+# jobd_http_requests_total), the log's bulk and a measurable part of a call's CPU.
+_NOISY = ("asyncio", "hypercorn.access", "httpx", "httpcore")
 
 # Every attribute a bare LogRecord carries; anything else on a record came from `extra=`.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {

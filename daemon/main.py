@@ -14,8 +14,11 @@ import trio
 
 from actors.errors import InvalidArgs, UnknownKind
 from actors.handlers import HANDLERS
+from actors.http_handler import HttpCalls
+from actors.ports import NullObserver
 from actors.schedule_jobs import definition
-from daemon import __version__, demo, kind_tools, lock
+from actors.services.outbound import Outbound
+from daemon import __version__, demo, http_kinds, kind_tools, lock
 from daemon.app import Daemon
 from daemon.config import EX_CONFIG, Config, ConfigError, load, socket_path, state_dir
 from daemon.logs import configure_logging
@@ -114,11 +117,13 @@ def _raise_descriptor_limit() -> None:
 
 
 def check_handlers(config: Config) -> None:
-    """Import `handlers.modules` as `jobd run` would, and check the config's schedules
-    against them; ConfigError names the module (or schedule) that failed, in one line."""
+    """Import `handlers.modules` and register `[http.kinds]` as `jobd run` would, and
+    check the config's schedules against them; ConfigError names the module (or schedule) that failed, in one line."""
     error = import_modules(config.handlers, reload=False)
     if error is not None:
         raise ConfigError(" ".join(error.split()))  # one line, whatever the module raised
+    calls = HttpCalls(Outbound(allow_hosts=config.http.allow_hosts), NullObserver())
+    http_kinds.install(calls, HANDLERS, http_kinds.prepare(config), config.http.allow_hosts)
     kind_tools.apply(HANDLERS, config.kinds)
     for i, spec in enumerate(config.schedules):
         try:

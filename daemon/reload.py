@@ -21,7 +21,8 @@ from pathlib import Path
 import trio
 
 from actors.handlers import Handlers as HandlerRegistry
-from daemon import kind_tools
+from actors.http_handler import HttpCalls
+from daemon import http_kinds, kind_tools
 from daemon.config import Config, ConfigError, Handlers, load
 from daemon.logs import set_level
 from daemon.systemd import Notifier as Systemd
@@ -68,9 +69,10 @@ class Reloader:
 
     def __init__(self, config: Config, config_path: Path | None, systemd: Systemd, *,
                  registry: HandlerRegistry, apply: Callable[[], Awaitable[None]],
-                 status_line: Callable[[], str]):
+                 status_line: Callable[[], str], http_calls: HttpCalls | None = None):
         self._config = config
         self._registry = registry
+        self._http_calls = http_calls
         self._config_path = config_path
         self._systemd = systemd
         self._apply = apply
@@ -108,6 +110,7 @@ class Reloader:
         self._systemd.reloading()
         try:
             new = load(self._config_path)
+            kinds = http_kinds.prepare(new)  # secrets read, schemas compiled: may refuse
         except ConfigError as exc:
             return self._refuse(str(exc))
         attempt = self._handler_import = _HandlerImport(new.handlers, self._registry)
@@ -124,6 +127,13 @@ class Reloader:
                 "(handlers.import_timeout); abandoned, previous handlers kept")
         if attempt.error is not None:
             return self._refuse(f"{attempt.error}; previous handlers kept")
+        if self._http_calls is not None:
+            try:
+                http_kinds.install(self._http_calls, self._registry, kinds,
+                                   new.http.allow_hosts)
+            except ConfigError as exc:
+                self._registry.restore(attempt.snapshot)
+                return self._refuse(f"{exc}; previous handlers kept")
         try:
             kind_tools.apply(self._registry, new.kinds)
         except ConfigError as exc:

@@ -8,6 +8,10 @@ Switches, set with `POST /_control` (JSON) or `StandinServers.configure(...)`:
     slow_s           sleep this long before every answer
     judge_rejects    the judge rejects the first N drafts of each subject
     fail_models      models whose every call answers 500
+    hook_secret      the signing secret of jobd's HTTP kind `report.summarize`, which
+                     `POST /v1/hooks/summarize` serves (a jobd HTTP handler, README
+                     "Handlers behind a URL"): unsigned requests get 401; `args.long`
+                     answers 202 and finishes the job later through its callbacks
 
 Run alone: `python -m examples.standin_servers` prints the URL and serves until Ctrl-C.
 """
@@ -22,8 +26,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib import error, request
 
+from examples.webhook_verify import InvalidSignature, verify
+
 DEFAULTS: dict[str, Any] = {"rate_limit_next": 0, "retry_after": 1, "fail_next": 0,
-                            "slow_s": 0.0, "judge_rejects": 0, "fail_models": []}
+                            "slow_s": 0.0, "judge_rejects": 0, "fail_models": [],
+                            "hook_secret": ""}
 
 
 def digest(*parts: Any) -> int:
@@ -71,7 +78,29 @@ class _Handler(BaseHTTPRequestHandler):
         self._route("GET", {})
 
     def do_POST(self) -> None:  # noqa: N802
+        if self.path == "/v1/hooks/summarize":
+            self._summarize()
+            return
         self._route("POST", self._body())
+
+    def _summarize(self) -> None:
+        """An app's endpoint for jobd's HTTP kind: verify, then answer or call back."""
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            verify(self.state.switches["hook_secret"],
+                   {k.lower(): v for k, v in self.headers.items()}, raw)
+        except InvalidSignature as exc:
+            self._reply(401, {"error": str(exc)})
+            return
+        job = json.loads(raw)
+        text = " ".join(str(v) for v in job["args"].values())
+        summary = {"summary": f"{text[:60]} #{digest(text) % 1000}", "attempt": job["attempt"]}
+        if not job["args"].get("long"):
+            self._reply(200, summary)
+            return
+        self._reply(202, {"callback": True})
+        threading.Thread(target=_finish_later, args=(job["callback"], summary),
+                         daemon=True).start()
 
     def _route(self, method: str, body: dict[str, Any]) -> None:
         s = self.state
@@ -127,6 +156,19 @@ class _Handler(BaseHTTPRequestHandler):
                 digest(body.get("id")) % 3]})
         else:
             self._reply(404, {"error": f"no route {path}"})
+
+
+def _finish_later(callback: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The long job's work, done after the 202: progress, then complete (jobd's HTTP API,
+    authorized by the job's callback token alone)."""
+    for pct, action in ((50, "progress"), (100, "complete")):
+        time.sleep(0.5)
+        body = ({"token": callback["token"], "pct": pct, "note": "summarizing"}
+                if action == "progress" else {"token": callback["token"], "result": summary})
+        req = request.Request(f"{callback['url']}/{action}", data=json.dumps(body).encode(),
+                              headers={"Content-Type": "application/json"}, method="POST")
+        with request.urlopen(req, timeout=10):
+            pass
 
 
 class StandinServers:

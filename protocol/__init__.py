@@ -12,6 +12,7 @@ subclass where the code has one) with a stable `code`. Everything else in this p
 from its module when you need it. This package imports nothing else of jobd's.
 """
 
+from protocol.callbacks import CallbackResult
 from protocol.client import Client, SyncClient, connect
 from protocol.commands import (
     BatchResult,
@@ -59,7 +60,7 @@ __all__ = [
     # what a client sends beside plain arguments
     "JobSpec", "ScheduleSpec",
     # what a client receives
-    "AttemptError", "BatchResult", "BulkResult", "CancelResult", "ChildView", "DaemonView",
+    "AttemptError", "BatchResult", "BulkResult", "CallbackResult", "CancelResult", "ChildView", "DaemonView",
     "DeliveryView", "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
     "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",

@@ -26,6 +26,7 @@ from anyio.abc import ByteStream
 from anyio.from_thread import BlockingPortal
 
 from protocol import commands as c
+from protocol.callbacks import CallbackResult, JobComplete, JobFail, JobHeartbeat, JobProgress
 from protocol.errors import (
     BadRequest,
     ConnectionFailed,
@@ -260,6 +261,23 @@ class Client:
     async def list_events(self, name: str | None = None, *, cursor: int | None = None,
                           limit: int = 50) -> c.EventsPage:
         return await self.call(c.ListEvents(name=name, cursor=cursor, limit=limit))
+
+    # An HTTP handler's app calling back (protocol/callbacks.py), with the token its
+    # request carried in `callback.token`.
+    async def complete_job(self, job_id: int, token: str, result: Any = None) -> CallbackResult:
+        return await self.call(JobComplete(job_id=job_id, token=token, result=result))
+
+    async def fail_job(self, job_id: int, token: str, message: str = "failed by the app",
+                       retryable: bool = False) -> CallbackResult:
+        return await self.call(JobFail(job_id=job_id, token=token, message=message,
+                                       retryable=retryable))
+
+    async def job_progress(self, job_id: int, token: str, pct: float | None = None,
+                           note: str | None = None) -> CallbackResult:
+        return await self.call(JobProgress(job_id=job_id, token=token, pct=pct, note=note))
+
+    async def job_heartbeat(self, job_id: int, token: str) -> CallbackResult:
+        return await self.call(JobHeartbeat(job_id=job_id, token=token))
 
     async def webhook_list(self, *, state: str | None = None, webhook: str | None = None,
                            limit: int = 50, cursor: int | None = None) -> c.WebhooksPage:

@@ -15,6 +15,13 @@ from typing import Annotated, Any
 
 import msgspec
 
+from protocol.callbacks import (
+    CallbackResult,
+    JobComplete,
+    JobFail,
+    JobHeartbeat,
+    JobProgress,
+)
 from protocol.events import MAX_EVENTS_BATCH, EventName, EventSpec, EventView, IdempotencyKey
 from protocol.jobs import (
     DaemonView,
@@ -281,6 +288,7 @@ Command = (
     | Watch
     | ScheduleAdd | ScheduleRemove | SchedulePause | ScheduleResume | ScheduleTrigger
     | ScheduleList | SendEvent | SendEvents | ListEvents | WebhookList | WebhookReplay
+    | JobComplete | JobFail | JobProgress | JobHeartbeat
 )
 
 
@@ -431,6 +439,10 @@ RESULT_TYPES: dict[type, Any] = {
     ScheduleList: ScheduleListResult,
     WebhookList: WebhooksPage,
     WebhookReplay: WebhookReplayResult,
+    JobComplete: CallbackResult,
+    JobFail: CallbackResult,
+    JobProgress: CallbackResult,
+    JobHeartbeat: CallbackResult,
 }
 
 COMMAND_NAMES = sorted(c.__struct_config__.tag for c in RESULT_TYPES)  # type: ignore[attr-defined]

@@ -123,6 +123,9 @@ class JobView(msgspec.Struct, kw_only=True):
     # `limits.list_field_bytes`; the names of the fields left out. `get` shows them whole.
     truncated: list[str] = []
     event_id: int | None = None  # the event that started this job (README: "Events")
+    # An HTTP handler's attempt whose endpoint answered 202: still `running` (its key's
+    # slot held) on no daemon, until the app calls back or this deadline passes.
+    callback_deadline: datetime | None = None
 
 
 class QueueCounts(msgspec.Struct, kw_only=True):

@@ -23,7 +23,7 @@ CLIENT_API = [
     # what a client sends beside plain arguments
     "JobSpec", "ScheduleSpec",
     # what a client receives
-    "AttemptError", "BatchResult", "BulkResult", "CancelResult", "ChildView", "DaemonView",
+    "AttemptError", "BatchResult", "BulkResult", "CallbackResult", "CancelResult", "ChildView", "DaemonView",
     "DeliveryView", "DrainResult", "EnqueueResult", "HelloResult", "JobView", "JobsPage", "KeyStats",
     "NodesResult", "PauseResult", "Pong", "QueueCounts", "ReloadResult", "ScheduleFired",
     "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",

@@ -104,7 +104,7 @@ def _span_outcome(outcome: Outcome, label: str) -> str:
 
 
 def _metric_outcome(outcome: Outcome, label: str) -> str:
-    if label in ("timed_out", "released"):
+    if label in ("timed_out", "released", "detached"):
         return label
     if outcome.state in ("completed", "failed", "cancelled"):
         return outcome.state

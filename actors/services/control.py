@@ -29,6 +29,7 @@ from actors.ports import (
     ValueRejected,
 )
 from actors.services import event_commands, schedule_commands, webhook_commands
+from actors.services.callbacks import Callbacks
 from actors.services.enqueuer import Enqueuer
 from actors.services.job_views import FINISHED, job_view, summary
 from actors.services.key_views import key_stats
@@ -65,6 +66,7 @@ class Control:
         queues: Callable[[], set[str]] | None = None,
         declared: Callable[[], set[str]] | None = None,
         live_s: float = 60.0,
+        callbacks: Callbacks | None = None,
         wake_courier: Callable[[], None] = lambda: None,
     ):
         """`queues()`: the queues this daemon serves; an enqueue elsewhere asks the store
@@ -86,6 +88,7 @@ class Control:
         self._max_args_bytes = max_args_bytes if max_args_bytes is not None else \
             validate_max_args_bytes()
         self._list_field_bytes = list_field_bytes
+        self._callbacks = callbacks
         self._wake_courier = wake_courier
         self._event_sender = event_commands.EventSender(store,
                                                         max_data_bytes=self._max_args_bytes)
@@ -186,6 +189,10 @@ class Control:
             case (c.ScheduleAdd() | c.ScheduleRemove() | c.SchedulePause() | c.ScheduleResume()
                   | c.ScheduleTrigger() | c.ScheduleList()):
                 return await schedule_commands.handle(self._store, self._handlers, cmd)
+            case c.JobComplete() | c.JobFail() | c.JobProgress() | c.JobHeartbeat():
+                if self._callbacks is None:
+                    raise NotFound("this daemon runs no HTTP kinds")
+                return await self._callbacks.handle(cmd)
         raise JobdError(f"unhandled command {type(cmd).__name__}", code=ErrorCode.UNKNOWN_COMMAND)
 
     async def _bulk(self, cmd: c.CancelMany | c.Retry | c.Delete | c.Replay) -> c.BulkResult:

@@ -55,6 +55,8 @@ def job_view(row: dict[str, Any], *, field_bytes: int | None = None) -> JobView:
         finished_at=row["finished_at"], lease_owner=row["lease_owner"],
         cancel_requested=row["cancel_requested"],
         truncated=truncated, event_id=row.get("event_id"),
+        callback_deadline=row.get("lease_until") if row["state"] == "running"
+        and row["lease_owner"] is None else None,
     )
 
 

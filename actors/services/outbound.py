@@ -17,6 +17,9 @@ import httpx
 import msgspec
 import trio
 
+_CALLS_PER_POOL = 10
+USER_AGENT = "jobd"
+
 
 class DestinationRefused(Exception):
     """The URL is not http(s) or its host is not in `[http] allow_hosts`."""
@@ -57,9 +60,23 @@ class Outbound:
         self.per_origin = per_origin
         self.max_body_bytes = max_body_bytes
         self._limiters: dict[str, trio.CapacityLimiter] = {}
-        self._client = httpx.AsyncClient(
-            follow_redirects=follow_redirects, verify=True, trust_env=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=per_origin))
+        # Several pools, taken in turn: httpcore's pool scans every connection and
+        # waiting request on each step, so one pool with 100 calls in flight cost 2.6 ms
+        # of CPU per call against 0.96 ms for ten pools of ten (bench/http_handlers.py).
+        # Requests go to the transport itself unless redirects are followed: the client's
+        # layers (redirects, cookies, auth, hooks) cost ~130 us of the ~500 us of a call.
+        shards = max(1, -(-per_origin // _CALLS_PER_POOL))
+        # One TLS context (verifying, the system's CAs) for all: each costs ~45 ms to build.
+        tls = httpx.create_ssl_context()
+        self._pools = [httpx.AsyncHTTPTransport(
+            verify=tls, trust_env=False,
+            limits=httpx.Limits(max_connections=None,
+                                max_keepalive_connections=min(per_origin, _CALLS_PER_POOL)))
+            for _ in range(shards)]
+        self._redirecting = [httpx.AsyncClient(transport=pool, follow_redirects=True,
+                                               trust_env=False)
+                             for pool in self._pools] if follow_redirects else []
+        self._turn = 0
 
     def limiter(self, url: str) -> trio.CapacityLimiter:
         key = origin(url)
@@ -74,11 +91,18 @@ class Outbound:
         and the retry table classes them as network errors."""
         check_destination(url, self.allow_hosts)
         async with self.limiter(url):
-            request = self._client.build_request(
+            turn = self._turn % len(self._pools)
+            self._turn += 1
+            # identity: the body is read raw (capped), so it must not come compressed.
+            request = httpx.Request(
                 "POST", url, content=body,
-                headers={"content-type": "application/json", **headers},
-                timeout=httpx.Timeout(timeout_s))
-            response = await self._client.send(request, stream=True)
+                headers={"content-type": "application/json", "accept-encoding": "identity",
+                         "user-agent": USER_AGENT, **headers},
+                extensions={"timeout": httpx.Timeout(timeout_s).as_dict()})
+            if self._redirecting:
+                response = await self._redirecting[turn].send(request, stream=True)
+            else:
+                response = await self._pools[turn].handle_async_request(request)
             try:
                 chunks: list[bytes] = []
                 size = 0
@@ -96,4 +120,5 @@ class Outbound:
                         body=b"" if too_large else b"".join(chunks), too_large=too_large)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for pool in self._pools:
+            await pool.aclose()

@@ -14,7 +14,7 @@ import trio
 
 from actors import jobs, retry, tracing
 from actors.context import Context, JobInfo
-from actors.errors import InvalidArgs, UnknownKind
+from actors.errors import AwaitCallback, InvalidArgs, UnknownKind
 from actors.handlers import Handlers
 from actors.jobdef import JobDef
 from actors.ports import Claimed, Enqueued, NewJob, Outcome
@@ -165,6 +165,12 @@ class AttemptRunner:
                     result = await jobdef.fn(ctx, args)
             except Suspend as suspend:  # a workflow waits: the slot is freed, no attempt burned
                 return suspend.outcome(job.id, job.lease_token), "suspended", self._clock.now() - started
+            except AwaitCallback as wait:  # the app finishes it (actors/http_handler.py)
+                # Still `running` (its key's slot held), on no daemon's lease: the
+                # finish detaches it and the reaper times it out at the deadline.
+                return (Outcome(id=job.id, token=job.lease_token, state="running",
+                                delay_s=wait.timeout_s),
+                        "detached", self._clock.now() - started)
             except InvalidValue as exc:  # tx.complete(result) refused the result
                 run_s = self._clock.now() - started
                 return self._fail(job, exc, exc.error_class, run_s), "error", run_s

@@ -12,6 +12,9 @@ Routes:
   socket, with the socket's envelopes: `{"type": "ok", "result": ...}` or
   `{"type": "error", "code", "message", "details"}`; the HTTP status follows the code.
 - `GET /v1/jobs/{id}`: `get`, for curl.
+- `POST /v1/jobs/{id}/complete` (`/fail`, `/progress`, `/heartbeat`): an HTTP handler's
+  app calling back (protocol/callbacks.py); the body's `token` (the job's callback token)
+  is the authorization, so these need no API token.
 - `GET /v1/openapi.json`: OpenAPI 3.1 generated from the protocol Structs
   (`daemon.api.openapi`).
 
@@ -38,10 +41,10 @@ import msgspec
 import trio
 
 from daemon.api.openapi import openapi
-from daemon.api.requests import COMMANDS, Answers, Peer, Requests, error
+from daemon.api.requests import COMMANDS, Answers, Peer, Requests, decode, error
 from daemon.metrics import Metrics
 from protocol import commands as c
-from protocol.errors import ErrorCode, JobdError
+from protocol.errors import BadRequest, ErrorCode, JobdError
 
 log = logging.getLogger("jobd.http")
 
@@ -73,7 +76,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _JSON = b"application/json"
 _JOB_PATH = re.compile(r"^/v1/jobs/([0-9]{1,19})$")
+_CALLBACK_PATH = re.compile(r"^/v1/jobs/([0-9]{1,19})/(complete|fail|progress|heartbeat)$")
 _encoder = msgspec.json.Encoder()
+_object = c.JsonDecoder(dict[str, Any])
 
 
 class _TooLarge(Exception):
@@ -163,6 +168,10 @@ class HttpApp:
                 else:
                     await _json(send, 503, {"status": "not_ready", "reason": reason},
                                 head=method == "HEAD")
+            elif match := _CALLBACK_PATH.match(path):
+                await self._only(method, "POST")
+                body = await self._body(scope, receive)
+                await self._run(scope, send, self._callback(match, body))
             elif path == "/v1" or path.startswith("/v1/"):
                 self._authorize(scope)
                 await self._api(scope, receive, send, path, method)
@@ -228,6 +237,16 @@ class HttpApp:
         body = await self._body(scope, receive)
         traceparent = _headers(scope).get(b"traceparent")
         await self._run(scope, send, self._requests.decode_body(name, body, traceparent))
+
+    def _callback(self, match: re.Match[str], body: bytes) -> c.Command:
+        """The callback command: the job id from the path, the rest from the body."""
+        fields = decode(_object, body or b"{}")
+        job_id = int(match.group(1))
+        if fields.get("job_id", job_id) != job_id:
+            raise BadRequest(f"job_id {fields['job_id']!r} in the body is not the path's "
+                             f"{job_id}", details={"field": "job_id"})
+        return self._requests.decode_body(f"job_{match.group(2)}",
+                                          _encoder.encode({**fields, "job_id": job_id}))
 
     async def _run(self, scope: Scope, send: Send, cmd: c.Command) -> None:
         client = scope.get("client")

@@ -53,6 +53,21 @@ def openapi() -> dict[str, Any]:
         "responses": {"200": {"description": "ok envelope", "content": {"application/json": {
             "schema": _ok({"$ref": template.format(name="JobView")})}}}, "default": error},
     }}
+    for action, t in (("complete", c.JobComplete), ("fail", c.JobFail),
+                      ("progress", c.JobProgress), ("heartbeat", c.JobHeartbeat)):
+        # An HTTP handler's app calling back: the token in the body is the authorization;
+        # the job id comes from the path (a body's job_id must be the same).
+        paths[f"/v1/jobs/{{id}}/{action}"] = {"post": {
+            "operationId": f"callback_{action}", "security": [],
+            "summary": (t.__doc__ or action).strip().splitlines()[0],
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "integer"}}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": template.format(name=t.__name__)}}}},
+            "responses": {"200": {"description": "ok envelope", "content": {
+                "application/json": {"schema": _ok(
+                    {"$ref": template.format(name="CallbackResult")})}}}, "default": error},
+        }}
     paths["/metrics"] = _plain("Prometheus exposition", "text/plain")
     paths["/healthz"] = _plain("200 while the event loop answers", "application/json")
     paths["/readyz"] = _plain("200 when ready, 503 with a reason when not", "application/json")

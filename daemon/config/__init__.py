@@ -63,6 +63,9 @@ def load(path: Path | None, environ: dict[str, str] | None = None) -> Config:
     if path:
         base = path.parent
         config.handlers.paths = [str((base / p).resolve()) for p in config.handlers.paths]
+        for kind in config.http.kinds.values():
+            if kind.secret_file is not None:
+                kind.secret_file = str((base / kind.secret_file).resolve())
         for hook in config.webhooks:
             if hook.secret_file is not None:
                 hook.secret_file = str((base / hook.secret_file).resolve())

@@ -6,7 +6,7 @@ in daemon/config/checks.py.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -199,12 +199,34 @@ class Limits(_Strict):
     list_field_bytes: Annotated[int, msgspec.Meta(ge=64, le=_MiB)] = 4096
 
 
+class HttpKind(_Strict):
+    """A kind whose handler is a URL (`[http.kinds."predict.session"]`, README "Handlers
+    behind a URL"). The secret is read at load and on a reload, never kept here."""
+
+    url: str
+    queue: _Name = "default"
+    timeout: Seconds = seconds("60s")  # one request, answer included
+    # After a 202 {"callback": true}: how long the app has to call back; each progress
+    # or heartbeat callback moves the deadline this far from then.
+    callback_timeout: Seconds = seconds("30m")
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    priority: Annotated[int, msgspec.Meta(ge=-32768, le=32767)] = 0
+    key: str | None = None  # a top-level args field, or a JSON pointer ("/model/name")
+    secret_file: str | None = None  # relative to the config file
+    secret_credential: str | None = None  # $CREDENTIALS_DIRECTORY/<name> (systemd)
+    args_schema: dict[str, Any] | None = None  # a JSON Schema the args must meet
+
+
 class Http(_Strict):
     """Outbound requests (HTTP handlers, webhooks). URLs come only from this file."""
 
     allow_hosts: list[str] = []  # empty: any host; ".example.com": its subdomains
     follow_redirects: bool = False
     per_origin: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100  # requests in flight
+    # Where apps reach this daemon's HTTP API for callbacks ("https://jobd.internal:9464");
+    # sent in each request's `callback.url` when set.
+    callback_url: str | None = None
+    kinds: dict[str, HttpKind] = {}
 
 
 _Event = Annotated[str, msgspec.Meta(pattern=r"^(completed|failed|cancelled)$")]

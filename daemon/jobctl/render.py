@@ -74,7 +74,8 @@ def render_stats(result: c.StatsResult) -> str:
 def render_job(job: Any) -> str:
     lines = [
         f"job {job.id}  {job.kind}  queue={job.queue}  key={job.key or '-'}",
-        f"state: {job.state}  attempt {job.attempt}/{job.max_attempts}  priority {job.priority}",
+        f"state: {job.state}{_callback_wait(job)}  attempt {job.attempt}/{job.max_attempts}  "
+        f"priority {job.priority}",
         f"args: {json.dumps(job.args)}",
     ]
     if job.progress is not None:
@@ -90,3 +91,8 @@ def render_job(job: Any) -> str:
         lines.append(f"attempt {err.attempt}: {err.error_class}: {err.message}")
     lines += render_workflow(job)
     return "\n".join(lines)
+
+
+def _callback_wait(job: Any) -> str:
+    deadline = getattr(job, "callback_deadline", None)
+    return "" if deadline is None else f" (waiting for its HTTP callback until {deadline:%Y-%m-%d %H:%M:%S %Z})"

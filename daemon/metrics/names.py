@@ -14,6 +14,11 @@ DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# An HTTP handler's request, from sending it to its answer read (or its failure).
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# jobd_http_requests_total{outcome}: what the answer (or its absence) meant.
+HTTP_OUTCOMES = ("completed", "callback", "rate_limited", "network", "failed",
+                 "result_too_large", "timeout", "connection_error", "refused", "cancelled")
 
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "timed_out", "rescued", "released")
 # skipped: enqueues a flow-control tool refused, from every path (SQL and events too).

@@ -26,10 +26,6 @@ P = ParamSpec("P")
 DROP_LOG_EVERY_S = 60.0
 
 
-def _ignore(*_args: object) -> None:
-    """An accumulator a caller did not hand over (an observer built for a test)."""
-
-
 def _never_raises(
     hook: Callable[Concatenate[PromObserver, P], None],
 ) -> Callable[Concatenate[PromObserver, P], None]:
@@ -81,6 +77,7 @@ class PromObserver:
         keys: KeyLabels, live: LiveCollector, drops: Drops | None = None,
         events_received: Counter | None = None, events_deduplicated: Counter | None = None,
         event_jobs_started: Counter | None = None,
+        http_requests: Counter | None = None, http_seconds: Histogram | None = None,
     ):
         self.drops = drops if drops is not None else Drops()
         self._keys = keys
@@ -97,6 +94,8 @@ class PromObserver:
         self._openings = breaker_openings.inc
         self._notifications_dropped = notifications_dropped.inc
         self._events = (events_received, events_deduplicated, event_jobs_started)
+        self._http_requests = http_requests.inc if http_requests is not None else _ignore
+        self._http_seconds = http_seconds.observe if http_seconds is not None else _ignore
         self._run = run_seconds.observe
         self._wait = wait_seconds.observe
         self._db = db_seconds.observe
@@ -176,6 +175,11 @@ class PromObserver:
         self._db((operation,), seconds)
 
     @_never_raises
+    def http_request(self, kind: str, status_class: str, outcome: str, seconds: float) -> None:
+        self._http_requests((kind, status_class, outcome))
+        self._http_seconds((kind,), 0.0 if seconds < 0.0 else seconds)
+
+    @_never_raises
     def key_paused(self, queue: str, key: str) -> None:
         self._pauses((queue, self._keys(queue, key)))
 
@@ -195,3 +199,7 @@ class PromObserver:
         self._live.key_running[queue] = key_running
         self._live.key_rate[queue] = key_rate
         self._live.key_breaker[queue] = key_breaker
+
+
+def _ignore(*args: object) -> None:
+    return None

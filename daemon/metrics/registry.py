@@ -21,6 +21,7 @@ from daemon.metrics.names import (
     BATCH_BUCKETS,
     BATCH_SIZE_BUCKETS,
     DB_BUCKETS,
+    HTTP_BUCKETS,
     JOB_BUCKETS,
     LAG_BUCKETS,
     KeyLabels,
@@ -129,6 +130,13 @@ class Metrics:
                                    "Task steps that held the event loop past "
                                    "daemon.loop_lag_warning, by the handler kind running "
                                    "(\"\" when no handler).", ["kind"], registry=r)
+        self.http_requests = Counter(
+            "jobd_http_requests", "Requests to HTTP handlers' endpoints, by kind, status "
+            "class (2xx..5xx, none: no answer) and what the answer meant.",
+            ["kind", "status_class", "outcome"], registry=r)
+        self.http_seconds = Histogram("jobd_http_request_seconds",
+                                      "An HTTP handler's request, sent to answered.",
+                                      ["kind"], buckets=HTTP_BUCKETS, registry=r)
         info = Gauge("jobd_daemon_info", "Always 1; labels name this daemon.",
                      ["version", "region", "daemon_id"], registry=r)
         info.labels(version, region, daemon_id).set(1)
@@ -151,7 +159,8 @@ class Metrics:
             batch_size=self.batch_size,
             keys=self.keys, live=self.live, events_received=self.events_received,
             events_deduplicated=self.events_deduplicated,
-            event_jobs_started=self.event_jobs_started)
+            event_jobs_started=self.event_jobs_started,
+            http_requests=self.http_requests, http_seconds=self.http_seconds)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """(body, content type) for a scrape; OpenMetrics if the scraper asks for it."""

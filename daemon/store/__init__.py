@@ -2,14 +2,16 @@
 
 One thin method per named statement (`daemon/store/sql/`, one module per subject), grouped
 by subject in mixins that share one road to the database (`base.StoreBase`): jobs, leases
-and daemons, flow control, the control plane, schedules, workflows, webhooks, events; plus
-the three things that hold a connection of their own: the LISTEN connection (`listen`),
-the handler transaction (`transaction`) and the metrics leader's session (`leader`).
+and daemons, flow control, the control plane, schedules, workflows, webhooks, events,
+HTTP callbacks; plus the three things that hold a connection of their own: the LISTEN
+connection (`listen`), the handler transaction (`transaction`) and the metrics leader's
+session (`leader`).
 """
 
 from __future__ import annotations
 
 from actors.ports import Store
+from daemon.store.callbacks import CallbackStatements
 from daemon.store.control import ControlStatements
 from daemon.store.events import EventStatements
 from daemon.store.flow import FlowStatements
@@ -34,6 +36,7 @@ class PgStore(
     WorkflowStatements,
     WebhookStatements,
     EventStatements,
+    CallbackStatements,
     Transactions,
     Listening,
     MetricsSessions,

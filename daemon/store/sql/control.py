@@ -66,16 +66,20 @@ SELECT j.state, count(*) AS n FROM jobd.jobs j WHERE {JOB_FILTER} GROUP BY j.sta
 # $1..$11 = the filter (JOB_FILTER), $12 = dry run.
 CANCEL_MATCHING = f"""
 WITH matched AS (
-    SELECT j.id, j.state FROM jobd.jobs j
+    SELECT j.id, j.state, j.state = 'running' AND j.lease_owner IS NULL AS detached
+    FROM jobd.jobs j
     WHERE {JOB_FILTER} AND j.state IN {UNFINISHED}
     FOR UPDATE SKIP LOCKED
 ), queued AS (
-    UPDATE jobd.jobs j SET state = 'cancelled', finished_at = now()
-    FROM matched m WHERE j.id = m.id AND m.state <> 'running' AND NOT $12
+    -- As CANCEL: a detached attempt (waiting for an HTTP callback) is cancelled now.
+    UPDATE jobd.jobs j SET state = 'cancelled', finished_at = now(),
+        lease_token = CASE WHEN m.detached THEN j.lease_token + 1 ELSE j.lease_token END,
+        lease_until = NULL
+    FROM matched m WHERE j.id = m.id AND (m.state <> 'running' OR m.detached) AND NOT $12
     RETURNING j.id
 ), running AS (
     UPDATE jobd.jobs j SET cancel_requested = true
-    FROM matched m WHERE j.id = m.id AND m.state = 'running' AND NOT $12
+    FROM matched m WHERE j.id = m.id AND m.state = 'running' AND NOT m.detached AND NOT $12
     RETURNING j.id, pg_notify('jobd_cancel', j.id::text)
 )
 SELECT (SELECT count(*) FROM matched) AS matched,

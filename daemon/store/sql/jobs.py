@@ -212,7 +212,7 @@ WITH done AS (
     UPDATE jobd.jobs j SET
         state = x.state,
         result = coalesce(x.result::jsonb, j.result),
-        run_at = CASE WHEN x.delay_s IS NULL THEN j.run_at
+        run_at = CASE WHEN x.delay_s IS NULL OR x.state = 'running' THEN j.run_at
                       ELSE now() + x.delay_s * interval '1 second' END,
         -- A snooze right after a snooze replaces it (counting them, keeping the first's
         -- time): a job snoozing for days would otherwise grow one entry per snooze.
@@ -229,7 +229,13 @@ WITH done AS (
         attempt = j.attempt - x.refund,
         finished_at = CASE WHEN x.state IN ('completed', 'failed', 'cancelled') THEN now() END,
         progress = CASE WHEN x.state = 'completed' THEN 100 ELSE j.progress END,
-        lease_owner = NULL, lease_until = NULL, cancel_requested = false,
+        -- 'running' detaches an HTTP handler's attempt that is waiting for its callback
+        -- (actors/http_handler.py): no daemon's lease, the deadline in lease_until, so
+        -- its key's slot stays counted and the reaper times it out; a cancel asked for
+        -- meanwhile stays asked for.
+        lease_owner = NULL,
+        lease_until = CASE WHEN x.state = 'running' THEN now() + x.delay_s * interval '1 second' END,
+        cancel_requested = x.state = 'running' AND j.cancel_requested,
         has_steps = j.has_steps OR x.steps IS NOT NULL,
         waiting_on = CASE WHEN x.waiting_on IS NULL THEN j.waiting_on
                           WHEN x.waiting_on::jsonb ? 'timeout_s'
@@ -336,14 +342,20 @@ WHERE j.id = x.id AND j.lease_token = x.token AND j.state = {RUNNING}
 # $1 = job id.
 CANCEL = """
 WITH target AS (
-    SELECT id, state FROM jobd.jobs WHERE id = $1 FOR UPDATE
+    SELECT id, state, lease_owner IS NULL AND state = 'running' AS detached
+    FROM jobd.jobs WHERE id = $1 FOR UPDATE
 ), queued AS (
-    UPDATE jobd.jobs j SET state = 'cancelled', finished_at = now()
-    FROM target t WHERE j.id = t.id AND t.state IN ('scheduled', 'available', 'waiting')
+    -- A detached attempt (waiting for an HTTP callback) runs on no daemon: cancelled
+    -- now, its lease token bumped so the callback is refused.
+    UPDATE jobd.jobs j SET state = 'cancelled', finished_at = now(),
+        lease_token = CASE WHEN t.detached THEN j.lease_token + 1 ELSE j.lease_token END,
+        lease_until = NULL
+    FROM target t WHERE j.id = t.id
+        AND (t.state IN ('scheduled', 'available', 'waiting') OR t.detached)
     RETURNING j.id
 ), running AS (
     UPDATE jobd.jobs j SET cancel_requested = true
-    FROM target t WHERE j.id = t.id AND t.state = 'running'
+    FROM target t WHERE j.id = t.id AND t.state = 'running' AND NOT t.detached
     RETURNING j.id, pg_notify('jobd_cancel', j.id::text)
 )
 SELECT t.state AS was,

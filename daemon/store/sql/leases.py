@@ -80,8 +80,10 @@ DELETE FROM jobd.daemons
 WHERE heartbeat_at < coalesce($2::timestamptz, now()) - $1 * interval '1 second'
 """
 
-# Expired leases: the daemon holding them is gone (or cut off from the database).
-# Bumping the token fences the lost attempt out.
+# Expired leases: the daemon holding them is gone (or cut off from the database), or,
+# for a running job no daemon holds (an HTTP handler's attempt detached after a 202),
+# its callback did not come by the deadline: a timed-out attempt.
+# Bumping the token fences the lost attempt out (and kills its callback token).
 # $1 = batch size, $2 = now (NULL: the database's clock).
 RESCUE_EXPIRED = """
 UPDATE jobd.jobs j SET
@@ -93,8 +95,11 @@ UPDATE jobd.jobs j SET
     run_at = coalesce($2::timestamptz, now()),
     lease_token = j.lease_token + 1, lease_owner = NULL, lease_until = NULL,
     errors = j.errors || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempt, 'at', coalesce($2::timestamptz, now()), 'class', 'rescued',
-        'message', 'lease expired (daemon ' || coalesce(j.lease_owner, '?') || ' stopped renewing)',
+        'attempt', j.attempt, 'at', coalesce($2::timestamptz, now()),
+        'class', CASE WHEN j.lease_owner IS NULL THEN 'timeout' ELSE 'rescued' END,
+        'message', CASE WHEN j.lease_owner IS NULL
+                        THEN 'no callback by its deadline (the endpoint answered 202)'
+                        ELSE 'lease expired (daemon ' || j.lease_owner || ' stopped renewing)' END,
         'duration_s', extract(epoch FROM coalesce($2::timestamptz, now()) - j.started_at)))
 WHERE j.id = ANY(ARRAY(
     SELECT id FROM jobd.jobs
@@ -134,7 +139,9 @@ UPDATE jobd.jobs j SET
 FROM (
     SELECT id, NOT coalesce(timeout_s > 0 AND timeout_s <= 1e9, false) AS insane
     FROM jobd.jobs
-    WHERE state = 'running' AND timeout_s IS NOT NULL
+    -- A detached attempt (no lease owner: waiting for its callback) has its own
+    -- deadline in lease_until; the request's timeout is long past.
+    WHERE state = 'running' AND timeout_s IS NOT NULL AND lease_owner IS NOT NULL
       AND CASE WHEN timeout_s > 0 AND timeout_s <= 1e9
                THEN started_at + (timeout_s + least($2::float8, 1e9)) * interval '1 second'
                     < coalesce($3::timestamptz, now())

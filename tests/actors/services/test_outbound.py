@@ -3,6 +3,8 @@ per-origin concurrency."""
 
 from __future__ import annotations
 
+import shutil
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ import httpx
 import pytest
 import trio
 
+from actors import retry
 from actors.services.outbound import DestinationRefused, Outbound, check_destination
 
 IN_FLIGHT = {"now": 0, "max": 0}
@@ -129,3 +132,31 @@ async def test_a_refused_connection_raises_httpx_connect_error() -> None:
             await out.post("http://127.0.0.1:9/", b"{}", {}, 2)
     finally:
         await out.aclose()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_tls_is_verified(tmp_path):
+    """A self-signed certificate is refused: the call fails as a network error."""
+    await trio.run_process(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], capture_stdout=True, capture_stderr=True)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        outbound = Outbound(allow_hosts=[])
+        with pytest.raises(httpx.ConnectError) as caught:
+            await outbound.post(f"https://127.0.0.1:{server.server_address[1]}/echo", b"{}",
+                                {}, 5)
+        assert retry.error_class(caught.value) == "network"
+        chain: list[BaseException] = []
+        seen: BaseException | None = caught.value
+        while seen is not None:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        assert any(isinstance(e, ssl.SSLCertVerificationError) for e in chain), chain
+        await outbound.aclose()
+    finally:
+        server.shutdown()
