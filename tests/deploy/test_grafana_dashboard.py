@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.test_prometheus_rules import (
-    HTTP_HANDLER_METRICS,
     JOBD_METRICS,
     OTHER_METRICS,
     PrometheusServer,
@@ -137,7 +136,7 @@ def test_every_expression_parses_and_uses_known_metrics() -> None:
     import promql_parser
 
     used: set[str] = set()
-    allowed = JOBD_METRICS | HTTP_HANDLER_METRICS | OTHER_METRICS | {"process_cpu_seconds_total",
+    allowed = JOBD_METRICS | OTHER_METRICS | {"process_cpu_seconds_total",
                                               "process_resident_memory_bytes",
                                               "process_start_time_seconds"}
     exprs = substituted()

@@ -43,12 +43,11 @@ JOBD_METRICS = {
     "jobd_webhook_deliveries_total", "jobd_webhook_retries_total",
     "jobd_webhook_request_seconds", "jobd_webhook_pending",
     "jobd_webhook_oldest_pending_age_seconds",
+    "jobd_http_requests_total", "jobd_http_request_seconds",
 }
 HISTOGRAMS = {"jobd_job_run_seconds", "jobd_job_wait_seconds", "jobd_db_round_trip_seconds",
-              "jobd_claim_batch_size", "jobd_webhook_request_seconds"}
-# The HTTP handlers' metrics (branch r23-http declares them): the dashboard has their
-# panels already; once that branch is in, they move into JOBD_METRICS.
-HTTP_HANDLER_METRICS = {"jobd_http_requests_total", "jobd_http_request_seconds"}
+              "jobd_claim_batch_size", "jobd_webhook_request_seconds",
+              "jobd_http_request_seconds"}
 OTHER_METRICS = {"up"}  # Prometheus' own per-target series
 
 needs_promtool = pytest.mark.skipif(
