@@ -9,6 +9,7 @@ import msgspec
 import trio
 
 from actors import Context, job
+from protocol.jobs import JobSpec
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS tool_runs (job_id bigint, kind text, key text, n int, pid int);
@@ -92,3 +93,15 @@ async def on_signup(ctx: Context, args: list[Item]) -> None:
             await tx.execute("INSERT INTO tool_items VALUES ($1, $2, $3, $4)",
                              ctx.job.id, a.day, a.i, os.getpid())
         await tx.complete({"items": len(args)})
+
+
+class Fanout(msgspec.Struct):
+    day: str
+    n: int
+
+
+@job("tools.fanout")
+async def fanout(ctx: Context, args: Fanout) -> None:
+    # Children into a batch kind: each enqueue is one item of the day's batches.
+    await ctx.enqueue_batch([JobSpec(kind="tools.daily", args={"day": args.day, "i": i})
+                             for i in range(args.n)])

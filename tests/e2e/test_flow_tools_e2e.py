@@ -289,3 +289,14 @@ def test_events_start_debounced_and_batched_jobs_across_two_daemons(jobd, sql):
     assert sorted(r["i"] for r in items) == list(range(11))
     sizes = sql.fetch("SELECT count(*) AS n FROM tool_items GROUP BY job_id")
     assert sorted(r["n"] for r in sizes) == [3, 4, 4]  # full batches of 4, the rest at timeout
+
+
+def test_a_handler_enqueueing_into_a_batch_kind(jobd, sql):
+    sql.execute(TABLE)
+    a = jobd(**OPTIONS)
+    SyncClient(str(a.socket)).enqueue("tools.fanout", {"day": "wed", "n": 12})
+    wait_until(lambda: sql.fetchval("SELECT count(*) FROM tool_items") == 12, "the batched items",
+               daemons=(a,))
+    sizes = sql.fetch("SELECT j.parent_id IS NOT NULL AS child, count(*) AS n "
+                      "FROM tool_items t JOIN jobd.jobs j ON j.id = t.job_id GROUP BY t.job_id, 1")
+    assert sorted(r["n"] for r in sizes) == [2, 5, 5] and all(r["child"] for r in sizes)
