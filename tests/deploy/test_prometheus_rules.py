@@ -44,10 +44,13 @@ JOBD_METRICS = {
     "jobd_webhook_request_seconds", "jobd_webhook_pending",
     "jobd_webhook_oldest_pending_age_seconds",
     "jobd_http_requests_total", "jobd_http_request_seconds",
+    "jobd_events_received_total", "jobd_events_deduplicated_total",
+    "jobd_event_jobs_started_total", "jobd_jobs_skipped_total",
+    "jobd_enqueues_collapsed_total", "jobd_batch_size",
 }
 HISTOGRAMS = {"jobd_job_run_seconds", "jobd_job_wait_seconds", "jobd_db_round_trip_seconds",
               "jobd_claim_batch_size", "jobd_webhook_request_seconds",
-              "jobd_http_request_seconds"}
+              "jobd_http_request_seconds", "jobd_batch_size"}
 OTHER_METRICS = {"up"}  # Prometheus' own per-target series
 
 needs_promtool = pytest.mark.skipif(
@@ -65,7 +68,7 @@ needs_prometheus = pytest.mark.skipif(
 def base_metric(name: str) -> str:
     for suffix in ("_bucket", "_sum", "_count"):
         if name.endswith(suffix) and name.removesuffix(suffix) in HISTOGRAMS | {
-                "jobd_http_request_seconds"}:
+                "jobd_http_request_seconds", "jobd_batch_size"}:
             return name.removesuffix(suffix)
     return name
 
