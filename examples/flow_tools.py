@@ -8,9 +8,10 @@
   at a time (or whatever arrived within 5 s of the first), per day, and writes one row
   per batch instead of one per signup.
 
-Both are plain enqueues for the caller (`jobctl enqueue market.capture --args ...`,
-`client.enqueue(...)`, `SELECT jobd.enqueue(...)`); the collapsing happens in Postgres,
-so every daemon and every producer shares it.
+Each is started by an event (`jobctl send-event marketplace/changed --data ...`,
+`client.send_event(...)`, `SELECT jobd.send_event(...)` in the app's transaction) or by a
+plain enqueue of its kind; either way the collapsing happens in Postgres, so every daemon
+and every producer shares it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class CaptureArgs(msgspec.Struct):
     cursor: int = 0  # the newest change the notification saw
 
 
-@job("market.capture", queue="crawl", debounce="5s", debounce_key="marketplace",
-     debounce_max="1m", timeout="10m")
+@job("market.capture", queue="crawl", on_event="marketplace/changed", debounce="5s",
+     debounce_key="marketplace", debounce_max="1m", timeout="10m")
 async def capture(ctx: Context, args: CaptureArgs) -> dict:
     # A real capture pages the marketplace from `cursor`; the debounced run gets the args
     # of the last notification of the burst, so it starts from the newest cursor.
@@ -40,7 +41,8 @@ class Signup(msgspec.Struct):
     plan: str = "free"
 
 
-@job("daily.digest", queue="default", batch_size=100, batch_timeout="5s", batch_key="day")
+@job("daily.digest", queue="default", on_event="user/signed_up", batch_size=100,
+     batch_timeout="5s", batch_key="day")
 async def digest(ctx: Context, signups: list[Signup]) -> dict:
     by_plan: dict[str, int] = {}
     for s in signups:
