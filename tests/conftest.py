@@ -169,3 +169,21 @@ def empty_handlers() -> Iterator[Handlers]:
     HANDLERS.restore({})
     yield HANDLERS
     HANDLERS.restore(saved)
+
+
+@pytest.fixture
+def cluster() -> Iterator[EmbeddedPostgres]:
+    """A private cluster a test may stop and start (outages, restarts).
+
+    Not under tmp_path: every pytest session that starts resets /tmp/pytest-of-<user> to
+    0700, which (running as root) locks the server user out of a cluster below it until
+    start() re-adds o+x; a concurrent run can do that between the two and fail the
+    restart. tests/e2e/test_faults.py overrides it with a durable cluster."""
+    root = Path(tempfile.mkdtemp(prefix="jobd-t-"))
+    pg = EmbeddedPostgres(root / "pg", fast=True)
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)

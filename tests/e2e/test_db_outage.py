@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from daemon.embedded import EmbeddedPostgres
 from protocol import SyncClient
@@ -41,20 +36,6 @@ def enqueue_and_complete(daemon: JobdProcess, kind: str = "noop") -> int:
     wait_until(completed, f"job {job_id} to complete")
     return job_id
 
-
-@pytest.fixture
-def cluster() -> Iterator[EmbeddedPostgres]:
-    # Not under tmp_path: every pytest session that starts resets /tmp/pytest-of-<user> to
-    # 0700, which (running as root) locks the server user out of a cluster below it until
-    # start() re-adds o+x; a concurrent run can do that between the two and fail the restart.
-    root = Path(tempfile.mkdtemp(prefix="jobd-t-"))
-    pg = EmbeddedPostgres(root / "pg", fast=True)
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_daemon_survives_database_outage(cluster: EmbeddedPostgres, tmp_path: Path) -> None:

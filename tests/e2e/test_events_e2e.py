@@ -7,17 +7,12 @@ acknowledged event. No timing assertions: every wait polls until a generous dead
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from daemon.embedded import EmbeddedPostgres
 from protocol.client import SyncClient
 from protocol.errors import JobdError
 from protocol.events import EventSpec
@@ -256,18 +251,6 @@ async def do(ctx, args: dict) -> None:
 """
 
 
-
-@pytest.fixture
-def cluster() -> Iterator[EmbeddedPostgres]:
-    """A private cluster this test may stop and start (as in test_db_outage.py)."""
-    root = Path(tempfile.mkdtemp(prefix="jobd-t-"))
-    pg = EmbeddedPostgres(root / "pg", fast=True)
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_postgres_restart_is_a_typed_error_then_sends_resume(cluster, tmp_path):

@@ -4,31 +4,15 @@ half-written item. Uses a private cluster (not the session one) so it can be sto
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from daemon.embedded import EmbeddedPostgres
 from protocol.client import SyncClient
 from protocol.errors import JobdError
 from tests.e2e.flow_tools_handlers import TABLE
 from tests.support import JobdProcess, Sql, wait_until
-
-
-@pytest.fixture
-def cluster() -> Iterator[EmbeddedPostgres]:
-    root = Path(tempfile.mkdtemp(prefix="jobd-t-"))  # not under tmp_path: see test_db_outage
-    pg = EmbeddedPostgres(root / "pg", fast=True)
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_pending_batch_and_debounce_outlive_a_postgres_restart(cluster, tmp_path: Path) -> None:

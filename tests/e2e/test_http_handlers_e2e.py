@@ -342,7 +342,7 @@ def test_args_schema_and_key_are_checked_at_enqueue(start):
     assert daemon.jobctl("enqueue", "t.schema", "--args", '{"market": "a"}').returncode == 0
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed (apt-get install -y nodejs; .ci/run does it as root)")
 def test_node_snippet_verifies_jobd_requests(start, secret):
     server = subprocess.Popen(["node", str(ROOT / "examples/node/server.mjs"), "0",
                                http_endpoint.SECRET], stdout=subprocess.PIPE, text=True)

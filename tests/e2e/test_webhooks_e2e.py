@@ -9,12 +9,10 @@ assertions: every wait polls until a generous deadline.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -26,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from daemon.embedded import EmbeddedPostgres
 from protocol.webhook_signing import InvalidSignature, verify
 from tests.support import ROOT, JobdProcess, Sql, wait_until
 
@@ -373,18 +370,6 @@ def test_sighup_drops_a_webhook_and_its_pending_rows_fail(jobd, sql, tmp_path, r
     wait_until(lambda: second in keep.job_ids(), "delivery after the reload", daemons=(d,))
     assert [r["job_id"] for r in outbox(sql) if r["webhook"] == "drop"] == [first]
 
-
-@pytest.fixture
-def cluster():
-    # A private cluster (see tests/e2e/test_db_outage.py): this test stops and starts it.
-    root = Path(tempfile.mkdtemp(prefix="jobd-t-"))
-    pg = EmbeddedPostgres(root / "pg", fast=True)
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_postgres_restart_with_rows_pending(cluster, tmp_path, receivers):

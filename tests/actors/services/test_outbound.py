@@ -134,7 +134,7 @@ async def test_a_refused_connection_raises_httpx_connect_error() -> None:
         await out.aclose()
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed (apt-get install -y openssl; .ci/run does it as root)")
 async def test_tls_is_verified(tmp_path):
     """A self-signed certificate is refused: the call fails as a network error."""
     await trio.run_process(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
