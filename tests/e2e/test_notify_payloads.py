@@ -11,7 +11,7 @@ import json
 
 from tests.support import wait_until
 
-CHANNELS = ("jobd_enqueued", "jobd_cancel", "jobd_paused", "jobd_schedules")
+CHANNELS = ("jobd_enqueued", "jobd_cancel", "jobd_paused", "jobd_schedules", "jobd_webhooks")
 
 GARBAGE = [
     "not-a-number", "-1", "0", "-9223372036854775808", "9223372036854775808",
