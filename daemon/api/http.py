@@ -17,6 +17,7 @@ Routes:
   is the authorization, so these need no API token.
 - `GET /v1/openapi.json`: OpenAPI 3.1 generated from the protocol Structs
   (`daemon.api.openapi`).
+- `/ui/...`: the dashboard (`daemon.dashboard`), with its own sign-in and sessions.
 
 `/v1/*` needs `Authorization: Bearer <token>` (compared in constant time). No token
 configured means the API is off: 403 with a message saying how to turn it on.
@@ -35,7 +36,7 @@ import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -45,6 +46,9 @@ from daemon.api.requests import COMMANDS, Answers, Peer, Requests, decode, error
 from daemon.metrics import Metrics
 from protocol import commands as c
 from protocol.errors import BadRequest, ErrorCode, JobdError
+
+if TYPE_CHECKING:
+    from daemon.dashboard.app import Dashboard
 
 log = logging.getLogger("jobd.http")
 
@@ -97,6 +101,7 @@ class HttpApp:
         token: str | None,
         max_body: int = MAX_BODY_BYTES,
         read_timeout_s: float = READ_TIMEOUT_S,
+        dashboard: Dashboard | None = None,
     ):
         self._requests = Requests(control, "http")
         self._metrics = metrics
@@ -105,6 +110,7 @@ class HttpApp:
         self._max_body = max_body
         self._read_timeout_s = read_timeout_s
         self._openapi: bytes | None = None
+        self._dashboard = dashboard
 
     def count(self, reason: str) -> None:
         self._metrics.http_errors.inc((reason,))
@@ -172,6 +178,8 @@ class HttpApp:
                 await self._only(method, "POST")
                 body = await self._body(scope, receive)
                 await self._run(scope, send, self._callback(match, body))
+            elif self._dashboard is not None and (path == "/ui" or path.startswith("/ui/")):
+                await self._dashboard(scope, send, lambda: self._body(scope, receive))
             elif path == "/v1" or path.startswith("/v1/"):
                 self._authorize(scope)
                 await self._api(scope, receive, send, path, method)

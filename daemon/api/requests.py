@@ -74,6 +74,18 @@ def _traceparent(header: bytes) -> str:
 _TRACEPARENT = re.compile(TRACEPARENT_PATTERN)
 
 
+def _target(cmd: c.Command) -> str:
+    """What a mutating command acts on, for its audit line: the fields it was given
+    (ids, filters, queue and key, a schedule's name), cut at AUDIT_TARGET_CHARS."""
+    given = {f: v for f in cmd.__struct_fields__ if f != "id"
+             and (v := getattr(cmd, f)) not in (None, [], {}, False)}
+    text = " ".join(f"{f}={v}" for f, v in given.items())
+    return text if len(text) <= AUDIT_TARGET_CHARS else text[:AUDIT_TARGET_CHARS] + "…"
+
+
+AUDIT_TARGET_CHARS = 300
+
+
 def error(exc: JobdError, request_id: int | None = None) -> c.Error:
     return c.Error(id=request_id, code=str(exc.code), message=exc.message, details=exc.details)
 
@@ -134,8 +146,11 @@ class Requests:
         level = logging.DEBUG if isinstance(cmd, QUIET) else logging.INFO
         if not self._log.isEnabledFor(level):
             return
-        self._log.log(level, "%s %s", name, peer.said, extra={
-            "event": self._event, "command": name, "request_id": request_id, **peer.fields})
+        # Not an enqueue's or event's: their args are the user's data, not a target.
+        target = "" if isinstance(cmd, QUIET) else _target(cmd)
+        self._log.log(level, "%s %s%s", name, peer.said, f": {target}" if target else "", extra={
+            "event": self._event, "command": name, "request_id": request_id,
+            "target": target, **peer.fields})
 
     async def answer(self, cmd: c.Command, peer: Peer,
                      request_id: int | None = None) -> c.Ok | c.Error:

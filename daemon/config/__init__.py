@@ -99,6 +99,18 @@ def read_token(config: Config, environ: dict[str, str] | None = None) -> str | N
     return _credential(environ, "api-token")
 
 
+def read_dashboard_token(config: Config, environ: dict[str, str] | None = None) -> str | None:
+    """The read-only dashboard token: dashboard.read_token_file, else the systemd
+    credential dashboard-read-token."""
+    environ = dict(os.environ if environ is None else environ)
+    if config.dashboard.read_token_file:
+        try:
+            return Path(config.dashboard.read_token_file).read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(f"dashboard.read_token_file: {exc}") from exc
+    return _credential(environ, "dashboard-read-token")
+
+
 def state_dir(flag: str | None, environ: dict[str, str] | None = None) -> Path:
     environ = dict(os.environ if environ is None else environ)
     chosen = flag or environ.get("JOBD_STATE_DIR") or environ.get("STATE_DIRECTORY")

@@ -15,7 +15,7 @@ import msgspec
 from actors.schedule import Timing, check_durations, validate
 from daemon.config.sections import Config, KeyOverrides, Queue
 from daemon.config.units import decode_hook
-from protocol.durations import parse_duration
+from protocol.durations import format_duration, parse_duration
 from protocol.schedules import ScheduleSpec
 
 OTLP_EXPORTER = "opentelemetry.exporter.otlp.proto.http"
@@ -32,6 +32,11 @@ def check(config: Config, where: str) -> None:
         if not 0 < getattr(config.control, name) < _YEAR_S:
             raise ConfigError(f"{where}: control.{name} must be a positive duration "
                               f"- at `$.control.{name}`")
+    for name, low, high in (("session_lifetime", 60, 30 * 86400), ("refresh", 0.5, 3600)):
+        if not low <= getattr(config.dashboard, name) <= high:
+            raise ConfigError(f"{where}: dashboard.{name} must be between "
+                              f"{format_duration(low)} and {format_duration(high)} "
+                              f"- at `$.dashboard.{name}`")
     _check_schedules(config.schedules, where)
     if config.limits.max_frame_bytes < config.limits.max_args_bytes + 64 * 1024:
         raise ConfigError(f"{where}: limits.max_frame_bytes must exceed limits.max_args_bytes "

@@ -52,6 +52,17 @@ class Control(_Strict):
     http_keep_alive: Seconds = seconds("5s")
 
 
+class Dashboard(_Strict):
+    """The web dashboard at /ui/ on the `control.http` listeners (README: "Dashboard")."""
+
+    enabled: bool = True
+    # A second token that signs in read-only (pages, no actions); the API token
+    # (control.token_file) signs in with the right to act.
+    read_token_file: str | None = None
+    session_lifetime: Seconds = seconds("12h")  # 1m .. 30d (checks.py)
+    refresh: Seconds = seconds("2s")  # live parts poll this often; 500ms .. 1h
+
+
 class Log(_Strict):
     level: Annotated[str, msgspec.Meta(pattern=r"^(debug|info|warning|error)$")] = "info"
     format: Annotated[str, msgspec.Meta(pattern=r"^(auto|json|human)$")] = "auto"
@@ -295,6 +306,7 @@ class Config(_Strict):
     region: _Name = "default"
     database: Database = msgspec.field(default_factory=Database)
     control: Control = msgspec.field(default_factory=Control)
+    dashboard: Dashboard = msgspec.field(default_factory=Dashboard)
     log: Log = msgspec.field(default_factory=Log)
     daemon: Daemon = msgspec.field(default_factory=Daemon)
     metrics: Metrics = msgspec.field(default_factory=Metrics)
