@@ -72,7 +72,7 @@ class Sessions:
         """The session the cookie holds, or None: forged, expired, or for a role whose
         token is gone."""
         payload, _, mac = value.partition(".")
-        if not payload or not hmac.compare_digest(mac, self._mac(payload)):
+        if not payload or not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
             return None
         try:
             p = msgspec.msgpack.decode(_unb64(payload), type=_Payload)
@@ -86,7 +86,7 @@ class Sessions:
         return self._mac("csrf:" + session.sid)
 
     def csrf_ok(self, session: Session, given: str) -> bool:
-        return hmac.compare_digest(given.encode(), self.csrf_token(session).encode())
+        return hmac.compare_digest(given.encode(errors="replace"), self.csrf_token(session).encode())
 
     def _mac(self, text: str) -> str:
         return _b64(hmac.new(self._key, text.encode(), hashlib.sha256).digest())

@@ -13,6 +13,7 @@ from daemon.config import (
     Config,
     ConfigError,
     load,
+    read_dashboard_token,
     read_token,
     socket_path,
     state_dir,
@@ -265,6 +266,24 @@ def test_api_token_from_credentials_or_file(tmp_path: Path) -> None:
     config.control.token_file = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="control.token_file"):
         read_token(config, {})
+
+
+def test_dashboard_read_token_and_bounds(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "dashboard-read-token").write_text("reader\n")
+    config = load(None, {})
+    assert config.dashboard.enabled and config.dashboard.refresh == 2.0
+    assert read_dashboard_token(config, {}) is None
+    assert read_dashboard_token(config, {"CREDENTIALS_DIRECTORY": str(creds)}) == "reader"
+    config.dashboard.read_token_file = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="dashboard.read_token_file"):
+        read_dashboard_token(config, {})
+    assert "dashboard.refresh must be between 500ms and 1h" in error_of(
+        write(tmp_path, '[dashboard]\nrefresh = "10ms"\n'))
+    assert "dashboard.session_lifetime" in error_of(
+        write(tmp_path, '[dashboard]\nsession_lifetime = "90d"\n'))
+    assert "$.dashboard.enabled" in error_of(write(tmp_path, '[dashboard]\nenabled = "yes"\n'))
 
 
 # --------------------------------------------------------------------------- errors name their key

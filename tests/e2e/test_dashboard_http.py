@@ -1,0 +1,264 @@
+"""The dashboard of a real `jobd run` over plain HTTP: sign-in, pages, actions, and every
+refusal (no session, CSRF, another origin, a read-only session, bad input). The browser
+tests (tests/e2e/test_dashboard_browser.py) drive the same pages in Chromium."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.test_http_e2e import free_port
+from tests.support import Sql, wait_until
+
+TOKEN = "dash-api-token-0123456789"
+READ_TOKEN = "dash-read-token-9876543210"
+CSP = "default-src 'self'"
+
+
+@pytest.fixture
+def daemon(jobd, tmp_path, fresh_database):
+    (tmp_path / "api-token").write_text(TOKEN + "\n")
+    (tmp_path / "read-token").write_text(READ_TOKEN + "\n")
+    port = free_port()
+    proc = jobd(modules=["tests.e2e.dashboard_handlers"],
+                queues={"dash": {"concurrency": 4, "key_concurrency": 2}},
+                control={"http": f"127.0.0.1:{port}",
+                         "token_file": str(tmp_path / "api-token")},
+                extra_toml=f'[dashboard]\nread_token_file = "{tmp_path / "read-token"}"\n'
+                           'refresh = "1s"\n')
+    proc.base = f"http://127.0.0.1:{port}"
+    proc.sql = Sql(fresh_database)
+    return proc
+
+
+def signed_in(base: str, token: str = TOKEN, name: str = "alice") -> httpx.Client:
+    client = httpx.Client(base_url=base, follow_redirects=False, timeout=10)
+    reply = client.post("/ui/login", data={"token": token, "name": name, "next": "/ui/runs"})
+    assert reply.status_code == 303, reply.text
+    assert reply.headers["location"] == "/ui/runs"
+    return client
+
+
+def csrf(client: httpx.Client) -> str:
+    page = client.get("/ui/").text
+    match = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+    assert match, page[:500]
+    return match.group(1)
+
+
+def enqueue(base: str, kind: str, **fields: Any) -> int:
+    reply = httpx.post(f"{base}/v1/enqueue", json={"job": {"kind": kind, **fields}},
+                       headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["result"]["id"]
+
+
+def state(daemon, job_id: int) -> str:
+    return daemon.sql.fetchval("SELECT state FROM jobd.jobs WHERE id = $1", job_id)
+
+
+def finished(daemon, job_id: int) -> str:
+    return wait_until(lambda: state(daemon, job_id) in ("completed", "failed", "cancelled")
+                      and state(daemon, job_id), f"job {job_id} to finish")
+
+
+def test_sign_in_pages_and_headers(daemon):
+    base = daemon.base
+    anonymous = httpx.Client(base_url=base, follow_redirects=False, timeout=10)
+    # No session: every page sends the browser to sign in, remembering where it was.
+    reply = anonymous.get("/ui/runs")
+    assert reply.status_code == 303
+    assert reply.headers["location"] == "/ui/login?next=/ui/runs"
+    login = anonymous.get("/ui/login")
+    assert login.status_code == 200 and 'id="token"' in login.text
+    reply = anonymous.post("/ui/login", data={"token": "wrong"})
+    assert reply.status_code == 401 and "wrong token" in reply.text
+    assert "set-cookie" not in {k.lower() for k in reply.headers if "jobd_session" in
+                                reply.headers.get(k, "")}
+
+    ok_id = enqueue(base, "dash.ok", args={"text": "hello"})
+    fail_id = enqueue(base, "dash.fail", args={"text": "needle-7f3"})
+    flow_id = enqueue(base, "dash.flow", args={"text": "plain"})
+    for job_id in (ok_id, fail_id, flow_id):
+        finished(daemon, job_id)
+
+    client = signed_in(base)
+    cookie = client.cookies.jar
+    assert any(c.name == "jobd_session" for c in cookie)
+    raw = client.post("/ui/login", data={"token": TOKEN}).headers["set-cookie"]
+    assert "HttpOnly" in raw and "SameSite=Strict" in raw and "Path=/ui" in raw
+
+    pages = {"/ui/": 'data-queue="dash"', "/ui/runs": f'data-job-id="{fail_id}"',
+             f"/ui/runs/{fail_id}": "needle-7f3", f"/ui/runs/{flow_id}": 'data-step="fetch"',
+             "/ui/schedules": 'id="schedules"', "/ui/daemons": 'id="tree"'}
+    for path, needle in pages.items():
+        reply = client.get(path)
+        assert reply.status_code == 200, (path, reply.text[:300])
+        assert needle in reply.text, path
+        assert reply.headers["content-security-policy"].startswith(CSP)
+        assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
+        assert reply.headers["x-frame-options"] == "DENY"
+        assert reply.headers["cache-control"] == "no-store"
+        # No page carries either token, and no script or style is inline (the CSP).
+        assert TOKEN not in reply.text and READ_TOKEN not in reply.text
+        assert "<script>" not in reply.text and "style=" not in reply.text
+
+    failed = client.get(f"/ui/runs/{fail_id}").text
+    assert re.search(r'id="state"[^>]*>failed<', failed)
+    assert 'class="traceback"' in failed and "(ValueError) boom 100% needle-7f3" in failed
+    workflow = client.get(f"/ui/runs/{flow_id}").text
+    assert 'id="children"' in workflow and "dash.child" in workflow
+
+    # Filters narrow the runs page; keyset pages link to the next.
+    only_failed = client.get("/ui/runs", params={"state": "failed"}).text
+    assert f'data-job-id="{fail_id}"' in only_failed
+    assert f'data-job-id="{ok_id}"' not in only_failed
+    by_kind = client.get("/ui/runs", params={"kind": "dash.ok"}).text
+    assert f'data-job-id="{ok_id}"' in by_kind and f'data-job-id="{fail_id}"' not in by_kind
+    paged = client.get("/ui/runs", params={"limit": "25"}).text
+    assert 'id="next-page"' not in paged  # four jobs, one page
+
+    # The static files need no session; the page is whole without them.
+    assert anonymous.get("/ui/static/htmx.min.js").status_code == 200
+    assert anonymous.get("/ui/static/jobd.css").headers["content-type"].startswith("text/css")
+    assert anonymous.get("/ui/static/../app.py").status_code in (303, 404)
+
+    # After sign-in, only dashboard paths: no open redirect.
+    for target in ("https://evil.example/", "//evil.example/", "/v1/stats", "/ui/\\evil"):
+        reply = anonymous.post("/ui/login", data={"token": TOKEN, "next": target})
+        assert reply.headers["location"] == "/ui/", target
+
+    # Signing out forgets the cookie; a forged one is no session.
+    reply = client.post("/ui/logout", data={"csrf": csrf(client)})
+    assert reply.status_code == 303 and "Max-Age=0" in reply.headers["set-cookie"]
+    forged = httpx.Client(base_url=base, follow_redirects=False, timeout=10,
+                          cookies={"jobd_session": "eyJ4IjoxfQ.bad"})
+    assert forged.get("/ui/").status_code == 303
+
+
+def test_actions_refusals_and_audit(daemon):
+    base = daemon.base
+    fail_id = enqueue(base, "dash.fail", args={"text": "again"})
+    assert finished(daemon, fail_id) == "failed"
+    client = signed_in(base, name="alice")
+    token = csrf(client)
+    retry = f"/ui/runs/{fail_id}/retry"
+
+    # Refused: no CSRF token, a wrong one, another site's origin, a cross-site fetch.
+    assert client.post(retry).status_code == 403
+    assert client.post(retry, data={"csrf": token + "x"}).status_code == 403
+    assert client.post(retry, data={"csrf": token},
+                       headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.post(retry, data={"csrf": token},
+                       headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    # A read-only session sees pages but acts on nothing.
+    reader = signed_in(base, token=READ_TOKEN, name="rita")
+    assert reader.get(f"/ui/runs/{fail_id}").status_code == 200
+    reply = reader.post(retry, data={"csrf": csrf(reader)})
+    assert reply.status_code == 403 and "read-only" in reply.text
+    assert state(daemon, fail_id) == "failed"
+    assert daemon.sql.fetchval("SELECT attempt FROM jobd.jobs WHERE id = $1", fail_id) == 1
+
+    # The same request, from the page's own origin with its token, retries the job.
+    reply = client.post(retry, data={"csrf": token}, headers={"Origin": base})
+    assert reply.status_code == 303 and reply.headers["location"] == f"/ui/runs/{fail_id}"
+    wait_until(lambda: daemon.sql.fetchval(
+        "SELECT attempt = 2 AND state = 'failed' FROM jobd.jobs WHERE id = $1", fail_id),
+        "the retried attempt")
+    assert "retried" in client.get(reply.headers["location"]).text  # the flash message
+
+    # Bulk by filter: a dry-run count first, then the change on confirmation.
+    ok_ids = [enqueue(base, "dash.ok", args={"text": str(i)}, tags=["batch-x"])
+              for i in range(3)]
+    for job_id in ok_ids:
+        finished(daemon, job_id)
+    page = client.post("/ui/runs/bulk", data={"csrf": token, "action": "delete",
+                                              "tag": "batch-x"})
+    assert page.status_code == 200
+    assert re.search(r'id="dry-run-count">3<', page.text)
+    assert daemon.sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE 'batch-x' = ANY(tags)") == 3
+    reply = client.post("/ui/runs/bulk", data={"csrf": token, "action": "delete",
+                                               "tag": "batch-x", "confirm": "yes"})
+    assert reply.status_code == 303
+    assert daemon.sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE 'batch-x' = ANY(tags)") == 0
+    # A bulk action without a filter is refused, not applied to every job.
+    reply = client.post("/ui/runs/bulk", data={"csrf": token, "action": "cancel"})
+    assert reply.status_code == 400 and "needs ids or at least one filter" in reply.text
+
+    # Pause and resume a key: the same pause jobctl makes, seen on the overview.
+    reply = client.post("/ui/pause", data={"csrf": token, "queue": "dash", "key": "k1",
+                                           "back": "/ui/"})
+    assert reply.status_code == 303
+    assert daemon.sql.fetchval(
+        "SELECT count(*) FROM jobd.pauses WHERE queue = 'dash' AND key = 'k1'") == 1
+    assert 'data-key="dash/k1" class="paused"' in client.get("/ui/").text
+    client.post("/ui/resume", data={"csrf": token, "queue": "dash", "key": "k1"})
+    assert daemon.sql.fetchval("SELECT count(*) FROM jobd.pauses WHERE key = 'k1'") == 0
+    assert client.post("/ui/pause", data={"csrf": token, "queue": "nope"}).status_code == 404
+
+    # Every action is in the audit log, naming the user and what it acted on.
+    lines = [e for e in daemon.log_events() if e.get("event") == "dashboard.request"]
+    said = [(e["command"], e["user"], e["target"]) for e in lines]
+    assert ("retry", "alice", f"ids=[{fail_id}]") in said
+    assert ("delete", "alice", "tag=batch-x") in said
+    assert ("pause", "alice", "queue=dash key=k1") in said
+    assert all(e["user"] != "rita" for e in lines)  # refused before the command
+    refused = [e for e in daemon.log_events() if e.get("event") == "dashboard.refused"]
+    assert {e["reason"] for e in refused} >= {"CSRF token missing or wrong", "read-only session",
+                                             "cross-origin request"}
+
+
+def test_bad_input_is_a_page_not_a_crash(daemon):
+    base = daemon.base
+    client = signed_in(base)
+    token = csrf(client)
+    cases = {
+        "/ui/runs?state=nope": (400, "state"),
+        "/ui/runs?limit=5000": (400, "limit"),
+        "/ui/runs?cursor=abc": (400, "cursor must be a whole number"),
+        "/ui/runs?created_after=yesterday": (400, "not an ISO 8601 time"),
+        "/ui/runs?kind=" + "k" * 2000: (400, "kind"),
+        "/ui/runs?kind=a%00b": (400, "NUL byte"),
+        "/ui/runs/99999999": (404, "no job 99999999"),
+        "/ui/runs/99999999999999999999": (404, "no page"),
+        "/ui/nowhere": (404, "no page"),
+        "/ui/runs?" + "&".join(f"f{i}=1" for i in range(500)): (400, "malformed"),
+    }
+    for path, (status, needle) in cases.items():
+        reply = client.get(path)
+        assert reply.status_code == status, (path, reply.status_code, reply.text[:200])
+        assert needle in reply.text, (path, reply.text[:500])
+        assert "Traceback" not in reply.text
+    # Forms: not UTF-8, a NUL, a wrong action, an unknown schedule.
+    bad = client.post("/ui/pause", content=b"csrf=" + token.encode() + b"&queue=\xff\xfe",
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert bad.status_code == 400
+    assert client.post("/ui/pause", data={"csrf": token, "queue": "da\0sh"}).status_code == 400
+    assert client.post("/ui/runs/bulk", data={"csrf": token, "action": "explode",
+                                              "kind": "x"}).status_code == 400
+    assert client.post("/ui/schedules/trigger", data={"csrf": token,
+                                                      "name": "none"}).status_code == 404
+    assert client.put("/ui/runs").status_code == 405
+    # A body over limits.max_frame_bytes is cut off like the API's.
+    huge = client.post("/ui/pause", content=b"q=" + b"x" * (3 * 1024 * 1024),
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert huge.status_code == 413
+    # The daemon took all of that and still serves.
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    assert client.get("/ui/").status_code == 200
+    assert not [e for e in daemon.log_events() if e.get("event") == "http.crashed"]
+
+
+def test_dashboard_off_and_without_tokens(jobd):
+    port = free_port()
+    proc = jobd(control={"http": f"127.0.0.1:{port}"})
+    reply = httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=10)
+    assert reply.status_code == 403 and "No token is configured" in reply.text
+    port = free_port()
+    proc = jobd(control={"http": f"127.0.0.1:{port}"},
+                extra_toml="[dashboard]\nenabled = false\n")
+    assert httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=10).status_code == 404
+    assert proc.jobctl("ping").returncode == 0
