@@ -11,6 +11,8 @@ finished, then a summary and where to look next.
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import socket as socket_module
 import subprocess
 import sys
@@ -44,7 +46,8 @@ def _config(directory: Path, socket: Path, port: int, standin_url: str) -> Path:
     (directory / "summarize.secret").write_text(HOOK_SECRET + "\n")
     path.write_text(
         'region = "demo"\n[control]\n'
-        f'socket = "{socket}"\nhttp = "127.0.0.1:{port}"\n[log]\nlevel = "warning"\n[handlers]\n'
+        f'socket = "{socket}"\nhttp = "127.0.0.1:{port}"\ntoken_file = "{directory / "api-token"}"\n'
+        '[log]\nlevel = "warning"\n[handlers]\n'
         f"modules = {MODULES!r}\n".replace("'", '"')
         + '[jobs]\nreaper_interval = "0.5s"\npoll_interval = "0.5s"\nprogress_every_items = 5\n'
         '[queues.models]\nconcurrency = 8\n[queues.crawl]\nconcurrency = 4\n'
@@ -71,9 +74,17 @@ def _mix() -> list[JobSpec]:
     return jobs
 
 
-def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
+def run(state_dir: str | None = None, timeout_s: float = 300.0, stay: bool | None = None) -> int:
+    """`stay`: keep the daemon (and its dashboard) up after the demo until Ctrl-C; by
+    default when run from a terminal."""
     directory = Path(state_dir or tempfile.mkdtemp(prefix="jobd-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
+    if stay is None:
+        stay = sys.stdin.isatty() and sys.stdout.isatty()
+    # The dashboard's sign-in token (and the HTTP API's): a throwaway one per demo.
+    token = secrets.token_urlsafe(18)
+    (directory / "api-token").write_text(token + "\n")
+    (directory / "api-token").chmod(0o600)
     socket = directory / "jobd.sock"
     log = directory / "jobd.log"
     with StandinServers() as servers:
@@ -85,6 +96,9 @@ def run(state_dir: str | None = None, timeout_s: float = 300.0) -> int:
         port = _free_port()
         print(f"jobd demo: state in {directory} (embedded Postgres), stand-in APIs on {servers.url}")
         print(f"metrics while it runs: http://127.0.0.1:{port}/metrics")
+        dashboard = f"http://127.0.0.1:{port}/ui/"
+        print(f"dashboard while it runs: {dashboard} (sign in with the token {token}, "
+              f"also in {directory / 'api-token'})", flush=True)
         with log.open("ab") as out:
             daemon = subprocess.Popen(
                 [sys.executable, "-m", "daemon.main", "run", "--config",
@@ -148,6 +162,18 @@ where to look next:
                                    and report.summarize: a URL (examples/standin_servers.py)
   how they work:                   README, "Durable workflows", "Flow control" and
                                    "Handlers behind a URL".""")
+            if not stay:
+                print("\n(jobd demo --stay keeps the daemon and its dashboard up afterwards)")
+                return 0
+            print(f"\nthe daemon stays up for a look: dashboard {dashboard}, token {token}, "
+                  f"socket {socket} (JOBD_SOCKET={socket} jobctl top). Ctrl-C to stop.",
+                  flush=True)
+            signal.signal(signal.SIGTERM, _interrupt)
+            try:
+                while daemon.poll() is None:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
             return 0
         finally:
             daemon.terminate()
@@ -155,6 +181,10 @@ where to look next:
                 daemon.wait(30)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _progress_line(summary: c.SummaryResult) -> str:

@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit 0 or 78")
     demo = sub.add_parser("demo", help="run the examples on an embedded database, live")
     demo.add_argument("--state-dir", help="where the demo keeps its database (default: a temp dir)")
+    demo.add_argument("--stay", action=argparse.BooleanOptionalAction, default=None,
+                      help="keep the daemon and its dashboard up afterwards, until Ctrl-C "
+                           "(default: when run from a terminal)")
     for each in (run, check):
         each.add_argument("--config", "-c", type=Path, default=_default_config(),
                           help="TOML config file (default: $JOBD_CONFIG, else none)")
@@ -52,7 +55,7 @@ def _default_config() -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "demo":
-        return demo.run(args.state_dir)
+        return demo.run(args.state_dir, stay=args.stay)
     try:
         config = load(args.config)
     except ConfigError as exc:

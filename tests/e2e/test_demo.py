@@ -1,26 +1,48 @@
-"""`jobd demo`, the README's first command, runs to the end on its own embedded database."""
+"""`jobd demo`, the README's first command, runs to the end on its own embedded database,
+then (with --stay) keeps the daemon up with its dashboard until interrupted."""
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
 
-from tests.support import ROOT
+import httpx
+
+from tests.support import ROOT, wait_until
 
 
-def test_demo_runs_to_the_end(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon.main", "demo", "--state-dir", str(tmp_path / "demo")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "all done: 55 completed, 1 failed" in result.stdout
-    assert 'jobd_jobs_finished_total{kind="stocks.pipeline",outcome="completed"' in result.stdout
-    assert "where to look next" in result.stdout
-    # The HTTP kind: two answered at once, one through a 202 and its callbacks.
-    assert ('jobd_jobs_finished_total{kind="report.summarize",outcome="completed",'
-            'queue="models"} 3.0') in result.stdout
-    assert ('jobd_http_requests_total{kind="report.summarize",outcome="completed",'
-            'status_class="2xx"} 2.0') in result.stdout
-    assert ('jobd_http_requests_total{kind="report.summarize",outcome="callback",'
-            'status_class="2xx"} 1.0') in result.stdout
+def test_demo_runs_to_the_end_and_stays_up_for_the_dashboard(tmp_path):
+    out = tmp_path / "demo.out"
+    with out.open("w") as sink:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "daemon.main", "demo", "--stay", "--state-dir",
+             str(tmp_path / "demo")], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+            text=True)
+    try:
+        wait_until(lambda: "Ctrl-C to stop" in out.read_text() or demo.poll() is not None,
+                   "the demo to finish", timeout=300)
+        stdout = out.read_text()
+        assert demo.poll() is None, stdout[-3000:]
+        assert "all done: 55 completed, 1 failed" in stdout
+        assert 'jobd_jobs_finished_total{kind="stocks.pipeline",outcome="completed"' in stdout
+        assert "where to look next" in stdout
+        # The HTTP kind: two answered at once, one through a 202 and its callbacks.
+        assert ('jobd_jobs_finished_total{kind="report.summarize",outcome="completed",'
+                'queue="models"} 3.0') in stdout
+        assert ('jobd_http_requests_total{kind="report.summarize",outcome="callback",'
+                'status_class="2xx"} 1.0') in stdout
+        assert ('jobd_http_requests_total{kind="report.summarize",outcome="completed",'
+                'status_class="2xx"} 2.0') in stdout
+
+        # The dashboard it printed answers, with the token it printed, and shows the run.
+        url, token = re.search(r"dashboard (http://\S+/ui/), token (\S+),", stdout).groups()
+        client = httpx.Client(follow_redirects=True, timeout=10)
+        page = client.post(url + "login", data={"token": token, "name": "demo-test"})
+        assert page.status_code == 200 and 'data-queue="models"' in page.text
+        runs = client.get(url + "runs", params={"kind": "stocks.pipeline"}).text
+        assert runs.count("<td>stocks.pipeline</td>") == 2, runs
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0
