@@ -4,9 +4,12 @@ then (with --stay) keeps the daemon up with its dashboard until interrupted."""
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import httpx
 
@@ -14,11 +17,14 @@ from tests.support import ROOT, wait_until
 
 
 def test_demo_runs_to_the_end_and_stays_up_for_the_dashboard(tmp_path):
+    # Not under tmp_path: another pytest session starting resets /tmp/pytest-of-<user> to
+    # 0700, locking the embedded server's user out (see the cluster fixture).
+    state = Path(tempfile.mkdtemp(prefix="jobd-demo-t-"))
     out = tmp_path / "demo.out"
     with out.open("w") as sink:
         demo = subprocess.Popen(
             [sys.executable, "-m", "daemon.main", "demo", "--stay", "--state-dir",
-             str(tmp_path / "demo")], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+             str(state)], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
             text=True)
     try:
         wait_until(lambda: "Ctrl-C to stop" in out.read_text() or demo.poll() is not None,
@@ -46,3 +52,4 @@ def test_demo_runs_to_the_end_and_stays_up_for_the_dashboard(tmp_path):
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(60) == 0
+        shutil.rmtree(state, ignore_errors=True)
