@@ -86,7 +86,9 @@ class Dashboard:
         session = self._session(headers)
         if session is None:
             if method in ("GET", "HEAD"):
-                await self._redirect(send, f"{PREFIX}/login?next={quote(path, safe='/')}")
+                query = scope.get("query_string", b"").decode("latin-1")
+                here = path + (f"?{query}" if query else "")
+                await self._redirect(send, f"{PREFIX}/login?next={quote(here, safe='/')}")
             else:
                 await self._page(send, 401, self._render.message(
                     "Signed out", "Your session has ended: sign in again."))
@@ -142,7 +144,7 @@ class Dashboard:
                      headers: dict[bytes, bytes]) -> None:
         query = dict(forms.parse(scope.get("query_string", b"").decode("latin-1")))
         if method in ("GET", "HEAD"):
-            await self._page(send, 200, self._render.login(_next(query.get("next"))),
+            await self._page(send, 200, self._render.login(forms.dashboard_path(query.get("next"))),
                              head=method == "HEAD")
             return
         if method != "POST":
@@ -153,7 +155,7 @@ class Dashboard:
         except (JobdError, UnicodeDecodeError):
             fields = {}
         name = _CONTROL_CHARS.sub("", fields.get("name", "")).strip()[:NAME_MAX_CHARS]
-        target = _next(fields.get("next"))
+        target = forms.dashboard_path(fields.get("next"))
         session = self._sessions.sign_in(fields.get("token", ""), name)
         if session is None:
             self._refused(scope, "wrong token at sign-in")
@@ -241,13 +243,6 @@ def _clear(name: str) -> str:
 
 def _flash_cookie(text: str) -> str:
     return f"{FLASH}={quote(text[:200], safe='')}; Path={PREFIX}; HttpOnly; SameSite=Strict; Max-Age=30"
-
-
-def _next(value: str | None) -> str:
-    """Where to go after sign-in: a dashboard path only (an open redirect otherwise)."""
-    if value and value.startswith(PREFIX + "/") and "//" not in value and "\\" not in value:
-        return value
-    return PREFIX + "/"
 
 
 def _client(scope: Scope) -> str:

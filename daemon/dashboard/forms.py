@@ -7,6 +7,7 @@ field's name; only the encoding (a form, not JSON) is the dashboard's own.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -83,6 +84,18 @@ def query(fields: dict[str, Any], **extra: Any) -> str:
         for v in value if isinstance(value, list) else [value]:
             pairs.append((name, v.isoformat() if isinstance(v, datetime) else str(v)))
     return urlencode(pairs)
+
+
+def dashboard_path(value: str | None) -> str:
+    """`value` when it is a path inside the dashboard, else the overview: where to go
+    after sign-in or an action comes from the form, so anything else would be an open
+    redirect (or, with a CR/LF, a header of the attacker's)."""
+    if value and _DASHBOARD_PATH.match(value) and "//" not in value:
+        return value
+    return "/ui/"
+
+
+_DASHBOARD_PATH = re.compile(r"^/ui/[A-Za-z0-9/_.~%+=&?:,-]*$")
 
 
 def _time(name: str, value: str) -> datetime:

@@ -66,7 +66,7 @@ class Pages:
                                        "key": form.get("key") or None})
             await self._ask(cmd, peer)
             what = f"{cmd.queue}/{cmd.key}" if cmd.key else cmd.queue
-            raise Redirect(_back(form.get("back")), f"{rest[1:]}d {what}")
+            raise Redirect(forms.dashboard_path(form.get("back")), f"{rest[1:]}d {what}")
         if match := _SCHEDULE_ACTION.match(rest):
             action = match.group(1)
             cmd = forms.command(SCHEDULE_ACTIONS[action], {"name": form.get("name", "")})
@@ -149,9 +149,3 @@ class Pages:
                                      back="/ui/runs?" + forms.query(chosen))
         raise Redirect("/ui/runs?" + forms.query(chosen),
                        f"{action}: {result.changed} of {result.matched} matching jobs")
-
-
-def _back(value: str | None) -> str:
-    if value and value.startswith("/ui/") and "//" not in value:
-        return value
-    return "/ui/"

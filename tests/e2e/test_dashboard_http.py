@@ -69,9 +69,9 @@ def test_sign_in_pages_and_headers(daemon):
     base = daemon.base
     anonymous = httpx.Client(base_url=base, follow_redirects=False, timeout=10)
     # No session: every page sends the browser to sign in, remembering where it was.
-    reply = anonymous.get("/ui/runs")
+    reply = anonymous.get("/ui/runs", params={"state": "failed"})
     assert reply.status_code == 303
-    assert reply.headers["location"] == "/ui/login?next=/ui/runs"
+    assert reply.headers["location"] == "/ui/login?next=/ui/runs%3Fstate%3Dfailed"
     login = anonymous.get("/ui/login")
     assert login.status_code == 200 and 'id="token"' in login.text
     reply = anonymous.post("/ui/login", data={"token": "wrong"})
@@ -127,7 +127,8 @@ def test_sign_in_pages_and_headers(daemon):
     assert anonymous.get("/ui/static/../app.py").status_code in (303, 404)
 
     # After sign-in, only dashboard paths: no open redirect.
-    for target in ("https://evil.example/", "//evil.example/", "/v1/stats", "/ui/\\evil"):
+    for target in ("https://evil.example/", "//evil.example/", "/v1/stats", "/ui/\\evil",
+                   "/ui/\r\nSet-Cookie: evil=1", "/ui//evil.example"):
         reply = anonymous.post("/ui/login", data={"token": TOKEN, "next": target})
         assert reply.headers["location"] == "/ui/", target
 
