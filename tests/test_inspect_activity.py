@@ -8,6 +8,7 @@ import json
 from datetime import datetime, timedelta
 
 from actors.ports import NewJob
+from protocol import SyncClient
 from protocol import commands as c
 from tests.e2e.test_bad_values import RawClient
 from tests.support import wait_until
@@ -223,6 +224,11 @@ def test_activity_counts_the_last_hour_per_queue(jobd, sql):
     waited = {q["queue"]: q for q in d.jobctl_json("activity")["queues"]}["later"]
     assert waited["oldest_available_id"] == later and waited["oldest_wait_s"] >= 600
 
+    with SyncClient(d.socket) as client:  # the client library's methods
+        typed = client.activity()
+        assert isinstance(typed, c.ActivityResult) and len(typed.bucket_starts) == 12
+        run = client.inspect(idle[0])
+        assert isinstance(run, c.RunDetail) and run.job.queue == "idle" and run.steps == []
     human = d.jobctl("activity").stdout
     assert "5-minute buckets" in human and f"job {idle[0]}," in human
     raw = RawClient(d.socket)
