@@ -266,3 +266,51 @@ async def test_activity_places_jobs_in_their_buckets(store, sql):
     assert queues["b"].oldest_available_id == ids[3]
     assert queues["c"].oldest_available_id is None
     assert result.bucket_starts[0] == since and isinstance(result, c.ActivityResult)
+
+
+async def test_inspect_cuts_large_values_and_caps_children(store, sql):
+    """On the store: list-style cuts for children and steps, the children cap, a wait
+    shown only while waiting, and an unknown id."""
+    from actors.services.run_views import run_detail
+    from protocol.errors import NotFound
+
+    [parent] = [e.id for e in await store.enqueue_many([NewJob(kind="p", args='{"a": 1}')])]
+    big = json.dumps({"blob": "y" * 5000})
+    kids = [e.id for e in await store.enqueue_many(
+        [NewJob(kind="kid", args=big if i == 0 else "{}") for i in range(101)])]
+    sql.execute("UPDATE jobd.jobs SET parent_id = $1 WHERE id = any($2)", parent, kids)
+    sql.execute("UPDATE jobd.jobs SET result = $2::jsonb, progress_note = $3 WHERE id = $1",
+                kids[0], big, "n" * 5000)
+    sql.execute("""INSERT INTO jobd.job_steps (job_id, name, result, error, attempts, finished_at)
+                   VALUES ($1, 'small', '7', NULL, 1, now()), ($1, 'huge', NULL, $2::jsonb, 3, NULL)
+                """, parent, json.dumps({"class": "x", "message": "m" * 5000}))
+    sql.execute("""UPDATE jobd.jobs SET state = 'waiting',
+                   waiting_on = '{"type": "children", "ids": [1], "step": "gather:k"}'
+                   WHERE id = $1""", parent)
+
+    run = await run_detail(store, parent, 4096)
+    assert run.job.args == {"a": 1} and run.job.truncated == []
+    assert run.children_total == 101 and len(run.children) == c.MAX_INSPECT_CHILDREN
+    assert [k.id for k in run.children] == sorted(kids)[:100]
+    first = run.children[0]
+    assert first.args is None and first.result is None
+    assert sorted(first.truncated) == ["args", "progress_note", "result"]
+    assert first.progress_note == "n" * 1024
+    assert run.children[1].args == {} and run.children[1].truncated == []
+    steps = {s.name: s for s in run.steps}
+    assert steps["small"].result == 7 and steps["small"].done and steps["small"].truncated == []
+    assert steps["huge"].error is None and steps["huge"].truncated == ["error"]
+    assert not steps["huge"].done and steps["huge"].duration_s is None
+    assert steps["huge"].attempts == 3 and run.steps_total == 2
+    assert run.waiting_on == {"type": "children", "ids": [1], "step": "gather:k"}
+    assert run.event is None and run.parent_id is None
+
+    sql.execute("UPDATE jobd.jobs SET state = 'available' WHERE id = $1", parent)
+    assert (await run_detail(store, parent, 4096)).waiting_on is None  # kept, not waiting
+    leaf = await run_detail(store, kids[5], 4096)
+    assert leaf.parent_id == parent and leaf.children == [] and leaf.children_total == 0
+    try:
+        await run_detail(store, 10**9, 4096)
+        raise AssertionError("no error for an unknown job")
+    except NotFound as exc:
+        assert exc.details == {"id": 10**9}
