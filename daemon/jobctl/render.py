@@ -7,6 +7,8 @@ import json
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from protocol import commands as c
 from protocol.tree import TreeNode
 from protocol.workflows import describe_wait, render_workflow
@@ -101,7 +103,8 @@ def _callback_wait(job: Any) -> str:
 def render_run(run: c.RunDetail) -> str:
     """`jobctl inspect`: the job as `get` prints it, then its steps as a table with
     durations, what it waits for, its parent, children and the event that started it."""
-    lines = [render_job(run.job)]
+    # The event line below names the event too: get's "started by event N" would repeat it.
+    lines = [render_job(msgspec.structs.replace(run.job, event_id=None))]
     if run.parent_id is not None:
         lines.append(f"parent: job {run.parent_id}")
     if run.event is not None:
