@@ -11,6 +11,7 @@ from actors.ports import NewJob
 from protocol import SyncClient
 from protocol import commands as c
 from tests.e2e.test_bad_values import RawClient
+from tests.e2e.test_http_e2e import TOKEN, free_port, request
 from tests.support import wait_until
 
 MODULES = ["tests.inspect_handlers", "examples.basic"]
@@ -189,8 +190,13 @@ def test_error_filter_finds_tracebacks_literally_and_drives_bulk_retry(jobd, sql
 # --------------------------------------------------------------------------- activity
 
 
-def test_activity_counts_the_last_hour_per_queue(jobd, sql):
-    d = start(jobd)
+def test_activity_counts_the_last_hour_per_queue(jobd, sql, tmp_path):
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    port = free_port()
+    d = jobd(modules=MODULES, queues=QUEUES, jobs=JOBS,
+             control={"http": f"127.0.0.1:{port}", "token_file": str(token)})
+    base = f"http://127.0.0.1:{port}"
     done = [int(d.jobctl("enqueue", "noop").stdout) for _ in range(3)]
     bad = [int(d.jobctl("enqueue", "flaky", "--args", '{"fatal": true}').stdout)
            for _ in range(2)]
@@ -229,6 +235,20 @@ def test_activity_counts_the_last_hour_per_queue(jobd, sql):
         assert isinstance(typed, c.ActivityResult) and len(typed.bucket_starts) == 12
         run = client.inspect(idle[0])
         assert isinstance(run, c.RunDetail) and run.job.queue == "idle" and run.steps == []
+    # Over HTTP, as the dashboard reads them; both in the generated OpenAPI.
+    status, _, body = request(base, "GET", "/v1/openapi.json")
+    paths = json.loads(body)["paths"]
+    assert status == 200 and "/v1/inspect" in paths and "/v1/activity" in paths
+    status, _, body = request(base, "POST", "/v1/activity", {})
+    assert status == 200 and json.loads(body)["result"]["bucket_s"] == 300
+    status, _, body = request(base, "POST", "/v1/inspect", {"job_id": idle[0]})
+    assert status == 200 and json.loads(body)["result"]["job"]["id"] == idle[0]
+    status, _, body = request(base, "POST", "/v1/inspect", {"job_id": 10**9})
+    assert status == 404 and json.loads(body)["code"] == "not_found"
+    status, _, body = request(base, "POST", "/v1/inspect", {"job_id": -1})
+    assert status == 400 and json.loads(body)["code"] == "bad_request"
+    status, _, body = request(base, "POST", "/v1/list", {"error": "x" * 1025})
+    assert status == 400 and json.loads(body)["code"] == "bad_request"
     human = d.jobctl("activity").stdout
     assert "5-minute buckets" in human and f"job {idle[0]}," in human
     raw = RawClient(d.socket)
