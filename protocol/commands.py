@@ -419,7 +419,9 @@ class RunDetail(msgspec.Struct, kw_only=True):
 
 
 MAX_INSPECT_CHILDREN = 100
-MAX_INSPECT_STEPS = 1000  # a reply stays under the frame cap however long the workflow
+# A reply stays bounded however long the workflow: at most ~8 MiB of steps (each one's
+# result and error cut at list_field_bytes), well under the client's reply cap.
+MAX_INSPECT_STEPS = 1000
 ACTIVITY_BUCKETS = 12
 ACTIVITY_BUCKET_S = 300
 
