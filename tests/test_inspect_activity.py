@@ -334,3 +334,30 @@ async def test_inspect_cuts_large_values_and_caps_children(store, sql):
         raise AssertionError("no error for an unknown job")
     except NotFound as exc:
         assert exc.details == {"id": 10**9}
+
+
+def test_activity_reads_the_finished_and_claimable_indexes(sql, fresh_database):
+    """On a seeded table (a day of 100,000 jobs): the counts come from jobs_finished and
+    the heads from jobs_claimable, never a scan of the table (bench/dashboard_bench.py
+    times it on 1,000,000)."""
+    import asyncio
+
+    import asyncpg
+
+    from bench.dashboard_bench import SEED
+    from daemon.store import migrate
+    from daemon.store.sql.runs import ACTIVITY
+
+    async def seed() -> None:
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            await migrate.apply(conn)
+            await conn.execute(SEED, 100_000)
+            await conn.execute("ANALYZE jobd.jobs")
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    plan = "\n".join(r[0] for r in sql.fetch(f"EXPLAIN {ACTIVITY}", 300, 12))
+    assert "jobs_finished" in plan and "jobs_claimable" in plan, plan
+    assert "Seq Scan on jobs" not in plan, plan
