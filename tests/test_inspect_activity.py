@@ -4,12 +4,20 @@ and the bulk operations; and what each does with bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timedelta
 
+import asyncpg
+
 from actors.ports import NewJob
+from actors.services.run_views import activity, run_detail
+from bench.dashboard_bench import SEED
+from daemon.store import migrate
+from daemon.store.sql.runs import ACTIVITY
 from protocol import SyncClient
 from protocol import commands as c
+from protocol.errors import NotFound
 from tests.e2e.test_bad_values import RawClient
 from tests.e2e.test_http_e2e import TOKEN, free_port, request
 from tests.support import wait_until
@@ -266,7 +274,6 @@ async def test_activity_places_jobs_in_their_buckets(store, sql):
     ids = [e.id for e in await store.enqueue_many(
         [NewJob(kind="k", queue=q, priority=p) for q, p in
          (("a", 0), ("a", 0), ("a", 5), ("b", -1), ("c", 0), ("c", 0))])]
-    from actors.services.run_views import activity
     for _ in range(3):  # again if a bucket edge passed between the two calls
         since = (await store.activity(300, 12))["since"]
         for job_id, state, offset in ((ids[0], "completed", 0), (ids[1], "failed", 299.9),
@@ -291,9 +298,6 @@ async def test_activity_places_jobs_in_their_buckets(store, sql):
 async def test_inspect_cuts_large_values_and_caps_children(store, sql):
     """On the store: list-style cuts for children and steps, the children cap, a wait
     shown only while waiting, and an unknown id."""
-    from actors.services.run_views import run_detail
-    from protocol.errors import NotFound
-
     [parent] = [e.id for e in await store.enqueue_many([NewJob(kind="p", args='{"a": 1}')])]
     big = json.dumps({"blob": "y" * 5000})
     kids = [e.id for e in await store.enqueue_many(
@@ -340,14 +344,6 @@ def test_activity_reads_the_finished_and_claimable_indexes(sql, fresh_database):
     """On a seeded table (a day of 100,000 jobs): the counts come from jobs_finished and
     the heads from jobs_claimable, never a scan of the table (bench/dashboard_bench.py
     times it on 1,000,000)."""
-    import asyncio
-
-    import asyncpg
-
-    from bench.dashboard_bench import SEED
-    from daemon.store import migrate
-    from daemon.store.sql.runs import ACTIVITY
-
     async def seed() -> None:
         conn = await asyncpg.connect(fresh_database)
         try:
