@@ -177,6 +177,11 @@ def test_error_filter_finds_tracebacks_literally_and_drives_bulk_retry(jobd, sql
     assert d.jobctl_json("delete", "--error", "upstream")["changed"] == 1
 
     # Misuse.
+    for command in ("list", "summary", "retry", "inspect", "activity"):  # help prints clean
+        shown = d.jobctl(command, "--help").stdout
+        assert "option_strings" not in shown, shown
+    assert "(any case; % and _ are plain characters)" in " ".join(
+        d.jobctl("list", "--help").stdout.split())
     too_long = failed_with(d, "list", "--error", "x" * 1025)
     assert too_long["code"] == "bad_request" and "error" in too_long["message"]
     assert listed("--error", "x" * 1024) == []  # the longest allowed

@@ -101,8 +101,9 @@ def add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key")
     p.add_argument("--tag")
     p.add_argument("--unique-key")
-    p.add_argument("--error", help="text in an attempt's error message or traceback "
-                                   "(any case; % and _ are plain characters)")
+    p.add_argument("--error", metavar="TEXT",
+                   help="text in an attempt's error message or traceback "
+                        "(any case; %% and _ are plain characters)")
     for edge in ("created_after", "created_before", "finished_after", "finished_before"):
         p.add_argument("--" + edge.replace("_", "-"), type=when,
                        help="ISO time, or a duration meaning that long ago (24h)")
