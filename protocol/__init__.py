@@ -15,6 +15,7 @@ from its module when you need it. This package imports nothing else of jobd's.
 from protocol.callbacks import CallbackResult
 from protocol.client import Client, SyncClient, connect
 from protocol.commands import (
+    ActivityResult,
     BatchResult,
     BulkResult,
     CancelResult,
@@ -26,7 +27,11 @@ from protocol.commands import (
     NodesResult,
     PauseResult,
     Pong,
+    QueueActivity,
     ReloadResult,
+    RunDetail,
+    RunEvent,
+    RunStep,
     ScheduleFired,
     ScheduleListResult,
     ScheduleRemoved,
@@ -66,6 +71,8 @@ __all__ = [
     "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",
     "SendEventsResult", "StatsResult", "StepView", "SummaryResult", "TreeNode",
     "WebhookReplayResult", "WebhooksPage", "WorkflowView",
+    # the dashboard's reads
+    "ActivityResult", "QueueActivity", "RunDetail", "RunEvent", "RunStep",
     # events
     "EventSpec", "EventView", "EventsPage",
 ]

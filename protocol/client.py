@@ -218,6 +218,12 @@ class Client:
     async def stats(self) -> c.StatsResult:
         return await self.call(c.Stats())
 
+    async def inspect(self, job_id: int) -> c.RunDetail:
+        return await self.call(c.Inspect(job_id=job_id))
+
+    async def activity(self) -> c.ActivityResult:
+        return await self.call(c.Activity())
+
     async def nodes(self) -> c.NodesResult:
         return await self.call(c.Nodes())
 

@@ -87,6 +87,18 @@ class Stats(_Command, tag="stats"):
     pass
 
 
+class Inspect(_Command, tag="inspect"):
+    """One run in detail (the dashboard's run page): the job whole, its steps with their
+    results, what it waits for, its parent, children and the event that started it."""
+
+    job_id: JobId
+
+
+class Activity(_Command, tag="activity"):
+    """The last hour per queue in five-minute buckets: jobs completed and failed, and
+    how long the oldest available job has waited."""
+
+
 class Nodes(_Command, tag="nodes"):
     pass
 
@@ -105,6 +117,9 @@ class Filtered(_Command, kw_only=True):
     created_before: datetime | None = None
     finished_after: datetime | None = None
     finished_before: datetime | None = None
+    # Text in any attempt's error message or traceback: any case, literal (% and _ are
+    # plain characters); "" matches every job that has an attempt error.
+    error: FilterText | None = None  # type: ignore[valid-type]
 
     def has_filter(self) -> bool:
         return any(getattr(self, f) is not None for f in FILTER_FIELDS)
@@ -115,7 +130,7 @@ class Filtered(_Command, kw_only=True):
 
 FILTER_FIELDS = (
     "ids", "queue", "kind", "state", "key", "tag", "unique_key",
-    "created_after", "created_before", "finished_after", "finished_before",
+    "created_after", "created_before", "finished_after", "finished_before", "error",
 )
 
 
@@ -284,6 +299,7 @@ class WebhookReplay(_Command, tag="webhook_replay"):
 
 Command = (
     Hello | Ping | Tree | Enqueue | EnqueueBatch | Get | Cancel | Stats | Nodes
+    | Inspect | Activity
     | List | Summary | CancelMany | Retry | Replay | Delete | Pause | Resume | Drain | Reload
     | Watch
     | ScheduleAdd | ScheduleRemove | SchedulePause | ScheduleResume | ScheduleTrigger
@@ -365,6 +381,74 @@ class BulkResult(msgspec.Struct, kw_only=True):
     ids: list[int] = []  # replay: the new jobs' ids
 
 
+class RunStep(msgspec.Struct, kw_only=True):
+    """A workflow step. `result` and `error` over `limits.list_field_bytes` are left out
+    (None) and named in `truncated`. A sleep's finished_at is its wake-up time: it is
+    done once that has passed."""
+
+    name: str
+    done: bool
+    attempts: int
+    started_at: datetime
+    finished_at: datetime | None
+    duration_s: float | None  # finished_at - started_at (at least 0), once done
+    result: Any = None
+    error: dict[str, Any] | None = None
+    truncated: list[str] = []
+
+
+class RunEvent(msgspec.Struct, kw_only=True):
+    id: int
+    name: str
+    sent_at: datetime
+
+
+class RunDetail(msgspec.Struct, kw_only=True):
+    """`job` is whole, as `get` shows it; `children` are list views (large fields left
+    out, named in each one's `truncated`): the first MAX_INSPECT_CHILDREN by id of
+    `children_total`. `event` is None when no event started the job or it was pruned."""
+
+    job: JobView
+    steps: list[RunStep]
+    steps_total: int
+    waiting_on: dict[str, Any] | None  # while the job is `waiting`
+    parent_id: int | None
+    children: list[JobView]
+    children_total: int
+    event: RunEvent | None
+
+
+MAX_INSPECT_CHILDREN = 100
+# A reply stays bounded however long the workflow: at most ~8 MiB of steps (each one's
+# result and error cut at list_field_bytes), well under the client's reply cap.
+MAX_INSPECT_STEPS = 1000
+ACTIVITY_BUCKETS = 12
+ACTIVITY_BUCKET_S = 300
+
+
+class QueueActivity(msgspec.Struct, kw_only=True):
+    """`completed[i]` and `failed[i]`: jobs that finished so in bucket i (oldest first).
+    The oldest available job is the head of the queue: due (run_at passed) and not
+    claimed yet; `oldest_wait_s` is how long since its run_at."""
+
+    queue: str
+    completed: list[int]
+    failed: list[int]
+    oldest_available_id: int | None = None
+    oldest_available_run_at: datetime | None = None
+    oldest_wait_s: float | None = None
+
+
+class ActivityResult(msgspec.Struct, kw_only=True):
+    """Buckets are aligned to five minutes (the last one is still filling): stable
+    across refreshes. `bucket_starts` has one time per bucket, oldest first."""
+
+    now: datetime
+    bucket_s: int
+    bucket_starts: list[datetime]
+    queues: list[QueueActivity]
+
+
 class PauseResult(msgspec.Struct, kw_only=True):
     queue: str
     key: str | None
@@ -420,6 +504,8 @@ RESULT_TYPES: dict[type, Any] = {
     Cancel: CancelResult,
     Stats: StatsResult,
     Nodes: NodesResult,
+    Inspect: RunDetail,
+    Activity: ActivityResult,
     List: JobsPage,
     Summary: SummaryResult,
     CancelMany: BulkResult,

@@ -70,11 +70,15 @@ def render_workflow(job: Any) -> list[str]:
             lines.append(f"  ... {len(children) - 20} more")
     waiting_on = getattr(job, "waiting_on", None)
     if waiting_on:
-        if waiting_on.get("type") == "children":
-            what = f"{len(waiting_on.get('ids', []))} children ({waiting_on.get('step')})"
-        else:
-            what = f"event {waiting_on.get('name')!r} matching {waiting_on.get('match') or {}}"
-            if waiting_on.get("deadline"):
-                what += f", until {datetime.fromtimestamp(waiting_on['deadline']):%Y-%m-%d %H:%M:%S}"
-        lines.append(f"waiting for: {what}")
+        lines.append(f"waiting for: {describe_wait(waiting_on)}")
     return lines
+
+
+def describe_wait(waiting_on: dict[str, Any]) -> str:
+    """What a waiting job waits for (jobs.waiting_on), in words."""
+    if waiting_on.get("type") == "children":
+        return f"{len(waiting_on.get('ids', []))} children ({waiting_on.get('step')})"
+    what = f"event {waiting_on.get('name')!r} matching {waiting_on.get('match') or {}}"
+    if waiting_on.get("deadline"):
+        what += f", until {datetime.fromtimestamp(waiting_on['deadline']):%Y-%m-%d %H:%M:%S}"
+    return what

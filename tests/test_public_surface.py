@@ -29,6 +29,8 @@ CLIENT_API = [
     "ScheduleListResult", "ScheduleRemoved", "ScheduleView", "SendEventResult",
     "SendEventsResult", "StatsResult", "StepView", "SummaryResult", "TreeNode",
     "WebhookReplayResult", "WebhooksPage", "WorkflowView",
+    # the dashboard's reads
+    "ActivityResult", "QueueActivity", "RunDetail", "RunEvent", "RunStep",
     # events
     "EventSpec", "EventView", "EventsPage",
 ]

@@ -5,8 +5,9 @@ Accepts every `protocol.commands.Command` (`handle`), plus `hello` (answered wit
 the store) and `watch` (a stream of views). Transports (daemon/api) own framing, auth
 and the envelopes; this owns meaning. Domain problems come back as
 `protocol.errors.JobdError` with a stable code. Its views live beside it: jobs in
-`job_views`, flow keys in `key_views`, the live-queue checks in `live_queues`, the
-schedule commands in `schedule_commands`, the webhook ones in `webhook_commands`.
+`job_views`, the dashboard's run detail and activity in `run_views`, flow keys in
+`key_views`, the live-queue checks in `live_queues`, the schedule commands in
+`schedule_commands`, the webhook ones in `webhook_commands`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from actors.ports import (
     StoreUnavailable,
     ValueRejected,
 )
-from actors.services import event_commands, schedule_commands, webhook_commands
+from actors.services import event_commands, run_views, schedule_commands, webhook_commands
 from actors.services.callbacks import Callbacks
 from actors.services.enqueuer import Enqueuer
 from actors.services.job_views import FINISHED, job_view, summary
@@ -142,6 +143,11 @@ class Control:
                 if found_job is None:
                     raise NotFound(f"no job {cmd.job_id}", details={"id": cmd.job_id})
                 return await workflow_view(self._store, job_view(found_job))
+            case c.Inspect():
+                return await run_views.run_detail(self._store, cmd.job_id,
+                                                  self._list_field_bytes)
+            case c.Activity():
+                return await run_views.activity(self._store)
             case c.SendEvent() | c.SendEvents() | c.ListEvents():
                 return await event_commands.handle(
                     self._store, self._observer, cmd, sender=self._event_sender,

@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     enq.add_argument("--tag", action="append", default=[], dest="tags")
     get = command("get", "one job: state, attempts, progress, result, errors")
     get.add_argument("id", type=int)
+    inspect = command("inspect", "one run in detail: steps with durations, wait, children, event")
+    inspect.add_argument("id", type=int)
+    command("activity", "the last hour per queue: completed/failed per 5 minutes, oldest waiting")
     watch = command("watch", "follow one job until it finishes")
     watch.add_argument("id", type=int)
     listing = command("list", "jobs matching filters, newest first")
@@ -98,6 +101,9 @@ def add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key")
     p.add_argument("--tag")
     p.add_argument("--unique-key")
+    p.add_argument("--error", metavar="TEXT",
+                   help="text in an attempt's error message or traceback "
+                        "(any case; %% and _ are plain characters)")
     for edge in ("created_after", "created_before", "finished_after", "finished_before"):
         p.add_argument("--" + edge.replace("_", "-"), type=when,
                        help="ISO time, or a duration meaning that long ago (24h)")

@@ -18,9 +18,11 @@ import msgspec
 
 from daemon.jobctl import events, schedules, webhooks
 from daemon.jobctl.render import (
+    render_activity,
     render_job,
     render_keys,
     render_list,
+    render_run,
     render_stats,
     render_top,
     render_tree,
@@ -66,6 +68,12 @@ def run(args: argparse.Namespace, client: SyncClient) -> int:
         case "get":
             result = client.call(c.Get(job_id=args.id))
             human = render_job(result)
+        case "inspect":
+            result = client.call(c.Inspect(job_id=args.id))
+            human = render_run(result)
+        case "activity":
+            result = client.call(c.Activity())
+            human = render_activity(result)
         case "cancel" if len(args.ids) == 1 and not args.dry_run and not _has_filters(args):
             result = client.call(c.Cancel(job_id=args.ids[0]))
             human = f"job {result.id}: {result.was} -> {result.state}"

@@ -7,9 +7,11 @@ import json
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from protocol import commands as c
 from protocol.tree import TreeNode
-from protocol.workflows import render_workflow
+from protocol.workflows import describe_wait, render_workflow
 
 
 def render_top(stats: c.StatsResult, running: c.JobsPage) -> str:
@@ -96,3 +98,58 @@ def render_job(job: Any) -> str:
 def _callback_wait(job: Any) -> str:
     deadline = getattr(job, "callback_deadline", None)
     return "" if deadline is None else f" (waiting for its HTTP callback until {deadline:%Y-%m-%d %H:%M:%S %Z})"
+
+
+def render_run(run: c.RunDetail) -> str:
+    """`jobctl inspect`: the job as `get` prints it, then its steps as a table with
+    durations, what it waits for, its parent, children and the event that started it."""
+    # The event line below names the event too: get's "started by event N" would repeat it.
+    lines = [render_job(msgspec.structs.replace(run.job, event_id=None))]
+    if run.parent_id is not None:
+        lines.append(f"parent: job {run.parent_id}")
+    if run.event is not None:
+        lines.append(f"event: {run.event.id} {run.event.name!r} sent "
+                     f"{run.event.sent_at:%Y-%m-%d %H:%M:%S}")
+    elif run.job.event_id is not None:
+        lines.append(f"event: {run.job.event_id} (pruned)")
+    if run.steps:
+        lines.append(f"steps ({len(run.steps)} of {run.steps_total}):")
+        lines.append(f"  {'name':32} {'status':8} {'tries':>5}  {'started':8}  {'duration':>10}"
+                     "  result")
+        for s in run.steps:
+            status = "done" if s.done else ("failed" if s.error else "pending")
+            took = f"{s.duration_s:.3f}s" if s.duration_s is not None else "-"
+            if s.error:
+                shown = f"{s.error.get('class', '?')}: {s.error.get('message', '')}"
+            elif "result" in s.truncated or "error" in s.truncated:
+                shown = "(too large: " + ", ".join(s.truncated) + " left out; see get)"
+            else:
+                shown = json.dumps(s.result)
+            lines.append(f"  {s.name[:32]:32} {status:8} {s.attempts:>5}  "
+                         f"{s.started_at:%H:%M:%S}  {took:>10}  {shown[:60]}")
+    if run.waiting_on:
+        lines.append(f"waiting for: {describe_wait(run.waiting_on)}")
+    if run.children:
+        lines.append(f"children ({len(run.children)} of {run.children_total}):")
+        for child in run.children:
+            lines.append(f"  {child.id:>8}  {child.kind[:28]:28} {child.state:10} "
+                         f"attempt {child.attempt}")
+    return "\n".join(lines)
+
+
+def render_activity(result: c.ActivityResult) -> str:
+    """`jobctl activity`: per queue, the hour's totals, completed/failed per bucket
+    (oldest first) and how long the head of the queue has waited."""
+    first, last = result.bucket_starts[0], result.bucket_starts[-1]
+    lines = [f"last hour in {result.bucket_s // 60}-minute buckets, "
+             f"{first:%H:%M}..{last:%H:%M} (oldest first; completed/failed)",
+             f"{'queue':20} {'done':>6} {'failed':>6}  {'per bucket':60}  oldest waiting"]
+    for q in result.queues:
+        buckets = " ".join(f"{d}/{f}" for d, f in zip(q.completed, q.failed, strict=True))
+        oldest = (f"job {q.oldest_available_id}, {q.oldest_wait_s:.1f}s"
+                  if q.oldest_available_id is not None and q.oldest_wait_s is not None else "-")
+        lines.append(f"{q.queue[:20]:20} {sum(q.completed):>6} {sum(q.failed):>6}  "
+                     f"{buckets:60}  {oldest}")
+    if not result.queues:
+        lines.append("  (nothing finished in the last hour, nothing waiting)")
+    return "\n".join(lines)

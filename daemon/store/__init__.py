@@ -2,8 +2,8 @@
 
 One thin method per named statement (`daemon/store/sql/`, one module per subject), grouped
 by subject in mixins that share one road to the database (`base.StoreBase`): jobs, leases
-and daemons, flow control, the control plane, schedules, workflows, webhooks, events,
-HTTP callbacks; plus the three things that hold a connection of their own: the LISTEN
+and daemons, flow control, the control plane, the dashboard's run reads, schedules,
+workflows, webhooks, events, HTTP callbacks; plus the three things that hold a connection of their own: the LISTEN
 connection (`listen`), the handler transaction (`transaction`) and the metrics leader's
 session (`leader`).
 """
@@ -19,6 +19,7 @@ from daemon.store.jobs import JobStatements
 from daemon.store.leader import MetricsSession, MetricsSessions
 from daemon.store.leases import LeaseStatements
 from daemon.store.listen import Listening
+from daemon.store.runs import RunStatements
 from daemon.store.schedules import ScheduleStatements
 from daemon.store.transaction import HandlerTransaction, LeaseLost, Transactions
 from daemon.store.webhooks import WebhookStatements
@@ -32,6 +33,7 @@ class PgStore(
     LeaseStatements,
     FlowStatements,
     ControlStatements,
+    RunStatements,
     ScheduleStatements,
     WorkflowStatements,
     WebhookStatements,

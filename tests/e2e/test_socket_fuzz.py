@@ -89,9 +89,10 @@ def bases(seeded: int, target: int, long_job: int) -> dict[str, dict[str, Any]]:
         "enqueue": {"job": {"kind": "noop", "tags": ["fuzz"]}},
         "enqueue_batch": {"jobs": [{"kind": "noop", "tags": ["fuzz"]}]},
         "get": {"job_id": seeded},
+        "inspect": {"job_id": seeded},
         "cancel": {"job_id": target},
         "list": {"limit": 5},
-        "summary": {"tag": "fuzz"},
+        "summary": {"tag": "fuzz", "error": "100%_"},
         "cancel_many": bulk, "retry": bulk, "replay": bulk, "delete": bulk,
         "pause": {"queue": "fuzzq"}, "resume": {"queue": "fuzzq"},
         "drain": {"undo": True},  # claiming again: a no-op while not draining
@@ -414,7 +415,8 @@ def _ping_fresh(world: World) -> None:
 # --------------------------------------------------------------------------- the machine
 
 
-SAFE_VALID = ["hello", "ping", "tree", "stats", "nodes", "get", "list", "summary",
+SAFE_VALID = ["hello", "ping", "tree", "stats", "nodes", "get", "inspect", "activity",
+              "list", "summary",
               "enqueue", "enqueue_batch", "schedule_list", "pause", "resume", "retry",
               "replay", "delete", "cancel_many", "send_event", "send_events", "list_events",
               "schedule_add",

@@ -1,5 +1,6 @@
-"""What several subjects' statements share: the unfinished states, the id sequence, and
-the one way a batch of new jobs travels (a JSON array of actors.ports.NewJob)."""
+"""What several subjects' statements share: the unfinished states, the id sequence, the
+one way a batch of new jobs travels (a JSON array of actors.ports.NewJob), and the one
+way a list view tells a large value."""
 
 from __future__ import annotations
 
@@ -40,3 +41,19 @@ def job_rows_json(jobs: list[NewJob]) -> str:
 # the planner: no partial index matches it and its estimate is ordinary, so the input
 # rows drive primary-key probes.
 RUNNING = "(SELECT 'running')"
+
+
+def over(value: str, limit: str) -> str:
+    """SQL: whether `value` (jsonb or text) is larger than `limit` bytes as JSON text; the
+    stored size is checked first, so a large value is not even detoasted unless it
+    compresses below the limit. NULL is not over."""
+    return (f"CASE WHEN {value} IS NULL THEN false WHEN pg_column_size({value}) > {limit} "
+            f"THEN true ELSE octet_length({value}::text) > {limit} END")
+
+
+def job_sizes(t: str, limit: str) -> str:
+    """LATERAL item `big`: which of job row `t`'s args, result, errors and progress_note
+    are over `limit` bytes (list views leave those out, naming them in `truncated`)."""
+    return f"""LATERAL (SELECT {over(f"{t}.args", limit)} AS args,
+    {over(f"{t}.result", limit)} AS result, {over(f"{t}.errors", limit)} AS errors,
+    coalesce(octet_length({t}.progress_note) > {limit}, false) AS note) big"""
