@@ -85,8 +85,14 @@ class Pages:
         # A key paused by hand in a queue without per-key limits has no stats row.
         keys += [{"queue": q, "key": k, "id": f"{q}/{k}", "stats": None, "paused": True}
                  for q, k in sorted(paused - listed)]
+        activity = await self._ask(c.Activity())
+        hour = {a.queue: {"finished": sum(a.completed) + sum(a.failed), "failed": sum(a.failed),
+                          "oldest_available_id": a.oldest_available_id,
+                          "oldest_available_at": a.oldest_available_run_at}
+                for a in activity.queues}
         return self._render.page("overview.html", ctx, stats=stats, keys=keys, states=STATES,
-                                 activity={}, activity_since=None, nav="overview")
+                                 activity=hour, activity_since=activity.bucket_starts[0],
+                                 nav="overview")
 
     async def runs(self, query: list[tuple[str, str]], ctx: dict[str, Any]) -> str:
         chosen = forms.filters(query)
@@ -104,9 +110,9 @@ class Pages:
             bulk_actions=list(BULK_ACTIONS), first_page=cursor is None, nav="runs")
 
     async def run(self, job_id: int, ctx: dict[str, Any]) -> str:
-        job = await self._ask(c.Get(job_id=job_id))
-        return self._render.page("run.html", ctx, job=job, live=job.state in UNFINISHED,
-                                 nav="runs")
+        run = await self._ask(c.Inspect(job_id=job_id))
+        return self._render.page("run.html", ctx, run=run, job=run.job,
+                                 live=run.job.state in UNFINISHED, nav="runs")
 
     async def schedules(self, ctx: dict[str, Any]) -> str:
         listing = await self._ask(c.ScheduleList())

@@ -118,6 +118,17 @@ def test_sign_in_pages_and_headers(daemon):
     assert f'data-job-id="{ok_id}"' not in only_failed
     by_kind = client.get("/ui/runs", params={"kind": "dash.ok"}).text
     assert f'data-job-id="{ok_id}"' in by_kind and f'data-job-id="{fail_id}"' not in by_kind
+    by_error = client.get("/ui/runs", params={"error": "NEEDLE-7F3"}).text
+    assert f'data-job-id="{fail_id}"' in by_error and f'data-job-id="{ok_id}"' not in by_error
+    assert f'data-job-id="{fail_id}"' in client.get("/ui/runs", params={"error": "100% n"}).text
+    assert "No job matches" in client.get("/ui/runs", params={"error": "100_ n"}).text
+    # The overview counts the last hour's finished jobs; a child links to its parent.
+    overview = client.get("/ui/").text
+    row = re.search(r'<tr data-queue="dash".*?</tr>', overview, re.S).group(0)
+    assert re.search(r'class="num throughput">4<', row), row  # ok, fail, flow, its child
+    assert re.search(r'class="num failure-rate">25.0 %<', row), row
+    child_id = daemon.sql.fetchval("SELECT id FROM jobd.jobs WHERE parent_id = $1", flow_id)
+    assert f'href="/ui/runs/{flow_id}"' in client.get(f"/ui/runs/{child_id}").text
     paged = client.get("/ui/runs", params={"limit": "25"}).text
     assert 'id="next-page"' not in paged  # four jobs, one page
 
