@@ -40,6 +40,9 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
                     "hypercorn.trio.worker_context", "hypercorn.typing", "hypercorn.utils")},
     ("daemon/tracing.py", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
         "the OTLP exporter is the optional `otlp` extra; only [tracing] enabled loads it",
+    **{("daemon/serve_http.py", name): "Jinja2 and the templates: only a daemon whose HTTP "
+       "server has the dashboard on loads them (idle RSS)"
+       for name in ("daemon.dashboard.app", "daemon.dashboard.sessions")},
     **{("daemon/tracing.py", name): "a daemon that does not trace never loads the SDK"
        for name in ("opentelemetry.sdk.resources", "opentelemetry.sdk.trace",
                     "opentelemetry.sdk.trace.export", "opentelemetry.sdk.trace.sampling")},

@@ -69,8 +69,10 @@ async def test_a_mutating_command_is_audited_with_who_sent_it(caplog) -> None:
     await requests.answer(c.Ping(), peer, 13)  # reads are not audited
     await requests.answer(c.Enqueue(job=JobSpec(kind="noop")), peer, 14)  # debug only
     [record] = [r for r in caplog.records if getattr(r, "event", None) == "control.request"]
-    assert record.name == "jobd.control" and record.getMessage() == "cancel from uid 1000"
-    assert record.levelno == logging.INFO
+    # What it acted on is in the line: who cancelled which job.
+    assert record.name == "jobd.control"
+    assert record.getMessage() == "cancel from uid 1000: job_id=3"
+    assert record.target == "job_id=3" and record.levelno == logging.INFO
     assert (record.command, record.request_id, record.peer_uid, record.peer_pid) == (
         "cancel", 12, 1000, 7)
 
