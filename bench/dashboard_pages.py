@@ -257,6 +257,8 @@ class Fixture:
             "AND state = 'completed'")
         self.batch_tag = db.fetchval(
             "SELECT tags[2] FROM jobd.jobs WHERE tags[1] = 'nightly' ORDER BY id DESC LIMIT 1")
+        # A time filter with no index behind it: created before 6 days ago (the oldest 1/7).
+        self.old = db.fetchval("SELECT now() - interval '6 days'")
 
 
 def list_body(**filters: Any) -> dict[str, Any]:
@@ -275,6 +277,8 @@ def api_targets(fx: Fixture) -> list[tuple[str, str, dict[str, Any] | None]]:
         ("api list tag=nightly", "/v1/list", list_body(tag="nightly")),
         (f"api list tag={fx.batch_tag}", "/v1/list", list_body(tag=fx.batch_tag)),
         ("api list state=available", "/v1/list", list_body(state=["available"])),
+        ("api list created_before=6 days ago", "/v1/list",
+         list_body(created_before=fx.old.isoformat())),
         ("api list deep page (cursor near oldest)", "/v1/list", list_body(cursor=deep)),
         ("api list state=failed deep page", "/v1/list",
          list_body(state=["failed"], cursor=fx.oldest + 100_000)),
@@ -300,25 +304,32 @@ def ui_targets(fx: Fixture) -> list[tuple[str, str]]:
         ("ui /ui/runs?tag=nightly", "/ui/runs?" + q({"tag": "nightly"})),
         *([("ui /ui/runs?error=<rare text>", "/ui/runs?" + q({"error": "certificate verify"}))]
           if HAS_ERROR_FILTER else []),
+        ("ui /ui/runs?created_before=6 days ago",
+         "/ui/runs?" + q({"created_before": fx.old.isoformat()})),
         ("ui /ui/runs deep page", "/ui/runs?" + q({"cursor": deep})),
         ("ui /ui/runs/<workflow>", f"/ui/runs/{fx.workflow}"),
     ]
 
 
-def timed(fn: Callable[[], httpx.Response], reps: int, warmup: int) -> dict[str, Any]:
-    status = None
-    size = 0
-    ms: list[float] = []
+def timed(calls: list[tuple[str, Callable[[], httpx.Response]]], reps: int,
+          warmup: int) -> dict[str, dict[str, Any]]:
+    """Each call `warmup + reps` times, in rounds (every call once per round), so a busy
+    moment on the machine lands on all of them rather than on one page."""
+    ms: dict[str, list[float]] = {name: [] for name, _ in calls}
+    last: dict[str, tuple[int, int]] = {}
     for i in range(warmup + reps):
-        t0 = time.perf_counter()
-        response = fn()
-        body = response.content
-        elapsed = (time.perf_counter() - t0) * 1000
-        status, size = response.status_code, len(body)
-        if i >= warmup:
-            ms.append(elapsed)
-    return {"median_ms": statistics.median(ms), "p95_ms": pct(ms, 0.95), "max_ms": max(ms),
-            "min_ms": min(ms), "n": len(ms), "status": status, "bytes": size}
+        for name, fn in calls:
+            t0 = time.perf_counter()
+            response = fn()
+            body = response.content
+            elapsed = (time.perf_counter() - t0) * 1000
+            last[name] = (response.status_code, len(body))
+            if i >= warmup:
+                ms[name].append(elapsed)
+    return {name: {"median_ms": statistics.median(v), "p95_ms": pct(v, 0.95),
+                   "max_ms": max(v), "min_ms": min(v), "n": len(v),
+                   "status": last[name][0], "bytes": last[name][1]}
+            for name, v in ms.items()}
 
 
 def sign_in(client: httpx.Client, token: str) -> None:
@@ -349,6 +360,7 @@ def statements(fx: Fixture) -> list[tuple[str, str, list[Any]]]:
         ("LIST_JOBS tag=nightly", lj, page(tag="nightly")),
         (f"LIST_JOBS tag={fx.batch_tag}", lj, page(tag=fx.batch_tag)),
         ("LIST_JOBS state=available", lj, page(state=["available"])),
+        ("LIST_JOBS created_before=6 days ago", lj, page(created_before=fx.old)),
         ("LIST_JOBS deep page", lj, page(cursor=fx.oldest + 100)),
         ("LIST_JOBS state=failed deep page", lj, page(cursor=fx.oldest + 100_000,
                                                       state=["failed"])),
@@ -362,38 +374,65 @@ def statements(fx: Fixture) -> list[tuple[str, str, list[Any]]]:
         ("STATS", jobs_sql.STATS, []),
         ("KEY_STATS", flow_sql.KEY_STATS, [None, 200]),
         ("QUEUE_COUNTS (metrics leader)", metrics_sql.QUEUE_COUNTS, []),
+        ("STATS before r24 (one GROUP BY)", STATS_BEFORE, []),
+        ("KEY_STATS before r24 (one state IN pass)", KEY_STATS_BEFORE, [None, 200]),
     ]
 
+
+# The statements as they were before this bench's changes (sql/jobs.py STATS, sql/flow.py
+# KEY_STATS), timed beside the current ones in the same rounds.
+STATS_BEFORE = """
+SELECT queue, state, count(*) AS n FROM jobd.jobs GROUP BY queue, state ORDER BY queue, state
+"""
+KEY_STATS_BEFORE = flow_sql.KEY_STATS.split("WITH counts AS (")[0] + """WITH counts AS (
+    SELECT queue, key, count(*) FILTER (WHERE state = 'running') AS running,
+           count(*) FILTER (WHERE state <> 'running') AS queued
+    FROM jobd.jobs
+    WHERE state IN ('available', 'scheduled', 'running') AND key IS NOT NULL
+      AND ($1::text IS NULL OR queue = $1)
+    GROUP BY queue, key
+)""" + flow_sql.KEY_STATS.split("GROUP BY queue, key\n)", 1)[1]
 
 _EXEC = re.compile(r"Execution Time: ([0-9.]+) ms")
 
 
-def explain(db: PgConn, sql: str, params: list[Any], generic: bool, reps: int) -> dict[str, Any]:
-    """Postgres's own execution time (median of `reps` EXPLAIN ANALYZE runs, warm) and the
-    last run's plan. `generic`: the plan a prepared statement may switch to."""
-    db.execute(f"SET plan_cache_mode = {'force_generic_plan' if generic else 'force_custom_plan'}")
-    times: list[float] = []
-    plan = ""
-    try:
-        for _ in range(reps + 1):
-            rows = db.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *params)
-            plan = "\n".join(r[0] for r in rows)
-            m = _EXEC.search(plan)
-            times.append(float(m.group(1)) if m else float("nan"))
-    finally:
-        db.execute("RESET plan_cache_mode")
-    times = times[1:]  # the first run warms the cache
-    return {"median_ms": statistics.median(times), "max_ms": max(times), "plan": plan}
+def explain_all(db: PgConn, named: list[tuple[str, str, list[Any]]],
+                reps: int) -> dict[str, Any]:
+    """Postgres's own execution time of each statement (median of `reps` EXPLAIN ANALYZE
+    runs after one warming run) and the last run's plan, under the custom plan asyncpg
+    gets first and the generic plan a prepared statement may switch to after five runs.
+    Rounds are interleaved (every statement once per round), so a busy moment on the
+    machine lands on all of them, not on one."""
+    times: dict[tuple[str, str], list[float]] = {}
+    plans: dict[tuple[str, str], str] = {}
+    for round_no in range(reps + 1):
+        for mode in ("custom", "generic"):
+            db.execute(f"SET plan_cache_mode = force_{mode}_plan")
+            try:
+                for name, sql, params in named:
+                    rows = db.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *params)
+                    plan = "\n".join(r[0] for r in rows)
+                    m = _EXEC.search(plan)
+                    if round_no:
+                        times.setdefault((name, mode), []).append(
+                            float(m.group(1)) if m else float("nan"))
+                    plans[(name, mode)] = plan
+            finally:
+                db.execute("RESET plan_cache_mode")
+    return {name: {mode: {"median_ms": statistics.median(times[(name, mode)]),
+                          "max_ms": max(times[(name, mode)]), "plan": plans[(name, mode)]}
+                   for mode in ("custom", "generic")}
+            for name, _, _ in named}
 
 
 # -- main ---------------------------------------------------------------------------------
 
 def table(rows: list[tuple[str, dict[str, Any]]], title: str) -> str:
     width = max([len(name) for name, _ in rows] + [len(title)])
-    lines = [f"{title:<{width}}  {'median ms':>10}  {'p95 ms':>8}  {'max ms':>8}"]
+    lines = [f"{title:<{width}}  {'median ms':>10}  {'p95 ms':>8}  {'max ms':>8}  status"]
     for name, r in rows:
         lines.append(f"{name:<{width}}  {r['median_ms']:>10.1f}  {r['p95_ms']:>8.1f}  "
-                     f"{r['max_ms']:>8.1f}")
+                     f"{r['max_ms']:>8.1f}  {r.get('status', '')}")
     return "\n".join(lines)
 
 
@@ -442,41 +481,34 @@ def main() -> None:
             try:
                 time.sleep(2.0)  # the first reaper and metrics passes run at start
                 base = f"http://127.0.0.1:{port}"
-                timings: list[tuple[str, dict[str, Any]]] = []
+                api = httpx.Client(base_url=base, timeout=60,
+                                   headers={"authorization": f"Bearer {token}"})
+                ui = httpx.Client(base_url=base, timeout=60)
+                calls: list[tuple[str, Callable[[], httpx.Response]]] = []
                 if "api" in parts:
-                    with httpx.Client(base_url=base, timeout=60,
-                                      headers={"authorization": f"Bearer {token}"}) as api:
-                        for name, path, body in api_targets(fx):
-                            def call(path: str = path, body: Any = body) -> httpx.Response:
-                                if body is None:
-                                    return api.get(path)
-                                return api.post(path, json=body)
-                            r = timed(call, args.reps, args.warmup)
-                            timings.append((name, r))
-                            print(f"  {name}: {r['median_ms']:.1f} ms (HTTP {r['status']})",
-                                  flush=True)
+                    for name, path, body in api_targets(fx):
+                        def call(path: str = path, body: Any = body) -> httpx.Response:
+                            return api.get(path) if body is None else api.post(path, json=body)
+                        calls.append((name, call))
                 if "ui" in parts and dashboard_available():
-                    with httpx.Client(base_url=base, timeout=60) as ui:
-                        sign_in(ui, token)
-                        for name, path in ui_targets(fx):
-                            r = timed(lambda path=path: ui.get(path), args.reps, args.warmup)
-                            timings.append((name, r))
-                            print(f"  {name}: {r['median_ms']:.1f} ms (HTTP {r['status']})",
-                                  flush=True)
+                    sign_in(ui, token)
+                    calls += [(name, lambda path=path: ui.get(path))
+                              for name, path in ui_targets(fx)]
                 elif "ui" in parts:
                     results["ui_skipped"] = "daemon/dashboard/pages.py not on this branch yet"
                 if not HAS_ERROR_FILTER:
                     results["error_filter_skipped"] = "no `error` in FILTER_FIELDS on this branch"
-                results["pages"] = {name: r for name, r in timings}
+                try:
+                    timings = timed(calls, args.reps, args.warmup)
+                finally:
+                    api.close()
+                    ui.close()
+                results["pages"] = timings
             finally:
                 stop([proc])
             plans: dict[str, Any] = {}
             if "sql" in parts:
-                for name, sql, params in statements(fx):
-                    plans[name] = {"custom": explain(db, sql, params, False, args.explain_reps),
-                                   "generic": explain(db, sql, params, True, args.explain_reps)}
-                    print(f"  {name}: custom {plans[name]['custom']['median_ms']:.1f} ms, "
-                          f"generic {plans[name]['generic']['median_ms']:.1f} ms", flush=True)
+                plans = explain_all(db, statements(fx), args.explain_reps)
             results["statements"] = plans
         finally:
             db.close()
