@@ -44,7 +44,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import PgConn, pct, scratch_db  # noqa: E402
+from bench.common import PgConn, _stat_fields, pct, pg_cluster_cpu, scratch_db  # noqa: E402
 from bench.control_bench import free_port  # noqa: E402
 from bench.jobd_bench import stop  # noqa: E402
 from daemon.embedded import EmbeddedPostgres  # noqa: E402
@@ -374,16 +374,12 @@ def statements(fx: Fixture) -> list[tuple[str, str, list[Any]]]:
         ("STATS", jobs_sql.STATS, []),
         ("KEY_STATS", flow_sql.KEY_STATS, [None, 200]),
         ("QUEUE_COUNTS (metrics leader)", metrics_sql.QUEUE_COUNTS, []),
-        ("STATS before r24 (one GROUP BY)", STATS_BEFORE, []),
         ("KEY_STATS before r24 (one state IN pass)", KEY_STATS_BEFORE, [None, 200]),
     ]
 
 
-# The statements as they were before this bench's changes (sql/jobs.py STATS, sql/flow.py
-# KEY_STATS), timed beside the current ones in the same rounds.
-STATS_BEFORE = """
-SELECT queue, state, count(*) AS n FROM jobd.jobs GROUP BY queue, state ORDER BY queue, state
-"""
+# KEY_STATS as it was before its per-index arms (sql/flow.py), timed beside the current
+# one in the same rounds.
 KEY_STATS_BEFORE = flow_sql.KEY_STATS.split("WITH counts AS (")[0] + """WITH counts AS (
     SELECT queue, key, count(*) FILTER (WHERE state = 'running') AS running,
            count(*) FILTER (WHERE state <> 'running') AS queued
@@ -425,6 +421,73 @@ def explain_all(db: PgConn, named: list[tuple[str, str, list[Any]]],
             for name, _, _ in named}
 
 
+# Fixes considered and not taken, each an index jobd does not have: built here for the
+# measurement (then dropped), so the numbers behind the decision can be re-made.
+# (name, the index, statements to time with it: (name, SQL, params)).
+STATS_ARMS = """
+SELECT queue, state, n FROM (
+    SELECT queue, state, count(*) AS n FROM jobd.jobs
+    WHERE state IN ('available', 'scheduled') GROUP BY queue, state
+    UNION ALL
+    SELECT queue, state, count(*) FROM jobd.jobs WHERE state = 'running' GROUP BY queue, state
+    UNION ALL
+    SELECT queue, state, count(*) FROM jobd.jobs WHERE state = 'waiting' GROUP BY queue, state
+    UNION ALL
+    SELECT queue, 'completed', count(*) FROM jobd.jobs WHERE state = 'completed' GROUP BY queue
+    UNION ALL
+    SELECT queue, 'failed', count(*) FROM jobd.jobs WHERE state = 'failed' GROUP BY queue
+    UNION ALL
+    SELECT queue, 'cancelled', count(*) FROM jobd.jobs WHERE state = 'cancelled' GROUP BY queue
+    UNION ALL
+    SELECT queue, state, count(*) FROM jobd.jobs WHERE state = 'skipped' GROUP BY queue, state
+) arms
+ORDER BY queue, state
+"""
+
+
+def candidates(db: PgConn, fx: Fixture, reps: int) -> dict[str, Any]:
+    def page(**filters: Any) -> list[Any]:
+        return [*filter_args(**filters), None, 50, 4096]
+    tried = [
+        ("jobs_finished with INCLUDE (queue), stats as one arm per partial index",
+         "CREATE INDEX bench_finished_q ON jobd.jobs (state, finished_at) INCLUDE (queue) "
+         "WHERE state IN ('completed', 'failed', 'cancelled')",
+         [("STATS (current)", jobs_sql.STATS, []), ("STATS arms", STATS_ARMS, [])]),
+        ("(kind, id)", "CREATE INDEX bench_kind ON jobd.jobs (kind, id)",
+         [(f"LIST_JOBS kind={RARE_KIND}", control_sql.LIST_JOBS, page(kind=RARE_KIND))]),
+    ]
+    out: dict[str, Any] = {}
+    for name, ddl, named in tried:
+        index = ddl.split()[2]
+        db.execute(ddl)
+        try:
+            db.execute("VACUUM ANALYZE jobd.jobs")
+            size = db.fetchval(f"SELECT pg_relation_size('jobd.{index}')") / 2**20
+            timed_with = explain_all(db, named, reps)
+            cpu = {n: pg_cpu_ms(db, sql, params, reps) for n, sql, params in named}
+        finally:
+            db.execute(f"DROP INDEX jobd.{index}")
+        out[name] = {"index": ddl, "size_mb": size, "statements": timed_with,
+                     "pg_cpu_ms_per_call": cpu}
+        for n in timed_with:
+            print(f"  candidate {name}: {n} {timed_with[n]['custom']['median_ms']:.1f} ms, "
+                  f"{cpu[n]:.1f} ms Postgres CPU", flush=True)
+    return out
+
+
+def pg_cpu_ms(db: PgConn, sql: str, params: list[Any], reps: int) -> float:
+    """Postgres CPU per run (the backend plus any parallel workers), from the cluster's
+    process times: a parallel plan can be as fast as a serial one and cost three times
+    the CPU."""
+    postmaster = db.fetchval("SELECT pid FROM pg_stat_activity WHERE backend_type = "
+                             "'checkpointer'")  # a child of the postmaster
+    ppid = int(_stat_fields(postmaster)[1])
+    c0 = pg_cluster_cpu(ppid)
+    for _ in range(reps):
+        db.fetch(sql, *params)
+    return (pg_cluster_cpu(ppid) - c0) / reps * 1000
+
+
 # -- main ---------------------------------------------------------------------------------
 
 def table(rows: list[tuple[str, dict[str, Any]]], title: str) -> str:
@@ -446,10 +509,11 @@ def main() -> None:
                         help="a server to create the bench database on (dropped afterwards)")
     parser.add_argument("--pg-dir", default=None,
                         help="keep the embedded cluster here; a seeded table of --jobs is reused")
-    parser.add_argument("--only", default="", help="comma-separated parts: api,ui,sql")
+    parser.add_argument("--only", default="",
+                        help="comma-separated parts: api,ui,sql,candidates")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    parts = set(args.only.split(",")) if args.only else {"api", "ui", "sql"}
+    parts = set(args.only.split(",")) if args.only else {"api", "ui", "sql", "candidates"}
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results: dict[str, Any] = {"command": " ".join(["python -m bench.dashboard_pages", *sys.argv[1:]]),
                                "at": stamp, "jobs": args.jobs, "reps": args.reps}
@@ -510,6 +574,8 @@ def main() -> None:
             if "sql" in parts:
                 plans = explain_all(db, statements(fx), args.explain_reps)
             results["statements"] = plans
+            if "candidates" in parts:
+                results["candidates"] = candidates(db, fx, args.explain_reps)
         finally:
             db.close()
     out = args.out or ROOT / "bench" / "results" / f"dashboard-{stamp}.json"
@@ -517,6 +583,11 @@ def main() -> None:
     print()
     if results.get("pages"):
         print(table(list(results["pages"].items()), f"page ({args.jobs:,} jobs, HTTP, warm)"))
+    for c in results.get("candidates", {}).values():
+        print(f"\ncandidate index {c['index']} ({c['size_mb']:.0f} MB):")
+        for n, p in c["statements"].items():
+            print(f"  {n}: {p['custom']['median_ms']:.1f} ms median (EXPLAIN ANALYZE), "
+                  f"{c['pg_cpu_ms_per_call'][n]:.1f} ms Postgres CPU per call")
     if results["statements"]:
         print()
         rows = [(f"{n} [{kind}]", {"median_ms": p[kind]["median_ms"], "p95_ms": float("nan"),
