@@ -372,3 +372,36 @@ async def test_finishes_stay_linear_whatever_the_statistics_say(store, sql, anal
         assert "jobs_leases" not in plan, plan
     assert len(await store.finish_many(outcomes)) == 300
 
+
+
+# --------------------------------------------------------------------------- stats
+
+
+async def test_stats_and_key_stats_count_every_state_once(store, sql):
+    """Both count one arm per partial index (sql/jobs.py STATS, sql/flow.py KEY_STATS):
+    every state is in exactly one arm, so the totals equal a plain GROUP BY."""
+    states = ["scheduled", "available", "running", "waiting", "completed", "failed",
+              "cancelled", "skipped"]
+    sql.execute(
+        "INSERT INTO jobd.jobs (kind, queue, key, state, run_at, finished_at) "
+        "SELECT 'k', CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END, "
+        "       CASE WHEN g % 3 = 0 THEN NULL ELSE 'key' || (g % 4) END, "
+        "       s.state, CASE WHEN s.state = 'scheduled' THEN now() + interval '1 h' "
+        "                     ELSE now() END, "
+        "       CASE WHEN s.state IN ('completed', 'failed', 'cancelled', 'skipped') "
+        "            THEN now() END "
+        "FROM unnest($1::text[]) WITH ORDINALITY AS s(state, i), generate_series(1, s.i::int * 3) g",
+        states)
+    expected = sql.fetch("SELECT queue, state, count(*) AS n FROM jobd.jobs "
+                         "GROUP BY queue, state ORDER BY queue, state")
+    assert await store.stats() == [(r["queue"], r["state"], r["n"]) for r in expected]
+    keyed = sql.fetch(
+        "SELECT queue, key, count(*) FILTER (WHERE state = 'running') AS running, "
+        "       count(*) FILTER (WHERE state IN ('available', 'scheduled')) AS queued "
+        "FROM jobd.jobs WHERE key IS NOT NULL AND state IN ('available', 'scheduled', 'running') "
+        "GROUP BY queue, key")
+    got = {(r["queue"], r["key"]): (r["running"], r["queued"])
+           for r in await store.key_stats(None)}
+    assert got == {(r["queue"], r["key"]): (r["running"], r["queued"]) for r in keyed}
+    only_a = {(r["queue"], r["key"]) for r in await store.key_stats("a")}
+    assert only_a == {(q, k) for q, k in got if q == "a"}

@@ -381,6 +381,10 @@ finished_at, event_id
 # $1 = job id.
 GET_JOB = f"SELECT {JOB_COLUMNS} FROM jobd.jobs WHERE id = $1"
 
+# One pass over the table (a parallel sequential scan at 1,000,000 jobs, ~140 ms):
+# finished jobs are most of it and jobs_finished lacks the queue, so per-index arms
+# cannot beat it without widening that index (bench/dashboard_pages.py: same wall
+# time, ~40 % less Postgres CPU, ~1 us more per finished job).
 # No parameters.
 STATS = """
 SELECT queue, state, count(*) AS n FROM jobd.jobs GROUP BY queue, state ORDER BY queue, state
