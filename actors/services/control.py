@@ -161,7 +161,7 @@ class Control:
                     await self._cancel_here(cmd.job_id)
                 return c.CancelResult(id=cmd.job_id, was=was, state=now)
             case c.Stats():
-                return await self.stats()
+                return await self.stats(cmd.finished)
             case c.Nodes():
                 daemons = await self._store.list_daemons()
                 return c.NodesResult(daemons=[DaemonView(**r) for r in daemons])
@@ -264,9 +264,9 @@ class Control:
             commands=c.COMMAND_NAMES,
         )
 
-    async def stats(self) -> c.StatsResult:
+    async def stats(self, finished: bool = True) -> c.StatsResult:
         counts: dict[str, dict[str, int]] = {}
-        for queue, state, n in await self._store.stats():
+        for queue, state, n in await self._store.stats(finished):
             counts.setdefault(queue, {})[state] = n
         here = self._running_here()
         pauses = self._pauses()

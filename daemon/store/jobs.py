@@ -127,8 +127,9 @@ class JobStatements(StoreBase):
         rows = await self._fetch(sql.GET_JOB, job_id)
         return dict(rows[0]) if rows else None
 
-    async def stats(self) -> list[tuple[str, str, int]]:
-        return [(r["queue"], r["state"], r["n"]) for r in await self._fetch(sql.STATS)]
+    async def stats(self, finished: bool = True) -> list[tuple[str, str, int]]:
+        statement = sql.STATS if finished else sql.STATS_UNFINISHED
+        return [(r["queue"], r["state"], r["n"]) for r in await self._fetch(statement)]
 
     async def promote_due(self, limit: int, now: datetime | None = None) -> int:
         return await self._count(sql.PROMOTE_DUE, limit, now)

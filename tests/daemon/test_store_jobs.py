@@ -378,8 +378,9 @@ async def test_finishes_stay_linear_whatever_the_statistics_say(store, sql, anal
 
 
 async def test_stats_and_key_stats_count_every_state_once(store, sql):
-    """Both count one arm per partial index (sql/jobs.py STATS, sql/flow.py KEY_STATS):
-    every state is in exactly one arm, so the totals equal a plain GROUP BY."""
+    """Unfinished stats and key stats count one arm per partial index (sql/jobs.py
+    STATS_UNFINISHED, sql/flow.py KEY_STATS): every state is in exactly one arm, so the
+    totals equal a plain GROUP BY."""
     states = ["scheduled", "available", "running", "waiting", "completed", "failed",
               "cancelled", "skipped"]
     sql.execute(
@@ -395,6 +396,9 @@ async def test_stats_and_key_stats_count_every_state_once(store, sql):
     expected = sql.fetch("SELECT queue, state, count(*) AS n FROM jobd.jobs "
                          "GROUP BY queue, state ORDER BY queue, state")
     assert await store.stats() == [(r["queue"], r["state"], r["n"]) for r in expected]
+    assert await store.stats(finished=False) == [
+        (r["queue"], r["state"], r["n"]) for r in expected
+        if r["state"] in ("scheduled", "available", "running", "waiting")]
     keyed = sql.fetch(
         "SELECT queue, key, count(*) FILTER (WHERE state = 'running') AS running, "
         "       count(*) FILTER (WHERE state IN ('available', 'scheduled')) AS queued "

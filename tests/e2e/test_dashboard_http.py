@@ -125,7 +125,8 @@ def test_sign_in_pages_and_headers(daemon):
     # The overview counts the last hour's finished jobs; a child links to its parent.
     overview = client.get("/ui/").text
     row = re.search(r'<tr data-queue="dash".*?</tr>', overview, re.S).group(0)
-    assert re.search(r'class="num throughput">4<', row), row  # ok, fail, flow, its child
+    assert re.search(r'class="num completed"><a[^>]*>3<', row), row  # ok, flow, its child
+    assert re.search(r'class="num failed"><a[^>]*>1<', row), row
     assert re.search(r'class="num failure-rate">25.0 %<', row), row
     child_id = daemon.sql.fetchval("SELECT id FROM jobd.jobs WHERE parent_id = $1", flow_id)
     assert f'href="/ui/runs/{flow_id}"' in client.get(f"/ui/runs/{child_id}").text

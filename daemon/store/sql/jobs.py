@@ -390,6 +390,16 @@ STATS = """
 SELECT queue, state, count(*) AS n FROM jobd.jobs GROUP BY queue, state ORDER BY queue, state
 """
 
+# One arm per partial index (jobs_claimable, jobs_leases, jobs_waiting): the planner
+# will not combine them for one `state IN (...)`, and a scan reads every finished row.
+STATS_UNFINISHED = """
+SELECT queue, state, count(*) AS n FROM (
+    SELECT queue, state FROM jobd.jobs WHERE state IN ('available', 'scheduled')
+    UNION ALL SELECT queue, state FROM jobd.jobs WHERE state = 'running'
+    UNION ALL SELECT queue, state FROM jobd.jobs WHERE state = 'waiting'
+) unfinished GROUP BY queue, state ORDER BY queue, state
+"""
+
 # $1 = batch size, $2 = now (NULL: the database's clock).
 PROMOTE_DUE = """
 UPDATE jobd.jobs SET state = 'available'
