@@ -288,6 +288,9 @@ def api_targets(fx: Fixture) -> list[tuple[str, str, dict[str, Any] | None]]:
         ("api summary (all jobs)", "/v1/summary", list_body()),
         (f"api summary tag={fx.batch_tag}", "/v1/summary", list_body(tag=fx.batch_tag)),
         ("api stats", "/v1/stats", {}),
+        ("api stats finished=false (the overview's)", "/v1/stats", {"finished": False}),
+        ("api activity (the overview's last hour)", "/v1/activity", {}),
+        ("api inspect workflow (the run page's)", "/v1/inspect", {"job_id": fx.workflow}),
     ]
 
 
