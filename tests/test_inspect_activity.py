@@ -12,7 +12,6 @@ import asyncpg
 
 from actors.ports import NewJob
 from actors.services.run_views import activity, run_detail
-from bench.dashboard_bench import SEED
 from daemon.store import migrate
 from daemon.store.sql.runs import ACTIVITY
 from protocol import SyncClient
@@ -345,9 +344,28 @@ async def test_inspect_cuts_large_values_and_caps_children(store, sql):
         assert exc.details == {"id": 10**9}
 
 
+# 10 queues x 3 priorities; 70% completed and 10% failed over the last 24 hours (failed
+# ones with a message and a traceback), 15% available (due), 5% scheduled (tomorrow).
+SEED = """
+INSERT INTO jobd.jobs (queue, kind, priority, state, run_at, finished_at, errors, created_at)
+SELECT 'q' || (i % 10), 'kind' || (i % 7), (i % 3)::smallint,
+       CASE WHEN i % 20 < 14 THEN 'completed' WHEN i % 20 < 16 THEN 'failed'
+            WHEN i % 20 < 19 THEN 'available' ELSE 'scheduled' END,
+       CASE WHEN i % 20 = 19 THEN now() + interval '1 day'
+            ELSE now() - (i % 86400) * interval '1 second' END,
+       CASE WHEN i % 20 < 16 THEN now() - (i % 86400) * interval '1 second' END,
+       CASE WHEN i % 20 IN (14, 15) THEN jsonb_build_array(jsonb_build_object(
+           'attempt', 1, 'class', 'unknown', 'message', 'upstream said ' || (i % 1000),
+           'traceback', repeat('  File "app/handlers.py", line 12, in run' || E'\\n', 8)))
+            ELSE '[]'::jsonb END,
+       now() - (i % 86400) * interval '1 second'
+FROM generate_series(1, $1) i
+"""
+
+
 def test_activity_reads_the_finished_and_claimable_indexes(sql, fresh_database):
     """On a seeded table (a day of 100,000 jobs): the counts come from jobs_finished and
-    the heads from jobs_claimable, never a scan of the table (bench/dashboard_bench.py
+    the heads from jobs_claimable, never a scan of the table (bench/dashboard_pages.py
     times it on 1,000,000)."""
     async def seed() -> None:
         conn = await asyncpg.connect(fresh_database)
