@@ -75,7 +75,7 @@ class Dashboard:
         if rest.startswith("/static/") and method in ("GET", "HEAD"):
             await self._static_file(send, rest.removeprefix("/static/"), method == "HEAD")
             return
-        if method == "POST" and not same_origin(headers, scope.get("scheme", "http")):
+        if method == "POST" and not same_origin(headers):
             self._refused(scope, "cross-origin request")
             await self._page(send, 403, self._render.message(
                 "Refused", "CSRF check failed: this request came from another site."))
@@ -164,7 +164,8 @@ class Dashboard:
         log.info("dashboard sign-in: user %r (%s) at %s", name or "(unnamed)", session.role,
                  _client(scope), extra={"event": "dashboard.sign_in", "user": name,
                                         "role": session.role, "client": _client(scope)})
-        secure = "; Secure" if scope.get("scheme") == "https" else ""
+        https = scope.get("scheme") == "https" or headers.get(b"x-forwarded-proto") == b"https"
+        secure = "; Secure" if https else ""
         cookie = (f"{COOKIE}={self._sessions.cookie_value(session)}; Path={PREFIX}; HttpOnly; "
                   f"SameSite=Strict; Max-Age={int(self._sessions.lifetime_s)}{secure}")
         await self._redirect(send, target, cookies=[cookie])

@@ -92,18 +92,25 @@ class Sessions:
         return _b64(hmac.new(self._key, text.encode(), hashlib.sha256).digest())
 
 
-def same_origin(headers: dict[bytes, bytes], scheme: str) -> bool:
+def same_origin(headers: dict[bytes, bytes]) -> bool:
     """False for a request a browser says comes from another site. Browsers send Origin
     (or at least Sec-Fetch-Site) with every POST; a client sending neither is not a
-    browser that a forged page could drive, and still needs the session and CSRF token."""
+    browser that a forged page could drive, and still needs the session and CSRF token.
+
+    The Origin's host is compared with the Host header (or X-Forwarded-Host), not its
+    scheme: behind a proxy that ends TLS the page is https and the request reaching jobd
+    is http. The CSRF token, not this, is what a forged request cannot have."""
     site = headers.get(b"sec-fetch-site")
     if site is not None and site not in (b"same-origin", b"none"):
         return False
     origin = headers.get(b"origin")
     if origin is None:
         return True
-    host = headers.get(b"host", b"").decode("latin-1")
-    return origin.decode("latin-1") == f"{scheme}://{host}"
+    scheme, _, host = origin.decode("latin-1").partition("://")
+    if scheme not in ("http", "https") or not host:
+        return False  # "null" (a sandboxed frame, a file: page) and the like
+    ours = {headers.get(b"host"), headers.get(b"x-forwarded-host")} - {None}
+    return host.encode("latin-1") in ours
 
 
 def _b64(data: bytes) -> str:

@@ -56,11 +56,17 @@ def test_csrf_token_is_per_session():
 
 def test_same_origin():
     host = {b"host": b"jobd.internal:8080"}
-    assert same_origin(host, "http")  # neither header: not a browser page's request
-    assert same_origin({**host, b"origin": b"http://jobd.internal:8080"}, "http")
-    assert not same_origin({**host, b"origin": b"https://jobd.internal:8080"}, "http")
-    assert not same_origin({**host, b"origin": b"http://evil.example"}, "http")
-    assert not same_origin({**host, b"origin": b"null"}, "http")
-    assert same_origin({**host, b"sec-fetch-site": b"same-origin"}, "http")
-    assert not same_origin({**host, b"sec-fetch-site": b"cross-site"}, "http")
-    assert not same_origin({**host, b"sec-fetch-site": b"same-site"}, "http")
+    assert same_origin(host)  # neither header: not a browser page's request
+    assert same_origin({**host, b"origin": b"http://jobd.internal:8080"})
+    # Behind a proxy that ends TLS: the page is https, jobd sees http.
+    assert same_origin({**host, b"origin": b"https://jobd.internal:8080"})
+    assert same_origin({b"host": b"127.0.0.1:9464", b"x-forwarded-host": b"jobs.example.com",
+                        b"origin": b"https://jobs.example.com"})
+    assert not same_origin({**host, b"origin": b"http://evil.example"})
+    assert not same_origin({**host, b"origin": b"http://jobd.internal:8080.evil.example"})
+    assert not same_origin({**host, b"origin": b"null"})
+    assert not same_origin({**host, b"origin": b"file://jobd.internal:8080"})
+    assert not same_origin({b"origin": b"http://jobd.internal:8080"})  # no Host at all
+    assert same_origin({**host, b"sec-fetch-site": b"same-origin"})
+    assert not same_origin({**host, b"sec-fetch-site": b"cross-site"})
+    assert not same_origin({**host, b"sec-fetch-site": b"same-site"})
