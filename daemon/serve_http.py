@@ -53,7 +53,7 @@ async def serve_http(nursery: trio.Nursery, config: Config, *, control: Control,
     app = HttpApp(control=control, metrics=metrics, readiness=readiness.http_readiness,
                   token=token, max_body=config.limits.max_frame_bytes,
                   read_timeout_s=cc.http_read_timeout,
-                  dashboard=_dashboard(config, control, token))
+                  dashboard=_dashboard(config, control, token, metrics))
     server = HttpServer(app, [cc.http] if isinstance(cc.http, str) else cc.http,
                         graceful_timeout_s=cc.http_graceful_timeout,
                         max_connections=cc.http_max_connections,
@@ -67,7 +67,8 @@ async def serve_http(nursery: trio.Nursery, config: Config, *, control: Control,
     return server
 
 
-def _dashboard(config: Config, control: Control, token: str | None) -> Dashboard | None:
+def _dashboard(config: Config, control: Control, token: str | None,
+               metrics: Metrics) -> Dashboard | None:
     if not config.dashboard.enabled:
         return None
     from daemon.dashboard.app import Dashboard  # Jinja2 only for a daemon that serves pages
@@ -76,4 +77,5 @@ def _dashboard(config: Config, control: Control, token: str | None) -> Dashboard
     sessions = Sessions(api_token=token, read_token=read_dashboard_token(config),
                         lifetime_s=config.dashboard.session_lifetime)
     return Dashboard(requests=Requests(control, "dashboard"), sessions=sessions,
-                     refresh_s=config.dashboard.refresh, region=config.region, status=STATUS)
+                     refresh_s=config.dashboard.refresh, region=config.region, status=STATUS,
+                     count=lambda reason: metrics.http_errors.inc((reason,)))

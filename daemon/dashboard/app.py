@@ -51,8 +51,10 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 class Dashboard:
     def __init__(self, *, requests: Requests, sessions: Sessions, refresh_s: float,
-                 region: str, status: dict[str, int]):
+                 region: str, status: dict[str, int],
+                 count: Callable[[str], None] = lambda reason: None):
         self._requests = requests
+        self._count = count  # jobd_http_errors_total{reason}
         self._sessions = sessions
         self._status = status  # error code -> HTTP status, the API's own table
         self._render = Renderer(region=region, refresh_ms=int(refresh_s * 1000))
@@ -76,7 +78,7 @@ class Dashboard:
             await self._static_file(send, rest.removeprefix("/static/"), method == "HEAD")
             return
         if method == "POST" and not same_origin(headers):
-            self._refused(scope, "cross-origin request")
+            self._refused(scope, "cross-origin request", "dashboard_cross_origin")
             await self._page(send, 403, self._render.message(
                 "Refused", "CSRF check failed: this request came from another site."))
             return
@@ -101,7 +103,7 @@ class Dashboard:
             elif method == "POST":
                 fields = forms.parse((await read_body()).decode("utf-8", errors="strict"))
                 if not self._sessions.csrf_ok(session, dict(fields).get("csrf", "")):
-                    self._refused(scope, "CSRF token missing or wrong")
+                    self._refused(scope, "CSRF token missing or wrong", "dashboard_csrf")
                     await self._page(send, 403, self._render.message(
                         "Refused", "CSRF check failed: reload the page and try again."))
                     return
@@ -109,7 +111,7 @@ class Dashboard:
                     await self._redirect(send, f"{PREFIX}/login", cookies=[_clear(COOKIE)])
                     return
                 if not session.can_act:
-                    self._refused(scope, "read-only session")
+                    self._refused(scope, "read-only session", "dashboard_read_only")
                     await self._page(send, 403, self._render.message(
                         "Read-only", "This is a read-only session: sign in with the API "
                         "token to act."))
@@ -158,7 +160,7 @@ class Dashboard:
         target = forms.dashboard_path(fields.get("next"))
         session = self._sessions.sign_in(fields.get("token", ""), name)
         if session is None:
-            self._refused(scope, "wrong token at sign-in")
+            self._refused(scope, "wrong token at sign-in", "dashboard_sign_in")
             await self._page(send, 401, self._render.login(target, error="wrong token"))
             return
         log.info("dashboard sign-in: user %r (%s) at %s", name or "(unnamed)", session.role,
@@ -190,7 +192,8 @@ class Dashboard:
             "Not found" if status == 404 else "Refused" if status < 500 else "Failed",
             f"{exc.code}: {exc.message}", context=context))
 
-    def _refused(self, scope: Scope, why: str) -> None:
+    def _refused(self, scope: Scope, why: str, reason: str) -> None:
+        self._count(reason)
         log.warning("dashboard %s %s refused: %s", scope.get("method"), scope.get("path"), why,
                     extra={"event": "dashboard.refused", "reason": why,
                            "client": _client(scope)})

@@ -222,6 +222,10 @@ def test_actions_refusals_and_audit(daemon):
     refused = [e for e in daemon.log_events() if e.get("event") == "dashboard.refused"]
     assert {e["reason"] for e in refused} >= {"CSRF token missing or wrong", "read-only session",
                                              "cross-origin request"}
+    metrics = httpx.get(f"{base}/metrics").text
+    for reason, n in (("dashboard_csrf", 2), ("dashboard_cross_origin", 2),
+                      ("dashboard_read_only", 1)):
+        assert f'jobd_http_errors_total{{reason="{reason}"}} {n}.0' in metrics, reason
 
 
 def test_bad_input_is_a_page_not_a_crash(daemon):
