@@ -321,9 +321,6 @@ def test_pause_a_key_from_the_overview(page, dash):
     assert paused_keys(dash, "keyed") == []
 
 
-@pytest.mark.xfail(strict=True, reason="confirm.html shows the dry run's `changed`, which the "
-                   "store reports as 0 on a dry run (only `matched` is counted), so "
-                   "#dry-run-count is 0 and #confirm is disabled")
 def test_bulk_cancel_by_filter_counts_then_confirms(page, dash):
     later = dash.seeded["later"]
     page.get(dash.base + "/ui/runs?kind=dash.later&state=scheduled")
