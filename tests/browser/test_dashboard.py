@@ -16,7 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import (
+    JavascriptException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -33,34 +38,69 @@ CSP_DIRECTIVES = ("default-src 'self'", "script-src 'self'", "style-src 'self'",
 # --------------------------------------------------------------------------- helpers
 
 
+# The live part is swapped every refresh: an element found before a swap is detached
+# after it (Chromium says "stale" or "does not belong to the document"). So reads are one
+# script each, atomic against the swap, and clicks retry on a swapped-out element.
+_SWAPPED = (StaleElementReferenceException, JavascriptException)
+_READ = """
+const [selector, what, name] = arguments;
+const all = Array.from(document.querySelectorAll(selector));
+const one = e => what === 'text' ? e.innerText.trim() : e.getAttribute(name);
+return what === 'count' ? all.length : all.map(one);
+"""
+
+
 def wait(browser: Any) -> WebDriverWait:
-    return WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
+    return WebDriverWait(browser, WAIT_S, ignored_exceptions=_SWAPPED)
 
 
 def css(browser: Any, selector: str) -> Any:
+    """An element outside the live part (forms, the login page) to type into."""
     return wait(browser).until(ec.presence_of_element_located((By.CSS_SELECTOR, selector)))
 
 
+def texts(browser: Any, selector: str) -> list[str]:
+    return browser.execute_script(_READ, selector, "text", None)
+
+
+def attrs(browser: Any, selector: str, name: str) -> list[str | None]:
+    return browser.execute_script(_READ, selector, "attr", name)
+
+
+def count(browser: Any, selector: str) -> int:
+    return browser.execute_script(_READ, selector, "count", None)
+
+
 def text_of(browser: Any, selector: str) -> str:
-    """The element's text, read again if the live update swapped it meanwhile."""
-    def read(b: Any) -> str | None:
-        try:
-            return b.find_element(By.CSS_SELECTOR, selector).text
-        except StaleElementReferenceException:
-            return None
-    return wait(browser).until(lambda b: read(b) is not None and read(b))
+    """The first match's text, once there is one."""
+    return wait(browser).until(lambda b: texts(b, selector), f"{selector} on the page")[0]
+
+
+def attr_of(browser: Any, selector: str, name: str) -> str | None:
+    return wait(browser).until(lambda b: attrs(b, selector, name) or None,
+                               f"{selector} on the page")[0]
 
 
 def wait_text(browser: Any, selector: str, predicate: Any, what: str) -> str:
     def check(b: Any) -> str | bool:
+        found = texts(b, selector)
+        return found[0] if found and predicate(found[0]) else False
+    return wait(browser).until(check, f"waiting for {what}")
+
+
+def click(browser: Any, selector: str) -> None:
+    """Click the element, found again if a live swap replaced it first."""
+    def attempt(b: Any) -> bool:
         try:
-            found = b.find_elements(By.CSS_SELECTOR, selector)
-            value = found[0].text if found else None
-        except StaleElementReferenceException:
+            b.find_element(By.CSS_SELECTOR, selector).click()
+        except NoSuchElementException:
             return False
-        return value if value is not None and predicate(value) else False
-    return WebDriverWait(browser, WAIT_S, ignored_exceptions=(
-        StaleElementReferenceException,)).until(check, f"waiting for {what}")
+        except WebDriverException as exc:
+            if isinstance(exc, StaleElementReferenceException) or "document" in str(exc.msg):
+                return False
+            raise
+        return True
+    wait(browser).until(attempt, f"a click on {selector}")
 
 
 def shot(browser: Any, name: str) -> None:
@@ -75,7 +115,7 @@ def sign_in(browser: Any, dash: Dash, token: str = API_TOKEN, name: str = USER,
     wait(browser).until(ec.url_contains("/ui/login"))
     css(browser, "#token").send_keys(token)
     css(browser, "#name").send_keys(name)
-    css(browser, "#sign-in").click()
+    click(browser, "#sign-in")
     wait(browser).until(lambda b: "/ui/login" not in b.current_url)
 
 
@@ -121,7 +161,7 @@ def test_sign_in_refuses_a_wrong_token_then_lets_the_right_one_in(browser, dash)
     shot(browser, "login")
 
     css(browser, "#token").send_keys("not-the-token")
-    css(browser, "#sign-in").click()
+    click(browser, "#sign-in")
     assert wait_text(browser, ".flash.error", lambda t: "wrong token" in t, "the refusal")
     assert "/ui/login" in browser.current_url
     assert "not-the-token" not in browser.page_source
@@ -129,7 +169,7 @@ def test_sign_in_refuses_a_wrong_token_then_lets_the_right_one_in(browser, dash)
 
     css(browser, "#token").send_keys(API_TOKEN)
     css(browser, "#name").send_keys(USER)
-    css(browser, "#sign-in").click()
+    click(browser, "#sign-in")
     # Back to where the redirect came from, signed in by name.
     wait(browser).until(ec.url_to_be(dash.base + "/ui/runs"))
     assert text_of(browser, "h1") == "Runs"
@@ -153,7 +193,7 @@ def test_overview_shows_the_seeded_queues_with_counts(page, dash):
     page.get(dash.base + "/ui/")
     assert text_of(page, "h1") == "Overview"
     for queue in ("dash", "flow", "slow", "keyed"):
-        css(page, f'#queues tr[data-queue="{queue}"]')
+        text_of(page, f'#queues tr[data-queue="{queue}"]')
     expected = {"dash": {"completed": 3, "failed": 3}, "slow": {"running": 1},
                 "keyed": {"running": 2, "available": 1}}
     for queue, counts in expected.items():
@@ -165,10 +205,9 @@ def test_overview_shows_the_seeded_queues_with_counts(page, dash):
                       lambda t, q=queue, s=state: t == str(queue_counts(dash, q).get(s, 0)),
                       f"{queue}'s {state} count")
     for cell in ("throughput", "failure-rate", "oldest"):
-        css(page, f'#queues tr[data-queue="dash"] td.{cell}')
+        assert count(page, f'#queues tr[data-queue="dash"] td.{cell}') == 1
     for key in ("keyed/acme", "keyed/globex"):
-        row = css(page, f'#keys tr[data-key="{key}"]')
-        assert row.find_element(By.CSS_SELECTOR, ".limits").text.startswith("1 at once")
+        assert text_of(page, f'#keys tr[data-key="{key}"] .limits').startswith("1 at once")
     shot(page, "overview")
 
 
@@ -185,32 +224,31 @@ def test_overview_shows_the_last_hour(page, dash):
 
 
 def run_ids_shown(browser: Any) -> set[int]:
-    rows = browser.find_elements(By.CSS_SELECTOR, "#runs tr[data-job-id]")
-    return {int(r.get_attribute("data-job-id")) for r in rows}
+    return {int(i) for i in attrs(browser, "#runs tr[data-job-id]", "data-job-id") if i}
 
 
 def test_runs_filter_by_state_and_by_kind(page, dash):
     page.get(dash.base + "/ui/runs")
     assert text_of(page, "h1") == "Runs"
-    css(page, '#filters input[name="state"][value="failed"]').click()
-    css(page, "#apply").click()
+    click(page, '#filters input[name="state"][value="failed"]')
+    click(page, "#apply")
     wait(page).until(ec.url_contains("state=failed"))
     failed = {r["id"] for r in dash.sql.fetch("SELECT id FROM jobd.jobs WHERE state = 'failed'")}
     wait(page).until(lambda b: run_ids_shown(b) == failed, "the failed jobs listed")
-    states = {c.text for c in page.find_elements(By.CSS_SELECTOR, "#runs tr[data-job-id] .state")}
+    states = set(texts(page, "#runs tr[data-job-id] .state"))
     assert states == {"failed"}
     assert set(dash.seeded["boom"]) <= failed and dash.seeded["flow"] in failed
 
     kind = css(page, '#filters input[name="kind"]')
     kind.clear()
     kind.send_keys("dash.boom")
-    css(page, "#apply").click()
+    click(page, "#apply")
     wait(page).until(ec.url_contains("kind=dash.boom"))
     wait(page).until(lambda b: run_ids_shown(b) == set(dash.seeded["boom"]), "the boom jobs")
     assert "on fire" in text_of(page, f'#runs tr[data-job-id="{dash.seeded["boom"][0]}"]')
     # Each row links to its run.
-    link = css(page, f'#runs tr[data-job-id="{dash.seeded["boom"][0]}"] a.run-link')
-    assert link.get_attribute("href").endswith(f"/ui/runs/{dash.seeded['boom'][0]}")
+    link = f'#runs tr[data-job-id="{dash.seeded["boom"][0]}"] a.run-link'
+    assert attr_of(page, link, "href") == f"/ui/runs/{dash.seeded['boom'][0]}"
     shot(page, "runs")
 
 
@@ -225,12 +263,12 @@ def test_runs_filter_by_error_text(page, dash):
     page.get(dash.base + "/ui/runs")
     box = css(page, '#filters input[name="error"]')
     box.send_keys("PRINTER on fire")  # literal, any case
-    css(page, "#apply").click()
+    click(page, "#apply")
     wait(page).until(ec.url_contains("error="))
     wait(page).until(lambda b: run_ids_shown(b) == {dash.seeded["boom"][1]}, "the one job")
     # A pattern character is text, not a wildcard.
     page.get(dash.base + "/ui/runs?error=%25on%20fire")
-    wait(page).until(lambda b: "No job matches" in b.find_element(By.ID, "runs").text,
+    wait(page).until(lambda b: "No job matches" in "".join(texts(b, "#runs")),
                      "no job for a literal %")
 
 
@@ -247,25 +285,23 @@ def test_a_bad_filter_is_a_one_line_refusal_not_a_crash(page, dash):
 def test_failed_workflow_shows_steps_and_traceback_and_retry_completes_live(page, dash):
     flow = dash.seeded["flow"]
     page.get(dash.base + "/ui/runs?kind=dash.flow")
-    css(page, f'#runs tr[data-job-id="{flow}"] a.run-link').click()
+    click(page, f'#runs tr[data-job-id="{flow}"] a.run-link')
     wait(page).until(ec.url_to_be(f"{dash.base}/ui/runs/{flow}"))
     assert text_of(page, "#state") == "failed"
-    steps = [r.get_attribute("data-step") for r in
-             page.find_elements(By.CSS_SELECTOR, "#steps tr[data-step]")]
+    steps = attrs(page, "#steps tr[data-step]", "data-step")
     assert steps == ["fetch", "spawn:kids", "gather:kids", "publish"]
-    for row in page.find_elements(By.CSS_SELECTOR, "#steps tr[data-step]"):
-        assert row.find_element(By.CSS_SELECTOR, ".duration").text
+    assert all(texts(page, "#steps tr[data-step] .duration"))
     assert "upstream refused seed 7" in text_of(page, '#steps tr[data-step="publish"]')
-    children = page.find_elements(By.CSS_SELECTOR, "#children tr[data-job-id]")
-    assert len(children) == 1 and "dash.leaf" in children[0].text
-    errors = page.find_elements(By.CSS_SELECTOR, "#errors .attempt-error")
-    assert len(errors) == 1 and "ConnectionError" in errors[0].text
+    children = texts(page, "#children tr[data-job-id]")
+    assert len(children) == 1 and "dash.leaf" in children[0]
+    errors = texts(page, "#errors .attempt-error")
+    assert len(errors) == 1 and "ConnectionError" in errors[0]
     traceback = text_of(page, "#errors .attempt-error pre.traceback")
     assert "in publish" in traceback and "dash_handlers.py" in traceback
     assert '"seed": 7' in text_of(page, "#args")
     shot(page, "run")
 
-    css(page, "#retry").click()
+    click(page, "#retry")
     # 303 back to the run, which is unfinished again and so polls for its live part.
     wait_text(page, "#state", lambda t: t in ("available", "running"), "the retried state")
     assert "retried job" in text_of(page, ".flash")
@@ -287,9 +323,7 @@ def test_failed_workflow_shows_steps_and_traceback_and_retry_completes_live(page
 
 def progress_value(browser: Any) -> float:
     # The attribute as served, not the element's property (which the browser clamps to max).
-    value = wait(browser).until(
-        lambda b: b.find_element(By.CSS_SELECTOR, "progress#progress").get_dom_attribute("value"))
-    return float(value)
+    return float(attr_of(browser, "progress#progress", "value") or 0)
 
 
 def test_progress_bar_moves_without_reload(page, dash):
@@ -308,12 +342,11 @@ def test_progress_shown_is_the_jobs_percentage(page, dash):
                              dash.seeded["slow"])
     # The job moves on meanwhile, a fraction of a percent per second.
     assert abs(shown - float(held)) < 5, (shown, held)
-    bar = css(page, "progress#progress")
-    top = float(bar.get_dom_attribute("max") or 1)
-    assert abs(float(bar.get_dom_attribute("value")) / top * 100 - float(held)) < 5
+    top = float(attr_of(page, "progress#progress", "max") or 1)
+    assert abs(progress_value(page) / top * 100 - float(held)) < 5
     # The list shows the same bar.
     page.get(f"{dash.base}/ui/runs?kind=dash.slow")
-    css(page, f'#runs tr[data-job-id="{dash.seeded["slow"]}"] progress')
+    text_of(page, f'#runs tr[data-job-id="{dash.seeded["slow"]}"] progress')
 
 
 def paused_keys(dash: Dash, queue: str) -> list[str]:
@@ -325,7 +358,7 @@ def test_pause_a_key_from_the_overview(page, dash):
     page.get(dash.base + "/ui/")
     row = '#keys tr[data-key="keyed/globex"]'
     assert text_of(page, f"{row} td.paused") == "no"
-    css(page, f"{row} button.pause").click()
+    click(page, f"{row} button.pause")
     wait_text(page, f"{row} td.paused", lambda t: t == "paused", "globex shown paused")
     assert "paused keyed/globex" in text_of(page, ".flash")
     assert paused_keys(dash, "keyed") == ["globex"]
@@ -333,7 +366,7 @@ def test_pause_a_key_from_the_overview(page, dash):
     stats = dash.daemon.jobctl_json("stats")
     assert "globex" in next(q for q in stats["queues"] if q["queue"] == "keyed")["paused_keys"]
 
-    css(page, f"{row} button.resume").click()
+    click(page, f"{row} button.resume")
     wait_text(page, f"{row} td.paused", lambda t: t == "no", "globex resumed")
     assert paused_keys(dash, "keyed") == []
 
@@ -341,13 +374,13 @@ def test_pause_a_key_from_the_overview(page, dash):
 def test_pause_a_queue_from_the_overview(page, dash):
     page.get(dash.base + "/ui/")
     row = '#queues tr[data-queue="later"]'
-    css(page, f"{row} button.pause").click()
-    wait(page).until(lambda b: "paused" in b.find_element(By.CSS_SELECTOR, row).text,
+    click(page, f"{row} button.pause")
+    wait(page).until(lambda b: "paused" in "".join(texts(b, row)),
                      "the queue shown paused")
     assert "paused later" in text_of(page, ".flash")
     assert next(q for q in dash.api("stats", {})["queues"] if q["queue"] == "later")["paused"]
-    css(page, f"{row} button.resume").click()
-    wait(page).until(lambda b: b.find_elements(By.CSS_SELECTOR, f"{row} button.pause"),
+    click(page, f"{row} button.resume")
+    wait(page).until(lambda b: count(b, f"{row} button.pause"),
                      "the queue resumed")
     assert not next(q for q in dash.api("stats", {})["queues"] if q["queue"] == "later")["paused"]
 
@@ -357,11 +390,11 @@ def test_bulk_cancel_by_filter_counts_then_confirms(page, dash):
     page.get(dash.base + "/ui/runs?kind=dash.later&state=scheduled")
     wait(page).until(lambda b: run_ids_shown(b) == set(later), "the scheduled jobs")
     Select(css(page, '#bulk select[name="action"]')).select_by_visible_text("cancel")
-    css(page, "#bulk-submit").click()
+    click(page, "#bulk-submit")
     assert text_of(page, "#dry-run-count") == str(len(later))
     # The count was a dry run: nothing changed yet.
     assert {dash.state(j) for j in later} == {"scheduled"}
-    css(page, "#confirm").click()
+    click(page, "#confirm")
     wait(page).until(ec.url_contains("/ui/runs?"))
     assert f"cancel: {len(later)} of {len(later)}" in text_of(page, ".flash")
     assert {dash.state(j) for j in later} == {"cancelled"}
@@ -370,7 +403,7 @@ def test_bulk_cancel_by_filter_counts_then_confirms(page, dash):
 
 def test_bulk_without_a_filter_is_not_offered(page, dash):
     page.get(dash.base + "/ui/runs")
-    assert css(page, "#bulk-submit").get_attribute("disabled") is not None
+    assert attr_of(page, "#bulk-submit", "disabled") is not None
 
 
 def test_schedules_page(page, dash):
@@ -380,18 +413,18 @@ def test_schedules_page(page, dash):
         row = f'#schedules tr[data-schedule="{name}"]'
         assert text_of(page, f"{row} .next-fire").startswith("in ")
         assert text_of(page, f"{row} .paused") == "no"
-        css(page, f"{row} .last-fire")
+        assert count(page, f"{row} .last-fire") == 1
     shot(page, "schedules")
 
     row = '#schedules tr[data-schedule="hourly-ping"]'
-    css(page, f"{row} button.pause").click()
+    click(page, f"{row} button.pause")
     wait_text(page, f"{row} .paused", lambda t: t == "yes", "the schedule paused")
     assert dash.sql.fetchval("SELECT paused FROM jobd.schedules WHERE name = 'hourly-ping'")
-    css(page, f"{row} button.resume").click()
+    click(page, f"{row} button.resume")
     wait_text(page, f"{row} .paused", lambda t: t == "no", "the schedule resumed")
     assert not dash.sql.fetchval("SELECT paused FROM jobd.schedules WHERE name = 'hourly-ping'")
 
-    css(page, '#schedules tr[data-schedule="nightly-report"] button.trigger').click()
+    click(page, '#schedules tr[data-schedule="nightly-report"] button.trigger')
     fired = re.search(r"fired nightly-report: job (\d+)", text_of(page, ".flash"))
     assert fired, text_of(page, ".flash")
     dash.wait_state(int(fired.group(1)), "completed")
@@ -400,13 +433,13 @@ def test_schedules_page(page, dash):
 def test_daemons_page_with_the_tree(page, dash):
     page.get(dash.base + "/ui/daemons")
     assert text_of(page, "h1") == "Daemons"
-    rows = page.find_elements(By.CSS_SELECTOR, "#daemons tr[data-daemon]")
+    text_of(page, "#daemons tr[data-daemon]")
+    ids = attrs(page, "#daemons tr[data-daemon]", "data-daemon")
     held = {r["id"] for r in dash.sql.fetch("SELECT id::text FROM jobd.daemons")}
-    assert {r.get_attribute("data-daemon") for r in rows} <= held and len(rows) == 1
-    assert "browser" in rows[0].text  # the region
-    nodes = page.find_elements(By.CSS_SELECTOR, "#tree li")
-    nested = page.find_elements(By.CSS_SELECTOR, "#tree > li > ul > li")
-    assert len(nodes) > 3 and nested, "the supervision tree is not nested"
+    assert len(ids) == 1 and set(ids) <= held
+    assert "browser" in texts(page, "#daemons tr[data-daemon]")[0]  # the region
+    assert count(page, "#tree li") > 3 and count(page, "#tree > li > ul > li"), \
+        "the supervision tree is not nested"
     shot(page, "daemons")
 
 
@@ -429,12 +462,42 @@ def test_the_pages_run_under_the_csp_without_violations(page, dash):
 
 def test_sign_out_ends_the_session(page, dash):
     page.get(dash.base + "/ui/schedules")
-    css(page, "#sign-out").click()
+    click(page, "#sign-out")
     wait(page).until(ec.url_contains("/ui/login"))
     page.jobd_role = None
     assert not page.get_cookie("jobd_session")
     page.get(dash.base + "/ui/daemons")
     wait(page).until(ec.url_contains("/ui/login?next=/ui/daemons"))
+
+
+def test_sign_in_goes_nowhere_but_the_dashboard(browser, dash):
+    browser.delete_all_cookies()
+    browser.jobd_role = None
+    for target in ("//evil.example/", "https://evil.example/ui/", "/ui/%0d%0aSet-Cookie:x=1",
+                   "/ui//evil.example"):
+        browser.get(f"{dash.base}/ui/login?next={target}")
+        css(browser, "#token").send_keys(API_TOKEN)
+        click(browser, "#sign-in")
+        wait(browser).until(lambda b: "/ui/login" not in b.current_url)
+        assert browser.current_url.startswith(dash.base + "/ui/"), (target, browser.current_url)
+        browser.delete_all_cookies()
+
+
+def test_markup_in_names_and_errors_is_shown_as_text(browser, dash):
+    """A user name and a job's error holding HTML reach the page as text: nothing runs
+    (an alert would fail the next WebDriver call) and no element is injected."""
+    evil = "<img src=x id=injected onerror=\"window.__xss=1\">"
+    job_id = dash.enqueue("dash.boom", {"what": evil})
+    dash.wait_state(job_id, "failed")
+    sign_in(browser, dash, name=evil, path=f"/ui/runs/{job_id}")
+    browser.jobd_role = None  # signed in under another name
+    wait(browser).until(ec.url_to_be(f"{dash.base}/ui/runs/{job_id}"))
+    assert evil in text_of(browser, "header .who")
+    assert evil in text_of(browser, "#errors .attempt-error summary")
+    browser.get(f"{dash.base}/ui/runs?kind=dash.boom")
+    assert evil in text_of(browser, f'#runs tr[data-job-id="{job_id}"]')
+    assert count(browser, "#injected") == 0
+    assert browser.execute_script("return window.__xss || null;") is None
 
 
 # --------------------------------------------------------------------------- refusals
@@ -478,7 +541,7 @@ def test_read_only_session_cannot_retry(browser, dash):
     browser.jobd_role = "read"
     wait(browser).until(ec.url_to_be(f"{dash.base}/ui/runs/{target}"))
     assert "read-only" in text_of(browser, "header .who")
-    assert css(browser, "#retry").get_attribute("disabled") is not None
+    assert attr_of(browser, "#retry", "disabled") is not None
     with dash.client(READ_TOKEN, "reader") as client:
         page = client.get(f"/ui/runs/{target}")
         reply = client.post(f"/ui/runs/{target}/retry", data={"csrf": csrf_of(page.text)})
