@@ -333,6 +333,7 @@ def test_progress_bar_moves_without_reload(page, dash):
     first = progress_value(page)
     wait(page).until(lambda b: progress_value(b) > first, "the progress bar to move")
     assert same_page(page)
+    shot(page, "run-progress")
 
 
 def test_progress_shown_is_the_jobs_percentage(page, dash):
