@@ -204,7 +204,8 @@ def test_overview_shows_the_seeded_queues_with_counts(page, dash):
             wait_text(page, f'#queues tr[data-queue="{queue}"] td.{state}',
                       lambda t, q=queue, s=state: t == str(queue_counts(dash, q).get(s, 0)),
                       f"{queue}'s {state} count")
-    for cell in ("throughput", "failure-rate", "oldest"):
+    # Main has no `.throughput` cell: `.completed` and `.failed` are the last hour's.
+    for cell in ("completed", "failed", "failure-rate", "oldest"):
         assert count(page, f'#queues tr[data-queue="dash"] td.{cell}') == 1
     for key in ("keyed/acme", "keyed/globex"):
         assert text_of(page, f'#keys tr[data-key="{key}"] .limits').startswith("1 at once")
@@ -222,8 +223,10 @@ def test_overview_shows_the_last_hour(page, dash):
         return row["finished"], row["failed"]
 
     row = '#queues tr[data-queue="dash"]'
-    wait_text(page, f"{row} td.throughput", lambda t: t == str(hour("dash")[0]),
-              "the last hour's finished count")
+    wait_text(page, f"{row} td.completed", lambda t: t == str(hour("dash")[0] - hour("dash")[1]),
+              "the last hour's completed count")
+    wait_text(page, f"{row} td.failed", lambda t: t == str(hour("dash")[1]),
+              "the last hour's failed count")
     finished, failed = hour("dash")
     wait_text(page, f"{row} td.failure-rate",
               lambda t: t == f"{100 * failed / finished:.1f} %", "the failure rate")
