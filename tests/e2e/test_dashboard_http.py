@@ -1,6 +1,6 @@
 """The dashboard of a real `jobd run` over plain HTTP: sign-in, pages, actions, and every
 refusal (no session, CSRF, another origin, a read-only session, bad input). The browser
-tests (tests/e2e/test_dashboard_browser.py) drive the same pages in Chromium."""
+tests (tests/browser/test_dashboard.py) drive the same pages in Chromium."""
 
 from __future__ import annotations
 
