@@ -99,6 +99,7 @@ class Pages:
         return self._render.page("overview.html", ctx, queues=queues, counts=counts, keys=keys,
                                  states=UNFINISHED,
                                  activity=hour, activity_since=activity.bucket_starts[0],
+                                 since=activity.bucket_starts[0].isoformat(),
                                  nav="overview")
 
     async def runs(self, query: list[tuple[str, str]], ctx: dict[str, Any]) -> str:
