@@ -121,7 +121,7 @@ class Pages:
             live=cursor is None and not chosen.keys() & _NOT_LIVE, nav="runs")
 
     async def run(self, job_id: int, ctx: dict[str, Any]) -> str:
-        run = await self._ask(c.Inspect(job_id=job_id))
+        run = await self._ask(forms.command(c.Inspect, {"job_id": job_id}))
         return self._render.page("run.html", ctx, run=run, job=run.job,
                                  live=run.job.state in UNFINISHED, nav="runs")
 
@@ -138,9 +138,9 @@ class Pages:
 
     async def run_action(self, job_id: int, action: str, peer: Peer) -> str:
         if action == "cancel":
-            result = await self._ask(c.Cancel(job_id=job_id), peer)
+            result = await self._ask(forms.command(c.Cancel, {"job_id": job_id}), peer)
             raise Redirect(f"/ui/runs/{job_id}", f"job {job_id}: {result.state}")
-        cmd = BULK_ACTIONS[action](ids=[job_id])
+        cmd = forms.command(BULK_ACTIONS[action], {"ids": [job_id]})
         result = await self._ask(cmd, peer)
         if action == "replay" and result.ids:
             raise Redirect(f"/ui/runs/{result.ids[0]}", f"replay of job {job_id}")

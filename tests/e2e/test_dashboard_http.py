@@ -241,6 +241,8 @@ def test_bad_input_is_a_page_not_a_crash(daemon):
         "/ui/runs?kind=a%00b": (400, "NUL byte"),
         "/ui/runs/99999999": (404, "no job 99999999"),
         "/ui/runs/99999999999999999999": (404, "no page"),
+        "/ui/runs/9999999999999999999": (400, "$.job_id"),
+        "/ui/runs/0": (400, "$.job_id"),
         "/ui/nowhere": (404, "no page"),
         "/ui/runs?" + "&".join(f"f{i}=1" for i in range(500)): (400, "malformed"),
     }
