@@ -16,6 +16,7 @@ import trio
 from protocol import client as client_module
 from protocol.client import connect
 from protocol.errors import BadRequest, JobdError, NotFound, Unavailable
+from tests.support import wait_until
 
 Script = Callable[[trio.SocketStream, bytes], Awaitable[None]]
 
@@ -145,9 +146,16 @@ def test_sync_client_keeps_one_connection_and_reconnects_after_a_restart(jobd) -
         daemon.start()
         # The old connection is gone; the next call opens a new one by itself.
         assert client.get(ids[0]).id == ids[0]
-    # After close() the slot is free again.
-    with SyncClient(str(daemon.socket), timeout=10) as again:
-        assert again.ping().ready is True
+    # After close() the slot is free again, once the daemon has seen the hang-up.
+    def free_again() -> bool:
+        try:
+            with SyncClient(str(daemon.socket), timeout=10) as again:
+                return again.ping().ready is True
+        except JobdError as exc:
+            assert exc.code == "too_many_connections", exc
+            return False
+
+    wait_until(free_again, "the closed connection's slot to be free")
 
 
 def test_sync_client_reports_a_missing_daemon_in_one_typed_error(tmp_path) -> None:
