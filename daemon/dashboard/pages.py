@@ -118,12 +118,12 @@ class Pages:
             bulk_actions=list(BULK_ACTIONS), first_page=cursor is None,
             # Text in the error is a scan, and an end time far back walks the id index
             # to it (README "Known limits"): not every 2 s. Both look at the past anyway.
-            live=cursor is None and not chosen.keys() & _NOT_LIVE, nav="runs")
+            polling=cursor is None and not chosen.keys() & _NOT_LIVE, nav="runs")
 
     async def run(self, job_id: int, ctx: dict[str, Any]) -> str:
         run = await self._ask(forms.command(c.Inspect, {"job_id": job_id}))
         return self._render.page("run.html", ctx, run=run, job=run.job,
-                                 live=run.job.state in UNFINISHED, nav="runs")
+                                 polling=run.job.state in UNFINISHED, nav="runs")
 
     async def schedules(self, ctx: dict[str, Any]) -> str:
         listing = await self._ask(c.ScheduleList())

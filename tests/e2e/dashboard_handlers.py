@@ -37,3 +37,15 @@ async def flow(ctx: Context, args: Note) -> dict:
     if ctx.job.attempt == 1 and args.text == "fail-first":
         raise RuntimeError("first attempt fails on purpose")
     return {"fetched": fetched, "kids": kids}
+
+
+class Order(msgspec.Struct):
+    order: str = ""
+
+
+@job("dash.approval", queue="dash", on_event="dash/order.placed")
+async def approval(ctx: Context, args: Order) -> dict:
+    """Started by an event; then waits for another one that names its order."""
+    approved = await ctx.wait_for_event("dash/order.approved", match={"order": args.order},
+                                        timeout="1h")
+    return {"approved_by": (approved or {}).get("by")}

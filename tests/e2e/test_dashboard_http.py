@@ -122,6 +122,10 @@ def test_sign_in_pages_and_headers(daemon):
     assert f'data-job-id="{fail_id}"' in by_error and f'data-job-id="{ok_id}"' not in by_error
     assert f'data-job-id="{fail_id}"' in client.get("/ui/runs", params={"error": "100% n"}).text
     assert "No job matches" in client.get("/ui/runs", params={"error": "100_ n"}).text
+    # The newest page polls; a page filtered by error text (a scan) or an end time does not.
+    assert "hx-trigger" in client.get("/ui/runs").text
+    for past in ({"error": "boom"}, {"created_before": "2026-01-01T00:00"}):
+        assert "hx-trigger" not in client.get("/ui/runs", params=past).text, past
     # The overview counts the last hour's finished jobs; a child links to its parent.
     overview = client.get("/ui/").text
     row = re.search(r'<tr data-queue="dash".*?</tr>', overview, re.S).group(0)
@@ -281,3 +285,28 @@ def test_dashboard_off_and_without_tokens(jobd):
                 extra_toml="[dashboard]\nenabled = false\n")
     assert httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=10).status_code == 404
     assert proc.jobctl("ping").returncode == 0
+
+
+def test_a_run_shows_the_event_that_started_it_and_the_one_it_waits_for(daemon):
+    base = daemon.base
+    reply = httpx.post(f"{base}/v1/send_event", json={"name": "dash/order.placed",
+                                                      "data": {"order": "A-17"}},
+                       headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert reply.status_code == 200, reply.text
+    job_id = wait_until(lambda: daemon.sql.fetchval(
+        "SELECT id FROM jobd.jobs WHERE kind = 'dash.approval' AND state = 'waiting'"),
+        "the event-started job to wait")
+    client = signed_in(base)
+    page = client.get(f"/ui/runs/{job_id}").text
+    event = re.search(r'<dd id="event">(.*?)</dd>', page, re.S).group(1)
+    assert "dash/order.placed" in event
+    waiting = re.search(r'<section id="waiting-on">(.*?)</section>', page, re.S).group(1)
+    assert "dash/order.approved" in waiting and "A-17" in waiting
+    assert 'hx-trigger="every 1000ms"' in page  # waiting: the page keeps polling
+    httpx.post(f"{base}/v1/send_event", json={"name": "dash/order.approved",
+                                              "data": {"order": "A-17", "by": "bo"}},
+               headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert finished(daemon, job_id) == "completed"
+    page = client.get(f"/ui/runs/{job_id}").text
+    assert 'id="waiting-on"' not in page and "approved_by" in page
+    assert "hx-trigger" not in page  # finished: nothing left to poll for
