@@ -462,8 +462,7 @@ def test_daemons_page_with_the_tree(page, dash):
 
 def test_the_pages_run_under_the_csp_without_violations(page, dash):
     page.get_log("browser")  # drop what earlier tests logged
-    for path in ("/ui/", "/ui/runs", f"/ui/runs/{dash.seeded['flow']}", "/ui/schedules",
-                 "/ui/daemons"):
+    for path in ("/ui/", "/ui/runs", "/ui/schedules", "/ui/daemons"):
         page.get(dash.base + path)
         mark_page(page)
         # htmx loaded (script-src 'self') and polls: a request it made shows in the log
@@ -472,6 +471,12 @@ def test_the_pages_run_under_the_csp_without_violations(page, dash):
             "return typeof htmx !== 'undefined' && performance.getEntriesByType('resource')"
             ".some(e => e.initiatorType === 'xmlhttprequest')"), f"a live poll on {path}")
         assert same_page(page)
+    # A finished run has nothing left to poll for: htmx loads, the page does not poll.
+    page.get(dash.base + f"/ui/runs/{dash.seeded['flow']}")
+    wait(page).until(lambda b: b.execute_script("return typeof htmx !== 'undefined'"),
+                     "htmx on a finished run's page")
+    assert page.execute_script(
+        "return document.querySelector('#live').getAttribute('hx-trigger')") is None
     problems = [e["message"] for e in page.get_log("browser")
                 if e["level"] in ("SEVERE", "WARNING")]
     assert not problems, problems
