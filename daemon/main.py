@@ -23,7 +23,6 @@ from daemon.app import Daemon
 from daemon.config import EX_CONFIG, Config, ConfigError, load, socket_path, state_dir
 from daemon.logs import configure_logging
 from daemon.reload import import_modules
-from daemon.store import bridge
 from daemon.systemd import Notifier
 
 EX_TEMPFAIL = 75  # another daemon holds the state directory or the socket: try later
@@ -59,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo.run(args.state_dir, stay=args.stay)
     try:
         config = load(args.config)
-        bridge.loop_choice()
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         print(f"jobd: bad config: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "check-config":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -50,23 +49,8 @@ class _Loop:
 _current: _Loop | None = None
 
 
-# JOBD_STORE_LOOP=asyncio runs the stdlib loop where uvloop is installed: ~1.5x the
-# CPU per store call, for a host where uvloop misbehaves (a crash in it, uvloop#706, was
-# seen once in the test suite, at a loop's shutdown).
-LOOPS = ("uvloop", "asyncio")
-
-
-def loop_choice(environ: Any = None) -> str:
-    """The store loop JOBD_STORE_LOOP asks for ("uvloop" by default); ValueError for
-    anything else."""
-    choice = (os.environ if environ is None else environ).get("JOBD_STORE_LOOP", "uvloop")
-    if choice not in LOOPS:
-        raise ValueError(f"JOBD_STORE_LOOP must be one of {', '.join(LOOPS)}, not {choice!r}")
-    return choice
-
-
 def _new_loop() -> asyncio.AbstractEventLoop:
-    if uvloop is None or loop_choice() == "asyncio":
+    if uvloop is None:
         # Not new_event_loop(): an application's event loop policy (the direct
         # producer brings the store into its process) is none of this loop's business.
         return asyncio.SelectorEventLoop()

@@ -84,17 +84,3 @@ async def test_errors_cross_translated():
 async def test_no_call_outside_the_loop():
     with pytest.raises(RuntimeError):
         await bridge.call(_thread)
-
-
-async def test_jobd_store_loop_asyncio_runs_the_stdlib_loop(fresh_database, monkeypatch):
-    monkeypatch.setenv("JOBD_STORE_LOOP", "asyncio")
-    async with bridge.open_loop() as loop:
-        connection = await bridge.connect(fresh_database, 10)
-        try:
-            assert await bridge.call(connection.fetchval, "SELECT 41 + 1") == 42
-        finally:
-            await bridge.call(connection.close)
-    assert type(loop) is asyncio.SelectorEventLoop
-    monkeypatch.setenv("JOBD_STORE_LOOP", "libuv")
-    with pytest.raises(ValueError, match="JOBD_STORE_LOOP must be one of uvloop, asyncio"):
-        bridge.loop_choice()
