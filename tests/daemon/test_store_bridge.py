@@ -84,3 +84,31 @@ async def test_errors_cross_translated():
 async def test_no_call_outside_the_loop():
     with pytest.raises(RuntimeError):
         await bridge.call(_thread)
+
+
+def test_no_bridge_connection_is_touched_from_the_trio_thread() -> None:
+    """A connection from `bridge.connect` belongs to the loop thread: `x.terminate()` or
+    `x.close()` called on it directly (not through bridge.call / bridge.terminate) closes
+    a uvloop transport from another thread, which crashed a test process with SIGSEGV."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = []
+    for path in [*root.glob("tests/**/*.py"), *root.glob("daemon/**/*.py")]:
+        tree = ast.parse(path.read_text(), str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.AsyncFunctionDef | ast.FunctionDef):
+                continue
+            owned = {t.id for node in ast.walk(fn) if isinstance(node, ast.Assign)
+                     and isinstance(node.value, ast.Await)
+                     and isinstance(call := node.value.value, ast.Call)
+                     and isinstance(call.func, ast.Attribute) and call.func.attr == "connect"
+                     and isinstance(call.func.value, ast.Name) and call.func.value.id == "bridge"
+                     for t in node.targets if isinstance(t, ast.Name)}
+            for node in ast.walk(fn):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("terminate", "close")
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id in owned):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, f"use bridge.terminate(x) / bridge.call(x.close): {offenders}"
