@@ -90,25 +90,25 @@ def _credential(environ: dict[str, str], name: str) -> str | None:
 
 
 def read_token(config: Config, environ: dict[str, str] | None = None) -> str | None:
-    environ = dict(os.environ if environ is None else environ)
-    if config.control.token_file:
-        try:
-            return Path(config.control.token_file).read_text().strip() or None
-        except OSError as exc:
-            raise ConfigError(f"control.token_file: {exc}") from exc
-    return _credential(environ, "api-token")
+    """The API token: control.token_file, else the systemd credential api-token."""
+    return _token(config.control.token_file, "control.token_file", "api-token", environ)
 
 
 def read_dashboard_token(config: Config, environ: dict[str, str] | None = None) -> str | None:
     """The read-only dashboard token: dashboard.read_token_file, else the systemd
     credential dashboard-read-token."""
-    environ = dict(os.environ if environ is None else environ)
-    if config.dashboard.read_token_file:
+    return _token(config.dashboard.read_token_file, "dashboard.read_token_file",
+                  "dashboard-read-token", environ)
+
+
+def _token(path: str | None, key: str, credential: str,
+           environ: dict[str, str] | None) -> str | None:
+    if path:
         try:
-            return Path(config.dashboard.read_token_file).read_text().strip() or None
+            return Path(path).read_text().strip() or None
         except OSError as exc:
-            raise ConfigError(f"dashboard.read_token_file: {exc}") from exc
-    return _credential(environ, "dashboard-read-token")
+            raise ConfigError(f"{key}: {exc}") from exc
+    return _credential(dict(os.environ if environ is None else environ), credential)
 
 
 def state_dir(flag: str | None, environ: dict[str, str] | None = None) -> Path:

@@ -152,7 +152,7 @@ def browser() -> Iterator[Any]:
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip(f"needs Chromium and chromedriver (apt-get install chromium chromium-driver);"
                     f" found chromium={CHROMIUM}, chromedriver={CHROMEDRIVER}")
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver  # the test extra has it: a missing one is an error, not a skip
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
