@@ -5,13 +5,14 @@ tests (tests/browser/test_dashboard.py) drive the same pages in Chromium."""
 from __future__ import annotations
 
 import re
+import socket
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.e2e.test_http_e2e import free_port
-from tests.support import Sql, wait_until
+from tests.support import JobdProcess, Sql, wait_until
 
 TOKEN = "dash-api-token-0123456789"
 READ_TOKEN = "dash-read-token-9876543210"
@@ -310,3 +311,63 @@ def test_a_run_shows_the_event_that_started_it_and_the_one_it_waits_for(daemon):
     page = client.get(f"/ui/runs/{job_id}").text
     assert 'id="waiting-on"' not in page and "approved_by" in page
     assert "hx-trigger" not in page  # finished: nothing left to poll for
+
+
+def test_two_daemons_accept_one_session_and_a_hang_up_mid_reply_costs_nothing(
+        jobd, tmp_path, fresh_database):
+    """A session signed on one daemon is good on another sharing the tokens (sessions
+    live in the cookie), and clients that hang up before reading a page leave both up."""
+    (tmp_path / "api-token").write_text(TOKEN + "\n")
+    ports = [free_port(), free_port()]
+    daemons = [jobd(modules=["tests.e2e.dashboard_handlers"],
+                    control={"http": f"127.0.0.1:{port}",
+                             "token_file": str(tmp_path / "api-token")}) for port in ports]
+    first, second = (f"http://127.0.0.1:{port}" for port in ports)
+    for i in range(60):
+        enqueue(first, "dash.ok", args={"text": "x" * 2000 + str(i)})
+    client = signed_in(first)
+    cookie = client.cookies["jobd_session"]
+    other = httpx.Client(base_url=second, cookies={"jobd_session": cookie},
+                         follow_redirects=False, timeout=10)
+    assert 'data-queue="dash"' in other.get("/ui/").text
+    token = csrf(client)
+    reply = other.post("/ui/pause", data={"csrf": token, "queue": "dash"})
+    assert reply.status_code == 303  # the CSRF token is the session's, on any daemon
+    other.post("/ui/resume", data={"csrf": token, "queue": "dash"})
+
+    for _ in range(30):  # ask for the biggest page and leave before reading it
+        with socket.create_connection(("127.0.0.1", ports[1])) as raw:
+            raw.sendall(b"GET /ui/runs?limit=200 HTTP/1.1\r\nHost: x\r\n"
+                        b"Cookie: jobd_session=" + cookie.encode() + b"\r\n\r\n")
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    assert other.get("/ui/runs", params={"limit": "200"}).status_code == 200
+    for d in daemons:
+        assert d.proc.poll() is None
+        assert not [e for e in d.log_events() if e.get("event") == "http.crashed"]
+
+
+def test_pages_during_a_database_outage_say_unavailable_and_recover(cluster, tmp_path):
+    url = cluster.create_database("jobd_dashboard_outage")
+    (tmp_path / "api-token").write_text(TOKEN + "\n")
+    port = free_port()
+    daemon = JobdProcess(tmp_path / "d", url, modules=["tests.e2e.dashboard_handlers"],
+                         control={"http": f"127.0.0.1:{port}",
+                                  "token_file": str(tmp_path / "api-token")})
+    try:
+        daemon.start()
+        base = f"http://127.0.0.1:{port}"
+        client = signed_in(base)
+        token = csrf(client)
+        cluster.stop()
+        for path in ("/ui/", "/ui/runs", "/ui/runs/1", "/ui/schedules"):
+            reply = client.get(path)
+            assert reply.status_code == 503, (path, reply.status_code)
+            assert "unavailable" in reply.text and "Traceback" not in reply.text
+        assert client.post("/ui/pause", data={"csrf": token, "queue": "dash"}).status_code == 503
+        assert daemon.proc.poll() is None, daemon.log_text()
+        cluster.start()
+        wait_until(lambda: client.get("/ui/").status_code == 200, "the overview to come back",
+                   daemons=(daemon,))
+        assert not [e for e in daemon.log_events() if e.get("event") == "http.crashed"]
+    finally:
+        daemon.kill()
