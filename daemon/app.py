@@ -124,9 +124,9 @@ class Daemon:
         self._store: PgStore | None = None
 
     async def run(self) -> None:
-        instrument = lag.LoopLag(self.config.daemon.loop_lag_warning,
-                                 on_block=lambda kind, _s: self.metrics.loop_blocks.inc((kind or "",)))
-        instrument.install()
+        watchdog = lag.Watchdog(self.config.daemon.loop_lag_warning,
+                                on_block=lambda kind, _s: self.metrics.loop_blocks.inc((kind or "",)))
+        watchdog.start()
         try:
             with signals.receiver() as received:
                 async with trio.open_nursery() as nursery:
@@ -144,7 +144,7 @@ class Daemon:
                     finally:
                         nursery.cancel_scope.cancel()
         finally:
-            instrument.uninstall()
+            watchdog.stop()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self.http_calls.outbound.aclose()
 

@@ -42,7 +42,7 @@ async def run_and_hand_over(
         size = batch_size(runner.handlers, job)
         if size is not None:
             observer.batch_started(job.kind, size)
-    began = lag.attempt_started(task, job.kind, job.id)  # named if it blocks the loop
+    lag.attempt_started(task, job.kind, job.id)  # named if it blocks the loop
     traced = tracing.start_attempt(job, wait_s)  # None, and nothing built, when off
     try:
         outcome, label, run_s = await runner.run(attempt)
@@ -54,7 +54,7 @@ async def run_and_hand_over(
     except BaseException as exc:  # noqa: BLE001 - a bug around one attempt fails that attempt
         outcome, label, run_s = _crashed(runner, job, exc), "error", 0.0
     finally:
-        lag.attempt_ended(task, began)
+        lag.attempt_ended(task)
     if traced is not None:
         outcome = traced.end(outcome, _span_outcome(outcome, label)) or outcome
     if label == "lease_lost":
