@@ -57,6 +57,37 @@ async def _ping_against(tmp_path: Path, script: Script) -> JobdError:
     return caught.value
 
 
+PONG = {"daemon_id": "d", "region": "r", "version": "1", "ready": True, "draining": False}
+
+
+async def test_a_reply_that_never_comes_times_out_and_a_late_one_is_dropped(
+        tmp_path: Path) -> None:
+    """One timer per connection keeps the calls' deadlines: the silent call fails with
+    `timeout` (a tick late at most), the connection stays usable, and the reply that
+    comes after the deadline goes to nobody."""
+    path = tmp_path / "fake.sock"
+
+    async def silent_then_both(stream: trio.SocketStream, first: bytes) -> None:
+        second = await _line(stream)  # the ping after the timeout
+        for line, ready in ((first, False), (second, True)):
+            await stream.send_all(json.dumps({"id": json.loads(line)["id"], "type": "ok",
+                                              "result": {**PONG, "ready": ready}}).encode()
+                                  + b"\n")
+        await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_serve_once, path, silent_then_both)
+        async with connect(str(path), timeout=0.3) as conn:
+            started = trio.current_time()
+            with pytest.raises(JobdError) as caught:
+                await conn.ping()
+            took = trio.current_time() - started
+            assert caught.value.code == "timeout" and "0.3" in caught.value.message
+            assert 0.3 <= took < 1.5
+            assert (await conn.ping()).ready is True  # its own reply, not the late one
+            assert conn._waiting == {}
+
+
 async def test_a_reply_over_the_cap_is_a_typed_error(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client_module, "MAX_REPLY_BYTES", 4096)
