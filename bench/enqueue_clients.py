@@ -57,7 +57,7 @@ def main() -> None:
             # Into a served queue, paused: nothing runs, and the enqueue needs no
             # "is anyone serving this queue" round trip.
             jb._client_call(d.socket, lambda c: c.pause("default"))
-            rate = anyio.run(clients, d.socket, n, jobs)
+            rate = anyio.run(clients, d.socket, n, jobs, backend_options={"use_uvloop": True})
         finally:
             jb.stop([d])
         return rate, ctx.xacts() - before

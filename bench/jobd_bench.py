@@ -104,11 +104,21 @@ def stop(daemons: list[JobdProcess]) -> None:
             d.kill()
 
 
+def run_client(main: Any, *args: Any) -> Any:
+    """A producer's event loop: asyncio on uvloop when installed, as the peers' producers
+    run (bench/peers/harness.py --loop uvloop, run.py's default)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return anyio.run(main, *args)
+    return anyio.run(main, *args, backend_options={"use_uvloop": True})
+
+
 def _client_call(sock: Path, fn) -> Any:
     async def main() -> Any:
         async with connect(str(sock)) as c:
             return await fn(c)
-    return anyio.run(main)
+    return run_client(main)
 
 
 def drain(ctx: Ctx, procs: list[JobdProcess], timeout: float, interval: float = 0.1) -> None:
@@ -171,7 +181,7 @@ def enqueue(ctx: Ctx, bulk: int, single: int, batch: int = 5000, clients: int = 
 
         return {"enqueue_bulk_jobs_per_s": _client_call(d.socket, bulk_run),
                 "enqueue_single_jobs_per_s": _client_call(d.socket, single_run),
-                "enqueue_concurrent_jobs_per_s": anyio.run(concurrent_run), **cpu}
+                "enqueue_concurrent_jobs_per_s": run_client(concurrent_run), **cpu}
     finally:
         stop([d])
         ctx.reset()

@@ -221,6 +221,10 @@ async def insert_rows(connection: asyncpg.Connection, jobs: list[NewJob],
     same transaction; a batch without any costs one attribute test per row."""
     if any(j.tool_keys is not None for j in jobs):
         return await _insert_mixed(connection, jobs, parent_id)
+    if all(j.unique_key is None for j in jobs):
+        ids = sorted(r[0] for r in await connection.fetch(sql.ENQUEUE_PLAIN, job_rows_json(jobs),
+                                                           parent_id))
+        return [Enqueued(id=i, created=True) for i in ids]
     if parent_id is None:
         rows = await connection.fetch(sql.ENQUEUE_MANY, job_rows_json(jobs))
     else:

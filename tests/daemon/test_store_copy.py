@@ -121,6 +121,34 @@ async def test_children_match_the_statement_path_with_their_parent(store):
     assert {msgspec.json.decode(r)["parent_id"] for r, _ in got} == {parent.id}
 
 
+async def by_conflict_statement(store, jobs: list[NewJob],
+                                parent_id: int | None = None) -> list[int]:
+    """ENQUEUE_MANY / ENQUEUE_CHILDREN, the path of batches with unique keys."""
+    async def run(connection):
+        if parent_id is None:
+            return await connection.fetch(sql.ENQUEUE_MANY, store_jobs.job_rows_json(jobs))
+        return await connection.fetch(sql.ENQUEUE_CHILDREN, store_jobs.job_rows_json(jobs),
+                                      parent_id)
+    return [r["id"] for r in await store._run(run, op="enqueue")]
+
+
+@pytest.mark.parametrize("n", [1, 2, 50])
+async def test_a_small_batch_without_unique_keys_matches_the_conflict_statement(store, n):
+    """ENQUEUE_PLAIN (no unique keys: no conflict joins) writes what ENQUEUE_MANY writes,
+    and its ids come back in input order, for top-level jobs and for children."""
+    jobs = varied(n, seed=n)
+    plain = await by_statement(store, jobs)
+    assert plain == sorted(plain) and len(set(plain)) == n
+    assert await rows(store, plain) == await rows(store, await by_conflict_statement(store, jobs))
+    held = [msgspec.json.decode(r)["args"]["i"] for r, _ in await rows(store, plain)]
+    assert held == list(range(n))
+    [parent] = await store.enqueue_many([NewJob(kind="parent")])
+    children = await by_statement(store, jobs, parent.id)
+    got = await rows(store, children)
+    assert got == await rows(store, await by_conflict_statement(store, jobs, parent.id))
+    assert {msgspec.json.decode(r)["parent_id"] for r, _ in got} == {parent.id}
+
+
 async def test_a_batch_with_a_unique_key_takes_the_statement_and_dedupes(store):
     jobs = [NewJob(kind="k", args=f'{{"i": {i}}}') for i in range(N)]
     jobs[3] = NewJob(kind="k", unique_key="u")
