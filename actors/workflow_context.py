@@ -104,14 +104,14 @@ class Workflow:
         return self._steps_store
 
     async def _loaded(self) -> dict[str, _Memo]:
+        if self._memo is None and self._claimed_steps is not None:
+            # The steps came with the claim: decoded with no await, so no lock either.
+            self._memo = {name: _Memo(None if raw == b"null" else bytes(raw).decode(), done)
+                          for name, raw, done in _claimed_decoder.decode(self._claimed_steps)}
         if self._memo is None:
             if self._memo_lock is None:
                 self._memo_lock = trio.Lock()
             async with self._memo_lock:
-                if self._memo is None and self._claimed_steps is not None:
-                    self._memo = {
-                        name: _Memo(None if raw == b"null" else bytes(raw).decode(), done)
-                        for name, raw, done in _claimed_decoder.decode(self._claimed_steps)}
                 if self._memo is None:
                     rows = await self.store.load_steps(self.job.id)
                     self._memo = {name: _Memo(result, done) for name, result, done in rows}
@@ -153,11 +153,15 @@ class Workflow:
             self.step_stats["memoized"] += 1
             return _decode(entry.result, type)
         # A span for a step that runs (with its in-place retries and its write), none for
-        # a memoized one: a replay of 200 steps adds nothing to the trace.
-        with tracing.span(tracing.STEP_SPAN, {"jobd.step": name}) as span:
-            stored, tries = await self._run_step(name, fn, args, retries, backoff_s)
-            if span is not None:
-                span.set_attribute("jobd.step.tries", tries)
+        # a memoized one: a replay of 200 steps adds nothing to the trace. Tracing off,
+        # not even the context manager (a step's cost is mostly such overheads).
+        if not tracing.active():
+            stored, _ = await self._run_step(name, fn, args, retries, backoff_s)
+        else:
+            with tracing.span(tracing.STEP_SPAN, {"jobd.step": name}) as span:
+                stored, tries = await self._run_step(name, fn, args, retries, backoff_s)
+                if span is not None:
+                    span.set_attribute("jobd.step.tries", tries)
         memo[name] = _Memo(stored, True)
         return _decode(stored, type)
 
