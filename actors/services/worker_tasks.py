@@ -31,6 +31,7 @@ class WorkerTasks:
         self._idle_workers = trio.lowlevel.ParkingLot()
         self._workers = 0
         self._spare = 0  # workers woken or started that have not looked at `ready` yet
+        self._inside = 0  # workers inside an attempt (blocked in it, when another runs)
 
     @property
     def workers(self) -> int:
@@ -42,18 +43,22 @@ class WorkerTasks:
         Waking a worker per attempt would cost a scheduling pass each, and most would
         find the queue already emptied by the first. Instead every worker that takes an
         attempt leaves the next one awake: if its job blocks, that one starts the
-        next attempt (and wakes another); if its job is quick, it runs the next itself.
+        next attempt (and wakes more, see _worker); if its job is quick, it runs the
+        next itself.
         """
-        if self._spare or not self.ready:
-            return
-        if len(self._idle_workers):
-            self._idle_workers.unpark(count=1)
-        elif self._workers < self._slots():
-            self._workers += 1
-            self._nursery.start_soon(self._worker)
-        else:
-            return  # every slot's worker is busy; the first to finish takes the next
-        self._spare += 1
+        self._wake(1)
+
+    def _wake(self, spares: int) -> None:
+        """Have up to `spares` workers on their way, never more than attempts queued."""
+        while self._spare < min(spares, len(self.ready)):
+            if len(self._idle_workers):
+                self._idle_workers.unpark(count=1)
+            elif self._workers < self._slots():
+                self._workers += 1
+                self._nursery.start_soon(self._worker)
+            else:
+                return  # every slot's worker is busy; the first to finish takes the next
+            self._spare += 1
 
     async def _worker(self) -> None:
         in_a_row = 0
@@ -61,10 +66,21 @@ class WorkerTasks:
         try:
             while True:
                 self._spare -= 1  # woken (or started) by wake_one, now looking
+                # Attempts still queued while another worker is inside an attempt: that
+                # one blocked in its job (a workflow's step, a sleep, I/O), and so may
+                # the next ones. One spare per scheduling pass would start a claim of
+                # 200 such jobs over 200 passes; two more per looking worker double the
+                # starts every pass.
+                ramp = self._spare + 2 if self.ready and self._inside else 1
                 while self.ready and self._workers <= self._slots():
                     attempt = self.ready.popleft()
-                    self.wake_one()
-                    await self._run(attempt)
+                    self._wake(ramp)
+                    ramp = 1
+                    self._inside += 1
+                    try:
+                        await self._run(attempt)
+                    finally:
+                        self._inside -= 1
                     in_a_row += 1
                     if in_a_row >= _RUN_BEFORE_YIELD:
                         in_a_row = 0
