@@ -25,6 +25,7 @@ import anyio
 from bench.common import PgConn, latency_summary, pg_cluster_cpu, proc_cpu, rss_mb, wait_for
 from bench.jobd_handlers import SUSPEND_S
 from daemon.embedded import EmbeddedPostgres
+from daemon.producer import DirectProducer
 from protocol.client import connect
 from protocol.jobs import JobSpec
 from tests.support import ROOT, JobdProcess
@@ -179,9 +180,35 @@ def enqueue(ctx: Ctx, bulk: int, single: int, batch: int = 5000, clients: int = 
                     tg.start_soon(one, share)
             return single / (time.perf_counter() - t)
 
+        async def direct_runs() -> dict:
+            # The direct producer (daemon/producer.py): an application sharing the
+            # database, as pgqueuer's producers are; one connection per producer.
+            async with DirectProducer(ctx.url, modules=MODULES, pool_size=1) as p:
+                await p.enqueue("noop", {}, queue="parked")  # limits, live queues read once
+                t = time.perf_counter()
+                for _ in range(single):
+                    await p.enqueue("noop", {}, queue="parked")
+                one = single / (time.perf_counter() - t)
+            # 16 concurrent enqueuers in one process (a web app's requests) share one
+            # producer, as they would in an application: its group commit batches them.
+            async with DirectProducer(ctx.url, modules=MODULES, pool_size=4) as p:
+                await p.enqueue("noop", {}, queue="parked")
+
+                async def share(n: int) -> None:
+                    for _ in range(n):
+                        await p.enqueue("noop", {}, queue="parked")
+                t = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for i in range(clients):
+                        tg.start_soon(share, single // clients + (i < single % clients))
+                many = single / (time.perf_counter() - t)
+            return {"enqueue_single_direct_jobs_per_s": one,
+                    "enqueue_concurrent_direct_jobs_per_s": many}
+
         return {"enqueue_bulk_jobs_per_s": _client_call(d.socket, bulk_run),
                 "enqueue_single_jobs_per_s": _client_call(d.socket, single_run),
-                "enqueue_concurrent_jobs_per_s": run_client(concurrent_run), **cpu}
+                "enqueue_concurrent_jobs_per_s": run_client(concurrent_run),
+                **run_client(direct_runs), **cpu}
     finally:
         stop([d])
         ctx.reset()
@@ -240,9 +267,10 @@ def e2e(ctx: Ctx, n: int, daemons: int = 1, keys: int = 0,
 
 # -- 3. latency -------------------------------------------------------------------------
 
-def latency(ctx: Ctx, rate: float, n: int) -> dict:
-    """Jobs enqueued through the socket at `rate`/s (one call per job when slow, batches
-    each 5 ms when fast); each carries its client clock reading."""
+def latency(ctx: Ctx, rate: float, n: int, producer: str = "socket") -> dict:
+    """Jobs enqueued at `rate`/s (one call per job when slow, batches each 5 ms when
+    fast), through the socket or (`producer="direct"`) the direct producer; each
+    carries its client clock reading."""
     ctx.reset()
     d = ctx.daemon(retention={"completed_max_count": 100_000_000})  # keep the results
     d.start()
@@ -265,13 +293,32 @@ def latency(ctx: Ctx, rate: float, n: int) -> dict:
                 await anyio.sleep(max(0.0, wait))
             return sent / (time.perf_counter() - t0)
 
-        achieved = _client_call(d.socket, paced)
+        if producer == "direct":
+            async def direct() -> float:
+                async with DirectProducer(ctx.url, modules=MODULES, pool_size=1) as p:
+                    return await paced(_DirectAsClient(p))
+            achieved = run_client(direct)
+        else:
+            achieved = _client_call(d.socket, paced)
         drain(ctx, [d], 120)
         ms = [r[0] for r in ctx.sql.fetch(
             "SELECT (result->>'lat_ms')::float8 FROM jobd.jobs WHERE kind = 'bench.lat'")]
     finally:
         stop([d])
     return {**latency_summary(ms), "achieved_rate": achieved}
+
+
+class _DirectAsClient:
+    """The direct producer behind the two calls `latency` makes of a socket client."""
+
+    def __init__(self, producer: DirectProducer):
+        self._p = producer
+
+    async def enqueue(self, kind: str, args: dict) -> Any:
+        return await self._p.enqueue(kind, args)
+
+    async def enqueue_batch(self, jobs: list[JobSpec]) -> Any:
+        return await self._p.enqueue_many(jobs)
 
 
 # -- 4. depth and retention ---------------------------------------------------------------

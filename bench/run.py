@@ -344,7 +344,8 @@ def main() -> None:
     print(f"\nraw numbers: {out}   ({meta['wall_s'] / 60:.1f} min)")
 
 
-SCENARIO_KEYS = ["bridge", "enqueue", "e2e_1", "e2e_2", "lat_idle", "lat_busy", "depth_small",
+SCENARIO_KEYS = ["bridge", "enqueue", "e2e_1", "e2e_2", "lat_idle", "lat_busy",
+                 "lat_idle_direct", "lat_busy_direct", "depth_small",
                  "depth_big", "retention", "flow", "flow_base", "workflows", "memory"]
 
 
@@ -356,6 +357,10 @@ def run_jobd(res: Results, ctx, size: dict, last_rep: bool, flow_ok: bool,
     attempt(res, "jobd", "e2e_2", jb.e2e, ctx, size["e2e"], daemons=2)
     attempt(res, "jobd", "lat_idle", jb.latency, ctx, size["lat_rate"], size["lat_n"])
     attempt(res, "jobd", "lat_busy", jb.latency, ctx, BUSY_RATE, int(BUSY_RATE * size["busy_s"]))
+    attempt(res, "jobd", "lat_idle_direct", jb.latency, ctx, size["lat_rate"], size["lat_n"],
+            producer="direct")
+    attempt(res, "jobd", "lat_busy_direct", jb.latency, ctx, BUSY_RATE,
+            int(BUSY_RATE * size["busy_s"]), producer="direct")
     attempt(res, "jobd", "depth_small", jb.depth, ctx, size["depth_small"])
     attempt(res, "jobd", "depth_big", jb.depth, ctx, size["depth_big"])
     if flow_ok:
@@ -410,6 +415,10 @@ ROWS = [
     ("1 single enqueue, jobs/s", "enqueue", "enqueue_single_jobs_per_s", "{:,.0f}", None),
     ("1 16 clients enqueue, jobs/s", "enqueue", "enqueue_concurrent_jobs_per_s", "{:,.0f}",
      None),
+    ("1 single, direct producer", "enqueue", "enqueue_single_direct_jobs_per_s", "{:,.0f}",
+     None),
+    ("1 16 tasks, a direct producer", "enqueue", "enqueue_concurrent_direct_jobs_per_s", "{:,.0f}",
+     None),
     ("2 e2e 1 daemon, jobs/s", "e2e_1", "jobs_per_s", "{:,.0f}", None),
     ("2   daemon CPU s / 1k jobs", "e2e_1", "daemon_cpu_s_per_1k", "{:.3f}", None),
     ("2   store CPU s / 1k jobs", "e2e_1", "pg_cpu_s_per_1k", "{:.3f}", None),
@@ -424,6 +433,10 @@ ROWS = [
     ("3 at 2,000/s p50 ms", "lat_busy", "p50_ms", "{:.1f}", None),
     ("3 at 2,000/s p95 ms", "lat_busy", "p95_ms", "{:.1f}", None),
     ("3 at 2,000/s p99 ms", "lat_busy", "p99_ms", "{:.1f}", None),
+    ("3 direct producer: idle p50", "lat_idle_direct", "p50_ms", "{:.1f}", None),
+    ("3 direct producer: idle p99", "lat_idle_direct", "p99_ms", "{:.1f}", None),
+    ("3 direct: 2,000/s p50 ms", "lat_busy_direct", "p50_ms", "{:.1f}", None),
+    ("3 direct: 2,000/s p99 ms", "lat_busy_direct", "p99_ms", "{:.1f}", None),
     ("4 claim/s, 10k queued", "depth_small", "claim_jobs_per_s", "{:,.0f}", None),
     ("4 claim/s, big queue", "depth_big", "claim_jobs_per_s", "{:,.0f}", None),
     ("4 retention: table MB", "retention", "table_total_mb", "{:.1f}", None),
@@ -466,6 +479,20 @@ TARGETS = [
     ("idle p99, jobd / best pgqueuer", (("jobd",), "lat_idle", "p99_ms"),
      (PGQUEUER, "lat_idle", "p99_ms"), "<=", 1),
     ("2,000/s offered p99, jobd / best pgqueuer", (("jobd",), "lat_busy", "p99_ms"),
+     (PGQUEUER, "lat_busy", "p99_ms"), "<=", 1),
+    # The direct producer (daemon/producer.py, the producer for applications
+    # that share the database): the same targets, for jobd's path that, like
+    # pgqueuer's producers, inserts on its own connection. The rows above stay the
+    # socket's.
+    ("direct: single enqueue, jobd / pgqueuer",
+     (("jobd",), "enqueue", "enqueue_single_direct_jobs_per_s"),
+     (("pgqueuer",), "enqueue", "enqueue_single_jobs_per_s"), ">=", 0.6),
+    ("direct: 16 tasks, jobd / pgqueuer",
+     (("jobd",), "enqueue", "enqueue_concurrent_direct_jobs_per_s"),
+     (("pgqueuer",), "enqueue", "enqueue_concurrent_jobs_per_s"), ">=", 2),
+    ("direct: idle p99, jobd / best pgqueuer", (("jobd",), "lat_idle_direct", "p99_ms"),
+     (PGQUEUER, "lat_idle", "p99_ms"), "<=", 1),
+    ("direct: 2,000/s p99, jobd / best pgqueuer", (("jobd",), "lat_busy_direct", "p99_ms"),
      (PGQUEUER, "lat_busy", "p99_ms"), "<=", 1),
     ("flow limits that never bind / no limits", (("jobd",), "flow", "jobs_per_s"),
      (("jobd",), "flow_base", "jobs_per_s"), ">=", 0.9),

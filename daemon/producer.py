@@ -60,6 +60,7 @@ import msgspec
 from actors import jobs
 from actors.handlers import HANDLERS, Handlers
 from actors.ports import Conflict, NewJob, StoreUnavailable, ValueRejected
+from actors.services.group_commit import GroupCommit
 from actors.services.live_queues import LiveSet, unserved_warning
 from actors.validate import DEFAULT_MAX_ARGS_BYTES
 from daemon.api.requests import decode
@@ -117,6 +118,8 @@ class DirectProducer:
         self._settings: tuple[float, int, float] = (-math.inf, DEFAULT_MAX_ARGS_BYTES,
                                                     DEFAULT_LIVE_S)
         self._live = LiveSet()
+        self._commit: GroupCommit[NewJob, Any] = GroupCommit(
+            self._write_pooled, what="enqueue", unavailable=(Unavailable,))
 
     # -- life -------------------------------------------------------------------
 
@@ -159,7 +162,12 @@ class DirectProducer:
         limit, _ = await self._limits(connection)
         row = jobs.from_spec(self._handlers, cmd.job, max_args_bytes=limit,
                              foreign=self._foreign)
-        [done] = await self._write([row], connection)
+        if connection is None and self._connection is None:
+            # On the producer's pool: concurrent enqueues of this process (a web app's
+            # requests) share one statement and one commit, as the daemon's do.
+            done = await self._commit.submit(row)
+        else:
+            [done] = await self._write([row], connection)
         return c.EnqueueResult(id=done.id, created=done.created, outcome=done.outcome,
                                warning=await self._unserved([row], connection))
 
@@ -203,6 +211,9 @@ class DirectProducer:
                     if r.tool_keys is None and r.kind in self._tool_kinds else r for r in rows]
         done: list[Any] = await self._run(enqueue_rows, rows, connection=connection)
         return done
+
+    async def _write_pooled(self, rows: list[NewJob]) -> list[Any]:
+        return await self._write(rows, None)
 
     async def _limits(self, connection: Any) -> tuple[int, float]:
         """(max_args_bytes, live_s): what the daemons published, re-read every minute."""

@@ -7,8 +7,9 @@ and go together in the next write (at most `max_rows`, and `max_bytes` by the ro
 window writes at once: an idle daemon adds no latency, and there is no timer. A caller
 is answered once the statement holding its row has returned, i.e. committed.
 
-Used for single enqueues (actors/services/enqueuer.py) and for the steps of running
-workflows (actors/services/step_writer.py).
+Used for single enqueues (actors/services/enqueuer.py), for the steps of running
+workflows (actors/services/step_writer.py) and, on asyncio, for the direct producer's
+concurrent enqueues (daemon/producer.py): anyio's primitives, so it runs on either.
 
 No task of its own: the caller that finds no write in flight leads (writes the waiting
 rows, itself first), then hands the lead to the first caller still waiting. Each caller
@@ -24,10 +25,11 @@ loses or duplicates no one else's row.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-import trio
+import anyio
 
 from actors.ports import StoreUnavailable
 
@@ -42,7 +44,7 @@ class _Caller(Generic[R, T]):
 
     def __init__(self, row: R):
         self.row = row
-        self.woken = trio.Event()
+        self.woken = anyio.Event()
         self.lead = False  # this caller writes the next batch
         self.result: T | None = None
         self.answered = False
@@ -52,12 +54,15 @@ class _Caller(Generic[R, T]):
 class GroupCommit(Generic[R, T]):
     def __init__(self, write: Callable[[list[R]], Awaitable[Sequence[T | Exception]]],
                  *, what: str, max_rows: int = MAX_ROWS,
-                 size: Callable[[R], int] | None = None, max_bytes: int = 0):
+                 size: Callable[[R], int] | None = None, max_bytes: int = 0,
+                 unavailable: tuple[type[Exception], ...] = (StoreUnavailable,)):
         """`write`: one statement for the rows, one answer per row in order (a result,
         or an exception that fails that row's caller only). `what` names the write in
         errors. `size` and `max_bytes` (0: no limit) bound a statement's payload; a row
-        over it goes alone."""
+        over it goes alone. `unavailable`: what `write` raises for an outage (every
+        caller of the batch gets it; the rows are not tried one by one)."""
         self._write = write
+        self._unavailable = unavailable
         self._what = what
         self._max_rows = max_rows
         self._size = size
@@ -72,7 +77,7 @@ class GroupCommit(Generic[R, T]):
         if self._busy:
             try:
                 await me.woken.wait()
-            except trio.Cancelled:
+            except anyio.get_cancelled_exc_class():
                 self._leave(me)
                 raise
         else:
@@ -120,7 +125,7 @@ class GroupCommit(Generic[R, T]):
         # Taken with no checkpoint since the caller arrived, and written shielded: a
         # cancel of the leader must not drop the others' rows from a statement.
         batch = self._take()
-        with trio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
             try:
                 await self._write_batch(batch)
             finally:
@@ -133,9 +138,9 @@ class GroupCommit(Generic[R, T]):
         self.writes += 1
         try:
             done = await self._write([c.row for c in batch])
-        except StoreUnavailable as exc:
+        except self._unavailable as exc:
             for caller in batch:  # each its own copy: each caller raises and chains it
-                caller.error = type(exc)(*exc.args)
+                caller.error = copy.copy(exc)
                 caller.error.__cause__ = exc.__cause__
             return
         except Exception as exc:

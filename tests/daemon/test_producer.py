@@ -458,3 +458,59 @@ def test_a_kind_with_tools_goes_through_them_without_its_module(db, sql) -> None
     assert second.id == first.id
     assert json.loads(sql.fetchval("SELECT args::text FROM jobd.jobs WHERE id = $1", first.id)) == {
         "market": "ebay", "n": 2}
+
+
+# -- group commit on the producer's pool ----------------------------------------------------
+
+
+def test_concurrent_enqueues_share_statements_and_each_gets_its_own_outcome(db, sql) -> None:
+    """64 tasks of one application enqueue at once: a few statements for all of them
+    (the producer's group commit), each caller its own id, one unique key held by two
+    callers is one job (the second told created=False); then a row Postgres refuses
+    fails its caller alone."""
+    sql.execute("ALTER TABLE jobd.jobs ADD CONSTRAINT no_evil CHECK (kind <> 'evil')")
+
+    async def main() -> tuple[list[Any], int, list[Any]]:
+        import asyncio
+
+        async with DirectProducer(db, handlers=Handlers(), pool_size=2) as producer:
+            async def one(i: int, kind: str = "good") -> Any:
+                try:
+                    return await producer.enqueue(kind, {"i": i},
+                                                  unique_key="u" if i in (3, 40) else None)
+                except JobdError as exc:
+                    return exc
+            outcomes = await asyncio.gather(*(one(i) for i in range(64)))
+            writes = producer._commit.writes
+            mixed = await asyncio.gather(*(one(100 + i, "evil" if i == 5 else "good")
+                                           for i in range(16)))
+            return outcomes, writes, mixed
+
+    outcomes, writes, mixed = run_async(main)
+    assert writes <= 3, writes  # the first caller alone, the rest together
+    assert all(not isinstance(o, Exception) for o in outcomes)
+    assert outcomes[3].id == outcomes[40].id
+    assert sorted([outcomes[3].created, outcomes[40].created]) == [False, True]
+    refused = mixed[5]
+    assert isinstance(refused, JobdError) and refused.code == ErrorCode.BAD_REQUEST
+    assert all(not isinstance(o, Exception) for i, o in enumerate(mixed) if i != 5)
+    held = {r["id"]: r["args"] for r in sql.fetch("SELECT id, args FROM jobd.jobs")}
+    assert len(held) == 63 + 15  # less the duplicate key, and the refused row
+    for i, o in [*enumerate(outcomes), *((100 + i, o) for i, o in enumerate(mixed))]:
+        if i not in (3, 40, 105):
+            assert json.loads(held[o.id]) == {"i": i}
+
+
+def test_postgres_down_fails_every_waiting_caller_with_unavailable() -> None:
+    async def main() -> list[Any]:
+        import asyncio
+
+        producer = DirectProducer("postgresql://jobd@127.0.0.1:1/jobd", timeout=5)
+        try:
+            return await asyncio.gather(*(producer.enqueue("noop", {}) for _ in range(8)),
+                                        return_exceptions=True)
+        finally:
+            await producer.close()
+
+    outcomes = run_async(main)
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
