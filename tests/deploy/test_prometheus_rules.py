@@ -91,7 +91,6 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120)
 
 
-@needs_promtool
 def test_the_listed_metrics_are_what_jobd_declares() -> None:
     """Every name above is declared (# TYPE) by a daemon's registry, without a daemon."""
     from daemon.metrics import Metrics
@@ -101,6 +100,7 @@ def test_the_listed_metrics_are_what_jobd_declares() -> None:
     assert JOBD_METRICS - declared == set()
 
 
+@needs_promtool
 def test_promtool_check_config() -> None:
     result = promtool("check", "config", str(PROM / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
