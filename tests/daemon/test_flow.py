@@ -436,3 +436,18 @@ async def test_the_rate_holds_with_two_claimers_over_time(store):
                 nursery.start_soon(claimer, T0 + timedelta(seconds=step / 2))
     # In 4.5 s a key starts at most burst + rate x 4.5 = 12 jobs, and it was never idle.
     assert set(keys(claimed).values()) == {12}
+
+
+async def test_a_binding_key_concurrency_takes_exactly_its_limit(store):
+    await enqueue(store, "k", 10)
+    limits = flow(default={"concurrency": 2})
+    assert keys(await claim(store, limits)) == {"k": 2}
+    assert await claim(store, limits) == []
+
+
+async def test_a_binding_rate_takes_its_burst_then_nothing_until_refill(store):
+    await enqueue(store, "k", 20)
+    limits = flow(default={"rate": 5.0, "burst": 5})
+    assert len(await claim(store, limits, at=T0)) == 5
+    assert await claim(store, limits, at=T0 + timedelta(seconds=0.1)) == []
+    assert len(await claim(store, limits, at=T0 + timedelta(seconds=0.4))) == 2
