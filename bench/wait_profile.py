@@ -68,7 +68,11 @@ def main() -> None:
             waits: collections.Counter[tuple[str, str]] = collections.Counter()
             t0, cpu0 = time.perf_counter(), thread_cpu(self.proc.pid)
             for _ in range(args.samples):
-                for r in conn.fetch(ACTIVE):
+                try:
+                    active = conn.fetch(ACTIVE)
+                except Exception:  # noqa: BLE001 - the run ended first: keep what we have
+                    break
+                for r in active:
                     waits[r["waiting"], r["statement"]] += 1
                 time.sleep(0.01)
             span, cpu1 = time.perf_counter() - t0, thread_cpu(self.proc.pid)
