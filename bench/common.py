@@ -91,6 +91,17 @@ def proc_cpu(pid: int, children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """utime + stime of each thread of `pid`, in seconds, by "name/tid"."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "stat").read_text()
+        name = text[text.index("(") + 1:text.rindex(")")]
+        f = text[text.rindex(")") + 2:].split()
+        out[f"{name}/{task.name}"] = (int(f[11]) + int(f[12])) / CLK_TCK
+    return out
+
+
 def children_of(ppid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):

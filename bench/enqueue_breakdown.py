@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -29,19 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import jobd_bench as jb  # noqa: E402
-from bench.common import pg_cluster_cpu  # noqa: E402
-
-
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread of `pid`, by thread name and id."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        stat = (task / "stat").read_text()
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / os.sysconf(
-            "SC_CLK_TCK")
-    return out
+from bench.common import pg_cluster_cpu, thread_cpu  # noqa: E402
 
 
 def start_strace(pid: int, out: Path) -> subprocess.Popen:

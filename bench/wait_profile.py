@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import jobd_bench as jb  # noqa: E402
-from bench.common import PgConn  # noqa: E402
+from bench.common import PgConn, thread_cpu  # noqa: E402
 
 ACTIVE = """
 SELECT coalesce(wait_event_type || ':' || wait_event, 'cpu') AS waiting,
@@ -32,17 +31,6 @@ SELECT coalesce(wait_event_type || ':' || wait_event, 'cpu') AS waiting,
 FROM pg_stat_activity
 WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()
 """
-
-
-def thread_cpu(pid: int) -> dict[str, float]:
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        stat = (task / "stat").read_text()
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / os.sysconf(
-            "SC_CLK_TCK")
-    return out
 
 
 def main() -> None:

@@ -3,21 +3,29 @@ whether each job blocks at once (a workflow's step) or finishes without yielding
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import trio
 
 from actors.services.worker_tasks import WorkerTasks
 
 
-async def test_a_batch_of_blocking_attempts_starts_in_a_few_passes():
-    """Each worker whose job blocks leaves two spares: 200 attempts that all block at
-    once are started within about log2(200) scheduling passes, not 200."""
+def blocking() -> tuple[list[int], trio.Event, Callable[[int], Awaitable[None]]]:
+    """Attempts that block until the event is set: (started, release, run)."""
     started: list[int] = []
     release = trio.Event()
 
-    async def run(attempt) -> None:
+    async def run(attempt: int) -> None:
         started.append(attempt)
         await release.wait()
 
+    return started, release, run
+
+
+async def test_a_batch_of_blocking_attempts_starts_in_a_few_passes():
+    """Each worker whose job blocks leaves two spares: 200 attempts that all block at
+    once are started within about log2(200) scheduling passes, not 200."""
+    started, release, run = blocking()
     async with trio.open_nursery() as nursery:
         tasks = WorkerTasks(nursery, lambda: 200, run)
         tasks.ready.extend(range(200))  # type: ignore[arg-type]
@@ -51,13 +59,7 @@ async def test_quick_attempts_run_back_to_back_on_few_workers():
 
 
 async def test_never_more_workers_than_slots():
-    started: list[int] = []
-    release = trio.Event()
-
-    async def run(attempt) -> None:
-        started.append(attempt)
-        await release.wait()
-
+    started, release, run = blocking()
     async with trio.open_nursery() as nursery:
         tasks = WorkerTasks(nursery, lambda: 10, run)
         tasks.ready.extend(range(50))  # type: ignore[arg-type]
