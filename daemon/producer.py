@@ -16,7 +16,7 @@ the request is decoded by the same command decoder (protocol/commands.py: ranges
 bytes, unknown options), the row is built by the one job builder (actors/jobs.py:
 the handler's defaults, its key and cost functions, the strict args check against its
 Struct, the row checks of actors/validate.py) and written by the same statement
-(daemon/store/jobs.enqueue_rows: ENQUEUE_MANY, whose trigger NOTIFYs the daemons). The
+(daemon/store/jobs.enqueue_rows, whose trigger NOTIFYs the daemons). The
 answers are the socket client's: `EnqueueResult`/`BatchResult` (a unique key already
 held by an unfinished job gives its id with `created=False`, and a queue no live daemon
 serves a `warning`), and the same `JobdError` codes: `invalid_args`, `bad_request`,

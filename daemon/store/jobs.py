@@ -204,8 +204,8 @@ def copy_columns(jobs: list[NewJob], ids: list[int], now: datetime,
 
 async def enqueue_rows(connection: asyncpg.Connection, jobs: list[NewJob],
                        parent_id: int | None = None) -> list[Enqueued]:
-    """ENQUEUE_MANY (ENQUEUE_CHILDREN under `parent_id`) on an asyncpg connection, on the
-    asyncio side: the daemon's enqueues (through the bridge) and the direct producer's
+    """A batch of new jobs (children of `parent_id` if given) on an asyncpg connection, on
+    the asyncio side: the daemon's enqueues (through the bridge) and the direct producer's
     (daemon/producer.py, on the application's loop, maybe inside its transaction) are
     this one function. A long batch without unique keys goes by COPY (copy_jobs)."""
     if _copyable(jobs):
@@ -216,9 +216,10 @@ async def enqueue_rows(connection: asyncpg.Connection, jobs: list[NewJob],
 
 async def insert_rows(connection: asyncpg.Connection, jobs: list[NewJob],
                       parent_id: int | None = None) -> list[Enqueued]:
-    """The statement path of enqueue_rows, for any batch (unique keys included). Rows of
-    kinds with flow-control tools go through jobd.enqueue_tools (migration 0020) in the
-    same transaction; a batch without any costs one attribute test per row."""
+    """The statement path of enqueue_rows, for any batch: ENQUEUE_PLAIN without unique
+    keys, else ENQUEUE_MANY / ENQUEUE_CHILDREN, which answer a held key with its job.
+    Rows of kinds with flow-control tools go through jobd.enqueue_tools (migration 0020)
+    in the same transaction; a batch without any costs one attribute test per row."""
     if any(j.tool_keys is not None for j in jobs):
         return await _insert_mixed(connection, jobs, parent_id)
     if all(j.unique_key is None for j in jobs):
