@@ -21,7 +21,7 @@ import msgspec
 import pytest
 
 from actors.handlers import Handlers
-from daemon.producer import DirectProducer
+from daemon.producer import APPLICATION_NAME, DirectProducer
 from daemon.store import bridge
 from daemon.store.migrate import apply
 from protocol import SyncClient
@@ -514,3 +514,33 @@ def test_postgres_down_fails_every_waiting_caller_with_unavailable() -> None:
 
     outcomes = run_async(main)
     assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+
+
+def test_group_committed_enqueues_survive_their_connections_being_killed(db, sql) -> None:
+    """Postgres kills the producer's pooled connections between two waves of concurrent
+    enqueues. A statement that meets a dead socket may have been sent, so its callers
+    get `unavailable` (never another error, never a job written twice); a retry goes
+    on a fresh connection, and every job ends up written exactly once."""
+    async def main() -> tuple[list[Any], list[Any]]:
+        import asyncio
+
+        async with DirectProducer(db, handlers=Handlers(), pool_size=2) as producer:
+            first = await asyncio.gather(*(producer.enqueue("good", {"i": i})
+                                           for i in range(16)))
+            killed = sql.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1", APPLICATION_NAME)
+            assert killed >= 1
+            second = await asyncio.gather(*(producer.enqueue("good", {"i": 16 + i})
+                                            for i in range(16)), return_exceptions=True)
+            failed = [16 + i for i, o in enumerate(second) if isinstance(o, Exception)]
+            assert all(isinstance(o, Unavailable) for o in second if isinstance(o, Exception))
+            retried = await asyncio.gather(*(producer.enqueue("good", {"i": i})
+                                             for i in failed))
+            return [*first, *second], retried
+
+    outcomes, retried = run_async(main)
+    ids = [o.id for o in [*outcomes, *retried] if not isinstance(o, Exception)]
+    assert len(ids) == len(set(ids)) == 32
+    held = sorted(json.loads(r["args"])["i"] for r in sql.fetch("SELECT args FROM jobd.jobs"))
+    assert held == list(range(32))
