@@ -496,7 +496,34 @@ async def test_one_count_of_the_queue_stands_for_the_keys_only_where_it_cannot_b
             taken[key] += n
         assert taken["a"] <= 5
     assert taken == {"a": 5, "wide": 18}  # the claim that met a's limit came back one short
-    # Past the count's budget (five times the claim) every key is counted itself.
+    # Past the count's budget (ten times the claim) every key is counted itself.
     await enqueue(store, "b", 3)
     assert keys(await claim(store, limits, n=2)) == {"b": 1, "wide": 1}
     assert keys(await claim(store, limits, n=2)) == {"b": 1, "wide": 1}
+
+
+async def test_a_look_for_keyless_jobs_that_found_none_is_not_repeated_for_a_second(store, sql):
+    # A queue that has had jobs without a key looked for them on every claim, reading
+    # past the whole keyed backlog (0021): now a look that finds none is noted, an
+    # insert of a keyless job clears the note, and anything else waits out its second.
+    await enqueue(store, "k", 20)
+    [first] = await enqueue(store, None, 1)
+    [later] = await enqueue(store, None, 1)
+    sql.execute("UPDATE jobd.jobs SET state = 'scheduled', run_at = $1 WHERE id = $2",
+                T0 + timedelta(hours=1), later)
+    got = await claim(store, ANY_KEY, n=4, at=T0)
+    assert first in [j.id for j in got] and keys(got)["k"] == 2
+    assert keys(await claim(store, ANY_KEY, n=2, at=T0)) == {"k": 1}  # looked, found none
+    assert sql.fetchval("SELECT keyless_none_at FROM jobd.flow_queues "
+                        "WHERE queue = 'crawl'") == T0
+    # Due by an update, as a retry or a rescue makes it: taken once the second is up.
+    sql.execute("UPDATE jobd.jobs SET run_at = $1 WHERE id = $2", T0, later)
+    half = T0 + timedelta(seconds=0.5)
+    assert keys(await claim(store, ANY_KEY, n=2, at=half)) == {"k": 2}
+    got = await claim(store, ANY_KEY, n=2, at=T0 + timedelta(seconds=1.5))
+    assert later in [j.id for j in got]
+    # An insert clears the note at once.
+    await claim(store, ANY_KEY, n=2, at=T0 + timedelta(seconds=2))  # found none again
+    [fresh] = await enqueue(store, None, 1)
+    got = await claim(store, ANY_KEY, n=2, at=T0 + timedelta(seconds=2.1))
+    assert fresh in [j.id for j in got]
