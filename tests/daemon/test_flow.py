@@ -527,3 +527,41 @@ async def test_a_look_for_keyless_jobs_that_found_none_is_not_repeated_for_a_sec
     [fresh] = await enqueue(store, None, 1)
     got = await claim(store, ANY_KEY, n=2, at=T0 + timedelta(seconds=2.1))
     assert fresh in [j.id for j in got]
+
+
+async def test_two_daemons_at_once_hold_a_key_concurrency_the_queue_count_stands_for(
+        store, sql, fresh_database):
+    # Small claims under a roomy limit: most claims count the queue once instead of the
+    # key (0021), two daemons claim at once, and the key still never passes its limit.
+    import trio
+
+    from daemon.store import PgStore
+
+    await enqueue(store, "k", 100)
+    await enqueue(store, "wide", 100)
+    limits = flow(default={"concurrency": 12}, keys={"wide": {"concurrency": 1000}})
+    other = PgStore(fresh_database, pool_min=1, pool_max=4, timeout_s=10)
+    await other.connect()
+    claimed: list = []
+
+    async def claimer(s, owner: str) -> None:
+        for _ in range(12):
+            claimed.extend(await s.claim("crawl", 2, owner, 60.0, KINDS, limits=limits))
+
+    def running() -> dict[str, int]:
+        return {r["key"]: r["n"] for r in sql.fetch(
+            "SELECT key, count(*) AS n FROM jobd.jobs WHERE state = 'running' GROUP BY key")}
+
+    try:
+        for _ in range(2):  # at once; then, after a top-up, at once against a full key
+            async with trio.open_nursery() as nursery:
+                for s, owner in ((store, "d1"), (other, "d2"), (store, "d1"), (other, "d2")):
+                    nursery.start_soon(claimer, s, owner)
+            assert len({j.id for j in claimed}) == len(claimed)
+            assert running()["k"] == keys(claimed)["k"] <= 12
+            for _ in range(12):  # one claimer fills what the skipped (locked) turns left
+                claimed.extend(await claim(store, limits, n=2, at=None))
+            assert running()["k"] == keys(claimed)["k"] == 12
+    finally:
+        await other.close()
+    assert running()["wide"] == keys(claimed)["wide"] > 12
