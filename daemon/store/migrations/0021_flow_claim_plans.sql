@@ -25,12 +25,6 @@
 -- jobs without a key no longer reads its whole keyed backlog per claim to find them
 -- (see keyless_none_at). The body is otherwise 0014's.
 
--- The running keyed jobs of a queue, counted only up to p_budget rows and returned only
--- when there are at most p_most of them (NULL otherwise). A key's running jobs are a
--- part of them, so when they leave room for the whole claim under a key's concurrency
--- (running + claim <= concurrency) the key's own count cannot change its allowance,
--- and one count of the queue stands for a count per key: limits that never bind then
--- cost one index range of the queue's running jobs per claim, not two probes per key.
 -- Jobs without a key. A queue's '' row in jobd.flow_keys says it has had some, and a
 -- claim then looks for them on jobs_claimable, the one index that holds them, reading
 -- past every keyed job ahead of them: 46 ms a claim at 200,000 keyed jobs waiting (9 ms
@@ -39,8 +33,9 @@
 -- measured). Instead a look that finds none is noted on the queue, and claims skip
 -- the look until an insert of a keyless job clears the note (the enqueue trigger) or
 -- a second has passed: the second bounds the wait of a keyless job that came by an
--- update (a retry, a rescue, a resume) or whose insert raced the note (the trigger's
--- UPDATE takes no lock, so keyless enqueues never queue behind each other or a claim).
+-- update (a retry, a rescue, a resume) or whose insert raced the note. The trigger
+-- locks nothing while no note is set, so keyless enqueues do not queue behind one
+-- another or behind a claim; the first after a note clears it.
 ALTER TABLE jobd.flow_queues ADD COLUMN keyless_none_at timestamptz;
 
 CREATE OR REPLACE FUNCTION jobd.notify_enqueued() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -55,6 +50,12 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- The running keyed jobs of a queue, counted only up to p_budget rows and returned only
+-- when there are at most p_most of them (NULL otherwise). A key's running jobs are a
+-- part of them, so when they leave room for the whole claim under a key's concurrency
+-- (running + claim <= concurrency) the key's own count cannot change its allowance,
+-- and one count of the queue stands for a count per key: limits that never bind then
+-- cost one index range of the queue's running jobs per claim, not two probes per key.
 CREATE FUNCTION jobd.flow_running(p_queue text, p_most bigint, p_budget bigint)
 RETURNS bigint LANGUAGE plpgsql STABLE AS $$
 DECLARE
