@@ -565,3 +565,58 @@ async def test_two_daemons_at_once_hold_a_key_concurrency_the_queue_count_stands
     finally:
         await other.close()
     assert running()["wide"] == keys(claimed)["wide"] > 12
+
+
+async def test_a_claim_counts_the_queue_again_once_its_locks_are_held(store, sql,
+                                                                      fresh_database):
+    # Daemon B's claim (11 of the key's 12) is in flight, holding the key's new row;
+    # daemon A's claim counts the queue's running jobs (none it can see), then waits on
+    # that row. The count that decides A's share is taken after B commits: a count from
+    # before the wait would let A start 2 more, 13 in all (0021).
+    import asyncio
+    import threading
+
+    import asyncpg
+    import trio
+
+    await enqueue(store, "k", 20)
+    sql.execute("DELETE FROM jobd.flow_keys WHERE key = 'k'")  # pruned while idle
+    limits = msgspec.json.encode(flow(default={"concurrency": 12})).decode()
+    in_flight, release = threading.Event(), threading.Event()
+    taken_by_b: list[int] = []
+
+    async def daemon_b() -> None:
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            async with conn.transaction():
+                taken_by_b.append(await conn.fetchval(
+                    "SELECT count(*) FROM jobd.claim_flow('crawl', 11, 'd2', 60, "
+                    "ARRAY['noop'], ARRAY[]::text[], NULL, $1::jsonb)", limits))
+                in_flight.set()
+                await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+        finally:
+            in_flight.set()  # a failed claim must not leave the test waiting
+            await conn.close()
+
+    b = threading.Thread(target=lambda: asyncio.run(daemon_b()))
+    b.start()
+    try:
+        await trio.to_thread.run_sync(in_flight.wait, 30)
+        assert taken_by_b == [11]
+        got: list = []
+
+        async def daemon_a() -> None:
+            got.extend(await store.claim("crawl", 2, "d1", 60.0, KINDS,
+                                         limits=flow(default={"concurrency": 12})))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon_a)
+            await trio.sleep(0.5)
+            assert not got  # waiting on B's row
+            release.set()
+    finally:
+        release.set()
+        await trio.to_thread.run_sync(b.join)
+    assert len(got) == 1
+    assert sql.fetchval("SELECT count(*) FROM jobd.jobs WHERE key = 'k' "
+                        "AND state = 'running'") == 12
