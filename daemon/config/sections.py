@@ -12,9 +12,14 @@ import msgspec
 
 from actors.flow import FlowLimits, KeyLimits
 from daemon.config.units import PerSecond, Seconds, seconds
+from protocol.jobs import MaxAttempts, Priority
 from protocol.schedules import ScheduleSpec
 
 _Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+# A key's limits reach Postgres as the bigint and integer fields of jobd.flow_limit: a
+# value past what they hold would fail every claim of the queue, so it fails here.
+_KeyConcurrency = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+_BreakerFailures = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -78,35 +83,35 @@ class Handlers(_Strict):
 class KeyOverrides(_Strict):
     """Per-key overrides of the queue's key limits (`[queues.crawl.keys.slow]`)."""
 
-    key_concurrency: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    key_concurrency: _KeyConcurrency | None = None
     rate: PerSecond | None = None
     burst: Annotated[float, msgspec.Meta(gt=0)] | None = None
     tokens_per_minute: Annotated[float, msgspec.Meta(gt=0)] | None = None
     adaptive: bool | None = None
-    breaker_failures: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    breaker_failures: _BreakerFailures | None = None
     breaker_cooldown: Seconds | None = None
 
 
 class Queue(_Strict):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
     timeout: Seconds | None = None  # per-attempt default for kinds that set none
-    max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_attempts: MaxAttempts | None = None
     claim_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
     # Flow control, enforced in Postgres across every daemon (README: "Flow control").
-    key_concurrency: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    key_concurrency: _KeyConcurrency | None = None
     rate: PerSecond | None = None  # per key
     burst: Annotated[float, msgspec.Meta(gt=0)] | None = None
     tokens_per_minute: Annotated[float, msgspec.Meta(gt=0)] | None = None  # per key, by job cost
     queue_rate: PerSecond | None = None  # the whole queue
     queue_burst: Annotated[float, msgspec.Meta(gt=0)] | None = None
     adaptive: bool = False
-    breaker_failures: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    breaker_failures: _BreakerFailures | None = None
     breaker_cooldown: Seconds = seconds("30s")
     # A rate limit that does not say how long (a 429 without Retry-After, RateLimited())
     # pauses the key this long.
     rate_limit_pause: Seconds = seconds("30s")
     aging: Seconds | None = None  # waiting this long moves a job one priority step up
-    aging_floor: int = 0
+    aging_floor: Priority = 0
     keys: dict[str, KeyOverrides] = {}
 
     def flow_limits(self) -> FlowLimits | None:

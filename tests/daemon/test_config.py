@@ -319,6 +319,12 @@ def test_dashboard_read_token_and_bounds(tmp_path: Path) -> None:
      "$.queues.x.keys.slow.rate"),
     ('[queues.x.keys.slow]\nbreaker_cooldown = "x"\n', "$.queues.x.keys.slow.breaker_cooldown"),
     ("[queues.x.keys.slow]\nkey_concurrency = -1\n", "$.queues.x.keys.slow.key_concurrency"),
+    # Past what Postgres' fields hold: every claim of the queue would fail.
+    ("[queues.x]\nkey_concurrency = 99999999999999999999\n", "$.queues.x.key_concurrency"),
+    ("[queues.x.keys.slow]\nbreaker_failures = 9999999999\n",
+     "$.queues.x.keys.slow.breaker_failures"),
+    ("[queues.x]\nmax_attempts = 5000\n", "$.queues.x.max_attempts"),
+    ("[queues.x]\naging_floor = 40000\n", "$.queues.x.aging_floor"),
     ('[handlers]\nmodules = "examples.basic"\n', "$.handlers.modules"),
     ('region = "has space"\n', "$.region"),
     ("region = 5\n", "$.region"),
