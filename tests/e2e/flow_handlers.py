@@ -40,3 +40,18 @@ async def call(ctx: Context, args: CallArgs) -> None:
             ctx.job.id, args.key, os.getpid(), started, time.time(),
         )
         await tx.complete(None)
+
+
+class PlainArgs(msgspec.Struct):
+    hold_s: float = 0.1
+
+
+@job("flow.plain", queue="crawl", max_attempts=10)
+async def plain(ctx: Context, args: PlainArgs) -> None:
+    """A job without a key in the flow-controlled queue: it takes the keyless turn."""
+    started = time.time()
+    await trio.sleep(args.hold_s)
+    async with ctx.transaction() as tx:
+        await tx.execute("INSERT INTO flow_calls VALUES ($1, NULL, $2, $3, $4)",
+                         ctx.job.id, os.getpid(), started, time.time())
+        await tx.complete(None)

@@ -207,3 +207,22 @@ def test_limits_change_on_reload(jobd, sql):
     calls = [(r["started"], r["ended"]) for r in sql.fetch("SELECT started, ended FROM flow_calls")]
     assert 1 < max_overlap(calls) <= 4
     assert any(k["concurrency_limit"] == 4 for k in daemon.jobctl_json("stats")["keys"])
+
+
+def test_a_reload_with_a_limit_past_what_postgres_holds_is_refused(jobd, sql):
+    # Accepted, it would have failed every claim of the queue (a bigint overflow in
+    # jobd.claim_flow); refused, the running limits stay and jobs still run.
+    sql.execute(TABLE)
+    daemon = jobd(modules=["tests.e2e.flow_handlers"], queues={"crawl": {"key_concurrency": 2}})
+    text = daemon.config.read_text()
+    daemon.config.write_text(text.replace("key_concurrency = 2",
+                                          "key_concurrency = 99999999999999999999"))
+    result = daemon.jobctl("reload", check=False)
+    assert "refused" in result.stdout and "key_concurrency" in result.stdout, result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout
+    SyncClient(str(daemon.socket)).enqueue_batch(
+        [JobSpec(kind="flow.call", args={"key": "k", "hold_s": 0.1}) for _ in range(6)])
+    wait_done(sql, 6)
+    calls = [(r["started"], r["ended"]) for r in sql.fetch("SELECT started, ended FROM flow_calls")]
+    assert max_overlap(calls) <= 2
+    assert daemon.proc.poll() is None
