@@ -181,7 +181,7 @@ def seed_sql() -> str:
 
 def seed(db: PgConn, n: int, chunk: int = 100_000) -> dict[str, float]:
     t0 = time.perf_counter()
-    db.execute("TRUNCATE jobd.jobs CASCADE")
+    db.execute("TRUNCATE jobd.jobs, jobd.job_steps")
     statement = seed_sql()
     for lo in range(1, n + 1, chunk):
         db.execute(statement, n, lo, min(n, lo + chunk - 1), TRACEBACK)

@@ -98,7 +98,7 @@ def main() -> None:
             for r in range(args.rounds):
                 order = systems[r % len(systems):] + systems[:r % len(systems)]
                 for system in order:
-                    ctx.sql.execute("TRUNCATE jobd.jobs CASCADE")
+                    ctx.sql.execute("TRUNCATE jobd.jobs, jobd.job_steps")
                     if system == "socket":
                         wall, cpu = anyio.run(by_socket, d.socket, args.jobs)
                     elif system == "direct":

@@ -63,7 +63,7 @@ class Ctx:
         """Each scenario on a fresh queue: no jobs, and no flow-control state left by the
         previous one (its '' key row would make a flow claim look for jobs without a key,
         which the flow scenario has none of; README Known limits)."""
-        self.sql.execute("TRUNCATE jobd.jobs CASCADE")
+        self.sql.execute("TRUNCATE jobd.jobs, jobd.job_steps")
         self.sql.execute("TRUNCATE jobd.flow_keys, jobd.flow_queues")
         self.sql.execute("DELETE FROM jobd.pauses")
 

@@ -57,7 +57,7 @@ async def store_numbers(url: str, results: dict) -> None:
 
 def daemon_numbers(url: str, workdir: Path, jobs: int, results: dict) -> None:
     sql = Sql(url)
-    sql.execute("TRUNCATE jobd.jobs CASCADE")
+    sql.execute("TRUNCATE jobd.jobs, jobd.job_steps")
     daemon = JobdProcess(workdir / "d", url, queues={"default": {"concurrency": 200}},
                          jobs={"poll_interval": "2s"})
     daemon.start()
@@ -109,7 +109,7 @@ def daemon_numbers(url: str, workdir: Path, jobs: int, results: dict) -> None:
         daemon.wait(60)
 
     # Throughput: queue the jobs first, then let one fresh daemon chew through them.
-    sql.execute("TRUNCATE jobd.jobs CASCADE")
+    sql.execute("TRUNCATE jobd.jobs, jobd.job_steps")
     sql.execute(
         "INSERT INTO jobd.jobs (kind, queue, args) SELECT 'noop', 'default', '{}'"
         " FROM generate_series(1, $1)", jobs)

@@ -36,7 +36,7 @@ WHERE j.id = ANY($1::bigint[]) AND j.state = 'running'
 
 
 async def round_(conn: asyncpg.Connection, jobs: int) -> float:
-    await conn.execute("TRUNCATE jobd.jobs, jobd.webhook_outbox CASCADE")
+    await conn.execute("TRUNCATE jobd.jobs, jobd.job_steps, jobd.webhook_outbox")
     ids = await conn.fetch(
         "INSERT INTO jobd.jobs (kind, state, attempt, started_at) "
         "SELECT 'noop', 'running', 1, now() FROM generate_series(1, $1) RETURNING id", jobs)

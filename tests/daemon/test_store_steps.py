@@ -327,3 +327,25 @@ async def test_a_marked_jobs_claim_returns_its_steps(store, sql):
     [again] = await store.claim("default", 10, "d1", 30.0, ["wf"],
                                limits=FlowLimits(default=KeyLimits(concurrency=10), keys={}))
     assert sorted(json.loads(again.steps)) == sorted(json.loads(claimed["wf"].steps))
+
+
+async def test_a_jobs_steps_go_with_it_on_retention_and_on_delete(store, sql):
+    """Steps have no foreign key (migration 0022): a trigger on jobs deletes them, once
+    per statement, for the retention prune and for `jobctl delete` alike, and only the
+    deleted jobs' steps."""
+    from protocol.commands import Delete
+
+    enqueued = await store.enqueue_many([NewJob(kind="wf") for _ in range(3)])
+    jobs = {c.id: c for c in await store.claim("default", 3, "d1", 30.0, ["wf"])}
+    await store.save_steps([StepRow(e.id, jobs[e.id].lease_token, name, "1", 1, 0.0)
+                            for e in enqueued for name in ("a", "b")])
+    await store.finish_many([Outcome(id=e.id, token=jobs[e.id].lease_token,
+                                     state="completed", result="1") for e in enqueued])
+    pruned, deleted, kept = (e.id for e in enqueued)
+    sql.execute("UPDATE jobd.jobs SET finished_at = now() - interval '2 days' WHERE id = $1",
+                pruned)
+    assert await store.prune_finished("completed", 86400.0, 1000, 100) == 1
+    assert await store.delete_matching(Delete(ids=[deleted]), dry_run=False) == (1, 1)
+    left = sql.fetch("SELECT job_id, name FROM jobd.job_steps ORDER BY job_id, name")
+    assert [(r["job_id"], r["name"]) for r in left] == [(kept, "a"), (kept, "b")]
+    assert sql.fetchval("SELECT count(*) FROM jobd.jobs") == 1
