@@ -344,11 +344,13 @@ async def _generic_plan(connection, query: str, types: str, *args) -> str:
 
 
 @pytest.mark.parametrize("analyzed", [True, False], ids=["analyzed-while-idle", "never-analyzed"])
-async def test_finishes_stay_linear_whatever_the_statistics_say(store, sql, analyzed):
+async def test_statements_given_job_ids_stay_linear_whatever_the_statistics_say(store, sql,
+                                                                               analyzed):
     """A backlog analyzed while idle makes 'running' look empty, and a table never
     analyzed looks tiny: either way the generic plans of statements given job ids (the
-    finish, progress, step writes, lease tests) must find jobs by id, not test every running row against every input row
-    (that plan took seconds per batch and dropped a daemon to 600 jobs/s)."""
+    finish, progress, step writes, lease tests) must find jobs by id, not test every
+    running row against every input row (that finish plan took seconds per batch and
+    dropped a daemon to 600 jobs/s)."""
     from daemon.store.jobs import outcome_columns
     from daemon.store.sql import callbacks as cq
     from daemon.store.sql import jobs as q
