@@ -175,7 +175,10 @@ def test_an_unstated_rate_limit_pauses_the_key_for_the_configured_default(jobd, 
         assert time.monotonic() < deadline
         time.sleep(0.02)
     pause = (row[0]["paused_until"] - row[0]["now"]).total_seconds()
-    assert 0.5 < pause <= 1.5, pause
+    # 1.5 s from the finish's now(), read against this statement's now(), which can be
+    # a little earlier: it is taken when the statement arrives, and the finish may
+    # commit before the snapshot is (1.500589 s seen once). The old pause was 60 s.
+    assert 0.5 < pause <= 1.6, pause
     assert row[0]["rate_factor"] == 0.5
     paused_at = time.time()
     client.enqueue_batch([JobSpec(kind="flow.call", args={"key": "ebay", "hold_s": 0.0})
