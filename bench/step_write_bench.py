@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import re
 import statistics
 import sys
@@ -22,36 +23,31 @@ import time
 from pathlib import Path
 
 # Appended, not inserted: a PYTHONPATH checkout comes first.
-sys.path.append(str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT))
 
 import asyncpg  # noqa: E402
 
 from bench import jobd_bench as jb  # noqa: E402
 from daemon.store.sql import workflows as wq  # noqa: E402
 
+try:
+    from tests.support import generic_plan  # noqa: E402
+except ImportError:  # a PYTHONPATH checkout from before the helper: this tree's
+    _spec = importlib.util.spec_from_file_location("_support", ROOT / "tests" / "support.py")
+    assert _spec is not None and _spec.loader is not None
+    _support = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_support)
+    generic_plan = _support.generic_plan
+
 RUNNING = ("INSERT INTO jobd.jobs (queue, kind, args, state, lease_token)"
            " SELECT 'q', 'wf', '{}', 'running', 1 FROM generate_series(1, $1) RETURNING id")
-TYPES = ("bigint[]", "bigint[]", "text[]", "text[]", "int[]", "float8[]")
+TYPES = "bigint[], bigint[], text[], text[], int[], float8[]"
 
 
 def args_for(ids: list[int], step: int) -> tuple:
     n = len(ids)
     return (ids, [1] * n, [f"s{step}"] * n, ['{"a": 1}'] * n, [1] * n, [0.001] * n)
-
-
-async def generic_plan(conn: asyncpg.Connection, ids: list[int]) -> list[str]:
-    """EXPLAIN ANALYZE of the generic plan (what a statement prepared and run many times
-    gets), for the first step of `ids`."""
-    await conn.execute(f"PREPARE steps({', '.join(TYPES)}) AS {wq.SAVE_STEPS}")
-    await conn.execute("SET plan_cache_mode = force_generic_plan")
-    try:
-        literals = [await conn.fetchval(f"SELECT quote_literal($1::{t}) || '::{t}'", a)
-                    for t, a in zip(TYPES, args_for(ids, 0), strict=True)]
-        rows = await conn.fetch(
-            f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE steps({', '.join(literals)})")
-        return [r[0] for r in rows]
-    finally:
-        await conn.execute("DEALLOCATE steps; RESET plan_cache_mode")
 
 
 async def measure(url: str, rounds: int, whole_plan: bool) -> None:
@@ -69,7 +65,9 @@ async def measure(url: str, rounds: int, whole_plan: bool) -> None:
             print(f"{n:4d} rows: {statistics.median(times) * 1000:.3f} ms per statement with "
                   f"its commit (median of {len(times)})")
         await conn.execute("DELETE FROM jobd.jobs")
-        plan = await generic_plan(conn, [r["id"] for r in await conn.fetch(RUNNING, 200)])
+        ids = [r["id"] for r in await conn.fetch(RUNNING, 200)]
+        plan = await generic_plan(conn, wq.SAVE_STEPS, TYPES, *args_for(ids, 0),
+                                  analyze=True)
         if whole_plan:
             print("\n".join(plan))
         jobs_by = sorted({m.group(1) or m.group(2) or "a sequential scan" for line in plan

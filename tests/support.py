@@ -57,6 +57,23 @@ def run_async(fn: Callable[[], Any]) -> Any:
     return value
 
 
+async def generic_plan(connection: asyncpg.Connection, query: str, types: str, *args: Any,
+                       analyze: bool = False) -> list[str]:
+    """The plan Postgres settles on for a statement prepared and run many times (what
+    asyncpg's prepared statements get after five runs), EXPLAINed with `args` as
+    literals; `analyze` runs it (EXPLAIN ANALYZE, BUFFERS). `types`: "bigint[], text"."""
+    await connection.execute("SET plan_cache_mode = force_generic_plan")
+    await connection.execute(f"PREPARE probe({types}) AS {query}")
+    try:
+        literals = [await connection.fetchval(f"SELECT quote_literal($1::{t}) || '::{t}'", a)
+                    for t, a in zip(types.split(", "), args, strict=True)]
+        options = "ANALYZE, BUFFERS" if analyze else "COSTS OFF"
+        rows = await connection.fetch(f"EXPLAIN ({options}) EXECUTE probe({', '.join(literals)})")
+        return [r[0] for r in rows]
+    finally:
+        await connection.execute("DEALLOCATE probe; RESET plan_cache_mode")
+
+
 class Sql:
     """Runs one statement per call on a private asyncio loop in a helper thread."""
 

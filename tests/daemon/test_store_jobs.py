@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from actors.ports import Enqueued, NewJob, Outcome, ProgressUpdate
+from tests.support import generic_plan
 
 
 def secs(n: float) -> timedelta:
@@ -330,19 +331,6 @@ async def test_sql_enqueue_options(store, sql):
     assert fresh != job_id
 
 
-async def _generic_plan(connection, query: str, types: str, *args) -> str:
-    """The plan Postgres settles on for a statement prepared and run many times."""
-    await connection.execute("SET plan_cache_mode = force_generic_plan")
-    await connection.execute(f"PREPARE probe({types}) AS {query}")
-    try:
-        literals = [await connection.fetchval(f"SELECT quote_literal($1::{t}) || '::{t}'", a)
-                    for t, a in zip(types.split(", "), args, strict=True)]
-        rows = await connection.fetch(f"EXPLAIN (COSTS OFF) EXECUTE probe({', '.join(literals)})")
-        return "\n".join(r[0] for r in rows)
-    finally:
-        await connection.execute("DEALLOCATE probe; RESET plan_cache_mode")
-
-
 @pytest.mark.parametrize("analyzed", [True, False], ids=["analyzed-while-idle", "never-analyzed"])
 async def test_statements_given_job_ids_stay_linear_whatever_the_statistics_say(store, sql,
                                                                                analyzed):
@@ -382,7 +370,7 @@ async def test_statements_given_job_ids_stay_linear_whatever_the_statistics_say(
         (cq.CALLBACK_RENEW, "bigint, bigint, real, text, float8",
          (claimed[0].id, claimed[0].lease_token, 50.0, "n", 30.0)),
     ):
-        plan = await store._run(_generic_plan, query, types, *args)
+        plan = "\n".join(await store._run(generic_plan, query, types, *args))
         # Quadratic: every (job, input row) pair tested in a join filter. Linear plans
         # probe the key (Index Cond) or hash it (Hash Cond).
         assert "Join Filter: ((j.id = x.id)" not in plan, plan
