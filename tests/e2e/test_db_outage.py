@@ -395,3 +395,53 @@ def test_concurrent_enqueues_through_killed_connections_and_a_restart(
     finally:
         stop.set()
         daemon.kill()
+
+
+def test_workflow_steps_through_killed_connections_and_a_restart(
+        cluster: EmbeddedPostgres, tmp_path: Path) -> None:
+    """Steps of many workflows share statements (the step writer's group commit): kill
+    every jobd connection again and again and restart Postgres fast while they stream.
+    The same daemon process completes every workflow, each step a workflow saw return is
+    stored, and every step is stored once with its own result."""
+    url = cluster.create_database("jobd_wf_kills")
+    acks = tmp_path / "acks"
+    n, steps = 40, 60
+    daemon = JobdProcess(tmp_path / "d", url, modules=["tests.e2e.workflow_handlers"],
+                         queues={"wf": {"concurrency": n}},
+                         jobs={"lease": "5s", "reaper_interval": "0.5s"},
+                         daemon={"heartbeat": "0.5s"})
+
+    def acknowledged() -> set[tuple[int, str]]:
+        lines = acks.read_text().splitlines() if acks.exists() else []
+        return {(int(j), s) for j, s in (ln.split() for ln in lines if ln.count(" ") == 1)}
+
+    try:
+        daemon.start()
+        Sql(url).execute(
+            "INSERT INTO jobd.jobs (kind, queue, args) SELECT 'wf.acked', 'wf', $1::jsonb"
+            " FROM generate_series(1, $2)",
+            json.dumps({"acks": str(acks), "steps": steps, "pause_s": 0.05}), n)
+        wait_until(lambda: len(acknowledged()) >= n * 5, "steps streaming", daemons=(daemon,))
+        for round_ in range(8):
+            time.sleep(0.3)
+            if round_ == 4:
+                cluster.stop()  # pg_ctl stop -m fast, then start: a fast restart
+                cluster.start()
+            else:
+                terminate_jobd_backends(cluster)
+            assert daemon.proc.poll() is None, daemon.log_text()[-5000:]
+        assert len(acknowledged()) < n * steps  # the faults hit workflows mid-stream
+        wait_until(lambda: states(url) == {"completed": n}, "every workflow completed",
+                   daemons=(daemon,), timeout=90)
+        rows = Sql(url).fetch("SELECT job_id, name, result::text AS r FROM jobd.job_steps"
+                              " WHERE finished_at IS NOT NULL")
+        stored = {(r["job_id"], r["name"]) for r in rows}
+        assert len(rows) == len(stored) == n * steps
+        assert all(r["r"] == str(int(r["name"][1:]) ** 2) for r in rows)
+        assert acknowledged() <= stored
+        crashed = [e for e in daemon.log_events() if e.get("event") == "actor.crashed"]
+        assert crashed == [], crashed[:3]
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(DEADLINE_S) == 0, daemon.log_text()[-5000:]
+    finally:
+        daemon.kill()

@@ -137,9 +137,11 @@ async def gated(ctx: Context, args: GatedArgs) -> dict:
 class AckedArgs(msgspec.Struct):
     acks: str  # a file: a line per step whose await returned, written just after
     steps: int = 20
+    pause_s: float = 0.0  # between steps: keeps the workflows writing for a while
 
 
-@job("wf.acked", queue="wf", max_attempts=20)
+# A step whose write met an outage fails the attempt (an "unknown" error): retried soon.
+@job("wf.acked", queue="wf", max_attempts=20, retry_delays={"unknown": 0.2})
 async def acked(ctx: Context, args: AckedArgs) -> int:
     """Many one-line steps; each one's return acknowledged in a file (outside the daemon's
     database writes, and kept by the OS when the daemon is SIGKILLed)."""
@@ -148,6 +150,8 @@ async def acked(ctx: Context, args: AckedArgs) -> int:
         for i in range(args.steps):
             await ctx.step(f"s{i}", lambda i=i: i * i)
             os.write(fd, f"{ctx.job.id} s{i}\n".encode())
+            if args.pause_s:
+                await trio.sleep(args.pause_s)
     finally:
         os.close(fd)
     return args.steps
