@@ -254,3 +254,34 @@ def test_sigkill_mid_step_batch_loses_no_acknowledged_step(jobd, sql, tmp_path):
         == n * steps
     rows = sql.fetch("SELECT name, result::text AS r FROM jobd.job_steps")
     assert all(r["r"] == str(int(r["name"][1:]) ** 2) for r in rows)
+
+
+def test_a_step_result_postgres_refuses_fails_only_its_workflow(jobd, sql, tmp_path):
+    """A NUL byte in one workflow's step result fails that step's statement; the step
+    writer writes that batch again row by row, so only that workflow fails, with the
+    reason, while the others sharing its statements complete. A 2 MB result is stored
+    like any other. The daemon stays up."""
+    daemon = jobd(modules=MODULES, queues={"wf": {"concurrency": 40}}, jobs=JOBS)
+    acks = tmp_path / "acks"
+    sql.execute("INSERT INTO jobd.jobs (kind, queue, args) SELECT 'wf.acked', 'wf', $1::jsonb"
+                " FROM generate_series(1, 30)",
+                json.dumps({"acks": str(acks), "steps": 20}))
+    bad = int(daemon.jobctl("enqueue", "wf.unstorable", "--args", '{"what": "nul"}').stdout)
+    big = int(daemon.jobctl("enqueue", "wf.unstorable", "--args", '{"what": "big"}').stdout)
+    wait_until("every workflow finished", lambda: sql.fetchval(
+        "SELECT count(*) FROM jobd.jobs WHERE state IN ('completed', 'failed')") == 32,
+        daemons=(daemon,))
+    rows = {r["id"]: r for r in sql.fetch(
+        "SELECT id, kind, state, result::text AS result, errors::text AS errors"
+        " FROM jobd.jobs")}
+    assert rows[bad]["state"] == "failed"
+    assert "bad value" in rows[bad]["errors"], rows[bad]["errors"]
+    assert (rows[big]["state"], rows[big]["result"]) == ("completed", f'"{2 << 20} chars"')
+    acked = [r for r in rows.values() if r["kind"] == "wf.acked"]
+    assert all(r["state"] == "completed" for r in acked)
+    assert sql.fetchval("SELECT count(*) FROM jobd.job_steps WHERE job_id = $1"
+                        " AND finished_at IS NOT NULL", bad) == 1  # "fine" only
+    assert sql.fetchval("SELECT count(*) FROM jobd.job_steps WHERE finished_at IS NOT NULL"
+                        " AND job_id <> ALL($1::bigint[])", [bad, big]) == 30 * 20
+    assert daemon.proc.poll() is None
+    assert daemon.jobctl_json("ping")["ready"]

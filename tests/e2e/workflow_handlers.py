@@ -155,3 +155,17 @@ async def acked(ctx: Context, args: AckedArgs) -> int:
     finally:
         os.close(fd)
     return args.steps
+
+
+class UnstorableArgs(msgspec.Struct):
+    what: str = "nul"  # "nul": a NUL byte (jsonb has none); "big": a 2 MB string
+
+
+@job("wf.unstorable", queue="wf", max_attempts=1)
+async def unstorable(ctx: Context, args: UnstorableArgs) -> str:
+    """A step whose result Postgres refuses or that is merely big, written in the same
+    statements as other workflows' steps."""
+    await ctx.step("fine", lambda: 1)
+    value = "a\x00b" if args.what == "nul" else "x" * (2 << 20)
+    stored = await ctx.step("bad", lambda: value)
+    return f"{len(stored)} chars"
